@@ -1,0 +1,55 @@
+# The two commands a newcomer needs are `make run` and `make test`; everything else is here for them.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Installs run as root in CI and on fresh machines; elsewhere through sudo when it is there.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
+
+.PHONY: help install os-deps proto lint test run clean
+
+help:
+	@echo "make run    start the whole cluster (model simulator unless OPENAI_API_KEY is set)"
+	@echo "make test   install what the tests need, lint, and run every test"
+	@echo "make proto  regenerate services/v1 from protos/"
+	@echo "make lint   ruff, buf lint, and a check that services/v1 matches protos/"
+
+# OS packages: venv support for Python and the real redis-server the tests run against.
+os-deps:
+	@missing=""; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing OS packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { $(MAKE) os-deps && $(PYTHON) -m venv $(VENV); }
+
+# The venv is rebuilt when the lock file or the project metadata changes.
+$(VENV)/.installed: $(BIN)/python requirements.lock pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+proto: install
+	scripts/protos.sh generate
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	cd protos && ../$(BIN)/buf lint
+	scripts/protos.sh check
+
+test: os-deps install lint
+	$(BIN)/pytest -q
+
+run: install
+	$(BIN)/chatmesh up
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from chatmesh.cli import main
+
+main()

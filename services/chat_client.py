@@ -1,0 +1,62 @@
+"""The terminal client behind `chatmesh chat`."""
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+
+from chatmesh.v1 import chat_pb2, chat_pb2_grpc
+
+_FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in chat_pb2.FinishReason.items()}
+
+
+async def run_chat(args: argparse.Namespace) -> int:
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        conversation_id = args.conversation
+        if args.once is not None:
+            return 0 if await _turn(stub, args, conversation_id, args.once) else 1
+        print("chatmesh chat: type a message and press Enter; Ctrl-D to quit.", file=sys.stderr)
+        while True:
+            try:
+                message = await asyncio.to_thread(input, "you> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if not message.strip():
+                continue
+            conversation_id = await _turn(stub, args, conversation_id, message) or conversation_id
+
+
+async def _turn(
+    stub: chat_pb2_grpc.ChatServiceStub, args: argparse.Namespace, conversation_id: str, message: str
+) -> str:
+    """Streams one reply to stdout; returns the conversation id, or "" after printing the error."""
+    request = chat_pb2.ChatRequest(
+        conversation_id=conversation_id,
+        user_id=args.user,
+        message=message,
+        options=chat_pb2.ChatOptions(model=args.model, system_prompt=args.system),
+    )
+    try:
+        async for event in stub.StreamChat(request):
+            kind = event.WhichOneof("event")
+            if kind == "started":
+                conversation_id = event.started.conversation_id
+            elif kind == "delta":
+                sys.stdout.write(event.delta.text)
+                sys.stdout.flush()
+            else:
+                usage = event.completed.usage
+                sys.stdout.write("\n")
+                print(
+                    f"[{_FINISH_NAMES[event.completed.finish_reason]}; {usage.input_tokens} in, "
+                    f"{usage.output_tokens} out; ${event.completed.cost_usd:.6f}; "
+                    f"conversation {conversation_id}]",
+                    file=sys.stderr,
+                )
+    except grpc.aio.AioRpcError as error:
+        print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+        return ""
+    return conversation_id

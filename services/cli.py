@@ -1,0 +1,121 @@
+"""`chatmesh`: start the cluster or one process, or chat with a running gateway from a terminal."""
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+# gRPC's C core logs to stderr in its own format; only errors from it belong among our JSON lines.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+PROCESSES = ("modelsim", "dialogue", "gateway")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="chatmesh", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", help="start every process, with the model simulator unless OPENAI_API_KEY is set")
+    for name in PROCESSES:
+        commands.add_parser(name, help=f"start the {name} process")
+    chat = commands.add_parser("chat", help="chat with a running gateway, printing tokens as they arrive")
+    chat.add_argument("--target", default="127.0.0.1:50051", help="the gateway's host:port")
+    chat.add_argument("--once", metavar="TEXT", help="send one message, print the reply, and exit")
+    chat.add_argument("--conversation", metavar="ID", default="", help="continue this conversation")
+    chat.add_argument("--user", default=getpass.getuser(), help="the user id to chat as")
+    chat.add_argument("--model", default="", help="the model (default: the server's)")
+    chat.add_argument("--system", default="", help="a system prompt")
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        sys.exit(asyncio.run(_up()))
+    if args.command == "chat":
+        from chatmesh.chat_client import run_chat
+
+        sys.exit(asyncio.run(run_chat(args)))
+    _run_process(args.command)
+
+
+def _run_process(name: str) -> None:
+    import uvloop
+
+    from chatmesh.runtime.logs import configure_logging
+    from chatmesh.runtime.settings import get_settings
+
+    settings = get_settings()
+    configure_logging(name, settings.log_level)
+    if name == "modelsim":
+        from chatmesh.modelsim.server import main as modelsim_main
+
+        modelsim_main()
+        return
+    if name == "dialogue":
+        from chatmesh.dialogue.main import main as service_main
+    else:
+        from chatmesh.gateway.main import main as service_main
+    uvloop.run(service_main(settings))
+
+
+async def _up() -> int:
+    """Runs every process as a child, each log line prefixed with its name. Ctrl-C or SIGTERM stops
+    them all; if one exits on its own, the others are stopped and the exit status is 1."""
+    from chatmesh.runtime.settings import MODELSIM_API_KEY, get_settings
+
+    settings = get_settings()
+    env = dict(os.environ)
+    names = list(PROCESSES)
+    if settings.openai_api_key is None:
+        base_url, _ = settings.model_endpoint()
+        env.update(OPENAI_API_KEY=MODELSIM_API_KEY, OPENAI_BASE_URL=base_url)
+    else:
+        names.remove("modelsim")
+
+    children: dict[str, asyncio.subprocess.Process] = {}
+    for name in names:
+        children[name] = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "chatmesh",
+            name,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    width = max(map(len, names))
+    relays = [asyncio.create_task(_relay_output(name.ljust(width), child)) for name, child in children.items()]
+
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    exits = {asyncio.create_task(child.wait()): name for name, child in children.items()}
+    stop_wait = asyncio.create_task(stop_requested.wait())
+    done, _ = await asyncio.wait([stop_wait, *exits], return_when=asyncio.FIRST_COMPLETED)
+    died = [exits[task] for task in done if task in exits]
+    for name in died:
+        print(f"chatmesh up: {name} exited with status {children[name].returncode}", file=sys.stderr)
+
+    for child in reversed(list(children.values())):
+        if child.returncode is None:
+            child.send_signal(signal.SIGTERM)
+    grace = settings.shutdown_delay_seconds + settings.shutdown_grace_seconds + 5
+    for child in children.values():
+        try:
+            await asyncio.wait_for(child.wait(), grace)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+    stop_wait.cancel()
+    await asyncio.gather(*relays, return_exceptions=True)
+    return 1 if died else 0
+
+
+async def _relay_output(prefix: str, child: asyncio.subprocess.Process) -> None:
+    assert child.stdout is not None
+    with contextlib.suppress(asyncio.CancelledError):
+        async for line in child.stdout:
+            sys.stdout.write(f"{prefix} | {line.decode(errors='replace')}")
+            sys.stdout.flush()

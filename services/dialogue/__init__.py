@@ -1,0 +1,1 @@
+"""dialogue: owns conversations and runs turns against the model."""

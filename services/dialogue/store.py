@@ -1,0 +1,243 @@
+"""Where conversations live: the ConversationStore interface and its in-memory and Redis implementations.
+
+A conversation belongs to the user that started it. Every method takes that user id, and a
+conversation owned by someone else is reported exactly like one that does not exist.
+A conversation comes into being with its first committed turn, so a turn that fails leaves nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from redis.asyncio import Redis
+
+Role = Literal["user", "assistant"]
+
+
+class ConversationNotFound(Exception):
+    """The conversation does not exist, or belongs to another user."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    role: Role
+    content: str
+    created_at: float  # Unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedTurn:
+    """One turn as it is committed: the user's message, the reply, and what the model reported."""
+
+    user_message: StoredMessage
+    reply: StoredMessage
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(slots=True)
+class Conversation:
+    conversation_id: str
+    user_id: str
+    created_at: float
+    updated_at: float
+    messages: list[StoredMessage] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class ConversationStore(abc.ABC):
+    @abc.abstractmethod
+    async def recent_messages(self, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
+        """The last `limit` messages, oldest first. Raises ConversationNotFound."""
+
+    @abc.abstractmethod
+    async def commit_turn(self, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool) -> None:
+        """Appends both messages of a turn and adds its usage, all or nothing.
+
+        With `new`, creates the conversation owned by `user_id` (raises ConversationNotFound if the id is
+        already taken). Without it, raises ConversationNotFound if the conversation no longer exists or
+        belongs to someone else, for example because it was deleted while the turn ran.
+        """
+
+    @abc.abstractmethod
+    async def get(self, conversation_id: str, user_id: str) -> Conversation:
+        """The whole conversation. Raises ConversationNotFound."""
+
+    @abc.abstractmethod
+    async def delete(self, conversation_id: str, user_id: str) -> None:
+        """Erases the conversation at once. Raises ConversationNotFound."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook; the memory store has nothing to release
+        """Releases connections."""
+
+
+class MemoryConversationStore(ConversationStore):
+    """Conversations in a dict, for one process. Never awaits, so every method is atomic on the event loop."""
+
+    def __init__(self) -> None:
+        self._conversations: dict[str, Conversation] = {}
+
+    def _owned(self, conversation_id: str, user_id: str) -> Conversation:
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None or conversation.user_id != user_id:
+            raise ConversationNotFound(conversation_id)
+        return conversation
+
+    async def recent_messages(self, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
+        messages = self._owned(conversation_id, user_id).messages
+        return messages[-limit:] if limit > 0 else []
+
+    async def commit_turn(self, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool) -> None:
+        if new:
+            if conversation_id in self._conversations:
+                raise ConversationNotFound(conversation_id)
+            conversation = Conversation(
+                conversation_id=conversation_id,
+                user_id=user_id,
+                created_at=turn.user_message.created_at,
+                updated_at=turn.reply.created_at,
+            )
+            self._conversations[conversation_id] = conversation
+        else:
+            conversation = self._owned(conversation_id, user_id)
+        conversation.messages += (turn.user_message, turn.reply)
+        conversation.input_tokens += turn.input_tokens
+        conversation.output_tokens += turn.output_tokens
+        conversation.updated_at = turn.reply.created_at
+
+    async def get(self, conversation_id: str, user_id: str) -> Conversation:
+        # StoredMessage is frozen, so copying the list is enough to keep callers off the stored state.
+        conversation = self._owned(conversation_id, user_id)
+        return replace(conversation, messages=list(conversation.messages))
+
+    async def delete(self, conversation_id: str, user_id: str) -> None:
+        self._owned(conversation_id, user_id)
+        del self._conversations[conversation_id]
+
+
+# KEYS: meta, messages. ARGV: user_id, new ("1" or "0"), created_at, updated_at, input_tokens,
+# output_tokens, user message, reply. Returns 1 when committed, 0 when the owner check failed.
+_COMMIT_TURN_LUA = """
+if ARGV[2] == "1" then
+  if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
+  redis.call("HSET", KEYS[1], "user_id", ARGV[1], "created_at", ARGV[3],
+    "input_tokens", 0, "output_tokens", 0)
+elseif redis.call("HGET", KEYS[1], "user_id") ~= ARGV[1] then
+  return 0
+end
+redis.call("RPUSH", KEYS[2], ARGV[7], ARGV[8])
+redis.call("HINCRBY", KEYS[1], "input_tokens", ARGV[5])
+redis.call("HINCRBY", KEYS[1], "output_tokens", ARGV[6])
+redis.call("HSET", KEYS[1], "updated_at", ARGV[4])
+return 1
+"""
+
+# KEYS: meta, messages. ARGV: user_id. Returns 1 when deleted, 0 when the owner check failed.
+_DELETE_LUA = """
+if redis.call("HGET", KEYS[1], "user_id") ~= ARGV[1] then return 0 end
+redis.call("DEL", KEYS[1], KEYS[2])
+return 1
+"""
+
+
+class RedisConversationStore(ConversationStore):
+    """Conversations in Redis: a hash `chatmesh:conv:{id}:meta` and a list `chatmesh:conv:{id}:messages`.
+
+    The `{id}` hash tag puts both keys in one Redis Cluster slot, so the Lua scripts that check the
+    owner and write may touch both atomically.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        """Takes ownership of `client` (closed by `close`), which must decode responses; see `from_url`."""
+        if not client.get_encoder().decode_responses:
+            raise ValueError("RedisConversationStore needs a client created with decode_responses=True")
+        self._client = client
+        self._commit_turn = client.register_script(_COMMIT_TURN_LUA)
+        self._delete = client.register_script(_DELETE_LUA)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisConversationStore:
+        """A store with its own connection pool to `url`, e.g. `redis://localhost:6379/0`."""
+        return cls(Redis.from_url(url, decode_responses=True))
+
+    @staticmethod
+    def _keys(conversation_id: str) -> tuple[str, str]:
+        prefix = f"chatmesh:conv:{{{conversation_id}}}"
+        return f"{prefix}:meta", f"{prefix}:messages"
+
+    async def recent_messages(self, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
+        meta_key, messages_key = self._keys(conversation_id)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hget(meta_key, "user_id")
+            if limit > 0:  # LRANGE -0 -1 would return the whole list
+                pipe.lrange(messages_key, -limit, -1)
+            results = await pipe.execute()
+        if results[0] != user_id:
+            raise ConversationNotFound(conversation_id)
+        return [_decode_message(raw) for raw in results[1]] if limit > 0 else []
+
+    async def commit_turn(self, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool) -> None:
+        committed = await self._commit_turn(
+            keys=self._keys(conversation_id),
+            args=(
+                user_id,
+                "1" if new else "0",
+                repr(turn.user_message.created_at),
+                repr(turn.reply.created_at),
+                turn.input_tokens,
+                turn.output_tokens,
+                _encode_message(turn.user_message),
+                _encode_message(turn.reply),
+            ),
+        )
+        if not committed:
+            raise ConversationNotFound(conversation_id)
+
+    async def get(self, conversation_id: str, user_id: str) -> Conversation:
+        meta_key, messages_key = self._keys(conversation_id)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(meta_key)
+            pipe.lrange(messages_key, 0, -1)
+            meta, raw_messages = await pipe.execute()
+        if meta.get("user_id") != user_id:
+            raise ConversationNotFound(conversation_id)
+        return Conversation(
+            conversation_id=conversation_id,
+            user_id=user_id,
+            created_at=float(meta["created_at"]),
+            updated_at=float(meta["updated_at"]),
+            messages=[_decode_message(raw) for raw in raw_messages],
+            input_tokens=int(meta["input_tokens"]),
+            output_tokens=int(meta["output_tokens"]),
+        )
+
+    async def delete(self, conversation_id: str, user_id: str) -> None:
+        if not await self._delete(keys=self._keys(conversation_id), args=(user_id,)):
+            raise ConversationNotFound(conversation_id)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _encode_message(message: StoredMessage) -> str:
+    return json.dumps(
+        {"role": message.role, "content": message.content, "created_at": message.created_at},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def _decode_message(raw: str) -> StoredMessage:
+    data = json.loads(raw)
+    return StoredMessage(role=data["role"], content=data["content"], created_at=float(data["created_at"]))
+
+
+def create_conversation_store(redis_url: str | None) -> ConversationStore:
+    """Redis when a URL is given (CHATMESH_REDIS_URL), the in-memory store otherwise (also for "")."""
+    if redis_url:
+        return RedisConversationStore.from_url(redis_url)
+    return MemoryConversationStore()

@@ -1,0 +1,1 @@
+"""gateway: the public ChatService; validation, request ids, deadlines, relaying dialogue's stream."""

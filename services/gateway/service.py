@@ -1,0 +1,140 @@
+"""ChatService: the public API. Validates, names the request, sets the deadline, relays dialogue."""
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from chatmesh.gateway.validation import (
+    Violations,
+    check_chat_request,
+    check_conversation_id,
+    check_user_id,
+)
+from chatmesh.runtime.channels import downstream_timeout
+from chatmesh.runtime.logs import get_logger
+from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.status import abort_with, invalid_argument
+from chatmesh.v1 import chat_pb2, chat_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc
+
+log = get_logger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+# Downstream codes a caller can act on pass through with dialogue's message; any other becomes INTERNAL.
+_PASSED_THROUGH = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+# Only the rich-status detail is passed on from dialogue's trailers.
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, settings: Settings, dialogue: dialogue_pb2_grpc.DialogueServiceStub) -> None:
+        self._settings = settings
+        self._dialogue = dialogue
+
+    async def StreamChat(
+        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        request_id = await self._start(context, check_chat_request(request, self._settings))
+        call = self._dialogue.Turn(
+            dialogue_pb2.TurnRequest(request=request, request_id=request_id),
+            timeout=downstream_timeout(context, self._settings.default_deadline_seconds),
+        )
+        answered = False
+        try:
+            async for event in call:
+                answered = True
+                yield event
+        except grpc.aio.AioRpcError as error:
+            await _relay_failure(context, error, request_id, answered=answered)
+        finally:
+            call.cancel()
+
+    async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
+        response = chat_pb2.ChatResponse()
+        text: list[str] = []
+        async for event in self.StreamChat(request, context):
+            kind = event.WhichOneof("event")
+            if kind == "delta":
+                text.append(event.delta.text)
+            elif kind == "started":
+                response.conversation_id = event.started.conversation_id
+                response.request_id = event.started.request_id
+                response.model = event.started.model
+            else:
+                completed = event.completed
+                response.finish_reason = completed.finish_reason
+                response.usage.CopyFrom(completed.usage)
+                response.cost_usd = completed.cost_usd
+                response.cached = completed.cached
+        response.text = "".join(text)
+        return response
+
+    async def GetConversation(
+        self, request: chat_pb2.GetConversationRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.GetConversationResponse:
+        request_id = await self._start(
+            context,
+            check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=True),
+        )
+        try:
+            return await self._dialogue.GetConversation(
+                request, timeout=downstream_timeout(context, self._settings.default_deadline_seconds)
+            )
+        except grpc.aio.AioRpcError as error:
+            await _relay_failure(context, error, request_id, answered=False)
+            raise
+
+    async def DeleteConversation(
+        self, request: chat_pb2.DeleteConversationRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.DeleteConversationResponse:
+        request_id = await self._start(
+            context,
+            check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=True),
+        )
+        try:
+            return await self._dialogue.DeleteConversation(
+                request, timeout=downstream_timeout(context, self._settings.default_deadline_seconds)
+            )
+        except grpc.aio.AioRpcError as error:
+            await _relay_failure(context, error, request_id, answered=False)
+            raise
+
+    async def _start(self, context: grpc.aio.ServicerContext, violations: Violations) -> str:
+        """Names the call (`x-request-id` in the response headers, errors included) and rejects bad input."""
+        request_id = uuid.uuid4().hex
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        if violations:
+            await abort_with(context, invalid_argument(violations))
+        return request_id
+
+
+async def _relay_failure(
+    context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcError, request_id: str, *, answered: bool
+) -> None:
+    """Ends the call with dialogue's failure, in terms a caller can act on.
+
+    `answered` says whether dialogue's handler had started answering; before that, UNAVAILABLE means
+    the transport could not reach dialogue, and its message (addresses, socket errors) is not the
+    caller's business.
+    """
+    code = error.code()
+    log.warning("dialogue_failed", extra={"request_id": request_id, "grpc_code": code.name})
+    details = tuple((key, value) for key, value in error.trailing_metadata() or () if key == _DETAILS_KEY)
+    if code not in _PASSED_THROUGH:
+        await context.abort(grpc.StatusCode.INTERNAL, f"the request failed inside chatmesh (request id {request_id})")
+    if code is grpc.StatusCode.UNAVAILABLE and not answered:
+        await context.abort(code, "the dialogue service is unavailable; retry with backoff")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        await context.abort(code, "the request did not complete within its deadline")
+    await context.abort(code, error.details(), details)

@@ -1,0 +1,1 @@
+"""modelsim: an OpenAI-compatible HTTP model simulator with settable latency and injected faults."""

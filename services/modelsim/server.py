@@ -1,0 +1,508 @@
+"""modelsim's HTTP server: OpenAI's chat completions (JSON and SSE) and models, plus /sim/ controls.
+
+A reply is a deterministic function of (model, messages, seed): `reply_tokens` words from a fixed
+vocabulary, picked by a hash of the request. Streams are written from prebuilt byte templates, so a
+zero-latency stream costs little more than one write.
+"""
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from itertools import islice
+from typing import Any, Self
+
+import uvloop
+from aiohttp import web
+
+from chatmesh.runtime.settings import Settings, get_settings
+
+MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "modelsim-1")
+REQUEST_LOG_SIZE = 256
+
+# 64 words, so each byte of the request's hash picks one uniformly.
+_WORDS = (
+    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore "
+    "et dolore magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip "
+    "ex ea commodo consequat duis aute irure in reprehenderit voluptate velit esse cillum fugiat nulla "
+    "pariatur excepteur sint occaecat cupidatat non proident sunt culpa qui officia deserunt mollit anim "
+    "at vero eos accusamus iusto"
+)
+_VOCABULARY = tuple(f" {word}" for word in _WORDS.split())
+_TOKEN_JSON = {token: json.dumps(token).encode() for token in _VOCABULARY}
+_MODELS_CREATED = 1_700_000_000
+_FINGERPRINT = "fp_modelsim"
+
+# Pieces of a `chat.completion.chunk` SSE event, as OpenAI sends them.
+_CHUNK_HEAD = (
+    b'data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
+    b'"system_fingerprint":"' + _FINGERPRINT.encode() + b'","choices":'
+)
+_ROLE_CHOICES = (
+    b'[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}]'
+)
+_DELTA_OPEN = b'[{"index":0,"delta":{"content":'
+_DELTA_CLOSE = b'},"logprobs":null,"finish_reason":null}]'
+_FINISH_CHOICES = b'[{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}]'
+_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class SimConfig:
+    """What modelsim does with each chat request; mutable at runtime (POST /sim/config)."""
+
+    reply_tokens: int = 50
+    first_token_latency_seconds: float = 0.0
+    token_delay_seconds: float = 0.0
+    error_429_rate: float = 0.0
+    error_500_rate: float = 0.0
+    retry_after_seconds: float = 1.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        return cls(
+            reply_tokens=settings.modelsim_reply_tokens,
+            first_token_latency_seconds=settings.modelsim_first_token_latency_seconds,
+            token_delay_seconds=settings.modelsim_token_delay_seconds,
+            error_429_rate=settings.modelsim_error_429_rate,
+            error_500_rate=settings.modelsim_error_500_rate,
+            retry_after_seconds=settings.modelsim_retry_after_seconds,
+        )
+
+
+@dataclass
+class SimStats:
+    """Counters served by GET /sim/stats; `streams_open` is a gauge."""
+
+    requests: int = 0
+    streams_open: int = 0
+    streams_completed: int = 0
+    streams_cancelled: int = 0
+    errors_injected: int = 0
+
+
+class InvalidRequestError(ValueError):
+    """A chat request OpenAI would answer with 400."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """The fields of a chat completion request that shape the reply."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    stop: tuple[str, ...]
+    seed: int | None
+
+    @classmethod
+    def parse(cls, body: Any) -> Self:
+        if not isinstance(body, dict):
+            raise InvalidRequestError("The request body must be a JSON object.")
+        for name in ("model", "messages"):
+            if name not in body:
+                raise InvalidRequestError(f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
+        model, messages = body["model"], body["messages"]
+        if not isinstance(model, str) or not model:
+            raise InvalidRequestError("Invalid 'model': expected a non-empty string.", "model")
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+            raise InvalidRequestError("Invalid 'messages': expected a non-empty array of message objects.", "messages")
+        stream = body.get("stream") or False
+        if not isinstance(stream, bool):
+            raise InvalidRequestError("Invalid 'stream': expected a boolean.", "stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise InvalidRequestError("Invalid 'stream_options': expected an object.", "stream_options")
+        for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+            value = body.get(name)
+            if value is not None and not (_is_number(value) and low <= value <= high):
+                raise InvalidRequestError(f"Invalid '{name}': expected a number in [{low}, {high}].", name)
+        max_tokens = None
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if value is not None:
+                if not (_is_int(value) and value >= 1):
+                    raise InvalidRequestError(f"Invalid '{name}': expected an integer of at least 1.", name)
+                max_tokens = value
+        stop = body.get("stop")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+            raise InvalidRequestError("Invalid 'stop': expected a string or up to 4 strings.", "stop")
+        seed = body.get("seed")
+        if seed is not None and not _is_int(seed):
+            raise InvalidRequestError("Invalid 'seed': expected an integer.", "seed")
+        return cls(
+            model=model,
+            messages=messages,
+            stream=stream,
+            include_usage=bool(options.get("include_usage")),
+            max_tokens=max_tokens,
+            stop=tuple(s for s in stops if s),
+            seed=seed,
+        )
+
+
+class Simulator:
+    """The state behind one modelsim app: config, counters, request log and queued faults."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.stats = SimStats()
+        self.request_log: deque[Any] = deque(maxlen=REQUEST_LOG_SIZE)
+        self.faults: deque[tuple[int, float]] = deque()
+        self._rng = random.Random()
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self.stats.requests += 1
+        if not _authorized(request):
+            return _unauthorized()
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
+        self.request_log.append(body)
+        try:
+            chat = ChatRequest.parse(body)
+        except InvalidRequestError as exc:
+            return _error(400, "invalid_request_error", str(exc), param=exc.param, code=exc.code)
+        fault = self._injected_fault()
+        if fault is not None:
+            return fault
+
+        tokens, finish_reason = self._reply(chat)
+        usage = {
+            "prompt_tokens": _prompt_tokens(chat.messages),
+            "completion_tokens": len(tokens),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        completion_id = f"chatcmpl-{os.urandom(12).hex()}"
+        if chat.stream:
+            return await self._stream(request, chat, completion_id, tokens, finish_reason, usage)
+        payload = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chat.model,
+            "system_fingerprint": _FINGERPRINT,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": "".join(tokens),
+                        "refusal": None,
+                        "annotations": [],
+                    },
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": usage,
+        }
+        return web.Response(
+            body=json.dumps(payload).encode(),
+            content_type="application/json",
+            headers={"x-request-id": completion_id},
+        )
+
+    def _reply(self, chat: ChatRequest) -> tuple[list[str], str]:
+        """The reply's tokens and finish reason; a prefix of the same sequence whatever max_tokens is."""
+        count, finish_reason = self.config.reply_tokens, "stop"
+        if chat.max_tokens is not None and chat.max_tokens < count:
+            count, finish_reason = chat.max_tokens, "length"
+        key = json.dumps([chat.model, chat.messages, chat.seed], sort_keys=True, separators=(",", ":"))
+        picks = hashlib.shake_128(key.encode()).digest(count)
+        tokens = [_VOCABULARY[pick % len(_VOCABULARY)] for pick in picks]
+        if chat.stop:
+            text = "".join(tokens)
+            cut = min((i for i in (text.find(s) for s in chat.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                return _cut_tokens(tokens, cut), "stop"
+        return tokens, finish_reason
+
+    async def _stream(
+        self,
+        request: web.Request,
+        chat: ChatRequest,
+        completion_id: str,
+        tokens: list[str],
+        finish_reason: str,
+        usage: dict[str, int],
+    ) -> web.StreamResponse:
+        head = _CHUNK_HEAD % (completion_id.encode(), int(time.time()), json.dumps(chat.model).encode())
+        end = b',"usage":null}\n\n' if chat.include_usage else b"}\n\n"
+        role = head + _ROLE_CHOICES + end
+        pieces = [
+            head + _DELTA_OPEN + (_TOKEN_JSON.get(token) or json.dumps(token).encode()) + _DELTA_CLOSE + end
+            for token in tokens
+        ]
+        tail = head + _FINISH_CHOICES % finish_reason.encode() + end
+        if chat.include_usage:
+            tail += head + b'[],"usage":' + json.dumps(usage).encode() + b"}\n\n"
+        tail += _DONE
+
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "x-request-id": completion_id,
+            }
+        )
+        self.stats.streams_open += 1
+        try:
+            await self._send_events(request, response, role, pieces, tail)
+            await response.write_eof()
+        except ConnectionResetError:
+            self.stats.streams_cancelled += 1
+        except asyncio.CancelledError:
+            self.stats.streams_cancelled += 1
+            raise
+        else:
+            self.stats.streams_completed += 1
+        finally:
+            self.stats.streams_open -= 1
+        return response
+
+    async def _send_events(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        role: bytes,
+        pieces: list[bytes],
+        tail: bytes,
+    ) -> None:
+        first_latency = self.config.first_token_latency_seconds
+        delay = self.config.token_delay_seconds
+        if first_latency <= 0 and delay <= 0:
+            body = b"".join((role, *pieces, tail))
+            response.content_length = len(body)
+            await response.prepare(request)
+            await response.write(body)
+            return
+        await response.prepare(request)
+        pending = role
+        if first_latency > 0:
+            await response.write(pending)
+            pending = b""
+            await asyncio.sleep(first_latency)
+        for index, piece in enumerate(pieces):
+            if index and delay > 0:
+                await response.write(pending)
+                pending = b""
+                await asyncio.sleep(delay)
+            pending += piece
+        await response.write(pending + tail)
+
+    def _injected_fault(self) -> web.Response | None:
+        if self.faults:
+            status, retry_after = self.faults.popleft()
+        else:
+            config = self.config
+            if config.error_429_rate <= 0 and config.error_500_rate <= 0:
+                return None
+            draw = self._rng.random()
+            if draw < config.error_429_rate:
+                status = 429
+            elif draw < config.error_429_rate + config.error_500_rate:
+                status = 500
+            else:
+                return None
+            retry_after = config.retry_after_seconds
+        self.stats.errors_injected += 1
+        if status == 429:
+            return _error(
+                429,
+                "rate_limit_error",
+                "Rate limit reached for requests (simulated).",
+                code="rate_limit_exceeded",
+                headers={
+                    "retry-after": str(math.ceil(retry_after)),
+                    "retry-after-ms": str(round(retry_after * 1000)),
+                },
+            )
+        return _error(500, "server_error", "The server had an error while processing your request (simulated).")
+
+    async def models(self, request: web.Request) -> web.Response:
+        if not _authorized(request):
+            return _unauthorized()
+        data = [
+            {"id": model, "object": "model", "created": _MODELS_CREATED, "owned_by": "modelsim"} for model in MODEL_IDS
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(asdict(self.stats))
+
+    async def get_requests(self, request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", REQUEST_LOG_SIZE))
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            return web.json_response({"error": "limit must be a non-negative integer"}, status=400)
+        start = max(len(self.request_log) - limit, 0)
+        return web.json_response({"requests": list(islice(self.request_log, start, None))})
+
+    async def set_config(self, request: web.Request) -> web.Response:
+        updates = await _json_object(request)
+        if updates is None:
+            return web.json_response({"error": "expected a JSON object"}, status=400)
+        types = {field.name: field.type for field in fields(SimConfig)}
+        for name, value in updates.items():
+            if name not in types:
+                return web.json_response({"error": f"unknown field {name!r}"}, status=400)
+            valid = _is_int(value) if types[name] is int else _is_number(value)
+            if not valid or value < 0 or (name.endswith("_rate") and value > 1):
+                return web.json_response({"error": f"invalid value for {name!r}: {value!r}"}, status=400)
+        for name, value in updates.items():
+            setattr(self.config, name, value)
+        return web.json_response(asdict(self.config))
+
+    async def queue_faults(self, request: web.Request) -> web.Response:
+        spec = await _json_object(request)
+        if spec is None:
+            return web.json_response({"error": "expected a JSON object"}, status=400)
+        status = spec.get("status")
+        count = spec.get("count", 1)
+        retry_after = spec.get("retry_after", self.config.retry_after_seconds)
+        if status not in (429, 500) or not _is_int(count) or count < 0:
+            return web.json_response({"error": "expected status 429 or 500 and a count >= 0"}, status=400)
+        if not _is_number(retry_after) or retry_after < 0:
+            return web.json_response({"error": "retry_after must be a number >= 0"}, status=400)
+        self.faults.extend([(status, retry_after)] * count)
+        return web.json_response({"queued": len(self.faults)})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.stats = SimStats(streams_open=self.stats.streams_open)
+        self.request_log.clear()
+        self.faults.clear()
+        return web.json_response(asdict(self.stats))
+
+
+def build_app(config: SimConfig) -> web.Application:
+    """The modelsim application; `config` stays live, so changing it changes the app's behaviour."""
+    simulator = Simulator(config)
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", simulator.chat_completions)
+    app.router.add_get("/v1/models", simulator.models)
+    app.router.add_get("/sim/stats", simulator.get_stats)
+    app.router.add_get("/sim/requests", simulator.get_requests)
+    app.router.add_post("/sim/config", simulator.set_config)
+    app.router.add_post("/sim/faults", simulator.queue_faults)
+    app.router.add_post("/sim/reset", simulator.reset)
+    return app
+
+
+def main() -> None:
+    """Run modelsim on settings.bind_host:settings.modelsim_port until SIGTERM or SIGINT."""
+    uvloop.run(_serve(get_settings()))
+
+
+async def _serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(
+        build_app(SimConfig.from_settings(settings)),
+        access_log=None,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.bind_host, settings.modelsim_port).start()
+        port = runner.addresses[0][1]
+        sys.stderr.write(
+            json.dumps({"service": "modelsim", "event": "listening", "port": port}, separators=(",", ":")) + "\n"
+        )
+        sys.stderr.flush()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _authorized(request: web.Request) -> bool:
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and bool(key.strip())
+
+
+def _unauthorized() -> web.Response:
+    return _error(
+        401,
+        "invalid_request_error",
+        "You didn't provide an API key. Provide it in an Authorization header using Bearer auth.",
+        code="invalid_api_key",
+    )
+
+
+def _error(
+    status: int,
+    error_type: str,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Words in the messages' text, plus 4 per message."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(part.get("text") or "" for part in content if isinstance(part, dict))
+        total += 4 + (len(content.split()) if isinstance(content, str) else 0)
+    return total
+
+
+def _cut_tokens(tokens: list[str], cut: int) -> list[str]:
+    """The tokens whose text ends before character `cut`, plus the part of the token that spans it."""
+    kept: list[str] = []
+    length = 0
+    for token in tokens:
+        if length + len(token) > cut:
+            if cut > length:
+                kept.append(token[: cut - length])
+            break
+        kept.append(token)
+        length += len(token)
+    return kept
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""What every chatmesh process runs on: settings, the gRPC server and channels, logging, the model client."""

@@ -1,0 +1,30 @@
+"""Channels to other chatmesh processes, and the deadlines passed along them.
+
+Create one channel per target per process and reuse it. Python gRPC does not pass a caller's
+deadline on by itself, so every downstream call takes `timeout=` from `downstream_timeout`.
+"""
+
+import json
+
+import grpc
+
+from chatmesh.runtime.grpc_server import transport_options
+from chatmesh.runtime.settings import Settings
+
+# With a `dns:///` target that resolves to several pods, spread calls over all of them.
+_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def open_channel(target: str, settings: Settings) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        target,
+        options=[*transport_options(settings), ("grpc.service_config", _SERVICE_CONFIG)],
+    )
+
+
+def downstream_timeout(context: grpc.aio.ServicerContext, default_seconds: float) -> float:
+    """Seconds left for the call being served: the caller's deadline, or `default_seconds` if it set none."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return default_seconds
+    return max(0.0, remaining)

@@ -1,0 +1,88 @@
+"""The gRPC server every process runs: health, reflection, transport limits, and a graceful stop."""
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chatmesh.runtime.logs import get_logger
+from chatmesh.runtime.settings import Settings
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Servicer:
+    """One gRPC service to host: its full name (for health and reflection) and how to add it."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+
+def transport_options(settings: Settings) -> list[tuple[str, int]]:
+    """Message-size and keepalive options shared by servers and channels."""
+    return [
+        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        ("grpc.keepalive_time_ms", settings.grpc_keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.grpc_keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        *transport_options(settings),
+        # Accept the pings our own channels send; the default minimum (5 min) would answer them with GOAWAY.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", settings.grpc_keepalive_time_ms // 2),
+        ("grpc.max_connection_age_ms", settings.grpc_max_connection_age_ms),
+        ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_seconds * 1000)),
+        # Two processes must never share a port silently.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def serve(
+    settings: Settings,
+    *,
+    port: int,
+    servicers: Sequence[Servicer],
+    on_stopped: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serves until SIGTERM or SIGINT, then drains: health NOT_SERVING, new calls refused, in-flight
+    calls given `shutdown_grace_seconds` to finish; then `on_stopped` releases the service's resources."""
+    server = grpc.aio.server(options=server_options(settings))
+    for servicer in servicers:
+        servicer.add_to_server(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [servicer.full_name for servicer in servicers]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    address = f"{settings.bind_host}:{port}"
+    server.add_insecure_port(address)
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("listening", extra={"address": address})
+
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+
+    log.info("draining", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    await health_servicer.enter_graceful_shutdown()
+    if settings.shutdown_delay_seconds > 0:
+        await asyncio.sleep(settings.shutdown_delay_seconds)
+    await server.stop(settings.shutdown_grace_seconds)
+    if on_stopped is not None:
+        await on_stopped()
+    log.info("stopped")

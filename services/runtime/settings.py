@@ -1,0 +1,80 @@
+"""Settings for every process, read once from the environment.
+
+Every field has a default that works on one machine. Names are `CHATMESH_<FIELD>`, except the
+OpenAI SDK's own `OPENAI_API_KEY` and `OPENAI_BASE_URL`.
+"""
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MODELSIM_API_KEY = "modelsim"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATMESH_", extra="ignore")
+
+    # Where each process listens, and where the others find it.
+    bind_host: str = "127.0.0.1"
+    gateway_port: int = 50051
+    dialogue_port: int = 50052
+    modelsim_port: int = 8089
+    dialogue_target: str = "127.0.0.1:50052"
+
+    # gRPC transport, for servers and channels alike.
+    grpc_max_message_bytes: int = 4 * 1024 * 1024
+    grpc_keepalive_time_ms: int = 30_000
+    grpc_keepalive_timeout_ms: int = 10_000
+    # Servers close connections older than this, so clients re-resolve and new replicas get traffic.
+    grpc_max_connection_age_ms: int = 300_000
+    # On SIGTERM: seconds to keep serving after health turns NOT_SERVING (for load balancers to notice),
+    # then seconds that in-flight calls get to finish.
+    shutdown_delay_seconds: float = 0.0
+    shutdown_grace_seconds: float = 30.0
+
+    # Gateway: limits on what a caller may send, and the deadline of a call that sets none.
+    max_message_chars: int = 32_000
+    max_system_prompt_chars: int = 32_000
+    max_output_tokens: int = 16_384
+    default_deadline_seconds: float = 120.0
+
+    # Dialogue.
+    redis_url: str | None = None
+    context_window_messages: int = 10
+    default_model: str = "gpt-4o-mini"
+    model_max_attempts: int = 4
+    model_backoff_initial_seconds: float = 0.25
+    model_backoff_max_seconds: float = 8.0
+    # USD per million tokens, (input, output), by model name.
+    model_prices_usd_per_million: dict[str, tuple[float, float]] = {
+        "gpt-4o-mini": (0.15, 0.60),
+        "gpt-4o": (2.50, 10.00),
+        "gpt-4.1-mini": (0.40, 1.60),
+        "gpt-4.1": (2.00, 8.00),
+    }
+
+    # The model provider, as the openai SDK names it. Without a key, the bundled simulator is used.
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(default=None, validation_alias=AliasChoices("OPENAI_BASE_URL"))
+
+    # modelsim, the bundled OpenAI-compatible simulator.
+    modelsim_reply_tokens: int = 50
+    modelsim_first_token_latency_seconds: float = 0.2
+    modelsim_token_delay_seconds: float = 0.02
+    modelsim_error_429_rate: float = 0.0
+    modelsim_error_500_rate: float = 0.0
+    modelsim_retry_after_seconds: float = 1.0
+
+    log_level: str = "INFO"
+
+    def model_endpoint(self) -> tuple[str, str]:
+        """The (base URL, API key) of the model provider: the configured one, else the simulator."""
+        if self.openai_api_key is not None:
+            return self.openai_base_url or "https://api.openai.com/v1", self.openai_api_key.get_secret_value()
+        return self.openai_base_url or f"http://127.0.0.1:{self.modelsim_port}/v1", MODELSIM_API_KEY
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,42 @@
+"""gRPC error statuses with `google.rpc` details that callers can act on."""
+
+import math
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+def retry_later(message: str, retry_after_seconds: float | None) -> grpc.Status:
+    """RESOURCE_EXHAUSTED, with a RetryInfo detail when the wait is known."""
+    details = []
+    if retry_after_seconds is not None:
+        detail = any_pb2.Any()
+        seconds = math.floor(retry_after_seconds)
+        detail.Pack(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(seconds=seconds, nanos=int((retry_after_seconds - seconds) * 1e9))
+            )
+        )
+        details.append(detail)
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=details))
+
+
+def invalid_argument(violations: list[tuple[str, str]]) -> grpc.Status:
+    """INVALID_ARGUMENT naming every bad field, in the message and as a BadRequest detail."""
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+                for field, description in violations
+            ]
+        )
+    )
+    message = "; ".join(f"{field}: {description}" for field, description in violations)
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail]))
+
+
+async def abort_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    await context.abort(status.code, status.details, status.trailing_metadata)

@@ -1,0 +1,173 @@
+"""Real chatmesh processes on free loopback ports, for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .ports import free_port
+
+STARTUP_SECONDS = 20.0
+STOP_SECONDS = 15.0
+
+
+class ServiceProcess:
+    """One chatmesh process (`python -m chatmesh NAME`), its output kept in a log file."""
+
+    def __init__(self, name: str, port: int, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.port = port
+        self._env = env
+        self.log_path = log_dir / f"{name}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "chatmesh", self.name], env=self._env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._wait_until_ready()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self._process is not None
+        self._process.send_signal(sig)
+
+    def wait(self, timeout: float = STOP_SECONDS) -> int:
+        assert self._process is not None
+        return self._process.wait(timeout)
+
+    def stop(self) -> int | None:
+        """SIGTERM, a bounded wait, then SIGKILL. Returns the exit status."""
+        if self._process is None:
+            return None
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        return self._process.returncode
+
+    def kill(self) -> None:
+        assert self._process is not None
+        self._process.kill()
+        self._process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self._process.returncode}:\n{self.log()}")
+            if self._ready():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not become ready in {STARTUP_SECONDS} s:\n{self.log()}")
+
+    def _ready(self) -> bool:
+        if self.name == "modelsim":
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/sim/stats", timeout=1):
+                    return True
+            except OSError:
+                return False
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            try:
+                response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                return False
+            return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class Cluster:
+    """modelsim, dialogue and gateway, wired to each other on free ports.
+
+    The simulator starts with no latency; tests change it through `sim_config`.
+    """
+
+    def __init__(self, *, redis_url: str | None = None, env: dict[str, str] | None = None) -> None:
+        self._log_dir = Path(tempfile.mkdtemp(prefix="chatmesh-cluster-"))
+        ports = {name: free_port() for name in ("modelsim", "dialogue", "gateway")}
+        self.env = {
+            **os.environ,
+            "GRPC_VERBOSITY": "ERROR",
+            "CHATMESH_BIND_HOST": "127.0.0.1",
+            "CHATMESH_MODELSIM_PORT": str(ports["modelsim"]),
+            "CHATMESH_DIALOGUE_PORT": str(ports["dialogue"]),
+            "CHATMESH_GATEWAY_PORT": str(ports["gateway"]),
+            "CHATMESH_DIALOGUE_TARGET": f"127.0.0.1:{ports['dialogue']}",
+            "CHATMESH_MODELSIM_FIRST_TOKEN_LATENCY_SECONDS": "0",
+            "CHATMESH_MODELSIM_TOKEN_DELAY_SECONDS": "0",
+            "CHATMESH_SHUTDOWN_GRACE_SECONDS": "10",
+            "CHATMESH_MODEL_BACKOFF_INITIAL_SECONDS": "0.05",
+            "OPENAI_API_KEY": "test-key",
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{ports['modelsim']}/v1",
+        }
+        self.env.pop("CHATMESH_REDIS_URL", None)
+        if redis_url is not None:
+            self.env["CHATMESH_REDIS_URL"] = redis_url
+        self.env.update(env or {})
+        self.processes = {name: ServiceProcess(name, port, self.env, self._log_dir) for name, port in ports.items()}
+
+    @property
+    def gateway_target(self) -> str:
+        return f"127.0.0.1:{self.processes['gateway'].port}"
+
+    def start(self) -> Cluster:
+        try:
+            for name in ("modelsim", "dialogue", "gateway"):
+                self.processes[name].start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> dict[str, int | None]:
+        return {name: self.processes[name].stop() for name in ("gateway", "dialogue", "modelsim")}
+
+    # The simulator's control endpoints.
+
+    def sim(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.processes['modelsim'].port}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def sim_stats(self) -> dict[str, int]:
+        return self.sim("GET", "/sim/stats")
+
+    def sim_requests(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The most recent chat requests the simulator received, newest last."""
+        return self.sim("GET", f"/sim/requests?limit={limit}")["requests"]
+
+    def sim_config(self, **fields: Any) -> None:
+        self.sim("POST", "/sim/config", fields)
+
+    def sim_faults(self, status: int, count: int, retry_after: float = 0.0) -> None:
+        self.sim("POST", "/sim/faults", {"status": status, "count": count, "retry_after": retry_after})
+
+    def sim_reset(self) -> None:
+        self.sim("POST", "/sim/reset", {})

@@ -1,0 +1,226 @@
+"""The ConversationStore contract, which every implementation must meet (memory and Redis alike)."""
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from redis.asyncio import Redis
+
+from chatmesh.dialogue.store import (
+    CommittedTurn,
+    ConversationNotFound,
+    ConversationStore,
+    MemoryConversationStore,
+    RedisConversationStore,
+    StoredMessage,
+    create_conversation_store,
+)
+
+ALICE = "alice"
+MALLORY = "mallory"
+CONVERSATION = "conv-1"
+
+
+def make_turn(n: int, *, question: str | None = None, answer: str | None = None) -> CommittedTurn:
+    """Turn `n`, with timestamps that grow with `n` and usage of (10 * n, n) tokens."""
+    return CommittedTurn(
+        user_message=StoredMessage("user", question or f"question {n}", 1_700_000_000.0 + 2 * n + 0.25),
+        reply=StoredMessage("assistant", answer or f"answer {n}", 1_700_000_000.0 + 2 * n + 1.5),
+        input_tokens=10 * n,
+        output_tokens=n,
+    )
+
+
+def messages_of(*turns: CommittedTurn) -> list[StoredMessage]:
+    return [message for turn in turns for message in (turn.user_message, turn.reply)]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the memory store; the URL of a real, empty redis-server for the Redis store."""
+    return request.getfixturevalue("redis_url") if request.param == "redis" else None
+
+
+@pytest.fixture
+async def store(store_url: str | None) -> AsyncIterator[ConversationStore]:
+    conversation_store = create_conversation_store(store_url)
+    try:
+        yield conversation_store
+    finally:
+        await conversation_store.close()
+
+
+async def test_a_new_conversation_is_created_by_its_first_committed_turn(store: ConversationStore) -> None:
+    first = make_turn(1)
+    with pytest.raises(ConversationNotFound):
+        await store.get(CONVERSATION, ALICE)
+
+    await store.commit_turn(CONVERSATION, ALICE, first, new=True)
+
+    conversation = await store.get(CONVERSATION, ALICE)
+    assert conversation.conversation_id == CONVERSATION
+    assert conversation.user_id == ALICE
+    assert conversation.messages == messages_of(first)
+    assert conversation.created_at == first.user_message.created_at
+    assert conversation.updated_at == first.reply.created_at
+    assert (conversation.input_tokens, conversation.output_tokens) == (10, 1)
+
+
+async def test_recent_messages_are_the_last_n_oldest_first_across_turns(store: ConversationStore) -> None:
+    turns = [make_turn(n) for n in (1, 2, 3)]
+    await store.commit_turn(CONVERSATION, ALICE, turns[0], new=True)
+    for turn in turns[1:]:
+        await store.commit_turn(CONVERSATION, ALICE, turn, new=False)
+    await store.commit_turn("conv-2", ALICE, make_turn(9), new=True)
+
+    everything = messages_of(*turns)
+    assert await store.recent_messages(CONVERSATION, ALICE, 3) == everything[-3:]
+    assert await store.recent_messages(CONVERSATION, ALICE, 1) == [turns[-1].reply]
+    assert await store.recent_messages(CONVERSATION, ALICE, 100) == everything
+    assert (await store.get(CONVERSATION, ALICE)).updated_at == turns[-1].reply.created_at
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+async def test_a_limit_below_one_returns_nothing_but_still_checks_the_owner(
+    store: ConversationStore, limit: int
+) -> None:
+    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+
+    assert await store.recent_messages(CONVERSATION, ALICE, limit) == []
+    with pytest.raises(ConversationNotFound):
+        await store.recent_messages(CONVERSATION, MALLORY, limit)
+    with pytest.raises(ConversationNotFound):
+        await store.recent_messages("unknown", ALICE, limit)
+
+
+Operation = Callable[[ConversationStore, str, str], Awaitable[object]]
+
+OPERATIONS: dict[str, Operation] = {
+    "recent_messages": lambda store, conversation_id, user_id: store.recent_messages(conversation_id, user_id, 10),
+    "get": lambda store, conversation_id, user_id: store.get(conversation_id, user_id),
+    "delete": lambda store, conversation_id, user_id: store.delete(conversation_id, user_id),
+    "commit_turn": lambda store, conversation_id, user_id: store.commit_turn(
+        conversation_id, user_id, make_turn(7), new=False
+    ),
+}
+
+
+@pytest.mark.parametrize("operation", OPERATIONS.values(), ids=OPERATIONS.keys())
+async def test_another_users_conversation_is_not_found_and_stays_untouched(
+    store: ConversationStore, operation: Operation
+) -> None:
+    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+    before = await store.get(CONVERSATION, ALICE)
+
+    with pytest.raises(ConversationNotFound):
+        await operation(store, CONVERSATION, MALLORY)
+
+    assert await store.get(CONVERSATION, ALICE) == before
+
+
+@pytest.mark.parametrize("operation", OPERATIONS.values(), ids=OPERATIONS.keys())
+async def test_an_unknown_conversation_is_not_found(store: ConversationStore, operation: Operation) -> None:
+    with pytest.raises(ConversationNotFound):
+        await operation(store, "unknown", ALICE)
+
+    with pytest.raises(ConversationNotFound):
+        await store.get("unknown", ALICE)
+
+
+@pytest.mark.parametrize("user_id", [ALICE, MALLORY])
+async def test_creating_a_conversation_under_a_taken_id_fails_and_changes_nothing(
+    store: ConversationStore, user_id: str
+) -> None:
+    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+    before = await store.get(CONVERSATION, ALICE)
+
+    with pytest.raises(ConversationNotFound):
+        await store.commit_turn(CONVERSATION, user_id, make_turn(2), new=True)
+
+    assert await store.get(CONVERSATION, ALICE) == before
+
+
+async def test_a_deleted_conversation_is_not_resurrected_by_a_late_commit(store: ConversationStore) -> None:
+    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+    await store.delete(CONVERSATION, ALICE)
+
+    with pytest.raises(ConversationNotFound):
+        await store.commit_turn(CONVERSATION, ALICE, make_turn(2), new=False)
+
+    with pytest.raises(ConversationNotFound):
+        await store.get(CONVERSATION, ALICE)
+    with pytest.raises(ConversationNotFound):
+        await store.recent_messages(CONVERSATION, ALICE, 10)
+
+
+async def test_delete_erases_the_conversation_at_once(store: ConversationStore) -> None:
+    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+    await store.commit_turn("conv-2", ALICE, make_turn(2), new=True)
+
+    await store.delete(CONVERSATION, ALICE)
+
+    with pytest.raises(ConversationNotFound):
+        await store.get(CONVERSATION, ALICE)
+    with pytest.raises(ConversationNotFound):
+        await store.recent_messages(CONVERSATION, ALICE, 10)
+    with pytest.raises(ConversationNotFound):
+        await store.delete(CONVERSATION, ALICE)
+    assert (await store.get("conv-2", ALICE)).messages == messages_of(make_turn(2))
+
+
+async def test_usage_totals_add_up_over_turns(store: ConversationStore) -> None:
+    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+    for n in (2, 3, 4):
+        await store.commit_turn(CONVERSATION, ALICE, make_turn(n), new=False)
+
+    conversation = await store.get(CONVERSATION, ALICE)
+
+    assert (conversation.input_tokens, conversation.output_tokens) == (100, 10)
+
+
+# Full-width punctuation, an emoji with a skin tone, a zero-width joiner, quotes and a backslash.
+CHINESE = "你好，世界！今天天气怎么样？"  # noqa: RUF001
+EMOJI_AND_ESCAPES = '晴天 ☀️ 👍🏽 — «ça va» \u200d\n"quoted" \\ end'
+
+
+async def test_unicode_content_round_trips(store: ConversationStore) -> None:
+    turn = make_turn(1, question=CHINESE, answer=EMOJI_AND_ESCAPES)
+    conversation_id = "会话-🙂"
+
+    await store.commit_turn(conversation_id, "用户", turn, new=True)
+
+    assert await store.recent_messages(conversation_id, "用户", 2) == messages_of(turn)
+    assert (await store.get(conversation_id, "用户")).messages == messages_of(turn)
+
+
+async def test_returned_objects_are_copies(store: ConversationStore) -> None:
+    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+    before = await store.get(CONVERSATION, ALICE)
+
+    conversation = await store.get(CONVERSATION, ALICE)
+    conversation.messages.append(StoredMessage("user", "injected", 0.0))
+    conversation.input_tokens = 999
+    conversation.user_id = MALLORY
+    recent = await store.recent_messages(CONVERSATION, ALICE, 10)
+    recent.clear()
+
+    assert await store.get(CONVERSATION, ALICE) == before
+    assert await store.recent_messages(CONVERSATION, ALICE, 10) == before.messages
+
+
+async def test_the_factory_uses_redis_for_a_url_and_memory_otherwise(redis_url: str) -> None:
+    assert isinstance(create_conversation_store(None), MemoryConversationStore)
+    assert isinstance(create_conversation_store(""), MemoryConversationStore)
+    redis_store = create_conversation_store(redis_url)
+    try:
+        assert isinstance(redis_store, RedisConversationStore)
+    finally:
+        await redis_store.close()
+
+
+async def test_the_redis_store_refuses_a_client_that_returns_bytes(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        with pytest.raises(ValueError, match="decode_responses"):
+            RedisConversationStore(client)
+    finally:
+        await client.aclose()

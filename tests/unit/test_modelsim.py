@@ -1,0 +1,291 @@
+"""modelsim, served in-process on a free port and spoken to with the real openai SDK."""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from chatmesh.modelsim.server import SimConfig, build_app
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Tell me about the weather today"},
+]
+
+
+@dataclass
+class Sim:
+    base_url: str
+    config: SimConfig
+    http: aiohttp.ClientSession
+    client: openai.AsyncOpenAI
+
+    async def get(self, path: str) -> dict:
+        async with self.http.get(f"{self.base_url}{path}") as response:
+            assert response.status == 200
+            return await response.json()
+
+    async def post(self, path: str, body: dict) -> dict:
+        async with self.http.post(f"{self.base_url}{path}", json=body) as response:
+            assert response.status == 200
+            return await response.json()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Sim]:
+    config = SimConfig()
+    runner = web.AppRunner(build_app(config))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0)
+    http = aiohttp.ClientSession()
+    try:
+        yield Sim(base_url, config, http, client)
+    finally:
+        await client.close()
+        await http.close()
+        await runner.cleanup()
+
+
+async def _stats_when(sim: Sim, done: Callable[[dict], bool]) -> dict:
+    """Poll /sim/stats, at most 100 times 20 ms, until done(stats)."""
+    for _ in range(100):
+        stats = await sim.get("/sim/stats")
+        if done(stats):
+            return stats
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"stats never got there: {stats}")
+
+
+async def test_non_stream_reply_and_usage(sim: Sim) -> None:
+    completion = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+    assert completion.object == "chat.completion"
+    assert completion.model == "gpt-4o-mini"
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.message.role == "assistant"
+    words = choice.message.content.split(" ")
+    assert words[0] == "" and len(words) == 51
+    # 3 + 6 words, plus 4 per message.
+    assert completion.usage.prompt_tokens == 17
+    assert completion.usage.completion_tokens == 50
+    assert completion.usage.total_tokens == 67
+
+
+async def test_stream_matches_non_stream_and_ends_with_usage(sim: Sim) -> None:
+    request = {"model": "modelsim-1", "messages": MESSAGES, "seed": 7}
+    whole = await sim.client.chat.completions.create(**request)
+
+    stream = await sim.client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content == ""
+    assert len({chunk.id for chunk in chunks}) == 1
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage == whole.usage
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+async def test_stream_without_include_usage_has_no_usage_chunk(sim: Sim) -> None:
+    stream = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    chunks = [chunk async for chunk in stream]
+
+    assert all(chunk.choices and chunk.usage is None for chunk in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert len(chunks) == 52
+
+
+async def test_stream_with_latency_matches_non_stream(sim: Sim) -> None:
+    await sim.post("/sim/config", {"first_token_latency_seconds": 0.01, "token_delay_seconds": 0.001})
+    whole = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    stream = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+
+    assert text == whole.choices[0].message.content
+    assert (await sim.get("/sim/stats"))["streams_completed"] == 1
+
+
+async def test_reply_is_deterministic(sim: Sim) -> None:
+    async def reply(messages: list[dict], seed: int | None = None) -> str:
+        completion = await sim.client.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, seed=seed, temperature=0.7
+        )
+        return completion.choices[0].message.content
+
+    first = await reply(MESSAGES)
+    assert await reply(MESSAGES) == first
+    assert await reply([*MESSAGES[:1], {"role": "user", "content": "Something else"}]) != first
+    assert await reply(MESSAGES, seed=1) != first
+
+
+async def test_max_tokens_truncates_with_finish_reason_length(sim: Sim) -> None:
+    whole = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    short = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
+    newer = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_completion_tokens=60)
+
+    assert short.choices[0].finish_reason == "length"
+    assert short.usage.completion_tokens == 5
+    assert whole.choices[0].message.content.startswith(short.choices[0].message.content)
+    assert newer.choices[0].finish_reason == "stop"
+    assert newer.usage.completion_tokens == 50
+
+
+async def test_stop_sequence_cuts_the_reply(sim: Sim) -> None:
+    whole = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
+    words = whole.choices[0].message.content.split(" ")
+
+    cut = await sim.client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=5, stop=[f" {words[3]}"]
+    )
+
+    assert cut.choices[0].finish_reason == "stop"
+    assert whole.choices[0].message.content.startswith(cut.choices[0].message.content)
+    assert cut.usage.completion_tokens < 5
+
+
+async def test_queued_429_raises_rate_limit_error_with_retry_after(sim: Sim) -> None:
+    assert await sim.post("/sim/faults", {"status": 429, "count": 1, "retry_after": 1.5}) == {"queued": 1}
+
+    with pytest.raises(openai.RateLimitError) as caught:
+        await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+    assert caught.value.response.headers["retry-after"] == "2"
+    assert caught.value.response.headers["retry-after-ms"] == "1500"
+    assert caught.value.type == "rate_limit_error"
+    completion = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert completion.choices[0].finish_reason == "stop"
+    stats = await sim.get("/sim/stats")
+    assert (stats["requests"], stats["errors_injected"]) == (2, 1)
+
+
+async def test_queued_500_raises_internal_server_error(sim: Sim) -> None:
+    await sim.post("/sim/faults", {"status": 500, "count": 2})
+
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as caught:
+            await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+        assert caught.value.type == "server_error"
+    await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+async def test_error_rate_injects_faults(sim: Sim) -> None:
+    config = await sim.post("/sim/config", {"error_500_rate": 1.0})
+    assert config["error_500_rate"] == 1.0 and sim.config.error_500_rate == 1.0
+
+    with pytest.raises(openai.InternalServerError):
+        await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+    sim.config.error_500_rate = 0.0
+    sim.config.error_429_rate = 1.0
+    with pytest.raises(openai.RateLimitError) as caught:
+        await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert caught.value.response.headers["retry-after"] == "1"
+
+
+async def test_stream_closed_early_is_counted_and_gauge_returns_to_zero(sim: Sim) -> None:
+    sim.config.token_delay_seconds = 0.05
+    stream = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    received = [await anext(stream) for _ in range(3)]
+    assert received[0].choices[0].delta.role == "assistant"
+    assert (await sim.get("/sim/stats"))["streams_open"] == 1
+
+    await stream.close()
+
+    stats = await _stats_when(sim, lambda stats: stats["streams_open"] == 0)
+    assert (stats["streams_cancelled"], stats["streams_completed"]) == (1, 0)
+
+
+async def test_stats_request_log_and_reset(sim: Sim) -> None:
+    for content in ("one", "two", "three"):
+        await sim.client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": content}])
+    stream = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    [chunk async for chunk in stream]
+
+    assert await sim.get("/sim/stats") == {
+        "requests": 4,
+        "streams_open": 0,
+        "streams_completed": 1,
+        "streams_cancelled": 0,
+        "errors_injected": 0,
+    }
+    logged = (await sim.get("/sim/requests?limit=2"))["requests"]
+    assert [body["messages"][-1]["content"] for body in logged] == ["three", MESSAGES[-1]["content"]]
+    assert logged[-1]["stream"] is True
+
+    await sim.post("/sim/faults", {"status": 429, "count": 3})
+    await sim.post("/sim/reset", {})
+
+    assert (await sim.get("/sim/stats"))["requests"] == 0
+    assert (await sim.get("/sim/requests"))["requests"] == []
+    await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+async def test_models_lists_known_ids(sim: Sim) -> None:
+    ids = [model.id async for model in sim.client.models.list()]
+
+    assert {"gpt-4o-mini", "modelsim-1"} <= set(ids)
+
+
+async def test_missing_auth_is_401_in_openai_shape(sim: Sim) -> None:
+    url = f"{sim.base_url}/v1/chat/completions"
+    async with sim.http.post(url, json={"model": "gpt-4o-mini", "messages": MESSAGES}) as response:
+        assert response.status == 401
+        body = await response.json()
+
+    assert body["error"]["code"] == "invalid_api_key"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"model": "gpt-4o-mini"}, "messages"), ({"messages": MESSAGES}, "model"), ([1], None)],
+)
+async def test_invalid_body_is_400_in_openai_shape(sim: Sim, body: object, param: str | None) -> None:
+    url = f"{sim.base_url}/v1/chat/completions"
+    async with sim.http.post(url, json=body, headers={"Authorization": "Bearer x"}) as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+async def test_sim_config_rejects_unknown_fields(sim: Sim) -> None:
+    async with sim.http.post(f"{sim.base_url}/sim/config", json={"reply_tokens": -1}) as response:
+        assert response.status == 400
+    async with sim.http.post(f"{sim.base_url}/sim/config", json={"nope": 1}) as response:
+        assert response.status == 400
+
+    assert (await sim.post("/sim/config", {"reply_tokens": 3}))["reply_tokens"] == 3
+    completion = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert completion.usage.completion_tokens == 3
+
+
+async def test_main_logs_listening_and_exits_0_on_sigterm() -> None:
+    env = {**os.environ, "CHATMESH_MODELSIM_PORT": "0"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatmesh.modelsim.server", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), timeout=30)
+        event = json.loads(line)
+        assert (event["service"], event["event"]) == ("modelsim", "listening")
+        assert event["port"] > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
