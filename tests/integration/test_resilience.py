@@ -1,0 +1,156 @@
+"""What callers see when processes die, restart, or are told to stop; each test has its own cluster."""
+
+import asyncio
+import signal
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support.cluster import Cluster
+
+from chatmesh.v1 import chat_pb2, chat_pb2_grpc
+
+USER = "user-r"
+
+
+@pytest.fixture
+def fresh_cluster() -> Iterator[Cluster]:
+    running = Cluster().start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_url: str) -> Iterator[Cluster]:
+    running = Cluster(redis_url=redis_url).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def chat_request(message: str, conversation_id: str = "") -> chat_pb2.ChatRequest:
+    return chat_pb2.ChatRequest(conversation_id=conversation_id, user_id=USER, message=message)
+
+
+async def test_health_is_serving_and_reflection_lists_the_services(fresh_cluster: Cluster):
+    expected = {
+        "gateway": "chatmesh.v1.ChatService",
+        "dialogue": "chatmesh.v1.DialogueService",
+    }
+    for name, service in expected.items():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{fresh_cluster.processes[name].port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for checked in ("", service):
+                response = await health.Check(health_pb2.HealthCheckRequest(service=checked))
+                assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            listed = {
+                service.name async for response in responses for service in response.list_services_response.service
+            }
+            assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= listed
+
+
+async def test_with_dialogue_down_the_caller_gets_unavailable_and_recovers_when_it_returns(fresh_cluster: Cluster):
+    async with grpc.aio.insecure_channel(fresh_cluster.gateway_target) as channel:
+        chat = chat_pb2_grpc.ChatServiceStub(channel)
+        assert (await chat.Chat(chat_request("before"))).text
+
+        fresh_cluster.processes["dialogue"].kill()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await chat.Chat(chat_request("while down"), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "dialogue service is unavailable" in raised.value.details()
+
+        fresh_cluster.processes["dialogue"].start()
+        # The gateway's channel reconnects on its own, within its reconnect backoff.
+        for _ in range(100):
+            try:
+                response = await chat.Chat(chat_request("after"), timeout=10)
+                break
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                await asyncio.sleep(0.1)
+        assert response.text
+
+
+async def test_sigterm_to_the_gateway_lets_a_running_stream_finish_and_refuses_new_calls(fresh_cluster: Cluster):
+    fresh_cluster.sim_config(reply_tokens=30, token_delay_seconds=0.05)
+    gateway = fresh_cluster.processes["gateway"]
+    async with grpc.aio.insecure_channel(fresh_cluster.gateway_target) as channel:
+        chat = chat_pb2_grpc.ChatServiceStub(channel)
+        stream = chat.StreamChat(chat_request("a long answer, please"))
+        events = []
+        async for event in stream:
+            events.append(event)
+            if len(events) == 2:
+                gateway.signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await chat.Chat(chat_request("too late"), timeout=5)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    assert events[-1].WhichOneof("event") == "completed"
+    assert events[-1].completed.finish_reason == chat_pb2.FINISH_REASON_STOP
+    assert sum(len(e.delta.text.split()) for e in events if e.WhichOneof("event") == "delta") == 30
+    assert gateway.wait() == 0
+
+
+async def test_every_process_exits_zero_on_sigterm(fresh_cluster: Cluster):
+    assert fresh_cluster.stop() == {"gateway": 0, "dialogue": 0, "modelsim": 0}
+
+
+async def test_with_redis_a_conversation_survives_a_dialogue_restart(redis_cluster: Cluster):
+    async with grpc.aio.insecure_channel(redis_cluster.gateway_target) as channel:
+        chat = chat_pb2_grpc.ChatServiceStub(channel)
+        first = await chat.Chat(chat_request("remember this"))
+
+        dialogue = redis_cluster.processes["dialogue"]
+        dialogue.stop()
+        dialogue.start()
+        for _ in range(100):
+            try:
+                second = await chat.Chat(chat_request("what did I say?", first.conversation_id), timeout=10)
+                break
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                await asyncio.sleep(0.1)
+
+    assert second.conversation_id == first.conversation_id
+    sent = redis_cluster.sim_requests(limit=1)[-1]["messages"]
+    assert sent == [
+        {"role": "user", "content": "remember this"},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "what did I say?"},
+    ]
+
+
+async def test_a_deadline_shorter_than_the_reply_is_deadline_exceeded_and_commits_nothing(fresh_cluster: Cluster):
+    async with grpc.aio.insecure_channel(fresh_cluster.gateway_target) as channel:
+        chat = chat_pb2_grpc.ChatServiceStub(channel)
+        first = await chat.Chat(chat_request("quick"))
+        fresh_cluster.sim_config(reply_tokens=100, token_delay_seconds=0.05)
+
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await chat.Chat(chat_request("slow", first.conversation_id), timeout=0.5)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        history = await chat.GetConversation(
+            chat_pb2.GetConversationRequest(conversation_id=first.conversation_id, user_id=USER)
+        )
+        assert len(history.conversation.messages) == 2
+    stats = fresh_cluster.sim_stats()
+    for _ in range(100):
+        if stats["streams_open"] == 0:
+            break
+        await asyncio.sleep(0.05)
+        stats = fresh_cluster.sim_stats()
+    assert stats["streams_open"] == 0
