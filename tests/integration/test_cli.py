@@ -1,0 +1,122 @@
+"""`chatmesh up` and `chatmesh chat`, as a person at a terminal uses them."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.ports import free_port
+
+from chatmesh.cli import PROCESSES
+
+STARTUP_SECONDS = 30
+
+
+def child_pids(parent: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def wait_serving(target: str) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    with grpc.insecure_channel(target) as channel:
+        while time.monotonic() < deadline:
+            try:
+                response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError(f"{target} did not become healthy")
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
+    gateway, dialogue, modelsim = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "CHATMESH_GATEWAY_PORT": str(gateway),
+        "CHATMESH_DIALOGUE_PORT": str(dialogue),
+        "CHATMESH_DIALOGUE_TARGET": f"127.0.0.1:{dialogue}",
+        "CHATMESH_MODELSIM_PORT": str(modelsim),
+        "CHATMESH_MODELSIM_TOKEN_DELAY_SECONDS": "0",
+        "CHATMESH_SHUTDOWN_GRACE_SECONDS": "5",
+    }
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "CHATMESH_REDIS_URL"):
+        env.pop(name, None)
+    log = (tmp_path / "up.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "chatmesh", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(f"127.0.0.1:{gateway}")
+        yield process, env
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()
+
+
+def test_up_starts_the_cluster_with_the_simulator_and_chat_once_prints_the_reply(up):
+    process, env = up
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatmesh",
+            "chat",
+            "--target",
+            f"127.0.0.1:{env['CHATMESH_GATEWAY_PORT']}",
+            "--once",
+            "hello",
+            "--user",
+            "cli-user",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == 50  # the simulator's default reply length
+    assert "stop;" in result.stderr and "conversation " in result.stderr
+
+    children = child_pids(process.pid)
+    assert len(children) == len(PROCESSES)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(20) == 0
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+
+
+def test_up_stops_everything_and_fails_when_one_process_dies(up):
+    process, _ = up
+    children = child_pids(process.pid)
+    os.kill(children[0], signal.SIGKILL)
+
+    assert process.wait(30) == 1
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists() and _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
