@@ -1,6 +1,7 @@
 """DialogueService: runs a turn (load the window, stream from the model, commit) and serves history."""
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,12 +17,13 @@ from chatmesh.dialogue.store import (
     ConversationNotFound,
     ConversationStore,
     StoredMessage,
+    StoreUnavailable,
 )
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.model_client import ModelClient, ModelError, ModelErrorKind, ModelOutcome, ModelRequest
 from chatmesh.runtime.settings import Settings
-from chatmesh.runtime.status import abort_with, retry_later
+from chatmesh.runtime.status import abort, abort_with, retry_later
 from chatmesh.v1 import chat_pb2, dialogue_pb2, dialogue_pb2_grpc
 
 log = get_logger(__name__)
@@ -60,12 +62,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         conversation_id = chat.conversation_id or uuid.uuid4().hex
         history: list[StoredMessage] = []
         if not new:
-            try:
+            async with _store_errors(context, conversation_id):
                 history = await self._store.recent_messages(
                     conversation_id, chat.user_id, self._settings.context_window_messages
                 )
-            except ConversationNotFound:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"conversation {conversation_id} not found")
         model = options.model or self._settings.default_model
         yield chat_pb2.ChatEvent(
             started=chat_pb2.Started(conversation_id=conversation_id, request_id=request.request_id, model=model)
@@ -94,7 +94,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             log.warning("model_failed", extra={"request_id": request.request_id, "kind": error.kind.value})
             if error.kind is ModelErrorKind.RATE_LIMITED:
                 await abort_with(context, retry_later(str(error), error.retry_after))
-            await context.abort(_MODEL_ERROR_CODES[error.kind], str(error))
+            await abort(context, _MODEL_ERROR_CODES[error.kind], str(error))
 
         turn = CommittedTurn(
             user_message=StoredMessage(role="user", content=chat.message, created_at=started_at),
@@ -102,12 +102,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             input_tokens=outcome.input_tokens,
             output_tokens=outcome.output_tokens,
         )
-        try:
+        async with _store_errors(context, conversation_id, "was deleted while the turn ran"):
             await self._store.commit_turn(conversation_id, chat.user_id, turn, new=new)
-        except ConversationNotFound:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"conversation {conversation_id} was deleted while the turn ran"
-            )
         yield chat_pb2.ChatEvent(
             completed=chat_pb2.Completed(
                 finish_reason=_FINISH_REASONS.get(outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED),
@@ -123,19 +119,15 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def GetConversation(
         self, request: chat_pb2.GetConversationRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GetConversationResponse:
-        try:
+        async with _store_errors(context, request.conversation_id):
             conversation = await self._store.get(request.conversation_id, request.user_id)
-        except ConversationNotFound:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"conversation {request.conversation_id} not found")
         return chat_pb2.GetConversationResponse(conversation=_to_proto(conversation))
 
     async def DeleteConversation(
         self, request: chat_pb2.DeleteConversationRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.DeleteConversationResponse:
-        try:
+        async with _store_errors(context, request.conversation_id):
             await self._store.delete(request.conversation_id, request.user_id)
-        except ConversationNotFound:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"conversation {request.conversation_id} not found")
         return chat_pb2.DeleteConversationResponse()
 
     def _cost_usd(self, model: str, outcome: ModelOutcome) -> float:
@@ -147,6 +139,20 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             return 0.0
         input_price, output_price = prices[max(matches, key=len)]
         return (outcome.input_tokens * input_price + outcome.output_tokens * output_price) / 1_000_000
+
+
+@contextlib.asynccontextmanager
+async def _store_errors(
+    context: grpc.aio.ServicerContext, conversation_id: str, not_found: str = "not found"
+) -> AsyncIterator[None]:
+    """Ends the call with NOT_FOUND or UNAVAILABLE when the store says so."""
+    try:
+        yield
+    except ConversationNotFound:
+        await abort(context, grpc.StatusCode.NOT_FOUND, f"conversation {conversation_id} {not_found}")
+    except StoreUnavailable:
+        log.error("store_unavailable", extra={"conversation_id": conversation_id})
+        await abort(context, grpc.StatusCode.UNAVAILABLE, "the conversation store is unavailable; retry with backoff")
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:

@@ -8,17 +8,24 @@ A conversation comes into being with its first committed turn, so a turn that fa
 from __future__ import annotations
 
 import abc
+import functools
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, ParamSpec, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 Role = Literal["user", "assistant"]
 
 
 class ConversationNotFound(Exception):
     """The conversation does not exist, or belongs to another user."""
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or did not answer; nothing was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +151,23 @@ return 1
 """
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _unavailable_on_redis_error(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turns Redis' own connection and timeout errors into StoreUnavailable."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except RedisError as error:
+            raise StoreUnavailable(type(error).__name__) from error
+
+    return wrapper
+
+
 class RedisConversationStore(ConversationStore):
     """Conversations in Redis: a hash `chatmesh:conv:{id}:meta` and a list `chatmesh:conv:{id}:messages`.
 
@@ -162,13 +186,14 @@ class RedisConversationStore(ConversationStore):
     @classmethod
     def from_url(cls, url: str) -> RedisConversationStore:
         """A store with its own connection pool to `url`, e.g. `redis://localhost:6379/0`."""
-        return cls(Redis.from_url(url, decode_responses=True))
+        return cls(Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5))
 
     @staticmethod
     def _keys(conversation_id: str) -> tuple[str, str]:
         prefix = f"chatmesh:conv:{{{conversation_id}}}"
         return f"{prefix}:meta", f"{prefix}:messages"
 
+    @_unavailable_on_redis_error
     async def recent_messages(self, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
         meta_key, messages_key = self._keys(conversation_id)
         async with self._client.pipeline(transaction=False) as pipe:
@@ -180,6 +205,7 @@ class RedisConversationStore(ConversationStore):
             raise ConversationNotFound(conversation_id)
         return [_decode_message(raw) for raw in results[1]] if limit > 0 else []
 
+    @_unavailable_on_redis_error
     async def commit_turn(self, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool) -> None:
         committed = await self._commit_turn(
             keys=self._keys(conversation_id),
@@ -197,6 +223,7 @@ class RedisConversationStore(ConversationStore):
         if not committed:
             raise ConversationNotFound(conversation_id)
 
+    @_unavailable_on_redis_error
     async def get(self, conversation_id: str, user_id: str) -> Conversation:
         meta_key, messages_key = self._keys(conversation_id)
         async with self._client.pipeline(transaction=False) as pipe:
@@ -215,6 +242,7 @@ class RedisConversationStore(ConversationStore):
             output_tokens=int(meta["output_tokens"]),
         )
 
+    @_unavailable_on_redis_error
     async def delete(self, conversation_id: str, user_id: str) -> None:
         if not await self._delete(keys=self._keys(conversation_id), args=(user_id,)):
             raise ConversationNotFound(conversation_id)

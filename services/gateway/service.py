@@ -14,7 +14,7 @@ from chatmesh.gateway.validation import (
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
-from chatmesh.runtime.status import abort_with, invalid_argument
+from chatmesh.runtime.status import abort, abort_with, invalid_argument, is_deliberate
 from chatmesh.v1 import chat_pb2, chat_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc
 
 log = get_logger(__name__)
@@ -50,13 +50,11 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
             dialogue_pb2.TurnRequest(request=request, request_id=request_id),
             timeout=downstream_timeout(context, self._settings.default_deadline_seconds),
         )
-        answered = False
         try:
             async for event in call:
-                answered = True
                 yield event
         except grpc.aio.AioRpcError as error:
-            await _relay_failure(context, error, request_id, answered=answered)
+            await _relay_failure(context, error, request_id)
         finally:
             call.cancel()
 
@@ -92,7 +90,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
                 request, timeout=downstream_timeout(context, self._settings.default_deadline_seconds)
             )
         except grpc.aio.AioRpcError as error:
-            await _relay_failure(context, error, request_id, answered=False)
+            await _relay_failure(context, error, request_id)
             raise
 
     async def DeleteConversation(
@@ -107,7 +105,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
                 request, timeout=downstream_timeout(context, self._settings.default_deadline_seconds)
             )
         except grpc.aio.AioRpcError as error:
-            await _relay_failure(context, error, request_id, answered=False)
+            await _relay_failure(context, error, request_id)
             raise
 
     async def _start(self, context: grpc.aio.ServicerContext, violations: Violations) -> str:
@@ -119,22 +117,16 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         return request_id
 
 
-async def _relay_failure(
-    context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcError, request_id: str, *, answered: bool
-) -> None:
-    """Ends the call with dialogue's failure, in terms a caller can act on.
-
-    `answered` says whether dialogue's handler had started answering; before that, UNAVAILABLE means
-    the transport could not reach dialogue, and its message (addresses, socket errors) is not the
-    caller's business.
-    """
+async def _relay_failure(context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcError, request_id: str) -> None:
+    """Ends the call with dialogue's failure, in terms a caller can act on: dialogue's own answers pass
+    through with their message and details; transport failures get a message of ours."""
     code = error.code()
     log.warning("dialogue_failed", extra={"request_id": request_id, "grpc_code": code.name})
-    details = tuple((key, value) for key, value in error.trailing_metadata() or () if key == _DETAILS_KEY)
-    if code not in _PASSED_THROUGH:
-        await context.abort(grpc.StatusCode.INTERNAL, f"the request failed inside chatmesh (request id {request_id})")
-    if code is grpc.StatusCode.UNAVAILABLE and not answered:
-        await context.abort(code, "the dialogue service is unavailable; retry with backoff")
+    if is_deliberate(error) and code in _PASSED_THROUGH:
+        details = tuple((key, value) for key, value in error.trailing_metadata() if key == _DETAILS_KEY)
+        await abort(context, code, error.details(), details)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        await abort(context, code, "the dialogue service is unavailable; retry with backoff")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        await context.abort(code, "the request did not complete within its deadline")
-    await context.abort(code, error.details(), details)
+        await abort(context, code, "the request did not complete within its deadline")
+    await abort(context, grpc.StatusCode.INTERNAL, f"the request failed inside chatmesh (request id {request_id})")

@@ -1,4 +1,9 @@
-"""gRPC error statuses with `google.rpc` details that callers can act on."""
+"""gRPC error statuses with `google.rpc` details that callers can act on.
+
+Every chatmesh handler ends a call with an error through `abort` or `abort_with`, which mark the
+status as chatmesh's own. A caller one hop up can then tell a deliberate answer, whose message is
+meant for the end caller, from a transport failure, whose message (addresses, socket errors) is not.
+"""
 
 import math
 
@@ -38,5 +43,23 @@ def invalid_argument(violations: list[tuple[str, str]]) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail]))
 
 
+_ORIGIN_KEY = "chatmesh-status"
+_ORIGIN = (_ORIGIN_KEY, "1")
+
+
+async def abort(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    trailing_metadata: tuple[tuple[str, str | bytes], ...] = (),
+) -> None:
+    await context.abort(code, message, (*trailing_metadata, _ORIGIN))
+
+
 async def abort_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    await abort(context, status.code, status.details, tuple(status.trailing_metadata))
+
+
+def is_deliberate(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a chatmesh handler ended the call on purpose (rather than the transport failing)."""
+    return any(key == _ORIGIN_KEY for key, _ in error.trailing_metadata() or ())

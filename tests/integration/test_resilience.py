@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support.cluster import Cluster
+from support.redis_server import RedisServer
 
 from chatmesh.v1 import chat_pb2, chat_pb2_grpc
 
@@ -154,3 +155,21 @@ async def test_a_deadline_shorter_than_the_reply_is_deadline_exceeded_and_commit
         await asyncio.sleep(0.05)
         stats = fresh_cluster.sim_stats()
     assert stats["streams_open"] == 0
+
+
+async def test_with_redis_down_the_caller_gets_unavailable_and_nothing_hangs():
+    redis = RedisServer.start()
+    running = Cluster(redis_url=redis.url).start()
+    try:
+        async with grpc.aio.insecure_channel(running.gateway_target) as channel:
+            chat = chat_pb2_grpc.ChatServiceStub(channel)
+            first = await chat.Chat(chat_request("stored"))
+            redis.stop()
+            for attempt in (chat_request("new conversation"), chat_request("continued", first.conversation_id)):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await chat.Chat(attempt, timeout=20)
+                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "conversation store is unavailable" in raised.value.details()
+    finally:
+        running.stop()
+        redis.stop()
