@@ -197,7 +197,10 @@ async def _parse_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[str | ModelO
             if payload == _DONE:
                 yield outcome
                 return
-            event = json.loads(payload)
+            try:
+                event = json.loads(payload)
+            except ValueError:
+                raise ModelError(ModelErrorKind.UNAVAILABLE, "the model stream sent malformed data") from None
             if "error" in event:
                 raise ModelError(ModelErrorKind.UNAVAILABLE, "the model provider reported an error mid-stream")
             usage = event.get("usage")
