@@ -10,6 +10,7 @@ from chatmesh.gateway.validation import (
     check_chat_request,
     check_conversation_id,
     check_user_id,
+    is_well_formed_id,
 )
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import get_logger
@@ -109,12 +110,20 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
             raise
 
     async def _start(self, context: grpc.aio.ServicerContext, violations: Violations) -> str:
-        """Names the call (`x-request-id` in the response headers, errors included) and rejects bad input."""
-        request_id = uuid.uuid4().hex
+        """Names the call and rejects bad input. The name is the caller's own `x-request-id` when it sent a
+        well-formed one, so its logs and ours line up; it comes back in the response headers, errors included."""
+        request_id = _caller_request_id(context) or uuid.uuid4().hex
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         if violations:
             await abort_with(context, invalid_argument(violations))
         return request_id
+
+
+def _caller_request_id(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and is_well_formed_id(value):
+            return value
+    return None
 
 
 async def _relay_failure(context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcError, request_id: str) -> None:

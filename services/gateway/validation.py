@@ -14,6 +14,11 @@ _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
 Violations = list[tuple[str, str]]
 
 
+def is_well_formed_id(value: str) -> bool:
+    """Ids (conversation ids, request ids) are 1 to MAX_ID_CHARS printable ASCII characters of a safe set."""
+    return len(value) <= MAX_ID_CHARS and _ID_PATTERN.fullmatch(value) is not None
+
+
 def check_user_id(user_id: str) -> Violations:
     if not user_id:
         return [("user_id", "is required")]
@@ -25,7 +30,7 @@ def check_user_id(user_id: str) -> Violations:
 def check_conversation_id(conversation_id: str, *, required: bool) -> Violations:
     if not conversation_id:
         return [("conversation_id", "is required")] if required else []
-    if len(conversation_id) > MAX_ID_CHARS or not _ID_PATTERN.fullmatch(conversation_id):
+    if not is_well_formed_id(conversation_id):
         return [("conversation_id", f"must be 1 to {MAX_ID_CHARS} characters of A-Z a-z 0-9 _ . : @ -")]
     return []
 

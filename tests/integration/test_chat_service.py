@@ -134,6 +134,14 @@ async def test_the_request_id_is_in_started_and_in_the_response_headers(
     assert headers["x-request-id"] == events[0].started.request_id
 
 
+async def test_a_well_formed_request_id_from_the_caller_is_kept(sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
+    call = chat.StreamChat(request(), metadata=(("x-request-id", "caller-42"),))
+    events = [event async for event in call]
+
+    assert dict(await call.initial_metadata())["x-request-id"] == "caller-42"
+    assert events[0].started.request_id == "caller-42"
+
+
 @pytest.mark.parametrize(
     ("field", "chat_request"),
     [
