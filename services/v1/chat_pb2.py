@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63hatmesh/v1/chat.proto\x12\x0b\x63hatmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x01\n\x0b\x43hatOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"s\n\x0b\x43hatRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12)\n\x07options\x18\x04 \x01(\x0b\x32\x18.chatmesh.v1.ChatOptions\"J\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"E\n\x07Started\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x15\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x82\x01\n\tCompleted\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.chatmesh.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.chatmesh.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\"\x8f\x01\n\tChatEvent\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.chatmesh.v1.StartedH\x00\x12#\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x12.chatmesh.v1.DeltaH\x00\x12+\n\tcompleted\x18\x03 \x01(\x0b\x32\x16.chatmesh.v1.CompletedH\x00\x42\x07\n\x05\x65vent\"\xcf\x01\n\x0c\x43hatResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.chatmesh.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.chatmesh.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x07 \x01(\x01\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\"B\n\x16GetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"l\n\x07Message\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.chatmesh.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe5\x01\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.chatmesh.v1.Message\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.chatmesh.v1.Usage\"J\n\x17GetConversationResponse\x12/\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x19.chatmesh.v1.Conversation\"E\n\x19\x44\x65leteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\x1c\n\x1a\x44\x65leteConversationResponse*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02\x32\xd1\x02\n\x0b\x43hatService\x12;\n\x04\x43hat\x12\x18.chatmesh.v1.ChatRequest\x1a\x19.chatmesh.v1.ChatResponse\x12@\n\nStreamChat\x12\x18.chatmesh.v1.ChatRequest\x1a\x16.chatmesh.v1.ChatEvent0\x01\x12\\\n\x0fGetConversation\x12#.chatmesh.v1.GetConversationRequest\x1a$.chatmesh.v1.GetConversationResponse\x12\x65\n\x12\x44\x65leteConversation\x12&.chatmesh.v1.DeleteConversationRequest\x1a\'.chatmesh.v1.DeleteConversationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63hatmesh/v1/chat.proto\x12\x0b\x63hatmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x01\n\x0b\x43hatOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"s\n\x0b\x43hatRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12)\n\x07options\x18\x04 \x01(\x0b\x32\x18.chatmesh.v1.ChatOptions\"J\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"E\n\x07Started\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x15\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x97\x01\n\rContentFilter\x12/\n\x05stage\x18\x01 \x01(\x0e\x32 .chatmesh.v1.ContentFilter.Stage\x12\x12\n\ncategories\x18\x02 \x03(\t\"A\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTAGE_INPUT\x10\x01\x12\x10\n\x0cSTAGE_OUTPUT\x10\x02\"\xb6\x01\n\tCompleted\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.chatmesh.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.chatmesh.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x32\n\x0e\x63ontent_filter\x18\x05 \x01(\x0b\x32\x1a.chatmesh.v1.ContentFilter\"\x8f\x01\n\tChatEvent\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.chatmesh.v1.StartedH\x00\x12#\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x12.chatmesh.v1.DeltaH\x00\x12+\n\tcompleted\x18\x03 \x01(\x0b\x32\x16.chatmesh.v1.CompletedH\x00\x42\x07\n\x05\x65vent\"\x83\x02\n\x0c\x43hatResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.chatmesh.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.chatmesh.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x07 \x01(\x01\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\x12\x32\n\x0e\x63ontent_filter\x18\t \x01(\x0b\x32\x1a.chatmesh.v1.ContentFilter\"B\n\x16GetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"}\n\x07Message\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.chatmesh.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07refused\x18\x04 \x01(\x08\"\xe5\x01\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.chatmesh.v1.Message\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.chatmesh.v1.Usage\"J\n\x17GetConversationResponse\x12/\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x19.chatmesh.v1.Conversation\"E\n\x19\x44\x65leteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\x1c\n\x1a\x44\x65leteConversationResponse*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02\x32\xd1\x02\n\x0b\x43hatService\x12;\n\x04\x43hat\x12\x18.chatmesh.v1.ChatRequest\x1a\x19.chatmesh.v1.ChatResponse\x12@\n\nStreamChat\x12\x18.chatmesh.v1.ChatRequest\x1a\x16.chatmesh.v1.ChatEvent0\x01\x12\\\n\x0fGetConversation\x12#.chatmesh.v1.GetConversationRequest\x1a$.chatmesh.v1.GetConversationResponse\x12\x65\n\x12\x44\x65leteConversation\x12&.chatmesh.v1.DeleteConversationRequest\x1a\'.chatmesh.v1.DeleteConversationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatmesh.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1644
-  _globals['_FINISHREASON']._serialized_end=1803
-  _globals['_ROLE']._serialized_start=1805
-  _globals['_ROLE']._serialized_end=1868
+  _globals['_FINISHREASON']._serialized_start=1919
+  _globals['_FINISHREASON']._serialized_end=2078
+  _globals['_ROLE']._serialized_start=2080
+  _globals['_ROLE']._serialized_end=2143
   _globals['_CHATOPTIONS']._serialized_start=73
   _globals['_CHATOPTIONS']._serialized_end=278
   _globals['_CHATREQUEST']._serialized_start=280
@@ -46,24 +46,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTED']._serialized_end=542
   _globals['_DELTA']._serialized_start=544
   _globals['_DELTA']._serialized_end=565
-  _globals['_COMPLETED']._serialized_start=568
-  _globals['_COMPLETED']._serialized_end=698
-  _globals['_CHATEVENT']._serialized_start=701
-  _globals['_CHATEVENT']._serialized_end=844
-  _globals['_CHATRESPONSE']._serialized_start=847
-  _globals['_CHATRESPONSE']._serialized_end=1054
-  _globals['_GETCONVERSATIONREQUEST']._serialized_start=1056
-  _globals['_GETCONVERSATIONREQUEST']._serialized_end=1122
-  _globals['_MESSAGE']._serialized_start=1124
-  _globals['_MESSAGE']._serialized_end=1232
-  _globals['_CONVERSATION']._serialized_start=1235
-  _globals['_CONVERSATION']._serialized_end=1464
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=1466
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=1540
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=1542
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=1611
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1613
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1641
-  _globals['_CHATSERVICE']._serialized_start=1871
-  _globals['_CHATSERVICE']._serialized_end=2208
+  _globals['_CONTENTFILTER']._serialized_start=568
+  _globals['_CONTENTFILTER']._serialized_end=719
+  _globals['_CONTENTFILTER_STAGE']._serialized_start=654
+  _globals['_CONTENTFILTER_STAGE']._serialized_end=719
+  _globals['_COMPLETED']._serialized_start=722
+  _globals['_COMPLETED']._serialized_end=904
+  _globals['_CHATEVENT']._serialized_start=907
+  _globals['_CHATEVENT']._serialized_end=1050
+  _globals['_CHATRESPONSE']._serialized_start=1053
+  _globals['_CHATRESPONSE']._serialized_end=1312
+  _globals['_GETCONVERSATIONREQUEST']._serialized_start=1314
+  _globals['_GETCONVERSATIONREQUEST']._serialized_end=1380
+  _globals['_MESSAGE']._serialized_start=1382
+  _globals['_MESSAGE']._serialized_end=1507
+  _globals['_CONVERSATION']._serialized_start=1510
+  _globals['_CONVERSATION']._serialized_end=1739
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=1741
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=1815
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=1817
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=1886
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1888
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1916
+  _globals['_CHATSERVICE']._serialized_start=2146
+  _globals['_CHATSERVICE']._serialized_end=2483
 # @@protoc_insertion_point(module_scope)

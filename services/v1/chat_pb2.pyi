@@ -88,17 +88,35 @@ class Delta(_message.Message):
     text: str
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
+class ContentFilter(_message.Message):
+    __slots__ = ("stage", "categories")
+    class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STAGE_UNSPECIFIED: _ClassVar[ContentFilter.Stage]
+        STAGE_INPUT: _ClassVar[ContentFilter.Stage]
+        STAGE_OUTPUT: _ClassVar[ContentFilter.Stage]
+    STAGE_UNSPECIFIED: ContentFilter.Stage
+    STAGE_INPUT: ContentFilter.Stage
+    STAGE_OUTPUT: ContentFilter.Stage
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    stage: ContentFilter.Stage
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stage: _Optional[_Union[ContentFilter.Stage, str]] = ..., categories: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Completed(_message.Message):
-    __slots__ = ("finish_reason", "usage", "cost_usd", "cached")
+    __slots__ = ("finish_reason", "usage", "cost_usd", "cached", "content_filter")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FILTER_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     cost_usd: float
     cached: bool
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ...) -> None: ...
+    content_filter: ContentFilter
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ..., content_filter: _Optional[_Union[ContentFilter, _Mapping]] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
     __slots__ = ("started", "delta", "completed")
@@ -111,7 +129,7 @@ class ChatEvent(_message.Message):
     def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
-    __slots__ = ("conversation_id", "request_id", "model", "text", "finish_reason", "usage", "cost_usd", "cached")
+    __slots__ = ("conversation_id", "request_id", "model", "text", "finish_reason", "usage", "cost_usd", "cached", "content_filter")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +138,7 @@ class ChatResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FILTER_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     request_id: str
     model: str
@@ -128,7 +147,8 @@ class ChatResponse(_message.Message):
     usage: Usage
     cost_usd: float
     cached: bool
-    def __init__(self, conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ...) -> None: ...
+    content_filter: ContentFilter
+    def __init__(self, conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ..., content_filter: _Optional[_Union[ContentFilter, _Mapping]] = ...) -> None: ...
 
 class GetConversationRequest(_message.Message):
     __slots__ = ("conversation_id", "user_id")
@@ -139,14 +159,16 @@ class GetConversationRequest(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("role", "content", "create_time")
+    __slots__ = ("role", "content", "create_time", "refused")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     role: Role
     content: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    refused: bool
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., refused: _Optional[bool] = ...) -> None: ...
 
 class Conversation(_message.Message):
     __slots__ = ("conversation_id", "user_id", "messages", "create_time", "update_time", "usage")
