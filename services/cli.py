@@ -12,7 +12,7 @@ from collections.abc import Sequence
 # gRPC's C core logs to stderr in its own format; only errors from it belong among our JSON lines.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-PROCESSES = ("modelsim", "dialogue", "gateway")
+PROCESSES = ("modelsim", "safety", "cache", "dialogue", "gateway")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -54,6 +54,10 @@ def _run_process(name: str) -> None:
         return
     if name == "dialogue":
         from chatmesh.dialogue.main import main as service_main
+    elif name == "safety":
+        from chatmesh.safety.main import main as service_main
+    elif name == "cache":
+        from chatmesh.cache.main import main as service_main
     else:
         from chatmesh.gateway.main import main as service_main
     uvloop.run(service_main(settings))

@@ -1,4 +1,4 @@
-"""modelsim's HTTP server: OpenAI's chat completions (JSON and SSE) and models, plus /sim/ controls.
+"""modelsim's HTTP server: OpenAI's chat completions (JSON and SSE), moderations and models, plus /sim/ controls.
 
 A reply is a deterministic function of (model, messages, seed): `reply_tokens` words from a fixed
 vocabulary, picked by a hash of the request. Streams are written from prebuilt byte templates, so a
@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 from typing import Any, Self
 
@@ -53,6 +53,26 @@ _DELTA_CLOSE = b'},"logprobs":null,"finish_reason":null}]'
 _FINISH_CHOICES = b'[{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}]'
 _DONE = b"data: [DONE]\n\n"
 
+# OpenAI's moderation categories; modelsim flags only SIM_MODERATION_CATEGORY, for texts that contain
+# one of SimConfig.moderation_flag_words.
+_MODERATION_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+SIM_MODERATION_CATEGORY = "harassment"
+_MODERATION_MODEL = "omni-moderation-latest"
+
 
 @dataclass
 class SimConfig:
@@ -64,6 +84,8 @@ class SimConfig:
     error_429_rate: float = 0.0
     error_500_rate: float = 0.0
     retry_after_seconds: float = 1.0
+    # POST /v1/moderations flags a text that contains one of these (ignoring case) as harassment.
+    moderation_flag_words: list[str] = field(default_factory=lambda: ["simflag"])
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
@@ -86,6 +108,9 @@ class SimStats:
     streams_completed: int = 0
     streams_cancelled: int = 0
     errors_injected: int = 0
+    # /v1/moderations calls, apart from `requests` (chat completions).
+    moderation_requests: int = 0
+    moderation_errors_injected: int = 0
 
 
 class InvalidRequestError(ValueError):
@@ -164,6 +189,7 @@ class Simulator:
         self.stats = SimStats()
         self.request_log: deque[Any] = deque(maxlen=REQUEST_LOG_SIZE)
         self.faults: deque[tuple[int, float]] = deque()
+        self.moderation_faults: deque[tuple[int, float]] = deque()
         self._rng = random.Random()
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -323,18 +349,47 @@ class Simulator:
                 return None
             retry_after = config.retry_after_seconds
         self.stats.errors_injected += 1
-        if status == 429:
+        return _fault_response(status, retry_after)
+
+    async def moderations(self, request: web.Request) -> web.Response:
+        """OpenAI's POST /v1/moderations: one result per input string (one for a multi-modal list)."""
+        self.stats.moderation_requests += 1
+        if not _authorized(request):
+            return _unauthorized()
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
+        texts = _moderation_texts(body)
+        if texts is None:
             return _error(
-                429,
-                "rate_limit_error",
-                "Rate limit reached for requests (simulated).",
-                code="rate_limit_exceeded",
-                headers={
-                    "retry-after": str(math.ceil(retry_after)),
-                    "retry-after-ms": str(round(retry_after * 1000)),
-                },
+                400,
+                "invalid_request_error",
+                "Invalid 'input': expected a string, an array of strings, or an array of input objects.",
+                param="input",
             )
-        return _error(500, "server_error", "The server had an error while processing your request (simulated).")
+        if self.moderation_faults:
+            self.stats.moderation_errors_injected += 1
+            return _fault_response(*self.moderation_faults.popleft())
+        words = [word.casefold() for word in self.config.moderation_flag_words if word]
+        results = []
+        for text in texts:
+            flagged = any(word in text.casefold() for word in words)
+            results.append(
+                {
+                    "flagged": flagged,
+                    "categories": {
+                        name: flagged and name == SIM_MODERATION_CATEGORY for name in _MODERATION_CATEGORIES
+                    },
+                    "category_scores": {
+                        name: 0.97 if flagged and name == SIM_MODERATION_CATEGORY else 0.0001
+                        for name in _MODERATION_CATEGORIES
+                    },
+                    "category_applied_input_types": {name: ["text"] for name in _MODERATION_CATEGORIES},
+                }
+            )
+        model = body.get("model") or _MODERATION_MODEL
+        return web.json_response({"id": f"modr-{os.urandom(12).hex()}", "model": model, "results": results})
 
     async def models(self, request: web.Request) -> web.Response:
         if not _authorized(request):
@@ -365,11 +420,15 @@ class Simulator:
         for name, value in updates.items():
             if name not in types:
                 return web.json_response({"error": f"unknown field {name!r}"}, status=400)
+            if types[name] == list[str]:
+                if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+                    return web.json_response({"error": f"invalid value for {name!r}: expected strings"}, status=400)
+                continue
             valid = _is_int(value) if types[name] is int else _is_number(value)
             if not valid or value < 0 or (name.endswith("_rate") and value > 1):
                 return web.json_response({"error": f"invalid value for {name!r}: {value!r}"}, status=400)
         for name, value in updates.items():
-            setattr(self.config, name, value)
+            setattr(self.config, name, list(value) if isinstance(value, list) else value)
         return web.json_response(asdict(self.config))
 
     async def queue_faults(self, request: web.Request) -> web.Response:
@@ -379,18 +438,58 @@ class Simulator:
         status = spec.get("status")
         count = spec.get("count", 1)
         retry_after = spec.get("retry_after", self.config.retry_after_seconds)
+        # Which endpoint the faults are for: "chat" (the default) or "moderations".
+        endpoint = spec.get("endpoint", "chat")
+        if endpoint not in ("chat", "moderations"):
+            return web.json_response({"error": 'endpoint must be "chat" or "moderations"'}, status=400)
         if status not in (429, 500) or not _is_int(count) or count < 0:
             return web.json_response({"error": "expected status 429 or 500 and a count >= 0"}, status=400)
         if not _is_number(retry_after) or retry_after < 0:
             return web.json_response({"error": "retry_after must be a number >= 0"}, status=400)
-        self.faults.extend([(status, retry_after)] * count)
-        return web.json_response({"queued": len(self.faults)})
+        queue = self.faults if endpoint == "chat" else self.moderation_faults
+        queue.extend([(status, retry_after)] * count)
+        return web.json_response({"queued": len(queue)})
 
     async def reset(self, request: web.Request) -> web.Response:
         self.stats = SimStats(streams_open=self.stats.streams_open)
         self.request_log.clear()
         self.faults.clear()
+        self.moderation_faults.clear()
         return web.json_response(asdict(self.stats))
+
+
+def _moderation_texts(body: Any) -> list[str] | None:
+    """The texts to judge, one per result, or None when `input` is malformed."""
+    if not isinstance(body, dict):
+        return None
+    value = body.get("input")
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(item, str) for item in value):
+        return value
+    if all(isinstance(item, dict) for item in value):
+        return [
+            " ".join(item["text"] for item in value if item.get("type") == "text" and isinstance(item.get("text"), str))
+        ]
+    return None
+
+
+def _fault_response(status: int, retry_after: float) -> web.Response:
+    """An injected 429 (with Retry-After) or 500, as OpenAI sends them."""
+    if status == 429:
+        return _error(
+            429,
+            "rate_limit_error",
+            "Rate limit reached for requests (simulated).",
+            code="rate_limit_exceeded",
+            headers={
+                "retry-after": str(math.ceil(retry_after)),
+                "retry-after-ms": str(round(retry_after * 1000)),
+            },
+        )
+    return _error(500, "server_error", "The server had an error while processing your request (simulated).")
 
 
 def build_app(config: SimConfig) -> web.Application:
@@ -399,6 +498,7 @@ def build_app(config: SimConfig) -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", simulator.chat_completions)
     app.router.add_get("/v1/models", simulator.models)
+    app.router.add_post("/v1/moderations", simulator.moderations)
     app.router.add_get("/sim/stats", simulator.get_stats)
     app.router.add_get("/sim/requests", simulator.get_requests)
     app.router.add_post("/sim/config", simulator.set_config)

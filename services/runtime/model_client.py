@@ -91,6 +91,8 @@ class ModelClient:
         self._max_attempts = settings.model_max_attempts
         self._backoff_initial = settings.model_backoff_initial_seconds
         self._backoff_max = settings.model_backoff_max_seconds
+        self._moderation_model = settings.safety_moderation_model
+        self._default_deadline_seconds = settings.default_deadline_seconds
 
     async def close(self) -> None:
         await self._client.close()
@@ -138,6 +140,40 @@ class ModelClient:
             log.warning("model_retry", extra={"attempt": attempt, "kind": failure.kind.value, "delay_s": delay})
             await asyncio.sleep(delay)
 
+    async def moderate(self, text: str, *, deadline: float | None = None) -> tuple[bool, list[str]]:
+        """Asks the provider's /v1/moderations whether `text` is flagged, and for which categories.
+
+        Retried like `stream_chat` (429, 5xx and connection errors, with backoff, within `deadline`
+        in `loop.time()` terms, default `default_deadline_seconds` from now); raises ModelError.
+        """
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self._default_deadline_seconds
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ModelError(ModelErrorKind.TIMEOUT, "the deadline passed before the moderation endpoint answered")
+            try:
+                response = await self._client.moderations.create(
+                    input=text, model=self._moderation_model, timeout=remaining
+                )
+                return _moderation_verdict(response)
+            except openai.APIError as error:
+                failure = _classify(error)
+            except (httpx2.HTTPError, aiohttp.ClientError):
+                failure = ModelError(ModelErrorKind.UNAVAILABLE, "the moderation request broke off")
+            delay = self._backoff(attempt, failure.retry_after)
+            if (
+                failure.kind is ModelErrorKind.REJECTED
+                or attempt >= self._max_attempts
+                or loop.time() + delay >= deadline
+            ):
+                raise failure
+            log.warning("moderation_retry", extra={"attempt": attempt, "kind": failure.kind.value, "delay_s": delay})
+            await asyncio.sleep(delay)
+
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return retry_after
@@ -165,6 +201,17 @@ def _classify(error: openai.APIError) -> ModelError:
             ModelErrorKind.REJECTED, f"the model provider rejected the request with HTTP {error.status_code}"
         )
     return ModelError(ModelErrorKind.UNAVAILABLE, "the model stream failed")
+
+
+def _moderation_verdict(response: Any) -> tuple[bool, list[str]]:
+    """(flagged, the flagged categories by OpenAI's names, e.g. "self-harm/intent") of the first result."""
+    try:
+        result = response.results[0]
+        categories = result.categories.model_dump(by_alias=True)
+        flagged = sorted(name for name, value in categories.items() if value is True)
+        return bool(result.flagged) or bool(flagged), flagged
+    except (AttributeError, IndexError, TypeError, ValueError):
+        raise ModelError(ModelErrorKind.UNAVAILABLE, "the moderation endpoint sent a malformed response") from None
 
 
 def _retry_after(response: Any) -> float | None:

@@ -5,6 +5,7 @@ OpenAI SDK's own `OPENAI_API_KEY` and `OPENAI_BASE_URL`.
 """
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +58,31 @@ class Settings(BaseSettings):
     # The model provider, as the openai SDK names it. Without a key, the bundled simulator is used.
     openai_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("OPENAI_API_KEY"))
     openai_base_url: str | None = Field(default=None, validation_alias=AliasChoices("OPENAI_BASE_URL"))
+
+    # cache: answers already given, in an in-process LRU and, when redis_url is set, in Redis too.
+    cache_port: int = 50054
+    cache_target: str = "127.0.0.1:50054"
+    # How long an answer is kept, in both tiers.
+    cache_ttl_seconds: float = 3600.0
+    # The in-process tier's bound: the bytes of its keys and values.
+    cache_memory_max_bytes: int = 64 * 1024 * 1024
+    # Connect and reply timeout of the cache's Redis calls; past it the lookup is a miss.
+    cache_redis_timeout_seconds: float = 0.5
+    # Dialogue neither looks up nor stores requests with a temperature above this.
+    cache_max_temperature: float = 0.5
+
+    # safety: keyword lists and the moderation endpoint, for input and streamed output.
+    safety_port: int = 50053
+    safety_target: str = "127.0.0.1:50053"
+    # A keyword file, or a folder of them (`category<TAB>term` lines); unset means the list shipped
+    # with chatmesh. Files are polled every `safety_keywords_reload_seconds` and reloaded on change.
+    safety_keywords: str | None = None
+    safety_keywords_reload_seconds: float = 5.0
+    # The provider's /v1/moderations on input: "auto" is on when a real OPENAI_API_KEY is set.
+    safety_moderation: Literal["auto", "on", "off"] = "auto"
+    safety_moderation_model: str = "omni-moderation-latest"
+    # When the moderation endpoint fails: block the input (the default), or let it through.
+    safety_moderation_fail_open: bool = False
 
     # modelsim, the bundled OpenAI-compatible simulator.
     modelsim_reply_tokens: int = 50

@@ -53,6 +53,8 @@ def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]
         "CHATMESH_DIALOGUE_PORT": str(dialogue),
         "CHATMESH_DIALOGUE_TARGET": f"127.0.0.1:{dialogue}",
         "CHATMESH_MODELSIM_PORT": str(modelsim),
+        "CHATMESH_SAFETY_PORT": str(free_port()),
+        "CHATMESH_CACHE_PORT": str(free_port()),
         "CHATMESH_MODELSIM_TOKEN_DELAY_SECONDS": "0",
         "CHATMESH_SHUTDOWN_GRACE_SECONDS": "5",
     }
@@ -62,6 +64,8 @@ def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]
     process = subprocess.Popen([sys.executable, "-m", "chatmesh", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_serving(f"127.0.0.1:{gateway}")
+        # `up` starts every process at once; on a busy machine dialogue can be ready after the gateway.
+        wait_serving(f"127.0.0.1:{dialogue}")
         yield process, env
     finally:
         if process.poll() is None:

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from .ports import free_port
 
 STARTUP_SECONDS = 20.0
 STOP_SECONDS = 15.0
+# Every process a cluster can run, in the order they start (each only needs those before it).
+START_ORDER = ("modelsim", "safety", "dialogue", "gateway")
 
 
 class ServiceProcess:
@@ -42,6 +45,11 @@ class ServiceProcess:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while started (bench/ reads its CPU time and memory from /proc)."""
+        return None if self._process is None else self._process.pid
 
     def signal(self, sig: signal.Signals) -> None:
         assert self._process is not None
@@ -99,14 +107,21 @@ class ServiceProcess:
 
 
 class Cluster:
-    """modelsim, dialogue and gateway, wired to each other on free ports.
+    """chatmesh processes (by default modelsim, dialogue and gateway), wired to each other on free ports.
 
     The simulator starts with no latency; tests change it through `sim_config`.
     """
 
-    def __init__(self, *, redis_url: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        redis_url: str | None = None,
+        env: dict[str, str] | None = None,
+        processes: Sequence[str] = ("modelsim", "dialogue", "gateway"),
+    ) -> None:
         self._log_dir = Path(tempfile.mkdtemp(prefix="chatmesh-cluster-"))
-        ports = {name: free_port() for name in ("modelsim", "dialogue", "gateway")}
+        self._names = [name for name in START_ORDER if name in processes]
+        ports = {name: free_port() for name in START_ORDER}
         self.env = {
             **os.environ,
             "GRPC_VERBOSITY": "ERROR",
@@ -115,6 +130,8 @@ class Cluster:
             "CHATMESH_DIALOGUE_PORT": str(ports["dialogue"]),
             "CHATMESH_GATEWAY_PORT": str(ports["gateway"]),
             "CHATMESH_DIALOGUE_TARGET": f"127.0.0.1:{ports['dialogue']}",
+            "CHATMESH_SAFETY_PORT": str(ports["safety"]),
+            "CHATMESH_SAFETY_TARGET": f"127.0.0.1:{ports['safety']}",
             "CHATMESH_MODELSIM_FIRST_TOKEN_LATENCY_SECONDS": "0",
             "CHATMESH_MODELSIM_TOKEN_DELAY_SECONDS": "0",
             "CHATMESH_SHUTDOWN_GRACE_SECONDS": "10",
@@ -132,9 +149,13 @@ class Cluster:
     def gateway_target(self) -> str:
         return f"127.0.0.1:{self.processes['gateway'].port}"
 
+    @property
+    def safety_target(self) -> str:
+        return f"127.0.0.1:{self.processes['safety'].port}"
+
     def start(self) -> Cluster:
         try:
-            for name in ("modelsim", "dialogue", "gateway"):
+            for name in self._names:
                 self.processes[name].start()
         except BaseException:
             self.stop()
@@ -142,7 +163,7 @@ class Cluster:
         return self
 
     def stop(self) -> dict[str, int | None]:
-        return {name: self.processes[name].stop() for name in ("gateway", "dialogue", "modelsim")}
+        return {name: self.processes[name].stop() for name in reversed(self._names)}
 
     # The simulator's control endpoints.
 
@@ -166,8 +187,11 @@ class Cluster:
     def sim_config(self, **fields: Any) -> None:
         self.sim("POST", "/sim/config", fields)
 
-    def sim_faults(self, status: int, count: int, retry_after: float = 0.0) -> None:
-        self.sim("POST", "/sim/faults", {"status": status, "count": count, "retry_after": retry_after})
+    def sim_faults(self, status: int, count: int, retry_after: float = 0.0, endpoint: str = "chat") -> None:
+        """Queues `count` faults for the chat endpoint, or for "moderations"."""
+        self.sim(
+            "POST", "/sim/faults", {"status": status, "count": count, "retry_after": retry_after, "endpoint": endpoint}
+        )
 
     def sim_reset(self) -> None:
         self.sim("POST", "/sim/reset", {})

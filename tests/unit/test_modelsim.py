@@ -222,6 +222,8 @@ async def test_stats_request_log_and_reset(sim: Sim) -> None:
         "streams_completed": 1,
         "streams_cancelled": 0,
         "errors_injected": 0,
+        "moderation_requests": 0,
+        "moderation_errors_injected": 0,
     }
     logged = (await sim.get("/sim/requests?limit=2"))["requests"]
     assert [body["messages"][-1]["content"] for body in logged] == ["three", MESSAGES[-1]["content"]]

@@ -1,0 +1,54 @@
+"""The cache key of an answer: a SHA-256 over a canonical encoding of everything that shapes it.
+
+Text normalization decides which requests share an answer, so it is deliberately small:
+
+- Message contents and the system prompt are Unicode NFKC-normalized (full-width and half-width
+  forms, ligatures and compatibility characters compare equal), and every run of whitespace
+  becomes one space, with none at either end. Whitespace-only differences change no answer a
+  chat model gives in practice, except for indentation-sensitive text (code), which is accepted.
+- Case is kept: "US" and "us", "Turkey" and "turkey" are different questions, and a wrong hit
+  costs more than a miss.
+- Stop sequences, tenant and model are compared exactly: a stop sequence of "\\n\\n" is not " ".
+
+Every message keeps its role and its place in the window, so a follow-up question after a
+different history never shares a key with it. Tenant and model also appear, percent-encoded,
+in the key's readable prefix, so that one tenant's or model's entries can be found by pattern.
+"""
+
+import hashlib
+import json
+import unicodedata
+from urllib.parse import quote
+
+from chatmesh.v1 import cache_pb2
+
+KEY_PREFIX = "chatmesh:cache:"
+
+# Part of what is hashed: bump it when the encoding or the normalization changes, so that old
+# entries are never read under the new rules (they expire with their TTL).
+_ENCODING_VERSION = 1
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, whitespace runs collapsed to one space, stripped; case kept."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def answer_key(context: cache_pb2.AnswerContext) -> str:
+    """`chatmesh:cache:{tenant}:{model}:{sha256 hex}`, with tenant and model percent-encoded."""
+    canonical = [
+        _ENCODING_VERSION,
+        context.tenant,
+        context.model,
+        normalize_text(context.system_prompt),
+        # None (unset) and every set value encode differently, 0 included.
+        context.temperature if context.HasField("temperature") else None,
+        context.top_p if context.HasField("top_p") else None,
+        context.max_tokens if context.HasField("max_tokens") else None,
+        list(context.stop),
+        context.seed if context.HasField("seed") else None,
+        [[message.role, normalize_text(message.content)] for message in context.messages],
+    ]
+    encoded = json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()
+    digest = hashlib.sha256(encoded).hexdigest()
+    return f"{KEY_PREFIX}{quote(context.tenant, safe='')}:{quote(context.model, safe='')}:{digest}"

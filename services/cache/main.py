@@ -1,0 +1,24 @@
+"""Starts the cache process."""
+
+from chatmesh.cache.service import CacheServicer
+from chatmesh.cache.tiers import AnswerCache
+from chatmesh.runtime.grpc_server import Servicer, serve
+from chatmesh.runtime.settings import Settings
+from chatmesh.v1 import cache_pb2, cache_pb2_grpc
+
+
+async def main(settings: Settings) -> None:
+    cache = AnswerCache.from_settings(settings)
+    servicer = CacheServicer(cache)
+
+    await serve(
+        settings,
+        port=settings.cache_port,
+        servicers=[
+            Servicer(
+                cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name,
+                lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
+            )
+        ],
+        on_stopped=cache.close,
+    )

@@ -1,0 +1,57 @@
+"""Starts the safety process."""
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from chatmesh.runtime.grpc_server import Servicer, serve
+from chatmesh.runtime.logs import get_logger
+from chatmesh.runtime.model_client import ModelClient
+from chatmesh.runtime.settings import Settings
+from chatmesh.safety.keywords import KeywordScreen
+from chatmesh.safety.moderation import ModerationScreen, moderation_enabled
+from chatmesh.safety.service import SafetyServicer
+from chatmesh.v1 import safety_pb2, safety_pb2_grpc
+
+log = get_logger(__name__)
+
+
+async def main(settings: Settings) -> None:
+    # A keyword list that cannot be loaded at start stops the process: better no safety process
+    # (dialogue then fails closed) than one that lets everything through.
+    keywords = KeywordScreen(Path(settings.safety_keywords) if settings.safety_keywords else None)
+    model = ModelClient(settings) if moderation_enabled(settings) else None
+    moderation = None if model is None else ModerationScreen(model, fail_open=settings.safety_moderation_fail_open)
+    log.info(
+        "safety_configured",
+        extra={
+            "keywords": str(keywords.path),
+            "reload_seconds": settings.safety_keywords_reload_seconds,
+            "moderation": moderation is not None,
+            "moderation_fail_open": settings.safety_moderation_fail_open,
+        },
+    )
+    servicer = SafetyServicer(settings, keywords, moderation)
+    watcher = asyncio.create_task(keywords.watch(settings.safety_keywords_reload_seconds))
+
+    async def release() -> None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if model is not None:
+            await model.close()
+
+    try:
+        await serve(
+            settings,
+            port=settings.safety_port,
+            servicers=[
+                Servicer(
+                    safety_pb2.DESCRIPTOR.services_by_name["SafetyService"].full_name,
+                    lambda server: safety_pb2_grpc.add_SafetyServiceServicer_to_server(servicer, server),
+                )
+            ],
+            on_stopped=release,
+        )
+    finally:
+        watcher.cancel()

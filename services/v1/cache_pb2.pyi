@@ -1,0 +1,90 @@
+from chatmesh.v1 import chat_pb2 as _chat_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CacheTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CACHE_TIER_UNSPECIFIED: _ClassVar[CacheTier]
+    CACHE_TIER_MEMORY: _ClassVar[CacheTier]
+    CACHE_TIER_REDIS: _ClassVar[CacheTier]
+CACHE_TIER_UNSPECIFIED: CacheTier
+CACHE_TIER_MEMORY: CacheTier
+CACHE_TIER_REDIS: CacheTier
+
+class AnswerContext(_message.Message):
+    __slots__ = ("tenant", "model", "system_prompt", "temperature", "top_p", "max_tokens", "stop", "seed", "messages")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: str
+    system_prompt: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    messages: _containers.RepeatedCompositeFieldContainer[ContextMessage]
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ContextMessage, _Mapping]]] = ...) -> None: ...
+
+class ContextMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: _chat_pb2.Role
+    content: str
+    def __init__(self, role: _Optional[_Union[_chat_pb2.Role, str]] = ..., content: _Optional[str] = ...) -> None: ...
+
+class CachedReply(_message.Message):
+    __slots__ = ("text", "finish_reason", "output_tokens")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    finish_reason: _chat_pb2.FinishReason
+    output_tokens: int
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_chat_pb2.FinishReason, str]] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("context",)
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    context: AnswerContext
+    def __init__(self, context: _Optional[_Union[AnswerContext, _Mapping]] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("hit", "reply", "tier")
+    HIT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    hit: bool
+    reply: CachedReply
+    tier: CacheTier
+    def __init__(self, hit: _Optional[bool] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ..., tier: _Optional[_Union[CacheTier, str]] = ...) -> None: ...
+
+class StoreRequest(_message.Message):
+    __slots__ = ("context", "reply")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    context: AnswerContext
+    reply: CachedReply
+    def __init__(self, context: _Optional[_Union[AnswerContext, _Mapping]] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ...) -> None: ...
+
+class StoreResponse(_message.Message):
+    __slots__ = ("stored", "tiers")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    stored: bool
+    tiers: _containers.RepeatedScalarFieldContainer[CacheTier]
+    def __init__(self, stored: _Optional[bool] = ..., tiers: _Optional[_Iterable[_Union[CacheTier, str]]] = ...) -> None: ...

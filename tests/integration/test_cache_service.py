@@ -1,0 +1,269 @@
+"""CacheService over a real cache process: alone, backed by Redis, across a restart, and with Redis gone."""
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+from support.cluster import ServiceProcess
+from support.ports import free_port
+from support.redis_server import RedisServer
+
+from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2
+
+CALL_TIMEOUT = 10.0
+REPLY_TEXT = "Paris is the capital of France."
+
+
+def cache_process(redis_url: str | None) -> ServiceProcess:
+    """A cache process on a free port, not started; Redis-backed when `redis_url` is given."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "GRPC_VERBOSITY": "ERROR",
+        "CHATMESH_BIND_HOST": "127.0.0.1",
+        "CHATMESH_CACHE_PORT": str(port),
+        "CHATMESH_SHUTDOWN_GRACE_SECONDS": "5",
+    }
+    env.pop("CHATMESH_REDIS_URL", None)
+    if redis_url is not None:
+        env["CHATMESH_REDIS_URL"] = redis_url
+    return ServiceProcess("cache", port, env, Path(tempfile.mkdtemp(prefix="chatmesh-cache-")))
+
+
+def answer_context(question: str = "What is the capital of France?", **fields) -> cache_pb2.AnswerContext:
+    fields.setdefault("tenant", "default")
+    fields.setdefault("model", "gpt-4o-mini")
+    return cache_pb2.AnswerContext(
+        messages=[cache_pb2.ContextMessage(role=chat_pb2.ROLE_USER, content=question)], **fields
+    )
+
+
+def reply(
+    text: str = REPLY_TEXT, finish_reason: int = chat_pb2.FINISH_REASON_STOP, output_tokens: int = 7
+) -> cache_pb2.CachedReply:
+    return cache_pb2.CachedReply(text=text, finish_reason=finish_reason, output_tokens=output_tokens)
+
+
+async def lookup(stub: cache_pb2_grpc.CacheServiceStub, context: cache_pb2.AnswerContext) -> cache_pb2.LookupResponse:
+    return await stub.Lookup(cache_pb2.LookupRequest(context=context), timeout=CALL_TIMEOUT)
+
+
+async def store(
+    stub: cache_pb2_grpc.CacheServiceStub, context: cache_pb2.AnswerContext, cached: cache_pb2.CachedReply
+) -> cache_pb2.StoreResponse:
+    return await stub.Store(cache_pb2.StoreRequest(context=context, reply=cached), timeout=CALL_TIMEOUT)
+
+
+async def connect(process: ServiceProcess) -> tuple[grpc.aio.Channel, cache_pb2_grpc.CacheServiceStub]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{process.port}")
+    return channel, cache_pb2_grpc.CacheServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def memory_cache() -> Iterator[ServiceProcess]:
+    """One cache process without Redis, shared by the tests of this module that need no restart."""
+    process = cache_process(None)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def cache(memory_cache: ServiceProcess) -> AsyncIterator[cache_pb2_grpc.CacheServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{memory_cache.port}") as channel:
+        yield cache_pb2_grpc.CacheServiceStub(channel)
+
+
+async def test_a_miss_then_a_store_then_a_memory_hit(cache: cache_pb2_grpc.CacheServiceStub) -> None:
+    context = answer_context("miss, store, hit")
+
+    missed = await lookup(cache, context)
+    stored = await store(cache, context, reply())
+    hit = await lookup(cache, context)
+
+    assert missed == cache_pb2.LookupResponse(hit=False)
+    assert stored.stored and list(stored.tiers) == [cache_pb2.CACHE_TIER_MEMORY]
+    assert hit.hit and hit.tier == cache_pb2.CACHE_TIER_MEMORY
+    assert hit.reply == reply()
+
+
+async def test_the_same_question_after_another_history_misses(cache: cache_pb2_grpc.CacheServiceStub) -> None:
+    first_turn = answer_context("And its population?")
+    await store(cache, first_turn, reply("About two million."))
+    follow_up = cache_pb2.AnswerContext()
+    follow_up.CopyFrom(first_turn)
+    del follow_up.messages[:]
+    follow_up.messages.add(role=chat_pb2.ROLE_USER, content="What is the capital of Spain?")
+    follow_up.messages.add(role=chat_pb2.ROLE_ASSISTANT, content="Madrid.")
+    follow_up.messages.add(role=chat_pb2.ROLE_USER, content="And its population?")
+
+    assert not (await lookup(cache, follow_up)).hit
+    assert (await lookup(cache, first_turn)).hit
+
+
+async def test_whitespace_and_width_variants_of_a_question_hit(cache: cache_pb2_grpc.CacheServiceStub) -> None:
+    await store(cache, answer_context("What is AI?"), reply("Artificial intelligence."))
+
+    hit = await lookup(cache, answer_context("  Ｗｈａｔ　is \n AI？ "))  # noqa: RUF001
+
+    assert hit.hit and hit.reply.text == "Artificial intelligence."
+
+
+async def test_answers_are_not_shared_across_tenants_or_models(cache: cache_pb2_grpc.CacheServiceStub) -> None:
+    await store(cache, answer_context("scoped", tenant="acme", model="gpt-4o"), reply())
+
+    assert (await lookup(cache, answer_context("scoped", tenant="acme", model="gpt-4o"))).hit
+    assert not (await lookup(cache, answer_context("scoped", tenant="globex", model="gpt-4o"))).hit
+    assert not (await lookup(cache, answer_context("scoped", tenant="acme", model="gpt-4o-mini"))).hit
+
+
+@pytest.mark.parametrize(
+    "finish_reason",
+    [
+        chat_pb2.FINISH_REASON_LENGTH,
+        chat_pb2.FINISH_REASON_CONTENT_FILTER,
+        chat_pb2.FINISH_REASON_TOOL_CALLS,
+        chat_pb2.FINISH_REASON_UNSPECIFIED,
+    ],
+)
+async def test_a_reply_that_did_not_finish_with_stop_is_not_stored(
+    cache: cache_pb2_grpc.CacheServiceStub, finish_reason: int
+) -> None:
+    context = answer_context(f"cut short {finish_reason}")
+
+    stored = await store(cache, context, reply(finish_reason=finish_reason))
+
+    assert stored == cache_pb2.StoreResponse(stored=False)
+    assert not (await lookup(cache, context)).hit
+
+
+async def test_an_empty_reply_is_not_stored(cache: cache_pb2_grpc.CacheServiceStub) -> None:
+    context = answer_context("empty reply")
+
+    assert not (await store(cache, context, reply(text=""))).stored
+    assert not (await lookup(cache, context)).hit
+
+
+@pytest.mark.parametrize(
+    ("field", "context"),
+    [
+        ("context.tenant", answer_context(tenant="")),
+        ("context.tenant", answer_context(tenant="t" * 257)),
+        ("context.model", answer_context(model="")),
+        ("context.messages", cache_pb2.AnswerContext(tenant="default", model="gpt-4o-mini")),
+        (
+            "context.messages",
+            cache_pb2.AnswerContext(
+                tenant="default",
+                model="gpt-4o-mini",
+                messages=[cache_pb2.ContextMessage(role=chat_pb2.ROLE_ASSISTANT, content="not the user's")],
+            ),
+        ),
+        (
+            "context.messages[0].role",
+            cache_pb2.AnswerContext(
+                tenant="default",
+                model="gpt-4o-mini",
+                messages=[
+                    cache_pb2.ContextMessage(content="no role"),
+                    cache_pb2.ContextMessage(role=chat_pb2.ROLE_USER, content="question"),
+                ],
+            ),
+        ),
+    ],
+)
+async def test_an_unusable_context_is_invalid_argument_naming_the_field(
+    cache: cache_pb2_grpc.CacheServiceStub, field: str, context: cache_pb2.AnswerContext
+) -> None:
+    for call in (lookup(cache, context), store(cache, context, reply())):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        bad_request = error_details_pb2.BadRequest()
+        assert rpc_status.from_call(raised.value).details[0].Unpack(bad_request)
+        assert field in {violation.field for violation in bad_request.field_violations}
+
+
+def assert_serving_and_reflected(process: ServiceProcess) -> None:
+    """Health SERVING, overall and for CacheService, and CacheService listed by reflection."""
+    with grpc.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "chatmesh.v1.CacheService"):
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=CALL_TIMEOUT
+        )
+        listed = {service.name for response in responses for service in response.list_services_response.service}
+    assert "chatmesh.v1.CacheService" in listed
+
+
+def test_health_is_serving_and_reflection_lists_the_cache_service(memory_cache: ServiceProcess) -> None:
+    assert_serving_and_reflected(memory_cache)
+
+
+async def test_a_redis_backed_answer_survives_a_restart_of_the_cache_process(redis_url: str) -> None:
+    process = cache_process(redis_url)
+    context, cut_short = answer_context("survives a restart"), answer_context("cut short")
+    try:
+        process.start()
+        channel, stub = await connect(process)
+        async with channel:
+            stored = await store(stub, context, reply())
+            refused = await store(stub, cut_short, reply(finish_reason=chat_pb2.FINISH_REASON_LENGTH))
+        assert list(stored.tiers) == [cache_pb2.CACHE_TIER_MEMORY, cache_pb2.CACHE_TIER_REDIS]
+        assert refused == cache_pb2.StoreResponse(stored=False)
+        assert process.stop() == 0
+
+        process.start()
+        channel, stub = await connect(process)
+        async with channel:
+            from_redis = await lookup(stub, context)
+            from_memory = await lookup(stub, context)
+            cut_short_lookup = await lookup(stub, cut_short)
+    finally:
+        process.stop()
+
+    assert from_redis.hit and from_redis.tier == cache_pb2.CACHE_TIER_REDIS
+    assert from_redis.reply == reply()
+    assert from_memory.hit and from_memory.tier == cache_pb2.CACHE_TIER_MEMORY
+    assert cut_short_lookup == cache_pb2.LookupResponse(hit=False)
+
+
+async def test_with_redis_down_the_cache_keeps_answering_from_memory_and_misses() -> None:
+    redis_server = RedisServer.start()
+    process = cache_process(redis_server.url)
+    kept, unknown, later = answer_context("kept"), answer_context("never stored"), answer_context("stored later")
+    try:
+        process.start()
+        channel, stub = await connect(process)
+        async with channel:
+            await store(stub, kept, reply())
+            redis_server.stop()
+
+            kept_hit = await lookup(stub, kept)
+            unknown_miss = await lookup(stub, unknown)
+            later_stored = await store(stub, later, reply("stored while Redis is down"))
+            later_hit = await lookup(stub, later)
+        assert process.running
+        assert_serving_and_reflected(process)
+    finally:
+        process.stop()
+        redis_server.stop()
+
+    assert kept_hit.hit and kept_hit.tier == cache_pb2.CACHE_TIER_MEMORY
+    assert unknown_miss == cache_pb2.LookupResponse(hit=False)
+    assert later_stored.stored and list(later_stored.tiers) == [cache_pb2.CACHE_TIER_MEMORY]
+    assert later_hit.hit and later_hit.tier == cache_pb2.CACHE_TIER_MEMORY
+    log = process.log()
+    assert '"event": "cache_redis_failed"' in log
+    assert "stored while Redis is down" not in log and REPLY_TEXT not in log and "never stored" not in log

@@ -1,0 +1,298 @@
+"""SafetyService over real processes: safety → modelsim (moderations), keyword lists on disk."""
+
+# Full-width letters and punctuation are what these tests are about.
+# ruff: noqa: RUF001
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support.cluster import Cluster, ServiceProcess
+from support.ports import free_port
+
+from chatmesh.v1 import safety_pb2, safety_pb2_grpc
+
+CALL_TIMEOUT = 30
+POLLS = 400  # at most 400 polls 50 ms apart (20 s) for a change on disk to take effect
+POLL_SECONDS = 0.05
+
+KEYWORDS = "fruit\tforbidden fruit\ncn\t演示屏蔽词\n"
+KEYWORD = safety_pb2.SCREEN_SOURCE_KEYWORD
+MODERATION = safety_pb2.SCREEN_SOURCE_MODERATION
+
+
+def write_list(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
+@pytest.fixture(scope="module")
+def keywords_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keywords") / "list.txt"
+    write_list(path, KEYWORDS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(keywords_file: Path) -> Iterator[Cluster]:
+    """modelsim and safety only; safety moderates input and polls its list every 0.1 s."""
+    running = Cluster(
+        processes=("modelsim", "safety"),
+        env={
+            "CHATMESH_SAFETY_KEYWORDS": str(keywords_file),
+            "CHATMESH_SAFETY_KEYWORDS_RELOAD_SECONDS": "0.1",
+            "CHATMESH_SAFETY_MODERATION": "on",
+        },
+    ).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def sim(cluster: Cluster) -> Iterator[Cluster]:
+    cluster.sim_reset()
+    yield cluster
+    cluster.sim_reset()
+    cluster.sim_config(moderation_flag_words=["simflag"])
+
+
+@asynccontextmanager
+async def safety_stub(target: str) -> AsyncIterator[safety_pb2_grpc.SafetyServiceStub]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        yield safety_pb2_grpc.SafetyServiceStub(channel)
+
+
+@pytest.fixture
+async def safety(sim: Cluster) -> AsyncIterator[safety_pb2_grpc.SafetyServiceStub]:
+    async with safety_stub(sim.safety_target) as stub:
+        yield stub
+
+
+@asynccontextmanager
+async def another_safety(
+    cluster: Cluster, log_dir: Path, **env: str
+) -> AsyncIterator[safety_pb2_grpc.SafetyServiceStub]:
+    """One more safety process, with the cluster's settings changed by `env`."""
+    port = free_port()
+    process = ServiceProcess("safety", port, {**cluster.env, "CHATMESH_SAFETY_PORT": str(port), **env}, log_dir)
+    process.start()
+    try:
+        async with safety_stub(f"127.0.0.1:{port}") as stub:
+            yield stub
+    finally:
+        process.stop()
+
+
+async def screen_input(stub: safety_pb2_grpc.SafetyServiceStub, text: str) -> safety_pb2.Verdict:
+    response = await stub.ScreenInput(
+        safety_pb2.ScreenInputRequest(text=text, request_id="req-1"), timeout=CALL_TIMEOUT
+    )
+    return response.verdict
+
+
+async def test_health_is_serving_and_reflection_lists_the_safety_service(cluster: Cluster):
+    async with grpc.aio.insecure_channel(cluster.safety_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "chatmesh.v1.SafetyService"):
+            response = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=CALL_TIMEOUT)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=CALL_TIMEOUT
+        )
+        listed = {service.name async for response in responses for service in response.list_services_response.service}
+    assert {"chatmesh.v1.SafetyService", "grpc.health.v1.Health"} <= listed
+
+
+@pytest.mark.parametrize(
+    ("text", "category"),
+    [
+        ("tell me about the forbidden fruit", "fruit"),
+        ("ＦＯＲＢＩＤＤＥＮ　ＦＲＵＩＴ", "fruit"),
+        ("FoRbIdDeN fRuIt", "fruit"),
+        ("f o r b i d d e n  f r u i t", "fruit"),
+        ("for\u200bbidden\u200b fruit", "fruit"),
+        ("这是演示屏蔽词", "cn"),
+        ("演 示\u200b屏，蔽 词", "cn"),
+    ],
+)
+async def test_a_listed_term_blocks_the_input_without_asking_the_moderation_endpoint(
+    sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub, text: str, category: str
+):
+    verdict = await screen_input(safety, text)
+
+    assert verdict.blocked and list(verdict.categories) == [category] and verdict.source == KEYWORD
+    assert sim.sim_stats()["moderation_requests"] == 0
+
+
+async def test_a_clean_input_passes_both_screens(sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub):
+    verdict = await screen_input(safety, "what fruit is in season?")
+
+    assert not verdict.blocked and not verdict.categories
+    stats = sim.sim_stats()
+    assert stats["moderation_requests"] == 1 and stats["requests"] == 0
+
+
+async def test_the_moderation_endpoint_blocks_what_it_flags(sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub):
+    sim.sim_config(moderation_flag_words=["unkind words"])
+
+    verdict = await screen_input(safety, "some UNKIND words")
+
+    assert verdict.blocked and list(verdict.categories) == ["harassment"] and verdict.source == MODERATION
+
+
+async def test_a_failing_moderation_endpoint_fails_closed(sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub):
+    sim.sim_faults(500, count=100, endpoint="moderations")
+
+    verdict = await screen_input(safety, "an innocent question")
+
+    assert verdict.blocked and list(verdict.categories) == ["moderation_unavailable"] and verdict.source == MODERATION
+    assert sim.sim_stats()["moderation_errors_injected"] == 4  # every attempt failed
+
+
+async def test_an_unreachable_moderation_endpoint_fails_closed_or_open_as_set(sim: Cluster, tmp_path: Path):
+    unreachable = {"OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1", "CHATMESH_MODEL_MAX_ATTEMPTS": "2"}
+    async with another_safety(sim, tmp_path, **unreachable) as closed:
+        verdict = await screen_input(closed, "an innocent question")
+        assert verdict.blocked and list(verdict.categories) == ["moderation_unavailable"]
+        assert (await screen_input(closed, "the forbidden fruit")).source == KEYWORD
+    async with another_safety(sim, tmp_path, CHATMESH_SAFETY_MODERATION_FAIL_OPEN="true", **unreachable) as opened:
+        assert not (await screen_input(opened, "an innocent question")).blocked
+        assert (await screen_input(opened, "the forbidden fruit")).blocked
+
+
+async def test_output_is_cleared_as_it_arrives_without_waiting_for_more(
+    sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub
+):
+    call = safety.ScreenOutput(timeout=CALL_TIMEOUT)
+    await call.write(safety_pb2.ScreenOutputRequest(text="Apples are ", request_id="req-2"))
+    assert (await call.read()).cleared_chars == len("Apples are ")
+    await call.write(safety_pb2.ScreenOutputRequest(text="a fruit, forb"))
+    # Everything but the text that could begin a listed term.
+    assert (await call.read()).cleared_chars == len("Apples are a fruit, ")
+    await call.write(safety_pb2.ScreenOutputRequest(text="idding nothing.", final=True))
+    last = await call.read()
+    assert last.complete and last.cleared_chars == len("Apples are a fruit, forbidding nothing.")
+    assert not last.HasField("verdict")
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_term_split_across_deltas_is_blocked_before_any_of_it_is_cleared(
+    sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub
+):
+    reply = ["Sure! ", "Here is the forbi", "dden fr", "uit you asked for."]
+    term_start = "".join(reply).index("forbidden")
+    call = safety.ScreenOutput(timeout=CALL_TIMEOUT)
+    for delta in reply:  # pipelined: nothing waits for an answer before sending the next delta
+        await call.write(safety_pb2.ScreenOutputRequest(text=delta))
+    await call.done_writing()
+
+    responses = [response async for response in call]
+
+    assert all(response.cleared_chars <= term_start for response in responses)
+    last = responses[-1]
+    assert last.verdict.blocked and list(last.verdict.categories) == ["fruit"] and last.verdict.source == KEYWORD
+    assert not any(response.complete for response in responses)
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_long_clean_reply_sent_without_waiting_is_cleared_whole(
+    sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub
+):
+    deltas = [f" word{index} 演示" for index in range(300)]
+    call = safety.ScreenOutput(timeout=CALL_TIMEOUT)
+    for delta in deltas:
+        await call.write(safety_pb2.ScreenOutputRequest(text=delta))
+    await call.write(safety_pb2.ScreenOutputRequest(final=True))
+
+    responses = [response async for response in call]
+
+    cleared = [response.cleared_chars for response in responses]
+    # Non-decreasing, and no answer that moves nothing except the last, which says the reply is complete.
+    assert cleared == sorted(cleared) and len(set(cleared[:-1])) == len(cleared) - 1
+    assert responses[-1].complete and cleared[-1] == len("".join(deltas))
+
+
+async def test_on_sigterm_an_open_output_stream_finishes_and_the_process_exits_0(sim: Cluster, tmp_path: Path):
+    port = free_port()
+    process = ServiceProcess("safety", port, {**sim.env, "CHATMESH_SAFETY_PORT": str(port)}, tmp_path)
+    process.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = safety_pb2_grpc.SafetyServiceStub(channel).ScreenOutput(timeout=CALL_TIMEOUT)
+            await call.write(safety_pb2.ScreenOutputRequest(text="Hello "))
+            assert (await call.read()).cleared_chars == len("Hello ")
+
+            process.signal(signal.SIGTERM)
+            await poll_draining(f"127.0.0.1:{port}")
+            await call.write(safety_pb2.ScreenOutputRequest(text="world", final=True))
+            last = await call.read()
+            assert last.complete and last.cleared_chars == len("Hello world")
+        assert process.wait() == 0
+    finally:
+        process.stop()
+
+
+async def test_a_keyword_file_changed_on_disk_takes_effect_without_a_restart(
+    sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub, keywords_file: Path
+):
+    assert not (await screen_input(safety, "a blue banana")).blocked
+    try:
+        write_list(keywords_file, KEYWORDS + "odd\tblue banana\n")
+        verdict = await poll_until(lambda v: v.blocked, safety, "a blue banana")
+        assert list(verdict.categories) == ["odd"] and verdict.source == KEYWORD
+
+        # A broken list is refused and logged, and the one before it stays in force.
+        write_list(keywords_file, "odd\tblue banana\nthis line has no tab\n")
+        await poll_log(sim.processes["safety"], "keywords_reload_failed")
+        assert (await screen_input(safety, "a blue banana")).blocked
+        assert (await screen_input(safety, "the forbidden fruit")).blocked
+    finally:
+        write_list(keywords_file, KEYWORDS)
+        await poll_until(lambda v: not v.blocked, safety, "a blue banana")
+
+
+async def poll_until(
+    done: Callable[[safety_pb2.Verdict], bool], stub: safety_pb2_grpc.SafetyServiceStub, text: str
+) -> safety_pb2.Verdict:
+    for _ in range(POLLS):
+        verdict = await screen_input(stub, text)
+        if done(verdict):
+            return verdict
+        await asyncio.sleep(POLL_SECONDS)
+    raise AssertionError(f"the keyword list did not change within {POLLS} polls")
+
+
+async def poll_draining(target: str) -> None:
+    """Until the process at `target` no longer reports SERVING (it turns NOT_SERVING, then refuses calls)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(POLLS):
+            try:
+                response = await health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)
+            except grpc.aio.AioRpcError:
+                return
+            if response.status != health_pb2.HealthCheckResponse.SERVING:
+                return
+            await asyncio.sleep(POLL_SECONDS)
+    raise AssertionError(f"{target} kept serving within {POLLS} polls")
+
+
+async def poll_log(process: ServiceProcess, event: str) -> dict:
+    for _ in range(POLLS):
+        for line in process.log().splitlines():
+            if f'"event": "{event}"' in line:
+                return json.loads(line)
+        await asyncio.sleep(POLL_SECONDS)
+    raise AssertionError(f"{process.name} did not log {event} within {POLLS} polls")

@@ -1,0 +1,305 @@
+"""The cache tiers: one contract for memory and Redis, the memory tier's byte bound, and the two-tier AnswerCache."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from redis.asyncio import Redis
+from support.ports import free_port
+
+from chatmesh.cache.tiers import AnswerCache, MemoryTier, RedisTier, Tier, TierKind
+from chatmesh.runtime.settings import Settings
+
+KEY = "chatmesh:cache:default:gpt-4o-mini:" + "ab" * 32
+VALUE = b"\x0a\x05Paris\x10\x01\x18\x02"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class TierUnderTest:
+    tier: Tier
+    # Lets `seconds` pass for the tier: a fake clock for memory, real time for Redis.
+    elapse: Callable[[float], Awaitable[None]]
+    # A TTL the test can wait out.
+    short_ttl: float
+
+
+@pytest.fixture(params=["memory", "redis"])
+def tier_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the memory tier; the URL of a real, empty redis-server for the Redis tier."""
+    return request.getfixturevalue("redis_url") if request.param == "redis" else None
+
+
+@pytest.fixture
+async def subject(tier_url: str | None) -> AsyncIterator[TierUnderTest]:
+    if tier_url is None:
+        clock = FakeClock()
+
+        async def advance(seconds: float) -> None:
+            clock.advance(seconds)
+
+        tier: Tier = MemoryTier(1 << 20, clock=clock)
+        under_test = TierUnderTest(tier, advance, short_ttl=30.0)
+    else:
+        tier = RedisTier.from_url(tier_url, timeout_seconds=5)
+        under_test = TierUnderTest(tier, asyncio.sleep, short_ttl=0.05)
+    try:
+        yield under_test
+    finally:
+        await tier.close()
+
+
+async def until_missing(tier: Tier, key: str, step: Callable[[], Awaitable[None]], attempts: int = 100) -> bool:
+    """Whether `key` is gone within `attempts` checks, calling `step` between them."""
+    for _ in range(attempts):
+        if await tier.get(key) is None:
+            return True
+        await step()
+    return False
+
+
+# The contract, for both tiers.
+
+
+async def test_an_unknown_key_is_a_miss(subject: TierUnderTest) -> None:
+    assert await subject.tier.get(KEY) is None
+
+
+async def test_a_stored_value_is_found_with_its_remaining_ttl(subject: TierUnderTest) -> None:
+    assert await subject.tier.put(KEY, VALUE, ttl_seconds=60)
+
+    found = await subject.tier.get(KEY)
+
+    assert found is not None
+    assert found.value == VALUE
+    assert 0 < found.ttl_seconds <= 60
+
+
+async def test_a_value_expires_after_its_ttl(subject: TierUnderTest) -> None:
+    await subject.tier.put(KEY, VALUE, ttl_seconds=subject.short_ttl)
+
+    await subject.elapse(subject.short_ttl)
+
+    assert await until_missing(subject.tier, KEY, lambda: subject.elapse(subject.short_ttl / 5))
+
+
+async def test_storing_again_replaces_the_value_and_its_ttl(subject: TierUnderTest) -> None:
+    await subject.tier.put(KEY, b"first", ttl_seconds=subject.short_ttl)
+    await subject.tier.put(KEY, b"second", ttl_seconds=3600)
+
+    found = await subject.tier.get(KEY)
+
+    assert found is not None and found.value == b"second"
+    assert found.ttl_seconds > subject.short_ttl
+
+
+async def test_keys_are_independent_and_values_round_trip_as_bytes(subject: TierUnderTest) -> None:
+    values = {f"{KEY}:{n}": bytes(range(n, 256)) + "你好 👍🏽".encode() for n in range(3)}
+    for key, value in values.items():
+        await subject.tier.put(key, value, ttl_seconds=60)
+
+    for key, value in values.items():
+        found = await subject.tier.get(key)
+        assert found is not None and found.value == value
+
+
+@pytest.mark.parametrize("ttl_seconds", [0, -1])
+async def test_a_ttl_that_is_not_positive_stores_nothing(subject: TierUnderTest, ttl_seconds: float) -> None:
+    assert not await subject.tier.put(KEY, VALUE, ttl_seconds=ttl_seconds)
+
+    assert await subject.tier.get(KEY) is None
+
+
+# The memory tier: exact TTLs on a fake clock, and its bound in bytes.
+
+
+async def test_memory_entries_live_exactly_their_ttl() -> None:
+    clock = FakeClock()
+    memory = MemoryTier(1 << 20, clock=clock)
+    await memory.put(KEY, VALUE, ttl_seconds=60)
+
+    clock.advance(15)
+    found = await memory.get(KEY)
+    assert found is not None and found.ttl_seconds == 45
+
+    clock.advance(44.5)
+    assert await memory.get(KEY) is not None
+    clock.advance(0.5)
+    assert await memory.get(KEY) is None
+    assert len(memory) == 0 and memory.bytes_used == 0
+
+
+def entry(n: int, value_bytes: int = 100) -> tuple[str, bytes]:
+    return f"key-{n}", bytes([n]) * value_bytes
+
+
+async def test_memory_evicts_the_least_recently_used_entries_to_stay_within_its_bytes() -> None:
+    entries = [entry(n) for n in range(4)]
+    size = MemoryTier.entry_size(*entries[0])
+    memory = MemoryTier(3 * size)
+    for key, value in entries[:3]:
+        assert await memory.put(key, value, ttl_seconds=60)
+    assert memory.bytes_used == 3 * size
+
+    await memory.get(entries[0][0])  # now the most recently used
+    await memory.put(*entries[3], ttl_seconds=60)
+
+    assert await memory.get(entries[1][0]) is None
+    for key, value in (entries[0], entries[2], entries[3]):
+        found = await memory.get(key)
+        assert found is not None and found.value == value
+    assert memory.bytes_used == 3 * size and len(memory) == 3
+
+
+async def test_memory_evicts_as_many_entries_as_a_large_one_needs() -> None:
+    small = [entry(n, value_bytes=10) for n in range(5)]
+    small_size = MemoryTier.entry_size(*small[0])
+    memory = MemoryTier(5 * small_size)
+    for key, value in small:
+        await memory.put(key, value, ttl_seconds=60)
+
+    large_key, large_value = "large", b"x" * (3 * small_size - len("large"))
+    assert await memory.put(large_key, large_value, ttl_seconds=60)
+
+    assert [await memory.get(key) is not None for key, _ in small] == [False, False, False, True, True]
+    assert memory.bytes_used == 5 * small_size
+
+
+async def test_memory_does_not_store_an_entry_larger_than_its_bound() -> None:
+    kept_key, kept_value = entry(1)
+    memory = MemoryTier(MemoryTier.entry_size(kept_key, kept_value) + 50)
+    await memory.put(kept_key, kept_value, ttl_seconds=60)
+
+    oversized = "big", b"x" * (memory.bytes_used + 50)
+    assert not await memory.put(*oversized, ttl_seconds=60)
+
+    assert await memory.get("big") is None
+    assert await memory.get(kept_key) is not None
+    assert memory.bytes_used == MemoryTier.entry_size(kept_key, kept_value)
+
+
+async def test_memory_counts_a_replaced_entry_once() -> None:
+    memory = MemoryTier(1 << 20)
+    await memory.put(KEY, b"x" * 100, ttl_seconds=60)
+    await memory.put(KEY, b"y" * 10, ttl_seconds=60)
+
+    assert memory.bytes_used == MemoryTier.entry_size(KEY, b"y" * 10)
+    assert len(memory) == 1
+
+
+async def test_memory_counts_key_bytes_in_utf8() -> None:
+    assert MemoryTier.entry_size("ключ", b"12") == len("ключ".encode()) + 2
+
+
+# The two-tier AnswerCache.
+
+
+@pytest.fixture
+async def redis_tier(redis_url: str) -> AsyncIterator[RedisTier]:
+    tier = RedisTier.from_url(redis_url, timeout_seconds=5)
+    try:
+        yield tier
+    finally:
+        await tier.close()
+
+
+async def test_without_redis_the_cache_is_memory_alone() -> None:
+    cache = AnswerCache(MemoryTier(1 << 20), None, ttl_seconds=60)
+
+    assert await cache.lookup(KEY) is None
+    assert await cache.store(KEY, VALUE) == [TierKind.MEMORY]
+    hit = await cache.lookup(KEY)
+    assert hit is not None and (hit.value, hit.tier) == (VALUE, TierKind.MEMORY)
+
+
+async def test_a_store_writes_both_tiers_with_the_ttl(redis_url: str, redis_tier: RedisTier) -> None:
+    memory = MemoryTier(1 << 20)
+    cache = AnswerCache(memory, redis_tier, ttl_seconds=60)
+
+    assert await cache.store(KEY, VALUE) == [TierKind.MEMORY, TierKind.REDIS]
+
+    in_memory, in_redis = await memory.get(KEY), await redis_tier.get(KEY)
+    assert in_memory is not None and in_memory.value == VALUE
+    assert in_redis is not None and in_redis.value == VALUE
+    client = Redis.from_url(redis_url)
+    try:
+        assert 0 < await client.pttl(KEY) <= 60_000
+    finally:
+        await client.aclose()
+
+
+async def test_a_redis_hit_fills_memory_for_what_is_left_of_its_ttl(redis_tier: RedisTier) -> None:
+    # Another cache process stored it: it is in Redis, not in this process's memory.
+    await redis_tier.put(KEY, VALUE, ttl_seconds=30)
+    memory = MemoryTier(1 << 20)
+    cache = AnswerCache(memory, redis_tier, ttl_seconds=3600)
+
+    first = await cache.lookup(KEY)
+    second = await cache.lookup(KEY)
+
+    assert first is not None and (first.value, first.tier) == (VALUE, TierKind.REDIS)
+    assert second is not None and (second.value, second.tier) == (VALUE, TierKind.MEMORY)
+    filled = await memory.get(KEY)
+    assert filled is not None and filled.ttl_seconds <= 30
+
+
+async def test_a_value_too_large_for_memory_is_still_kept_in_redis(redis_tier: RedisTier) -> None:
+    cache = AnswerCache(MemoryTier(10), redis_tier, ttl_seconds=60)
+
+    assert await cache.store(KEY, VALUE) == [TierKind.REDIS]
+    hit = await cache.lookup(KEY)
+    assert hit is not None and hit.tier is TierKind.REDIS
+
+
+async def test_a_redis_failure_is_a_logged_miss_and_a_memory_only_store(caplog: pytest.LogCaptureFixture) -> None:
+    unreachable = RedisTier.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_seconds=1)
+    cache = AnswerCache(MemoryTier(1 << 20), unreachable, ttl_seconds=60)
+    secret_value = b"the reply text"
+    try:
+        with caplog.at_level(logging.WARNING, logger="chatmesh.cache.tiers"):
+            assert await cache.lookup(KEY) is None
+            assert await cache.store(KEY, secret_value) == [TierKind.MEMORY]
+            hit = await cache.lookup(KEY)
+    finally:
+        await cache.close()
+
+    assert hit is not None and hit.tier is TierKind.MEMORY
+    failures = [record for record in caplog.records if record.msg == "cache_redis_failed"]
+    assert [record.operation for record in failures] == ["lookup", "store"]
+    assert all(record.error == "ConnectionError" for record in failures)
+    for record in failures:
+        logged = repr(record.__dict__)
+        assert KEY not in logged and "the reply text" not in logged
+
+
+async def test_the_cache_uses_redis_only_when_a_url_is_set(redis_url: str) -> None:
+    for url in (None, ""):
+        cache = AnswerCache.from_settings(Settings(redis_url=url))
+        assert await cache.store(KEY, VALUE) == [TierKind.MEMORY]
+        await cache.close()
+    cache = AnswerCache.from_settings(Settings(redis_url=redis_url))
+    try:
+        assert await cache.store(KEY, VALUE) == [TierKind.MEMORY, TierKind.REDIS]
+    finally:
+        await cache.close()
+
+
+async def test_the_redis_tier_refuses_a_client_that_decodes_responses(redis_url: str) -> None:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with pytest.raises(ValueError, match="decode_responses"):
+            RedisTier(client)
+    finally:
+        await client.aclose()
