@@ -48,15 +48,23 @@ async def _turn(
                 sys.stdout.write(event.delta.text)
                 sys.stdout.flush()
             else:
-                usage = event.completed.usage
                 sys.stdout.write("\n")
-                print(
-                    f"[{_FINISH_NAMES[event.completed.finish_reason]}; {usage.input_tokens} in, "
-                    f"{usage.output_tokens} out; ${event.completed.cost_usd:.6f}; "
-                    f"conversation {conversation_id}]",
-                    file=sys.stderr,
-                )
+                print(_summary(event.completed, conversation_id), file=sys.stderr)
     except grpc.aio.AioRpcError as error:
         print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
         return ""
     return conversation_id
+
+
+def _summary(completed: chat_pb2.Completed, conversation_id: str) -> str:
+    """One line after the reply: how it ended, what it cost, and how to continue it."""
+    parts = [_FINISH_NAMES[completed.finish_reason]]
+    if completed.HasField("content_filter"):
+        stage = chat_pb2.ContentFilter.Stage.Name(completed.content_filter.stage).removeprefix("STAGE_").lower()
+        parts.append(f"refused at {stage}: {', '.join(completed.content_filter.categories)}")
+    if completed.cached:
+        parts.append("from the cache")
+    usage = completed.usage
+    parts.append(f"{usage.input_tokens} in, {usage.output_tokens} out; ${completed.cost_usd:.6f}")
+    parts.append(f"conversation {conversation_id}")
+    return "[" + "; ".join(parts) + "]"

@@ -4,7 +4,7 @@ from chatmesh.dialogue.store import StoredMessage
 
 
 def build_messages(system_prompt: str, history: list[StoredMessage], message: str) -> list[dict[str, str]]:
-    """`history` is already the window (the store returns the last N messages); the new message comes last."""
+    """`history` is already the window: the last N messages, refused ones left out. The new message comes last."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.extend({"role": stored.role, "content": stored.content} for stored in history)
     messages.append({"role": "user", "content": message})

@@ -2,18 +2,30 @@
 
 from chatmesh.dialogue.service import DialogueServicer
 from chatmesh.dialogue.store import create_conversation_store
+from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.model_client import ModelClient
 from chatmesh.runtime.settings import Settings
-from chatmesh.v1 import dialogue_pb2, dialogue_pb2_grpc
+from chatmesh.v1 import cache_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc, safety_pb2_grpc
 
 
 async def main(settings: Settings) -> None:
     store = create_conversation_store(settings.redis_url)
     model = ModelClient(settings)
-    servicer = DialogueServicer(settings, store, model)
+    safety_channel = open_channel(settings.safety_target, settings)
+    cache_channel = open_channel(settings.cache_target, settings)
+    servicer = DialogueServicer(
+        settings,
+        store,
+        model,
+        safety_pb2_grpc.SafetyServiceStub(safety_channel),
+        cache_pb2_grpc.CacheServiceStub(cache_channel),
+    )
 
     async def release() -> None:
+        await servicer.wait_for_background()
+        await safety_channel.close()
+        await cache_channel.close()
         await model.close()
         await store.close()
 

@@ -1,4 +1,4 @@
-"""DialogueService: runs a turn (load the window, stream from the model, commit) and serves history."""
+"""DialogueService: runs a turn (screen, window, cache or model, commit) and serves history."""
 
 import asyncio
 import contextlib
@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2
 
 from chatmesh.dialogue.coalesce import coalesce
 from chatmesh.dialogue.context_window import build_messages
+from chatmesh.dialogue.output_screen import OutputBlocked, SafetyUnavailable, screen_output
 from chatmesh.dialogue.store import (
     CommittedTurn,
     Conversation,
@@ -24,7 +25,15 @@ from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.model_client import ModelClient, ModelError, ModelErrorKind, ModelOutcome, ModelRequest
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import abort, abort_with, retry_later
-from chatmesh.v1 import chat_pb2, dialogue_pb2, dialogue_pb2_grpc
+from chatmesh.v1 import (
+    cache_pb2,
+    cache_pb2_grpc,
+    chat_pb2,
+    dialogue_pb2,
+    dialogue_pb2_grpc,
+    safety_pb2,
+    safety_pb2_grpc,
+)
 
 log = get_logger(__name__)
 
@@ -44,20 +53,36 @@ _MODEL_ERROR_CODES = {
     ModelErrorKind.REJECTED: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
+# Answers are shared within a tenant; until callers are identified by tenant, everyone is in one.
+_TENANT = "default"
+
 
 class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
-    def __init__(self, settings: Settings, store: ConversationStore, model: ModelClient) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ConversationStore,
+        model: ModelClient,
+        safety: safety_pb2_grpc.SafetyServiceStub,
+        cache: cache_pb2_grpc.CacheServiceStub,
+    ) -> None:
         self._settings = settings
         self._store = store
         self._model = model
+        self._safety = safety
+        self._cache = cache
+        # Cache stores run after the caller has its reply; kept so that shutdown can wait for them.
+        self._background: set[asyncio.Task[None]] = set()
 
     async def Turn(
         self, request: dialogue_pb2.TurnRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """Screen the input while looking in the cache; answer from the cache, or stream from the model
+        through the output screen; commit the turn; store a cacheable reply once the caller has it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + downstream_timeout(context, self._settings.default_deadline_seconds)
         chat = request.request
-        options = chat.options
+        request_id = request.request_id
         new = not chat.conversation_id
         conversation_id = chat.conversation_id or uuid.uuid4().hex
         history: list[StoredMessage] = []
@@ -66,47 +91,96 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 history = await self._store.recent_messages(
                     conversation_id, chat.user_id, self._settings.context_window_messages
                 )
-        model = options.model or self._settings.default_model
+        window = [message for message in history if not message.refused]
+        model = chat.options.model or self._settings.default_model
+        answer_context = self._answer_context(chat, model, window)
+        started_at = time.time()
+
+        lookup = asyncio.ensure_future(self._lookup(answer_context, deadline)) if answer_context else None
+        try:
+            verdict = await self._screen_input(chat.message, request_id, deadline)
+        except SafetyUnavailable:
+            if lookup is not None:
+                lookup.cancel()
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
+        cached = await lookup if lookup is not None else None
         yield chat_pb2.ChatEvent(
-            started=chat_pb2.Started(conversation_id=conversation_id, request_id=request.request_id, model=model)
+            started=chat_pb2.Started(conversation_id=conversation_id, request_id=request_id, model=model)
         )
+
+        user_message = StoredMessage(role="user", content=chat.message, created_at=started_at)
+        if verdict is not None and verdict.blocked:
+            refused = StoredMessage(role="user", content="", created_at=started_at, refused=True)
+            await self._commit(context, conversation_id, chat.user_id, new, refused, _refused_reply())
+            yield _content_filtered(chat_pb2.ContentFilter.STAGE_INPUT, verdict.categories)
+            return
+        if cached is not None:
+            yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=cached.text))
+            reply = StoredMessage(role="assistant", content=cached.text, created_at=time.time())
+            await self._commit(context, conversation_id, chat.user_id, new, user_message, reply)
+            yield chat_pb2.ChatEvent(
+                completed=chat_pb2.Completed(
+                    finish_reason=cached.finish_reason, usage=chat_pb2.Usage(), cost_usd=0.0, cached=True
+                )
+            )
+            return
 
         model_request = ModelRequest(
             model=model,
-            messages=build_messages(options.system_prompt, history, chat.message),
-            temperature=options.temperature if options.HasField("temperature") else None,
-            top_p=options.top_p if options.HasField("top_p") else None,
-            max_tokens=options.max_tokens if options.HasField("max_tokens") else None,
-            stop=list(options.stop),
-            seed=options.seed if options.HasField("seed") else None,
+            messages=build_messages(chat.options.system_prompt, window, chat.message),
+            temperature=chat.options.temperature if chat.options.HasField("temperature") else None,
+            top_p=chat.options.top_p if chat.options.HasField("top_p") else None,
+            max_tokens=chat.options.max_tokens if chat.options.HasField("max_tokens") else None,
+            stop=list(chat.options.stop),
+            seed=chat.options.seed if chat.options.HasField("seed") else None,
         )
-        started_at = time.time()
-        reply: list[str] = []
+        model_stream = self._model.stream_chat(model_request, deadline)
+        relayed = (
+            coalesce(model_stream)
+            if verdict is None
+            else screen_output(model_stream, self._safety, request_id, deadline)
+        )
+        reply_parts: list[str] = []
         outcome = ModelOutcome()
+        blocked: OutputBlocked | None = None
         try:
-            async for item in coalesce(self._model.stream_chat(model_request, deadline)):
+            async for item in relayed:
                 if isinstance(item, str):
-                    reply.append(item)
+                    reply_parts.append(item)
                     yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=item))
+                elif isinstance(item, OutputBlocked):
+                    blocked = item
                 else:
                     outcome = item
         except ModelError as error:
-            log.warning("model_failed", extra={"request_id": request.request_id, "kind": error.kind.value})
+            log.warning("model_failed", extra={"request_id": request_id, "kind": error.kind.value})
             if error.kind is ModelErrorKind.RATE_LIMITED:
                 await abort_with(context, retry_later(str(error), error.retry_after))
             await abort(context, _MODEL_ERROR_CODES[error.kind], str(error))
+        except SafetyUnavailable:
+            log.warning("output_screen_failed", extra={"request_id": request_id})
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
 
-        turn = CommittedTurn(
-            user_message=StoredMessage(role="user", content=chat.message, created_at=started_at),
-            reply=StoredMessage(role="assistant", content="".join(reply), created_at=time.time()),
-            input_tokens=outcome.input_tokens,
-            output_tokens=outcome.output_tokens,
+        if blocked is not None:
+            await self._commit(context, conversation_id, chat.user_id, new, user_message, _refused_reply())
+            yield _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories)
+            return
+        reply_text = "".join(reply_parts)
+        reply = StoredMessage(role="assistant", content=reply_text, created_at=time.time())
+        await self._commit(
+            context,
+            conversation_id,
+            chat.user_id,
+            new,
+            user_message,
+            reply,
+            outcome.input_tokens,
+            outcome.output_tokens,
         )
-        async with _store_errors(context, conversation_id, "was deleted while the turn ran"):
-            await self._store.commit_turn(conversation_id, chat.user_id, turn, new=new)
+        finish_reason = _FINISH_REASONS.get(outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
         yield chat_pb2.ChatEvent(
             completed=chat_pb2.Completed(
-                finish_reason=_FINISH_REASONS.get(outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED),
+                finish_reason=finish_reason,
                 usage=chat_pb2.Usage(
                     input_tokens=outcome.input_tokens,
                     output_tokens=outcome.output_tokens,
@@ -115,6 +189,92 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 cost_usd=self._cost_usd(model, outcome),
             )
         )
+        # Runs once the caller has the Completed event: off the reply's path.
+        if answer_context is not None and finish_reason == chat_pb2.FINISH_REASON_STOP:
+            cached_reply = cache_pb2.CachedReply(
+                text=reply_text, finish_reason=finish_reason, output_tokens=outcome.output_tokens
+            )
+            task = asyncio.create_task(self._store_answer(answer_context, cached_reply))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def wait_for_background(self) -> None:
+        """Lets cache stores started by finished turns complete (at shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _screen_input(self, text: str, request_id: str, deadline: float) -> safety_pb2.Verdict | None:
+        """The input's verdict; None when safety cannot be reached and the operator chose fail-open, in
+        which case the whole turn goes unscreened. Raises SafetyUnavailable otherwise."""
+        try:
+            response = await self._safety.ScreenInput(
+                safety_pb2.ScreenInputRequest(text=text, request_id=request_id),
+                timeout=deadline - asyncio.get_running_loop().time(),
+            )
+        except grpc.aio.AioRpcError as error:
+            log.error("safety_unavailable", extra={"request_id": request_id, "grpc_code": error.code().name})
+            if self._settings.safety_fail_open:
+                return None
+            raise SafetyUnavailable(error.code().name) from error
+        return response.verdict
+
+    def _answer_context(
+        self, chat: chat_pb2.ChatRequest, model: str, window: list[StoredMessage]
+    ) -> cache_pb2.AnswerContext | None:
+        """What the cache keys an answer by; None when this request's answer may not be cached."""
+        options = chat.options
+        if options.HasField("temperature") and options.temperature > self._settings.cache_max_temperature:
+            return None
+        context = cache_pb2.AnswerContext(
+            tenant=_TENANT,
+            model=model,
+            system_prompt=options.system_prompt,
+            stop=options.stop,
+            messages=[
+                *(cache_pb2.ContextMessage(role=_ROLES[m.role], content=m.content) for m in window),
+                cache_pb2.ContextMessage(role=chat_pb2.ROLE_USER, content=chat.message),
+            ],
+        )
+        for name in ("temperature", "top_p", "max_tokens", "seed"):
+            if options.HasField(name):
+                setattr(context, name, getattr(options, name))
+        return context
+
+    async def _lookup(self, answer_context: cache_pb2.AnswerContext, deadline: float) -> cache_pb2.CachedReply | None:
+        """The cached reply, or None: a cache that fails or is slow is a miss, logged, never the caller's error."""
+        timeout = min(self._settings.cache_lookup_timeout_seconds, deadline - asyncio.get_running_loop().time())
+        try:
+            response = await self._cache.Lookup(cache_pb2.LookupRequest(context=answer_context), timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            log.warning("cache_lookup_failed", extra={"grpc_code": error.code().name})
+            return None
+        return response.reply if response.hit else None
+
+    async def _store_answer(self, answer_context: cache_pb2.AnswerContext, reply: cache_pb2.CachedReply) -> None:
+        try:
+            await self._cache.Store(
+                cache_pb2.StoreRequest(context=answer_context, reply=reply),
+                timeout=self._settings.cache_lookup_timeout_seconds,
+            )
+        except grpc.aio.AioRpcError as error:
+            log.warning("cache_store_failed", extra={"grpc_code": error.code().name})
+
+    async def _commit(
+        self,
+        context: grpc.aio.ServicerContext,
+        conversation_id: str,
+        user_id: str,
+        new: bool,
+        user_message: StoredMessage,
+        reply: StoredMessage,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+    ) -> None:
+        turn = CommittedTurn(
+            user_message=user_message, reply=reply, input_tokens=input_tokens, output_tokens=output_tokens
+        )
+        async with _store_errors(context, conversation_id, "was deleted while the turn ran"):
+            await self._store.commit_turn(conversation_id, user_id, turn, new=new)
 
     async def GetConversation(
         self, request: chat_pb2.GetConversationRequest, context: grpc.aio.ServicerContext
@@ -167,7 +327,10 @@ def _to_proto(conversation: Conversation) -> chat_pb2.Conversation:
         user_id=conversation.user_id,
         messages=[
             chat_pb2.Message(
-                role=_ROLES[message.role], content=message.content, create_time=_timestamp(message.created_at)
+                role=_ROLES[message.role],
+                content=message.content,
+                create_time=_timestamp(message.created_at),
+                refused=message.refused,
             )
             for message in conversation.messages
         ],
@@ -178,4 +341,18 @@ def _to_proto(conversation: Conversation) -> chat_pb2.Conversation:
             output_tokens=conversation.output_tokens,
             total_tokens=conversation.input_tokens + conversation.output_tokens,
         ),
+    )
+
+
+def _refused_reply() -> StoredMessage:
+    return StoredMessage(role="assistant", content="", created_at=time.time(), refused=True)
+
+
+def _content_filtered(stage: chat_pb2.ContentFilter.Stage, categories: list[str]) -> chat_pb2.ChatEvent:
+    return chat_pb2.ChatEvent(
+        completed=chat_pb2.Completed(
+            finish_reason=chat_pb2.FINISH_REASON_CONTENT_FILTER,
+            usage=chat_pb2.Usage(),
+            content_filter=chat_pb2.ContentFilter(stage=stage, categories=categories),
+        )
     )

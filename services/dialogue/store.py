@@ -33,6 +33,8 @@ class StoredMessage:
     role: Role
     content: str
     created_at: float  # Unix seconds
+    # Refused by safety policy: the content is not kept, and the model never sees the message.
+    refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,16 +254,20 @@ class RedisConversationStore(ConversationStore):
 
 
 def _encode_message(message: StoredMessage) -> str:
-    return json.dumps(
-        {"role": message.role, "content": message.content, "created_at": message.created_at},
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    data: dict[str, object] = {"role": message.role, "content": message.content, "created_at": message.created_at}
+    if message.refused:
+        data["refused"] = True
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 def _decode_message(raw: str) -> StoredMessage:
     data = json.loads(raw)
-    return StoredMessage(role=data["role"], content=data["content"], created_at=float(data["created_at"]))
+    return StoredMessage(
+        role=data["role"],
+        content=data["content"],
+        created_at=float(data["created_at"]),
+        refused=data.get("refused", False),
+    )
 
 
 def create_conversation_store(redis_url: str | None) -> ConversationStore:

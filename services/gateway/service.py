@@ -76,6 +76,8 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
                 response.usage.CopyFrom(completed.usage)
                 response.cost_usd = completed.cost_usd
                 response.cached = completed.cached
+                if completed.HasField("content_filter"):
+                    response.content_filter.CopyFrom(completed.content_filter)
         response.text = "".join(text)
         return response
 

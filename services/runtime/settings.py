@@ -5,9 +5,9 @@ OpenAI SDK's own `OPENAI_API_KEY` and `OPENAI_BASE_URL`.
 """
 
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODELSIM_API_KEY = "modelsim"
@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     gateway_port: int = 50051
     dialogue_port: int = 50052
     modelsim_port: int = 8089
-    dialogue_target: str = "127.0.0.1:50052"
+    # Where the others find dialogue, safety and cache; unset means this machine at their ports.
+    dialogue_target: str = ""
 
     # gRPC transport, for servers and channels alike.
     grpc_max_message_bytes: int = 4 * 1024 * 1024
@@ -61,19 +62,22 @@ class Settings(BaseSettings):
 
     # cache: answers already given, in an in-process LRU and, when redis_url is set, in Redis too.
     cache_port: int = 50054
-    cache_target: str = "127.0.0.1:50054"
+    cache_target: str = ""
     # How long an answer is kept, in both tiers.
     cache_ttl_seconds: float = 3600.0
     # The in-process tier's bound: the bytes of its keys and values.
     cache_memory_max_bytes: int = 64 * 1024 * 1024
     # Connect and reply timeout of the cache's Redis calls; past it the lookup is a miss.
     cache_redis_timeout_seconds: float = 0.5
-    # Dialogue neither looks up nor stores requests with a temperature above this.
+    # Dialogue neither looks up nor stores requests with a temperature above this. A request that sets no
+    # temperature is cached: set one above this bound to opt out.
     cache_max_temperature: float = 0.5
+    # How long dialogue waits for a lookup before answering from the model instead.
+    cache_lookup_timeout_seconds: float = 0.5
 
     # safety: keyword lists and the moderation endpoint, for input and streamed output.
     safety_port: int = 50053
-    safety_target: str = "127.0.0.1:50053"
+    safety_target: str = ""
     # A keyword file, or a folder of them (`category<TAB>term` lines); unset means the list shipped
     # with chatmesh. Files are polled every `safety_keywords_reload_seconds` and reloaded on change.
     safety_keywords: str | None = None
@@ -83,6 +87,9 @@ class Settings(BaseSettings):
     safety_moderation_model: str = "omni-moderation-latest"
     # When the moderation endpoint fails: block the input (the default), or let it through.
     safety_moderation_fail_open: bool = False
+    # When dialogue cannot reach the safety service: fail the turn with UNAVAILABLE (the default), or
+    # answer it unscreened.
+    safety_fail_open: bool = False
 
     # modelsim, the bundled OpenAI-compatible simulator.
     modelsim_reply_tokens: int = 50
@@ -93,6 +100,13 @@ class Settings(BaseSettings):
     modelsim_retry_after_seconds: float = 1.0
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _local_targets(self) -> Self:
+        for service in ("dialogue", "safety", "cache"):
+            if not getattr(self, f"{service}_target"):
+                setattr(self, f"{service}_target", f"127.0.0.1:{getattr(self, f'{service}_port')}")
+        return self
 
     def model_endpoint(self) -> tuple[str, str]:
         """The (base URL, API key) of the model provider: the configured one, else the simulator."""

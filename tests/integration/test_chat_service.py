@@ -1,6 +1,7 @@
 """ChatService over real processes: gateway → dialogue → modelsim, on loopback."""
 
 import asyncio
+import uuid
 
 import grpc
 import pytest
@@ -13,11 +14,14 @@ from chatmesh.v1 import chat_pb2, chat_pb2_grpc
 USER = "user-a"
 
 
-def request(message: str = "hello", conversation_id: str = "", user_id: str = USER, **options) -> chat_pb2.ChatRequest:
+def request(
+    message: str | None = None, conversation_id: str = "", user_id: str = USER, **options
+) -> chat_pb2.ChatRequest:
+    """A request; without a message, one no other test sends, so that no answer comes from the cache."""
     return chat_pb2.ChatRequest(
         conversation_id=conversation_id,
         user_id=user_id,
-        message=message,
+        message=f"hello {uuid.uuid4().hex}" if message is None else message,
         options=chat_pb2.ChatOptions(**options),
     )
 
@@ -94,8 +98,9 @@ async def test_the_model_sees_a_sliding_window_of_recent_messages(sim: Cluster, 
 
 
 async def test_chat_and_stream_chat_give_the_same_reply(sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
-    streamed = await collect(chat, request("same question", seed=7, temperature=0.5))
-    whole = await chat.Chat(request("same question", seed=7, temperature=0.5))
+    # A temperature above the cache's bound, so that both replies come from the model.
+    streamed = await collect(chat, request("same question", seed=7, temperature=0.9))
+    whole = await chat.Chat(request("same question", seed=7, temperature=0.9))
 
     assert whole.text == text_of(streamed)
     assert whole.finish_reason == streamed[-1].completed.finish_reason

@@ -46,26 +46,32 @@ def wait_serving(target: str) -> None:
 
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
-    gateway, dialogue, modelsim = free_port(), free_port(), free_port()
+    gateway, dialogue, safety, cache, modelsim = (free_port() for _ in range(5))
     env = {
         **os.environ,
         "CHATMESH_GATEWAY_PORT": str(gateway),
         "CHATMESH_DIALOGUE_PORT": str(dialogue),
-        "CHATMESH_DIALOGUE_TARGET": f"127.0.0.1:{dialogue}",
         "CHATMESH_MODELSIM_PORT": str(modelsim),
-        "CHATMESH_SAFETY_PORT": str(free_port()),
-        "CHATMESH_CACHE_PORT": str(free_port()),
+        "CHATMESH_SAFETY_PORT": str(safety),
+        "CHATMESH_CACHE_PORT": str(cache),
         "CHATMESH_MODELSIM_TOKEN_DELAY_SECONDS": "0",
         "CHATMESH_SHUTDOWN_GRACE_SECONDS": "5",
     }
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "CHATMESH_REDIS_URL"):
+    for name in (
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "CHATMESH_REDIS_URL",
+        "CHATMESH_DIALOGUE_TARGET",
+        "CHATMESH_SAFETY_TARGET",
+        "CHATMESH_CACHE_TARGET",
+    ):
         env.pop(name, None)
     log = (tmp_path / "up.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "chatmesh", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_serving(f"127.0.0.1:{gateway}")
-        # `up` starts every process at once; on a busy machine dialogue can be ready after the gateway.
-        wait_serving(f"127.0.0.1:{dialogue}")
+        # `up` starts every process at once; on a busy machine the gateway can be ready before the others.
+        for port in (gateway, dialogue, safety, cache):
+            wait_serving(f"127.0.0.1:{port}")
         yield process, env
     finally:
         if process.poll() is None:

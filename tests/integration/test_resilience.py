@@ -106,7 +106,7 @@ async def test_sigterm_to_the_gateway_lets_a_running_stream_finish_and_refuses_n
 
 
 async def test_every_process_exits_zero_on_sigterm(fresh_cluster: Cluster):
-    assert fresh_cluster.stop() == {"gateway": 0, "dialogue": 0, "modelsim": 0}
+    assert fresh_cluster.stop() == {"gateway": 0, "dialogue": 0, "cache": 0, "safety": 0, "modelsim": 0}
 
 
 async def test_with_redis_a_conversation_survives_a_dialogue_restart(redis_cluster: Cluster):

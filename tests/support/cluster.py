@@ -22,7 +22,7 @@ from .ports import free_port
 STARTUP_SECONDS = 20.0
 STOP_SECONDS = 15.0
 # Every process a cluster can run, in the order they start (each only needs those before it).
-START_ORDER = ("modelsim", "safety", "dialogue", "gateway")
+START_ORDER = ("modelsim", "safety", "cache", "dialogue", "gateway")
 
 
 class ServiceProcess:
@@ -107,7 +107,7 @@ class ServiceProcess:
 
 
 class Cluster:
-    """chatmesh processes (by default modelsim, dialogue and gateway), wired to each other on free ports.
+    """chatmesh processes (by default all of them), wired to each other on free ports.
 
     The simulator starts with no latency; tests change it through `sim_config`.
     """
@@ -117,7 +117,7 @@ class Cluster:
         *,
         redis_url: str | None = None,
         env: dict[str, str] | None = None,
-        processes: Sequence[str] = ("modelsim", "dialogue", "gateway"),
+        processes: Sequence[str] = START_ORDER,
     ) -> None:
         self._log_dir = Path(tempfile.mkdtemp(prefix="chatmesh-cluster-"))
         self._names = [name for name in START_ORDER if name in processes]
@@ -132,6 +132,8 @@ class Cluster:
             "CHATMESH_DIALOGUE_TARGET": f"127.0.0.1:{ports['dialogue']}",
             "CHATMESH_SAFETY_PORT": str(ports["safety"]),
             "CHATMESH_SAFETY_TARGET": f"127.0.0.1:{ports['safety']}",
+            "CHATMESH_CACHE_PORT": str(ports["cache"]),
+            "CHATMESH_CACHE_TARGET": f"127.0.0.1:{ports['cache']}",
             "CHATMESH_MODELSIM_FIRST_TOKEN_LATENCY_SECONDS": "0",
             "CHATMESH_MODELSIM_TOKEN_DELAY_SECONDS": "0",
             "CHATMESH_SHUTDOWN_GRACE_SECONDS": "10",

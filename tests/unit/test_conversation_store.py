@@ -192,6 +192,20 @@ async def test_unicode_content_round_trips(store: ConversationStore) -> None:
     assert (await store.get(conversation_id, "用户")).messages == messages_of(turn)
 
 
+async def test_a_refused_turn_keeps_its_refusal_and_not_its_text(store: ConversationStore) -> None:
+    refused = CommittedTurn(
+        user_message=StoredMessage("user", "", 1_700_000_000.0, refused=True),
+        reply=StoredMessage("assistant", "", 1_700_000_001.0, refused=True),
+        input_tokens=0,
+        output_tokens=0,
+    )
+
+    await store.commit_turn(CONVERSATION, ALICE, refused, new=True)
+
+    assert await store.recent_messages(CONVERSATION, ALICE, 2) == messages_of(refused)
+    assert [message.refused for message in (await store.get(CONVERSATION, ALICE)).messages] == [True, True]
+
+
 async def test_returned_objects_are_copies(store: ConversationStore) -> None:
     await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
     before = await store.get(CONVERSATION, ALICE)
