@@ -130,15 +130,7 @@ class ModelClient:
                 failure = ModelError(ModelErrorKind.UNAVAILABLE, "the model stream broke off")
             if text_sent:
                 raise failure
-            delay = self._backoff(attempt, failure.retry_after)
-            if (
-                failure.kind is ModelErrorKind.REJECTED
-                or attempt >= self._max_attempts
-                or loop.time() + delay >= deadline
-            ):
-                raise failure
-            log.warning("model_retry", extra={"attempt": attempt, "kind": failure.kind.value, "delay_s": delay})
-            await asyncio.sleep(delay)
+            await self._wait_to_retry(failure, attempt, deadline, "chat")
 
     async def moderate(self, text: str, *, deadline: float | None = None) -> tuple[bool, list[str]]:
         """Asks the provider's /v1/moderations whether `text` is flagged, and for which categories.
@@ -164,21 +156,28 @@ class ModelClient:
                 failure = _classify(error)
             except (httpx2.HTTPError, aiohttp.ClientError):
                 failure = ModelError(ModelErrorKind.UNAVAILABLE, "the moderation request broke off")
-            delay = self._backoff(attempt, failure.retry_after)
-            if (
-                failure.kind is ModelErrorKind.REJECTED
-                or attempt >= self._max_attempts
-                or loop.time() + delay >= deadline
-            ):
-                raise failure
-            log.warning("moderation_retry", extra={"attempt": attempt, "kind": failure.kind.value, "delay_s": delay})
-            await asyncio.sleep(delay)
+            await self._wait_to_retry(failure, attempt, deadline, "moderation")
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after
-        ceiling = min(self._backoff_max, self._backoff_initial * 2 ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)
+    async def _wait_to_retry(self, failure: ModelError, attempt: int, deadline: float, operation: str) -> None:
+        """Sleeps before the next attempt: Retry-After when the provider gave one, else exponential backoff
+        with jitter. Raises `failure` instead when the provider rejected the request itself, the attempts
+        are used up, or the wait would pass the deadline."""
+        if failure.retry_after is not None:
+            delay = failure.retry_after
+        else:
+            ceiling = min(self._backoff_max, self._backoff_initial * 2 ** (attempt - 1))
+            delay = random.uniform(ceiling / 2, ceiling)
+        if (
+            failure.kind is ModelErrorKind.REJECTED
+            or attempt >= self._max_attempts
+            or asyncio.get_running_loop().time() + delay >= deadline
+        ):
+            raise failure
+        log.warning(
+            "model_retry",
+            extra={"operation": operation, "attempt": attempt, "kind": failure.kind.value, "delay_s": delay},
+        )
+        await asyncio.sleep(delay)
 
 
 def _classify(error: openai.APIError) -> ModelError:

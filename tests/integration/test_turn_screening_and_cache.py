@@ -2,7 +2,7 @@
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,6 +24,7 @@ def keywords(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(keywords: Path) -> Iterator[Cluster]:
+    """This module's cluster, with keyword files the tests change; conftest's `sim` and `chat` use it."""
     running = Cluster(
         env={
             "CHATMESH_SAFETY_KEYWORDS": str(keywords),
@@ -34,20 +35,6 @@ def cluster(keywords: Path) -> Iterator[Cluster]:
         yield running
     finally:
         running.stop()
-
-
-@pytest.fixture
-def sim(cluster: Cluster) -> Iterator[Cluster]:
-    cluster.sim_reset()
-    cluster.sim_config(first_token_latency_seconds=0, token_delay_seconds=0, reply_tokens=12)
-    yield cluster
-    cluster.sim_reset()
-
-
-@pytest.fixture
-async def chat(cluster: Cluster) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
-    async with grpc.aio.insecure_channel(cluster.gateway_target) as channel:
-        yield chat_pb2_grpc.ChatServiceStub(channel)
 
 
 def request(message: str, user_id: str = "alice", conversation_id: str = "", **options) -> chat_pb2.ChatRequest:
