@@ -1,0 +1,169 @@
+"""The three ways of getting a reply that the benchmark compares, one call at a time.
+
+- chatmesh: the gateway over grpc.aio, as a backend service calls it;
+- floor: straight to the model with a lean aiohttp client and a minimal SSE parser, the least any
+  caller can spend;
+- sdk: straight to the model with the openai SDK's `AsyncOpenAI` (stream=True, typed chunks), what a
+  service would do without chatmesh.
+
+Each call returns a Sample timed from just before the request is built to the last byte of the reply.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, NamedTuple
+
+import aiohttp
+import grpc
+import openai
+
+from bench.cases import Expect
+from chatmesh.v1 import chat_pb2, chat_pb2_grpc
+
+CALL_TIMEOUT_SECONDS = 30.0
+
+_DATA = b"data: "
+_DONE = b"[DONE]"
+
+
+class Sample(NamedTuple):
+    latency: float  # seconds, the whole call
+    ttfd: float | None  # seconds to the first text delta; None when the call has none (Chat, a refusal)
+    as_expected: bool  # the reply is what the case expects (see Expect)
+
+
+class BadReply(Exception):
+    """A call that returned, but not a complete reply."""
+
+
+def _meets(expect: Expect, finish_reason: int, cached: bool) -> bool:
+    if expect is Expect.CACHED:
+        return cached
+    if expect is Expect.CONTENT_FILTER:
+        return finish_reason == chat_pb2.FINISH_REASON_CONTENT_FILTER
+    return finish_reason == chat_pb2.FINISH_REASON_STOP and not cached
+
+
+class ChatmeshClient:
+    """One channel to the gateway, reused by every call (as a service would)."""
+
+    def __init__(self, target: str) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def stream_chat(self, conversation_id: str, user_id: str, message: str, expect: Expect) -> Sample:
+        started = time.perf_counter()
+        request = chat_pb2.ChatRequest(conversation_id=conversation_id, user_id=user_id, message=message)
+        ttfd = None
+        completed = None
+        async for event in self._stub.StreamChat(request, timeout=CALL_TIMEOUT_SECONDS):
+            kind = event.WhichOneof("event")
+            if kind == "delta":
+                if ttfd is None:
+                    ttfd = time.perf_counter() - started
+            elif kind == "completed":
+                completed = event.completed
+        latency = time.perf_counter() - started
+        if completed is None:
+            raise BadReply("the stream ended without Completed")
+        return Sample(latency, ttfd, _meets(expect, completed.finish_reason, completed.cached))
+
+    async def chat(self, conversation_id: str, user_id: str, message: str, expect: Expect) -> Sample:
+        started = time.perf_counter()
+        request = chat_pb2.ChatRequest(conversation_id=conversation_id, user_id=user_id, message=message)
+        response = await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS)
+        latency = time.perf_counter() - started
+        return Sample(latency, None, _meets(expect, response.finish_reason, response.cached))
+
+    async def default_model(self) -> str:
+        """The model chatmesh uses when a request names none (the baselines ask modelsim for the same)."""
+        request = chat_pb2.ChatRequest(user_id="bench-0", message="hello")
+        return (await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS)).model
+
+    async def chat_for_id(self, conversation_id: str, user_id: str, message: str) -> str:
+        """One unmeasured turn; returns the conversation id."""
+        request = chat_pb2.ChatRequest(conversation_id=conversation_id, user_id=user_id, message=message)
+        response = await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS)
+        return response.conversation_id
+
+
+class FloorClient:
+    """aiohttp, one session and connection pool, and a minimal SSE parser: the cheapest honest client."""
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_SECONDS),
+        )
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def stream_chat(self, model: str, messages: list[dict[str, Any]]) -> Sample:
+        started = time.perf_counter()
+        body = json.dumps(
+            {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+        )
+        ttfd = None
+        text: list[str] = []
+        async with self._session.post(self._url, data=body, headers=self._headers) as response:
+            if response.status != 200:
+                raise BadReply(f"HTTP {response.status}")
+            pending = b""
+            async for chunk in response.content.iter_any():
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    if not line.startswith(_DATA):
+                        continue
+                    payload = line[len(_DATA) :]
+                    if payload == _DONE:
+                        if not text:
+                            raise BadReply("the stream had no text")
+                        return Sample(time.perf_counter() - started, ttfd, True)
+                    for choice in json.loads(payload)["choices"]:
+                        content = choice["delta"].get("content")
+                        if content:
+                            if ttfd is None:
+                                ttfd = time.perf_counter() - started
+                            text.append(content)
+        raise BadReply("the stream ended before [DONE]")
+
+
+class SdkClient:
+    """The openai SDK as a service would use it without chatmesh: `AsyncOpenAI`, defaults, typed chunks."""
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def stream_chat(self, model: str, messages: list[dict[str, Any]]) -> Sample:
+        started = time.perf_counter()
+        ttfd = None
+        text: list[str] = []
+        stream = await self._client.chat.completions.create(
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+        async with stream:
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        if ttfd is None:
+                            ttfd = time.perf_counter() - started
+                        text.append(choice.delta.content)
+        if not text:
+            raise BadReply("the stream had no text")
+        return Sample(time.perf_counter() - started, ttfd, True)

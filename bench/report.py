@@ -1,0 +1,470 @@
+"""From measured segments to the report: statistics, the targets of issue 5, markdown, and the plot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.cases import Case
+from bench.loadgen import Segment
+
+TARGET_NAMES = ("chatmesh", "floor", "sdk")
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) of sorted values, linearly interpolated."""
+    if not ordered:
+        return math.nan
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _ms(seconds: float | None) -> float | None:
+    if seconds is None or math.isnan(seconds):
+        return None
+    return round(seconds * 1000, 3)
+
+
+def target_stats(segments: Sequence[Segment], process_cpu_seconds: dict[str, float]) -> dict[str, Any]:
+    """The statistics of one target (chatmesh, floor or sdk) over every round of one case."""
+    latencies = sorted(sample.latency for segment in segments for sample in segment.samples)
+    ttfds = sorted(sample.ttfd for segment in segments for sample in segment.samples if sample.ttfd is not None)
+    calls = len(latencies)
+    wall = sum(segment.wall_seconds for segment in segments)
+    saturated_seconds = sum(segment.saturated_seconds for segment in segments)
+    saturated_calls = sum(segment.saturated_calls for segment in segments)
+    per_call = 1000 / calls if calls else math.nan
+    error_kinds: dict[str, int] = {}
+    for segment in segments:
+        for kind, count in segment.error_kinds.items():
+            error_kinds[kind] = error_kinds.get(kind, 0) + count
+    return {
+        "calls": calls,
+        "errors": sum(segment.errors for segment in segments),
+        "error_kinds": error_kinds,
+        "unexpected": sum(not sample.as_expected for segment in segments for sample in segment.samples),
+        "latency_ms": {
+            "p50": _ms(percentile(latencies, 50)),
+            "p90": _ms(percentile(latencies, 90)),
+            "p99": _ms(percentile(latencies, 99)),
+            "mean": _ms(sum(latencies) / calls) if calls else None,
+            "max": _ms(latencies[-1]) if calls else None,
+        },
+        "ttfd_ms": {"p50": _ms(percentile(ttfds, 50)), "p99": _ms(percentile(ttfds, 99))} if ttfds else None,
+        # Calls per second while all `concurrency` callers were busy (see bench/loadgen.py); rps_wall counts
+        # the ramp-down at the end of each round too.
+        "rps": round(saturated_calls / saturated_seconds, 1) if saturated_calls and saturated_seconds > 0 else None,
+        "rps_wall": round(calls / wall, 1) if wall > 0 else None,
+        "wall_seconds": round(wall, 3),
+        "client_cpu_ms_per_call": _round(sum(s.client_cpu_seconds for s in segments) * per_call),
+        "process_cpu_ms_per_call": {name: _round(seconds * per_call) for name, seconds in process_cpu_seconds.items()},
+        # The latency distribution in 101 points (percentiles 0..100), enough to redraw the plot.
+        "latency_percentiles_ms": [_ms(percentile(latencies, q)) for q in range(101)] if calls else [],
+        "rounds": [
+            {
+                "calls": len(segment.samples),
+                "p50_ms": _ms(percentile(sorted(s.latency for s in segment.samples), 50)),
+                "rps": round(segment.saturated_calls / segment.saturated_seconds, 1)
+                if segment.saturated_calls and segment.saturated_seconds > 0
+                else None,
+            }
+            for segment in segments
+        ],
+    }
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 3)
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def added_over(chatmesh: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """What chatmesh adds over a baseline of the same case: latency differences and the throughput ratio."""
+    ttfd, base_ttfd = chatmesh["ttfd_ms"] or {}, baseline["ttfd_ms"] or {}
+    ratio = None
+    if chatmesh["rps"] and baseline["rps"]:
+        ratio = round(chatmesh["rps"] / baseline["rps"], 3)
+    return {
+        "p50_ms": _difference(chatmesh["latency_ms"]["p50"], baseline["latency_ms"]["p50"]),
+        "p99_ms": _difference(chatmesh["latency_ms"]["p99"], baseline["latency_ms"]["p99"]),
+        "ttfd_p50_ms": _difference(ttfd.get("p50"), base_ttfd.get("p50")),
+        "ttfd_p99_ms": _difference(ttfd.get("p99"), base_ttfd.get("p99")),
+        "rps_ratio": ratio,
+    }
+
+
+def empty_case(case: Case) -> dict[str, Any]:
+    """The entry of a case that was not run, with the same keys as one that was."""
+    return {
+        **case_header(case),
+        "targets": dict.fromkeys(TARGET_NAMES),
+        "added": {"floor": None, "sdk": None},
+        "cpu_ms_per_call": None,
+        "rss_mib": None,
+        "turns": None,
+        "other_load_cores": None,
+        "bounds": None,
+        "preparation_seconds": None,
+        "measure_seconds": None,
+    }
+
+
+def case_header(case: Case) -> dict[str, Any]:
+    return {
+        "name": case.name,
+        "description": case.describe(),
+        "rpc": case.rpc,
+        "concurrency": case.concurrency,
+        "turn": case.turn,
+        "message": case.message.value,
+        "expect": case.expect.value,
+        "baselines": list(case.baselines),
+        "available": case.available,
+        "reason": case.unavailable,
+    }
+
+
+# The targets of issue 5, read from the report (never asserted by a test).
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    statement: str
+    cases: tuple[str, ...]
+    measure: Callable[[dict[str, Any]], float | None]
+    limit: float
+    unit: str
+    at_most: bool = True
+
+
+def _chatmesh(entry: dict[str, Any], *path: str) -> float | None:
+    value: Any = entry["targets"]["chatmesh"]
+    for key in path:
+        value = None if value is None else value.get(key)
+    return value
+
+
+TARGETS = (
+    Target(
+        "StreamChat c=1: added p50 over floor ≤ 3 ms",
+        ("stream_c1_new", "stream_c1_turn10"),
+        lambda entry: entry["added"]["floor"]["p50_ms"],
+        3.0,
+        "ms",
+    ),
+    Target(
+        "StreamChat c=1: added time to first delta p50 over floor ≤ 2.5 ms",
+        ("stream_c1_new", "stream_c1_turn10"),
+        lambda entry: entry["added"]["floor"]["ttfd_p50_ms"],
+        2.5,
+        "ms",
+    ),
+    Target(
+        "StreamChat c=32: ≥ 250 streams per second",
+        ("stream_c32_new", "stream_c32_turn10"),
+        lambda entry: _chatmesh(entry, "rps"),
+        250.0,
+        "/s",
+        at_most=False,
+    ),
+    Target(
+        "Chat c=1: added p50 over floor ≤ 3 ms",
+        ("chat_c1_new", "chat_c1_turn10"),
+        lambda entry: entry["added"]["floor"]["p50_ms"],
+        3.0,
+        "ms",
+    ),
+    Target(
+        "CPU per stream, summed over the chatmesh processes ≤ 6 ms",
+        ("stream_c1_new", "stream_c1_turn10", "stream_c32_new", "stream_c32_turn10"),
+        lambda entry: entry["cpu_ms_per_call"]["total"],
+        6.0,
+        "ms",
+    ),
+    Target(
+        "A cache hit at c=1: p50 end to end ≤ 2 ms",
+        ("cache_hit",),
+        lambda entry: _chatmesh(entry, "latency_ms", "p50"),
+        2.0,
+        "ms",
+    ),
+)
+RSS_LIMIT_MIB = 120.0
+
+
+def evaluate_targets(cases: list[dict[str, Any]], processes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    by_name = {entry["name"]: entry for entry in cases}
+    rows = []
+    for target in TARGETS:
+        for name in target.cases:
+            entry = by_name.get(name)
+            row: dict[str, Any] = {
+                "target": target.statement,
+                "case": name,
+                "limit": target.limit,
+                "unit": target.unit,
+                "measured": None,
+            }
+            if entry is None:
+                continue  # a run of chosen cases (--cases) that left this one out
+            chatmesh = entry["targets"]["chatmesh"]
+            if not entry["available"]:
+                row["status"] = "not available"
+                row["reason"] = entry["reason"]
+            elif chatmesh["unexpected"] or not chatmesh["calls"]:
+                row["status"] = "not measured"
+                row["reason"] = f"{chatmesh['unexpected']} of {chatmesh['calls']} replies were not {entry['expect']}"
+            else:
+                measured = target.measure(entry)
+                row["measured"] = measured
+                if measured is None:
+                    row["status"] = "not measured"
+                else:
+                    met = measured <= target.limit if target.at_most else measured >= target.limit
+                    row["status"] = "met" if met else "not met"
+            rows.append(row)
+    for name, process in processes.items():
+        if not process["chatmesh"]:
+            continue
+        peak = process["rss_peak_mib"]
+        rows.append(
+            {
+                "target": f"RSS ≤ {RSS_LIMIT_MIB:g} MiB per process at peak",
+                "case": f"process {name}, whole run",
+                "limit": RSS_LIMIT_MIB,
+                "unit": "MiB",
+                "measured": peak,
+                "status": "met" if peak <= RSS_LIMIT_MIB else "not met",
+            }
+        )
+    return rows
+
+
+# Markdown.
+
+
+def _fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    run = report["run"]
+    chatmesh_processes = report["chatmesh_processes"]
+    lines = [
+        f"# chatmesh benchmark: {run['date']}, commit {run['commit']}"
+        + (" (with uncommitted changes)" if run["dirty"] else ""),
+        "",
+        f"Mode `{run['mode']}`: {run['rounds']} rounds per case, targets alternating within each round. "
+        f"modelsim with zero latency and {run['reply_tokens']}-token replies; "
+        f"chatmesh processes measured: {', '.join(chatmesh_processes)}. "
+        f"{run['cpus']} CPUs, Python {run['python']}, grpcio {run['grpcio']}; "
+        f"load average {run['loadavg_before']} before, {run['loadavg_after']} after; {run['duration_seconds']:.0f} s. "
+        f"modelsim served {run['modelsim_stats'].get('requests', 0)} chat and "
+        f"{run['modelsim_stats'].get('moderation_requests', 0)} moderation requests.",
+        "",
+        "## Latency and throughput",
+        "",
+    ]
+    rows = []
+    unavailable = []
+    for entry in report["cases"]:
+        if not entry["available"]:
+            unavailable.append(entry)
+            continue
+        for target in TARGET_NAMES:
+            stats = entry["targets"].get(target)
+            if stats is None:
+                continue
+            ttfd = stats["ttfd_ms"] or {}
+            failures = stats["errors"] + stats["unexpected"]
+            rows.append(
+                (
+                    f"{entry['name']}" if target == "chatmesh" else "",
+                    f"**{target}**" if target == "chatmesh" else target,
+                    f"{stats['calls']}" + (f" ({failures} failed)" if failures else ""),
+                    _fmt(stats["latency_ms"]["p50"]),
+                    _fmt(stats["latency_ms"]["p90"]),
+                    _fmt(stats["latency_ms"]["p99"]),
+                    _fmt(ttfd.get("p50")),
+                    _fmt(ttfd.get("p99")),
+                    _fmt(stats["rps"], 0),
+                )
+            )
+    for entry in unavailable:
+        rows.append((entry["name"], f"not available: {entry['reason']}", "", "", "", "", "", "", ""))
+    lines += _table(("case", "target", "calls", "p50 ms", "p90 ms", "p99 ms", "TTFD p50", "TTFD p99", "req/s"), rows)
+
+    lines += ["", "## What chatmesh adds over the baselines (same case, same run)", ""]
+    rows = []
+    for entry in report["cases"]:
+        if not entry["available"]:
+            continue
+        floor, sdk = entry["added"]["floor"] or {}, entry["added"]["sdk"] or {}
+        rows.append(
+            (
+                entry["name"],
+                _fmt(floor.get("p50_ms"), signed=True),
+                _fmt(floor.get("p99_ms"), signed=True),
+                _fmt(floor.get("ttfd_p50_ms"), signed=True),
+                _fmt(sdk.get("p50_ms"), signed=True),
+                _fmt(sdk.get("p99_ms"), signed=True),
+                _ratio(floor.get("rps_ratio")),
+                _ratio(sdk.get("rps_ratio")),
+            )
+        )
+    lines += _table(
+        (
+            "case",
+            "p50 vs floor",
+            "p99 vs floor",
+            "TTFD p50 vs floor",
+            "p50 vs sdk",
+            "p99 vs sdk",
+            "req/s ÷ floor",
+            "req/s ÷ sdk",
+        ),
+        rows,
+    )
+
+    lines += ["", "## CPU per call (ms) and memory (MiB)", ""]
+    rows = []
+    for entry in report["cases"]:
+        if not entry["available"]:
+            continue
+        cpu = entry["cpu_ms_per_call"]
+        chatmesh, sdk = entry["targets"]["chatmesh"], entry["targets"].get("sdk")
+        rows.append(
+            (
+                entry["name"],
+                *(_fmt(cpu.get(name)) for name in chatmesh_processes),
+                f"**{_fmt(cpu['total'])}**",
+                _fmt(chatmesh["process_cpu_ms_per_call"].get("modelsim")),
+                _fmt(chatmesh["client_cpu_ms_per_call"]),
+                _fmt(sdk["client_cpu_ms_per_call"]) if sdk else "-",
+                *(
+                    f"{entry['rss_mib'][name]['idle']:.0f} → {entry['rss_mib'][name]['peak']:.0f}"
+                    for name in chatmesh_processes
+                ),
+                _fmt(entry["other_load_cores"]),
+            )
+        )
+    lines += _table(
+        (
+            "case",
+            *(f"{name} CPU" for name in chatmesh_processes),
+            "chatmesh CPU",
+            "modelsim CPU",
+            "client CPU (chatmesh)",
+            "client CPU (sdk)",
+            *(f"{name} RSS idle → peak" for name in chatmesh_processes),
+            "other load (cores)",
+        ),
+        rows,
+    )
+
+    lines += [
+        "",
+        "Other load: cores kept busy by work outside the benchmark while the case ran. Well above 0, the machine "
+        "was shared and absolute figures (req/s above all) are disturbed; the baselines were disturbed alike.",
+    ]
+
+    lines += ["", "## Targets (issue 5; added = chatmesh minus the floor baseline of the same case)", ""]
+    rows = []
+    for row in report["targets"]:
+        measured = row["measured"]
+        shown = "-" if measured is None else f"{measured:.2f} {row['unit']}".replace(" /s", "/s")
+        status = row["status"]
+        if status == "met":
+            status = "✅ met"
+        elif status == "not met":
+            status = "❌ not met"
+        elif row.get("reason"):
+            status = f"{status}: {row['reason']}"
+        rows.append((row["target"], row["case"], shown, status))
+    lines += _table(("target", "case", "measured", "status"), rows)
+
+    failures = [
+        (entry["name"], target, stats)
+        for entry in report["cases"]
+        if entry["available"]
+        for target, stats in entry["targets"].items()
+        if stats and (stats["errors"] or stats["unexpected"])
+    ]
+    if failures:
+        lines += ["", "## Failed calls", ""]
+        for name, target, stats in failures:
+            kinds = ", ".join(f"{kind}: {count}" for kind, count in stats["error_kinds"].items())
+            lines.append(
+                f"- {name} / {target}: {stats['errors']} calls failed{f' ({kinds})' if kinds else ''}; "
+                f"{stats['unexpected']} replies were not as expected"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# The plot.
+
+
+def plot(report: dict[str, Any], samples: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """One panel per case: the latency distribution (ECDF, log scale) of chatmesh and each baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    entries = report["cases"]
+    columns = 4
+    rows = math.ceil(len(entries) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    colors = {"chatmesh": "tab:blue", "floor": "tab:gray", "sdk": "tab:orange"}
+    for axis, entry in zip(axes.flat, entries, strict=False):
+        axis.set_title(f"{entry['name']}\n{entry['description']}", fontsize=9)
+        if not entry["available"]:
+            axis.text(0.5, 0.5, f"not available:\n{entry['reason']}", ha="center", va="center", wrap=True, fontsize=8)
+            axis.set_axis_off()
+            continue
+        for target, latencies in samples.get(entry["name"], {}).items():
+            if not latencies:
+                continue
+            ordered = sorted(latency * 1000 for latency in latencies)
+            fractions = [(i + 1) / len(ordered) for i in range(len(ordered))]
+            p50 = percentile(ordered, 50)
+            axis.step(ordered, fractions, where="post", color=colors[target], label=f"{target} (p50 {p50:.2f} ms)")
+        axis.set_xscale("log")
+        axis.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        axis.xaxis.set_minor_formatter(ticker.NullFormatter())
+        axis.set_xlabel("latency, ms (log)", fontsize=8)
+        axis.set_ylabel("fraction of calls", fontsize=8)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.tick_params(labelsize=7)
+        axis.legend(fontsize=7, loc="lower right")
+    for axis in list(axes.flat)[len(entries) :]:
+        axis.set_axis_off()
+    run = report["run"]
+    figure.suptitle(
+        f"chatmesh vs calling modelsim directly: {run['date']} {run['commit']} ({run['mode']})", fontsize=11
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
