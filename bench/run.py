@@ -45,6 +45,7 @@ from bench.report import (
     plot,
     target_stats,
 )
+from chatmesh.runtime.settings import MODELSIM_API_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -319,7 +320,11 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
     commit, dirty = _commit()
     started = time.time()
     loadavg_before = _loadavg()
-    cluster = _cluster_class()(env={"CHATMESH_MODELSIM_REPLY_TOKENS": str(args.reply_tokens)})
+    # The simulator's own key, as `make run` uses it: the default configuration, where moderation ("auto") is
+    # off because the simulator stands in for the provider.
+    cluster = _cluster_class()(
+        env={"CHATMESH_MODELSIM_REPLY_TOKENS": str(args.reply_tokens), "OPENAI_API_KEY": MODELSIM_API_KEY}
+    )
     cluster.start()
     bench = None
     try:
