@@ -14,15 +14,19 @@ help:
 	@echo "make proto  regenerate services/v1 from protos/"
 	@echo "make lint   ruff, buf lint, and a check that services/v1 matches protos/"
 	@echo "make bench  what chatmesh adds over calling the model directly (bench-quick: under a minute)"
+	@echo "make dist   build the wheel (dist/) that deploy/Dockerfile installs; make chart-files syncs the Helm chart's copies"
 
-# OS packages: venv support for Python and the real redis-server the tests run against.
+# OS packages: venv support for Python and the real redis-server the tests run against; Debian's
+# prometheus for promtool (rule unit tests) and the real Prometheus of tests/integration/test_prometheus.py.
+# No recommended packages (prometheus would bring node-exporter).
 os-deps:
 	@missing=""; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing OS packages:$$missing"; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 $(BIN)/python:
@@ -63,3 +67,11 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m bench --mode quick
 
+# Packaging and Kubernetes (deploy/): the wheel the image installs, and the files the Helm chart renders from.
+.PHONY: dist chart-files
+dist: install
+	rm -rf build dist/chatmesh-*.whl  # setuptools would reuse stale files from an earlier build/
+	$(BIN)/python -m build --wheel --outdir dist .
+
+chart-files: install
+	$(BIN)/python scripts/sync_chart_files.py

@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     chat.add_argument("--target", default="127.0.0.1:50051", help="the gateway's host:port")
     chat.add_argument("--once", metavar="TEXT", help="send one message, print the reply, and exit")
     chat.add_argument("--conversation", metavar="ID", default="", help="continue this conversation")
-    chat.add_argument("--user", default=getpass.getuser(), help="the user id to chat as")
+    chat.add_argument("--user", default=_login_name(), help="the user id to chat as")
     chat.add_argument("--model", default="", help="the model (default: the server's)")
     chat.add_argument("--system", default="", help="a system prompt")
     args = parser.parse_args(argv)
@@ -39,6 +39,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     _run_process(args.command)
 
 
+def _login_name() -> str:
+    """The login name, the default of `chat --user`. A container's numeric user often has no passwd
+    entry, and then getpass fails; every command parses this default, so it must not."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "anonymous"
+
+
 def _run_process(name: str) -> None:
     import uvloop
 
@@ -47,6 +56,12 @@ def _run_process(name: str) -> None:
 
     settings = get_settings()
     configure_logging(name, settings.log_level)
+    if name != "modelsim":
+        from chatmesh.runtime.metrics import serve_metrics
+        from chatmesh.runtime.tracing import setup_tracing
+
+        setup_tracing(name)
+        serve_metrics(settings, name)
     if name == "modelsim":
         from chatmesh.modelsim.server import main as modelsim_main
 

@@ -5,7 +5,8 @@ from google.protobuf.message import DecodeError
 
 from chatmesh.cache.keys import answer_key
 from chatmesh.cache.tiers import AnswerCache, TierKind
-from chatmesh.runtime.logs import get_logger
+from chatmesh.runtime import metrics
+from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.status import abort_with, invalid_argument
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2
 
@@ -27,13 +28,16 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         await _validate(context, request.context)
         hit = await self._cache.lookup(answer_key(request.context))
         if hit is None:
+            metrics.cache_lookup("miss")
             return cache_pb2.LookupResponse(hit=False)
         try:
             reply = cache_pb2.CachedReply.FromString(hit.value)
         except DecodeError:
             # Written by something else under our prefix; a miss, and the next Store replaces it.
             log.warning("cache_value_unreadable", extra={"tier": hit.tier.value})
+            metrics.cache_lookup("miss")
             return cache_pb2.LookupResponse(hit=False)
+        metrics.cache_lookup(hit.tier.value)
         return cache_pb2.LookupResponse(hit=True, reply=reply, tier=_TIERS[hit.tier])
 
     async def Store(
@@ -75,6 +79,7 @@ def context_violations(answer_context: cache_pb2.AnswerContext) -> list[tuple[st
 
 
 async def _validate(context: grpc.aio.ServicerContext, answer_context: cache_pb2.AnswerContext) -> None:
+    annotate(model=answer_context.model[:MAX_NAME_CHARS])
     violations = context_violations(answer_context)
     if violations:
         await abort_with(context, invalid_argument(violations))

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 
@@ -225,3 +226,4 @@ class AnswerCache:
 def _log_redis_failure(operation: str, error: Exception) -> None:
     # The error's type only: its message could quote the command, and so the key or the value.
     log.warning("cache_redis_failed", extra={"operation": operation, "error": type(error).__name__})
+    metrics.cache_redis_error(operation)

@@ -20,9 +20,18 @@ from chatmesh.dialogue.store import (
     StoredMessage,
     StoreUnavailable,
 )
+from chatmesh.runtime import metrics
+from chatmesh.runtime.access_log import ErrorKind
 from chatmesh.runtime.channels import downstream_timeout
-from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.model_client import ModelClient, ModelError, ModelErrorKind, ModelOutcome, ModelRequest
+from chatmesh.runtime.logs import annotate, get_logger
+from chatmesh.runtime.model_client import (
+    ModelClient,
+    ModelError,
+    ModelErrorKind,
+    ModelOutcome,
+    ModelRequest,
+    cost_usd,
+)
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import abort, abort_with, retry_later
 from chatmesh.v1 import (
@@ -51,6 +60,13 @@ _MODEL_ERROR_CODES = {
     ModelErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ModelErrorKind.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     ModelErrorKind.REJECTED: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+_MODEL_ERROR_KINDS = {
+    ModelErrorKind.RATE_LIMITED: ErrorKind.MODEL_RATE_LIMITED,
+    ModelErrorKind.UNAVAILABLE: ErrorKind.MODEL_UNAVAILABLE,
+    ModelErrorKind.TIMEOUT: ErrorKind.MODEL_TIMEOUT,
+    ModelErrorKind.REJECTED: ErrorKind.MODEL_REJECTED,
 }
 
 # Answers are shared within a tenant; until callers are identified by tenant, everyone is in one.
@@ -83,6 +99,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         deadline = loop.time() + downstream_timeout(context, self._settings.default_deadline_seconds)
         chat = request.request
         request_id = request.request_id
+        annotate(request_id=request_id, user_id=chat.user_id, model=chat.options.model or self._settings.default_model)
         new = not chat.conversation_id
         conversation_id = chat.conversation_id or uuid.uuid4().hex
         history: list[StoredMessage] = []
@@ -102,6 +119,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         except SafetyUnavailable:
             if lookup is not None:
                 lookup.cancel()
+            annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
         cached = await lookup if lookup is not None else None
         yield chat_pb2.ChatEvent(
@@ -112,12 +130,14 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         if verdict is not None and verdict.blocked:
             refused = StoredMessage(role="user", content="", created_at=started_at, refused=True)
             await self._commit(context, conversation_id, chat.user_id, new, refused, _refused_reply())
+            annotate(input_tokens=0, output_tokens=0)
             yield _content_filtered(chat_pb2.ContentFilter.STAGE_INPUT, verdict.categories)
             return
         if cached is not None:
             yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=cached.text))
             reply = StoredMessage(role="assistant", content=cached.text, created_at=time.time())
             await self._commit(context, conversation_id, chat.user_id, new, user_message, reply)
+            annotate(input_tokens=0, output_tokens=0)
             yield chat_pb2.ChatEvent(
                 completed=chat_pb2.Completed(
                     finish_reason=cached.finish_reason, usage=chat_pb2.Usage(), cost_usd=0.0, cached=True
@@ -154,15 +174,18 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                     outcome = item
         except ModelError as error:
             log.warning("model_failed", extra={"request_id": request_id, "kind": error.kind.value})
+            annotate(error=_MODEL_ERROR_KINDS[error.kind])
             if error.kind is ModelErrorKind.RATE_LIMITED:
                 await abort_with(context, retry_later(str(error), error.retry_after))
             await abort(context, _MODEL_ERROR_CODES[error.kind], str(error))
         except SafetyUnavailable:
             log.warning("output_screen_failed", extra={"request_id": request_id})
+            annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
 
         if blocked is not None:
             await self._commit(context, conversation_id, chat.user_id, new, user_message, _refused_reply())
+            annotate(input_tokens=0, output_tokens=0)
             yield _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories)
             return
         reply_text = "".join(reply_parts)
@@ -178,6 +201,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             outcome.output_tokens,
         )
         finish_reason = _FINISH_REASONS.get(outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
+        annotate(input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens)
         yield chat_pb2.ChatEvent(
             completed=chat_pb2.Completed(
                 finish_reason=finish_reason,
@@ -224,6 +248,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         """What the cache keys an answer by; None when this request's answer may not be cached."""
         options = chat.options
         if options.HasField("temperature") and options.temperature > self._settings.cache_max_temperature:
+            metrics.dialogue_cache_lookup("skipped")
             return None
         context = cache_pb2.AnswerContext(
             tenant=_TENANT,
@@ -247,7 +272,9 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             response = await self._cache.Lookup(cache_pb2.LookupRequest(context=answer_context), timeout=timeout)
         except grpc.aio.AioRpcError as error:
             log.warning("cache_lookup_failed", extra={"grpc_code": error.code().name})
+            metrics.dialogue_cache_lookup("error")
             return None
+        metrics.dialogue_cache_lookup("hit" if response.hit else "miss")
         return response.reply if response.hit else None
 
     async def _store_answer(self, answer_context: cache_pb2.AnswerContext, reply: cache_pb2.CachedReply) -> None:
@@ -279,6 +306,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def GetConversation(
         self, request: chat_pb2.GetConversationRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GetConversationResponse:
+        annotate(user_id=request.user_id)
         async with _store_errors(context, request.conversation_id):
             conversation = await self._store.get(request.conversation_id, request.user_id)
         return chat_pb2.GetConversationResponse(conversation=_to_proto(conversation))
@@ -286,19 +314,16 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def DeleteConversation(
         self, request: chat_pb2.DeleteConversationRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.DeleteConversationResponse:
+        annotate(user_id=request.user_id)
         async with _store_errors(context, request.conversation_id):
             await self._store.delete(request.conversation_id, request.user_id)
         return chat_pb2.DeleteConversationResponse()
 
     def _cost_usd(self, model: str, outcome: ModelOutcome) -> float:
         """Priced by the longest entry of the price table that the model name starts with, so that
-        dated snapshots ("gpt-4o-mini-2024-07-18") take their family's price; unknown models cost 0."""
-        prices = self._settings.model_prices_usd_per_million
-        matches = [name for name in prices if model.startswith(name)]
-        if not matches:
-            return 0.0
-        input_price, output_price = prices[max(matches, key=len)]
-        return (outcome.input_tokens * input_price + outcome.output_tokens * output_price) / 1_000_000
+        dated snapshots ("gpt-4o-mini-2024-07-18") take their family's price; unknown models cost 0.
+        The same function prices `chatmesh_model_cost_usd_total` (chatmesh.runtime.model_client)."""
+        return cost_usd(self._settings.model_prices_usd_per_million, model, outcome.input_tokens, outcome.output_tokens)
 
 
 @contextlib.asynccontextmanager
@@ -312,6 +337,7 @@ async def _store_errors(
         await abort(context, grpc.StatusCode.NOT_FOUND, f"conversation {conversation_id} {not_found}")
     except StoreUnavailable:
         log.error("store_unavailable", extra={"conversation_id": conversation_id})
+        annotate(error=ErrorKind.STORE_UNAVAILABLE)
         await abort(context, grpc.StatusCode.UNAVAILABLE, "the conversation store is unavailable; retry with backoff")
 
 

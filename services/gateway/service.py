@@ -12,8 +12,9 @@ from chatmesh.gateway.validation import (
     check_user_id,
     is_well_formed_id,
 )
+from chatmesh.runtime.access_log import ErrorKind
 from chatmesh.runtime.channels import downstream_timeout
-from chatmesh.runtime.logs import get_logger
+from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import abort, abort_with, invalid_argument, is_deliberate
 from chatmesh.v1 import chat_pb2, chat_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc
@@ -46,14 +47,19 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
     async def StreamChat(
         self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        annotate(user_id=request.user_id, model=request.options.model or self._settings.default_model)
         request_id = await self._start(context, check_chat_request(request, self._settings))
         call = self._dialogue.Turn(
             dialogue_pb2.TurnRequest(request=request, request_id=request_id),
             timeout=downstream_timeout(context, self._settings.default_deadline_seconds),
         )
         try:
+            event = None
             async for event in call:
                 yield event
+            if event is not None and event.HasField("completed"):
+                usage = event.completed.usage
+                annotate(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
         except grpc.aio.AioRpcError as error:
             await _relay_failure(context, error, request_id)
         finally:
@@ -84,6 +90,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
     async def GetConversation(
         self, request: chat_pb2.GetConversationRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GetConversationResponse:
+        annotate(user_id=request.user_id)
         request_id = await self._start(
             context,
             check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=True),
@@ -99,6 +106,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
     async def DeleteConversation(
         self, request: chat_pb2.DeleteConversationRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.DeleteConversationResponse:
+        annotate(user_id=request.user_id)
         request_id = await self._start(
             context,
             check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=True),
@@ -115,6 +123,8 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         """Names the call and rejects bad input. The name is the caller's own `x-request-id` when it sent a
         well-formed one, so its logs and ours line up; it comes back in the response headers, errors included."""
         request_id = _caller_request_id(context) or uuid.uuid4().hex
+        # The access-log line's id, passed on to dialogue (and from there to safety and cache) as metadata.
+        annotate(request_id=request_id)
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         if violations:
             await abort_with(context, invalid_argument(violations))
@@ -137,6 +147,7 @@ async def _relay_failure(context: grpc.aio.ServicerContext, error: grpc.aio.AioR
         details = tuple((key, value) for key, value in error.trailing_metadata() if key == _DETAILS_KEY)
         await abort(context, code, error.details(), details)
     if code is grpc.StatusCode.UNAVAILABLE:
+        annotate(error=ErrorKind.DIALOGUE_UNAVAILABLE)
         await abort(context, code, "the dialogue service is unavailable; retry with backoff")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         await abort(context, code, "the request did not complete within its deadline")

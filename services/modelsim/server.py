@@ -188,6 +188,8 @@ class Simulator:
         self.config = config
         self.stats = SimStats()
         self.request_log: deque[Any] = deque(maxlen=REQUEST_LOG_SIZE)
+        # The W3C `traceparent` header of recent chat requests, as a tracing provider would see it.
+        self.traceparents: deque[str] = deque(maxlen=REQUEST_LOG_SIZE)
         self.faults: deque[tuple[int, float]] = deque()
         self.moderation_faults: deque[tuple[int, float]] = deque()
         self._rng = random.Random()
@@ -201,6 +203,7 @@ class Simulator:
         except ValueError:
             return _error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
         self.request_log.append(body)
+        self.traceparents.append(request.headers.get("traceparent", ""))
         try:
             chat = ChatRequest.parse(body)
         except InvalidRequestError as exc:
@@ -412,6 +415,10 @@ class Simulator:
         start = max(len(self.request_log) - limit, 0)
         return web.json_response({"requests": list(islice(self.request_log, start, None))})
 
+    async def get_traceparents(self, request: web.Request) -> web.Response:
+        """The `traceparent` header of each recent chat request ("" when it had none), oldest first."""
+        return web.json_response({"traceparents": list(self.traceparents)})
+
     async def set_config(self, request: web.Request) -> web.Response:
         updates = await _json_object(request)
         if updates is None:
@@ -453,6 +460,7 @@ class Simulator:
     async def reset(self, request: web.Request) -> web.Response:
         self.stats = SimStats(streams_open=self.stats.streams_open)
         self.request_log.clear()
+        self.traceparents.clear()
         self.faults.clear()
         self.moderation_faults.clear()
         return web.json_response(asdict(self.stats))
@@ -501,6 +509,7 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/v1/moderations", simulator.moderations)
     app.router.add_get("/sim/stats", simulator.get_stats)
     app.router.add_get("/sim/requests", simulator.get_requests)
+    app.router.add_get("/sim/traceparents", simulator.get_traceparents)
     app.router.add_post("/sim/config", simulator.set_config)
     app.router.add_post("/sim/faults", simulator.queue_faults)
     app.router.add_post("/sim/reset", simulator.reset)

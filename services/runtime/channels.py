@@ -9,6 +9,9 @@ import json
 import grpc
 
 from chatmesh.runtime.grpc_server import transport_options
+from chatmesh.runtime.interceptors import client_interceptors, observed
+from chatmesh.runtime.metrics import metered_channel
+from chatmesh.runtime.propagation import PropagatingChannel
 from chatmesh.runtime.settings import Settings
 
 # With a `dns:///` target that resolves to several pods, spread calls over all of them.
@@ -16,10 +19,13 @@ _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 def open_channel(target: str, settings: Settings) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
+    """The channel's stubs pass on the request id and trace context of the call being served."""
+    channel = grpc.aio.insecure_channel(
         target,
         options=[*transport_options(settings), ("grpc.service_config", _SERVICE_CONFIG)],
+        interceptors=client_interceptors(settings) or None,
     )
+    return PropagatingChannel(metered_channel(channel, observed), observed)
 
 
 def downstream_timeout(context: grpc.aio.ServicerContext, default_seconds: float) -> float:

@@ -9,8 +9,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chatmesh.runtime.interceptors import server_interceptors
 from chatmesh.runtime.logs import get_logger
+from chatmesh.runtime.metrics import initialize_server_metrics
 from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.tracing import shutdown_tracing
 
 log = get_logger(__name__)
 
@@ -56,12 +59,13 @@ async def serve(
 ) -> None:
     """Serves until SIGTERM or SIGINT, then drains: health NOT_SERVING, new calls refused, in-flight
     calls given `shutdown_grace_seconds` to finish; then `on_stopped` releases the service's resources."""
-    server = grpc.aio.server(options=server_options(settings))
+    server = grpc.aio.server(options=server_options(settings), interceptors=server_interceptors(settings))
     for servicer in servicers:
         servicer.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [servicer.full_name for servicer in servicers]
+    initialize_server_metrics(names)
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
@@ -85,4 +89,6 @@ async def serve(
     await server.stop(settings.shutdown_grace_seconds)
     if on_stopped is not None:
         await on_stopped()
+    # The spans of the last calls are still queued for export: send them before the process exits.
+    await asyncio.to_thread(shutdown_tracing)
     log.info("stopped")

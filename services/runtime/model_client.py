@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
 import openai
 
+from chatmesh.runtime import metrics, tracing
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 
@@ -93,6 +95,12 @@ class ModelClient:
         self._backoff_max = settings.model_backoff_max_seconds
         self._moderation_model = settings.safety_moderation_model
         self._default_deadline_seconds = settings.default_deadline_seconds
+        self._prices = settings.model_prices_usd_per_million
+        self._metrics = metrics.ModelMetrics(self._prices)
+        endpoint = urlsplit(base_url)
+        self._server_attributes: dict[str, Any] = {"server.address": endpoint.hostname or ""}
+        if endpoint.port is not None:
+            self._server_attributes["server.port"] = endpoint.port
 
     async def close(self) -> None:
         await self._client.close()
@@ -103,34 +111,88 @@ class ModelClient:
         `deadline` is in `loop.time()` terms. Failures before the first delta are retried with
         exponential backoff and jitter, honouring Retry-After, while the deadline allows; once text
         has been yielded nothing is retried. Closing the iterator closes the HTTP stream.
+
+        With tracing on, the whole call (every attempt, and the waits between them) is one CLIENT span
+        `chat {model}` under the GenAI semantic conventions; retries are its events, and each attempt's
+        HTTP request carries the span's `traceparent`. Nothing is done per delta.
         """
         loop = asyncio.get_running_loop()
         params = request.params()
         attempt = 0
         text_sent = False
-        while True:
-            attempt += 1
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise ModelError(ModelErrorKind.TIMEOUT, "the deadline passed before the model answered")
-            try:
-                async with self._client.chat.completions.with_streaming_response.create(
-                    **params,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    timeout=remaining,
-                ) as response:
-                    async for item in _parse_sse(response.http_response.aiter_bytes()):
-                        text_sent = True
-                        yield item
-                    return
-            except openai.APIError as error:
-                failure = _classify(error)
-            except (httpx2.HTTPError, aiohttp.ClientError):
-                failure = ModelError(ModelErrorKind.UNAVAILABLE, "the model stream broke off")
-            if text_sent:
-                raise failure
-            await self._wait_to_retry(failure, attempt, deadline, "chat")
+        family = price_family(self._prices, request.model)
+        metered = self._metrics.call("chat", family)
+        span = self._start_chat_span(request)
+        trace_headers = None if span is None else tracing.inject_headers(span)
+        item: str | ModelOutcome | None = None
+        error_type = "cancelled"
+        try:
+            while True:
+                attempt += 1
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ModelError(ModelErrorKind.TIMEOUT, "the deadline passed before the model answered")
+                try:
+                    async with self._client.chat.completions.with_streaming_response.create(
+                        **params,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        timeout=remaining,
+                        extra_headers=trace_headers,
+                    ) as response:
+                        async for item in _parse_sse(response.http_response.aiter_bytes()):
+                            if not text_sent:
+                                text_sent = True
+                                if item.__class__ is str:
+                                    metered.first_token()
+                                if span is not None:
+                                    span.add_event("gen_ai.first_chunk")
+                            yield item
+                        return
+                except openai.APIError as error:
+                    failure = _classify(error)
+                except (httpx2.HTTPError, aiohttp.ClientError):
+                    failure = ModelError(ModelErrorKind.UNAVAILABLE, "the model stream broke off")
+                except ModelError as error:  # the stream's own data: malformed, or an error event
+                    metrics.model_attempt_failed("chat", error.kind.value, retried=False)
+                    raise
+                if text_sent:
+                    metrics.model_attempt_failed("chat", failure.kind.value, retried=False)
+                    raise failure
+                await self._wait_to_retry(failure, attempt, deadline, "chat", span)
+        except ModelError as error:
+            error_type = error.kind.value
+            raise
+        except Exception as error:
+            error_type = type(error).__qualname__
+            raise
+        finally:
+            if isinstance(item, ModelOutcome):
+                metered.completed(item.input_tokens, item.output_tokens, _cost_usd(self._prices, family, item))
+            else:
+                metered.failed(error_type)
+            if span is not None:
+                _end_chat_span(span, item, error_type)
+
+    def _start_chat_span(self, request: ModelRequest) -> Any:
+        """The GenAI CLIENT span of a chat call, or None when tracing is off."""
+        if not tracing.tracing_enabled():
+            return None
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": request.model,
+            **self._server_attributes,
+        }
+        for name, value in (
+            ("gen_ai.request.temperature", request.temperature),
+            ("gen_ai.request.top_p", request.top_p),
+            ("gen_ai.request.max_tokens", request.max_tokens),
+            ("gen_ai.request.seed", request.seed),
+        ):
+            if value is not None:
+                attributes[name] = value
+        return tracing.start_client_span(f"chat {request.model}", attributes)
 
     async def moderate(self, text: str, *, deadline: float | None = None) -> tuple[bool, list[str]]:
         """Asks the provider's /v1/moderations whether `text` is flagged, and for which categories.
@@ -138,6 +200,19 @@ class ModelClient:
         Retried like `stream_chat` (429, 5xx and connection errors, with backoff, within `deadline`
         in `loop.time()` terms, default `default_deadline_seconds` from now); raises ModelError.
         """
+        metered = self._metrics.call("moderation", price_family(self._prices, self._moderation_model))
+        try:
+            verdict = await self._moderate(text, deadline)
+        except ModelError as error:
+            metered.failed(error.kind.value)
+            raise
+        except BaseException as error:
+            metered.failed("cancelled" if isinstance(error, asyncio.CancelledError) else type(error).__qualname__)
+            raise
+        metered.completed()
+        return verdict
+
+    async def _moderate(self, text: str, deadline: float | None) -> tuple[bool, list[str]]:
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self._default_deadline_seconds
@@ -158,7 +233,9 @@ class ModelClient:
                 failure = ModelError(ModelErrorKind.UNAVAILABLE, "the moderation request broke off")
             await self._wait_to_retry(failure, attempt, deadline, "moderation")
 
-    async def _wait_to_retry(self, failure: ModelError, attempt: int, deadline: float, operation: str) -> None:
+    async def _wait_to_retry(
+        self, failure: ModelError, attempt: int, deadline: float, operation: str, span: Any = None
+    ) -> None:
         """Sleeps before the next attempt: Retry-After when the provider gave one, else exponential backoff
         with jitter. Raises `failure` instead when the provider rejected the request itself, the attempts
         are used up, or the wait would pass the deadline."""
@@ -172,12 +249,55 @@ class ModelClient:
             or attempt >= self._max_attempts
             or asyncio.get_running_loop().time() + delay >= deadline
         ):
+            metrics.model_attempt_failed(operation, failure.kind.value, retried=False)
             raise failure
         log.warning(
             "model_retry",
             extra={"operation": operation, "attempt": attempt, "kind": failure.kind.value, "delay_s": delay},
         )
+        metrics.model_attempt_failed(operation, failure.kind.value, retried=True)
+        if span is not None:
+            span.add_event("gen_ai.retry", {"attempt": attempt, "error.type": failure.kind.value, "delay_s": delay})
         await asyncio.sleep(delay)
+
+
+def _end_chat_span(span: Any, last: object, error_type: str) -> None:
+    """Ends a chat span with the provider's usage and finish reason when the reply was complete (its last
+    item is the outcome), else with `error.type`: a ModelErrorKind value, or "cancelled" when the caller
+    went away first."""
+    if isinstance(last, ModelOutcome):
+        span.set_attributes(
+            {
+                "gen_ai.usage.input_tokens": last.input_tokens,
+                "gen_ai.usage.output_tokens": last.output_tokens,
+                "gen_ai.response.finish_reasons": (last.finish_reason,),
+            }
+        )
+    else:
+        span.set_attribute("error.type", error_type)
+        if error_type != "cancelled":
+            tracing.mark_error(span)
+    span.end()
+
+
+def price_family(prices: Mapping[str, tuple[float, float]], model: str) -> str | None:
+    """The price table's entry for `model`: the longest name it starts with, so that a dated snapshot
+    ("gpt-4o-mini-2024-07-18") takes its family's price ("gpt-4o-mini"); None when there is none."""
+    matches = [name for name in prices if model.startswith(name)]
+    return max(matches, key=len) if matches else None
+
+
+def cost_usd(prices: Mapping[str, tuple[float, float]], model: str, input_tokens: int, output_tokens: int) -> float:
+    """What the tokens of a call to `model` cost in USD by the price table; 0 for a model it does not list."""
+    outcome = ModelOutcome(input_tokens=input_tokens, output_tokens=output_tokens)
+    return _cost_usd(prices, price_family(prices, model), outcome)
+
+
+def _cost_usd(prices: Mapping[str, tuple[float, float]], family: str | None, outcome: ModelOutcome) -> float:
+    if family is None:
+        return 0.0
+    input_price, output_price = prices[family]
+    return (outcome.input_tokens * input_price + outcome.output_tokens * output_price) / 1_000_000
 
 
 def _classify(error: openai.APIError) -> ModelError:

@@ -101,6 +101,17 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # Prometheus: each process serves /metrics on its own port, at bind_host; 0 turns that process's
+    # metrics off (no endpoint, and its gRPC calls are not measured). modelsim has none.
+    gateway_metrics_port: int = 9101
+    dialogue_metrics_port: int = 9102
+    safety_metrics_port: int = 9103
+    cache_metrics_port: int = 9104
+    # The key of the HMAC-SHA256 that turns a user id into the `user_id` of log lines (16 hex digits), so
+    # that one user's lines can be found without the logs holding the id. Set your own secret value, the
+    # same in every process and kept across restarts; with this public default, anyone can test a guess.
+    log_user_id_salt: SecretStr = SecretStr("chatmesh-default-log-salt")
+
     @model_validator(mode="after")
     def _local_targets(self) -> Self:
         for service in ("dialogue", "safety", "cache"):

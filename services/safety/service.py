@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from chatmesh.runtime import metrics
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
@@ -24,6 +25,8 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
         self._settings = settings
         self._keywords = keywords
         self._moderation = moderation
+        # The blocked series of the loaded lists' categories start at 0 (a reload's new ones start at their first).
+        metrics.safety_categories((("input", "keyword"), ("output", "keyword")), keywords.current.categories)
 
     async def ScreenInput(
         self, request: safety_pb2.ScreenInputRequest, context: grpc.aio.ServicerContext
@@ -39,6 +42,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
                 return self._blocked_input(
                     request.request_id, list(verdict.categories), safety_pb2.SCREEN_SOURCE_MODERATION
                 )
+        metrics.safety_verdict("input")
         return safety_pb2.ScreenInputResponse(verdict=safety_pb2.Verdict(blocked=False))
 
     async def ScreenOutput(
@@ -84,6 +88,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
                 step = screen.feed(text, final=final)
                 if step.blocked:
                     log.info("output_blocked", extra={"request_id": request_id, "categories": list(step.categories)})
+                    metrics.safety_verdict("output", step.categories, "keyword")
                     yield safety_pb2.ScreenOutputResponse(
                         cleared_chars=step.cleared,
                         verdict=safety_pb2.Verdict(
@@ -92,6 +97,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
                     )
                     return
                 if step.complete:
+                    metrics.safety_verdict("output")
                     yield safety_pb2.ScreenOutputResponse(cleared_chars=step.cleared, complete=True)
                     return
                 if step.cleared != sent:
@@ -106,6 +112,9 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
     def _blocked_input(
         self, request_id: str, categories: list[str], source: safety_pb2.ScreenSource
     ) -> safety_pb2.ScreenInputResponse:
+        metrics.safety_verdict(
+            "input", categories, "moderation" if source == safety_pb2.SCREEN_SOURCE_MODERATION else "keyword"
+        )
         log.info(
             "input_blocked",
             extra={"request_id": request_id, "source": safety_pb2.ScreenSource.Name(source), "categories": categories},

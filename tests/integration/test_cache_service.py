@@ -29,6 +29,7 @@ def cache_process(redis_url: str | None) -> ServiceProcess:
         "GRPC_VERBOSITY": "ERROR",
         "CHATMESH_BIND_HOST": "127.0.0.1",
         "CHATMESH_CACHE_PORT": str(port),
+        "CHATMESH_CACHE_METRICS_PORT": str(free_port()),
         "CHATMESH_SHUTDOWN_GRACE_SECONDS": "5",
     }
     env.pop("CHATMESH_REDIS_URL", None)

@@ -54,6 +54,7 @@ def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]
         "CHATMESH_MODELSIM_PORT": str(modelsim),
         "CHATMESH_SAFETY_PORT": str(safety),
         "CHATMESH_CACHE_PORT": str(cache),
+        **{f"CHATMESH_{name}_METRICS_PORT": str(free_port()) for name in ("GATEWAY", "DIALOGUE", "SAFETY", "CACHE")},
         "CHATMESH_MODELSIM_TOKEN_DELAY_SECONDS": "0",
         "CHATMESH_SHUTDOWN_GRACE_SECONDS": "5",
     }

@@ -85,7 +85,8 @@ async def another_safety(
 ) -> AsyncIterator[safety_pb2_grpc.SafetyServiceStub]:
     """One more safety process, with the cluster's settings changed by `env`."""
     port = free_port()
-    process = ServiceProcess("safety", port, {**cluster.env, "CHATMESH_SAFETY_PORT": str(port), **env}, log_dir)
+    ports = {"CHATMESH_SAFETY_PORT": str(port), "CHATMESH_SAFETY_METRICS_PORT": str(free_port())}
+    process = ServiceProcess("safety", port, {**cluster.env, **ports, **env}, log_dir)
     process.start()
     try:
         async with safety_stub(f"127.0.0.1:{port}") as stub:
@@ -226,7 +227,8 @@ async def test_a_long_clean_reply_sent_without_waiting_is_cleared_whole(
 
 async def test_on_sigterm_an_open_output_stream_finishes_and_the_process_exits_0(sim: Cluster, tmp_path: Path):
     port = free_port()
-    process = ServiceProcess("safety", port, {**sim.env, "CHATMESH_SAFETY_PORT": str(port)}, tmp_path)
+    ports = {"CHATMESH_SAFETY_PORT": str(port), "CHATMESH_SAFETY_METRICS_PORT": str(free_port())}
+    process = ServiceProcess("safety", port, {**sim.env, **ports}, tmp_path)
     process.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -122,7 +122,8 @@ async def test_a_blocked_term_split_across_deltas_never_reaches_the_caller(
         assert list(events[-1].completed.content_filter.categories) == ["secret"]
         assert reply.startswith(received)
         assert len(received) <= reply.index(term)
-        assert words[4] not in received.split()
+        # Not even the term's first word (words[4]) got out; it may also occur earlier in the reply, so count words.
+        assert len(received.split()) <= 4
         messages = await history(chat, events[0].started.conversation_id)
         assert [(m.content, m.refused) for m in messages] == [(question.message, False), ("", True)]
     finally:

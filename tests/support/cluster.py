@@ -23,6 +23,8 @@ STARTUP_SECONDS = 20.0
 STOP_SECONDS = 15.0
 # Every process a cluster can run, in the order they start (each only needs those before it).
 START_ORDER = ("modelsim", "safety", "cache", "dialogue", "gateway")
+# The processes that serve Prometheus metrics, each on its own port (CHATMESH_<NAME>_METRICS_PORT).
+METRICS_PROCESSES = ("safety", "cache", "dialogue", "gateway")
 
 
 class ServiceProcess:
@@ -34,6 +36,8 @@ class ServiceProcess:
         self._env = env
         self.log_path = log_dir / f"{name}.log"
         self._process: subprocess.Popen[bytes] | None = None
+        # Where the process serves /metrics (set by Cluster); None for modelsim.
+        self.metrics_port: int | None = None
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -122,6 +126,8 @@ class Cluster:
         self._log_dir = Path(tempfile.mkdtemp(prefix="chatmesh-cluster-"))
         self._names = [name for name in START_ORDER if name in processes]
         ports = {name: free_port() for name in START_ORDER}
+        # Where each process serves /metrics: `metrics_ports[name]`, also `processes[name].metrics_port`.
+        self.metrics_ports = {name: free_port() for name in METRICS_PROCESSES}
         self.env = {
             **os.environ,
             "GRPC_VERBOSITY": "ERROR",
@@ -140,12 +146,15 @@ class Cluster:
             "CHATMESH_MODEL_BACKOFF_INITIAL_SECONDS": "0.05",
             "OPENAI_API_KEY": "test-key",
             "OPENAI_BASE_URL": f"http://127.0.0.1:{ports['modelsim']}/v1",
+            **{f"CHATMESH_{name.upper()}_METRICS_PORT": str(port) for name, port in self.metrics_ports.items()},
         }
         self.env.pop("CHATMESH_REDIS_URL", None)
         if redis_url is not None:
             self.env["CHATMESH_REDIS_URL"] = redis_url
         self.env.update(env or {})
         self.processes = {name: ServiceProcess(name, port, self.env, self._log_dir) for name, port in ports.items()}
+        for name, port in self.metrics_ports.items():
+            self.processes[name].metrics_port = port
 
     @property
     def gateway_target(self) -> str:

@@ -1,0 +1,48 @@
+"""The interceptors of every chatmesh server and channel, in one place.
+
+`serve()` builds its server with `server_interceptors(settings)` and `open_channel()` its channels
+with `client_interceptors(settings)`; add an interceptor here and every process has it. The first
+in a list is the outermost: tracing comes first, so that what runs inside it (the access log, and
+anything that logs) sees the call's span as current.
+
+Health checks and reflection are not observed (`observed`): they are probes and tooling, not traffic.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from chatmesh.runtime import metrics, tracing
+from chatmesh.runtime.access_log import AccessLogInterceptor
+from chatmesh.runtime.settings import Settings
+
+UNOBSERVED_SERVICES = (
+    "grpc.health.v1.Health/",
+    "grpc.reflection.v1alpha.ServerReflection/",
+    "grpc.reflection.v1.ServerReflection/",
+)
+
+
+def observed(method: str | bytes) -> bool:
+    """Whether calls of `method` ("/package.Service/Method") are traced, logged and counted."""
+    if isinstance(method, bytes):
+        method = method.decode()
+    return not method.lstrip("/").startswith(UNOBSERVED_SERVICES)
+
+
+def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    return [
+        *tracing.server_interceptors(observed),
+        AccessLogInterceptor(settings, observed),
+        # Metrics last (innermost): it wraps each method's own handler once and reuses the wrapper.
+        *metrics.server_interceptors(observed),
+    ]
+
+
+def client_interceptors(settings: Settings) -> list[grpc.aio.ClientInterceptor]:
+    # The request id and the trace context are not sent by an interceptor but by the channel's stubs
+    # (chatmesh.runtime.propagation, wrapped around every channel by open_channel): any client interceptor
+    # moves a channel's calls onto grpc.aio's intercepted path, about 40 µs of CPU per message written
+    # on a client stream and 20-30 µs per unary call. The grpc_client_* metrics are counted the same way
+    # (chatmesh.runtime.metrics.MeteredChannel, also wrapped around every channel by open_channel).
+    return []
