@@ -1,0 +1,188 @@
+{{/* The chart's name, or nameOverride. */}}
+{{- define "chatmesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The prefix of every resource name: <release>-<chart>, or the release alone if it contains the chart name. */}}
+{{- define "chatmesh.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The chatmesh processes, in the order callers come before callees. */}}
+{{- define "chatmesh.processes" -}}
+{{- $names := list "gateway" "dialogue" "safety" "cache" }}
+{{- if .Values.modelsim.enabled }}{{ $names = append $names "modelsim" }}{{ end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/* The name of a process's resources: dict "root" $ "process" "gateway". */}}
+{{- define "chatmesh.componentName" -}}
+{{- printf "%s-%s" (include "chatmesh.fullname" .root | trunc 54 | trimSuffix "-") .process }}
+{{- end }}
+
+{{- define "chatmesh.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "chatmesh.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: chatmesh
+{{- end }}
+
+{{/* The labels that select a process's pods: dict "root" $ "process" "gateway". */}}
+{{- define "chatmesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "chatmesh.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .process }}
+{{- end }}
+
+{{- define "chatmesh.componentLabels" -}}
+{{ include "chatmesh.labels" .root }}
+app.kubernetes.io/component: {{ .process }}
+{{- end }}
+
+{{- define "chatmesh.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "chatmesh.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "chatmesh.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* A process's in-cluster address as a gRPC target: dns:///<service FQDN>:<port>, resolved to every ready pod. */}}
+{{- define "chatmesh.target" -}}
+{{- $values := index .root.Values .process }}
+{{- printf "dns:///%s.%s.svc.%s:%d" (include "chatmesh.componentName" .) .root.Release.Namespace .root.Values.clusterDomain (int $values.port) }}
+{{- end }}
+
+{{/* The model's base URL: model.baseUrl, else modelsim's Service when it runs, else empty (OpenAI's). */}}
+{{- define "chatmesh.modelBaseUrl" -}}
+{{- if .Values.model.baseUrl }}
+{{- .Values.model.baseUrl }}
+{{- else if .Values.modelsim.enabled }}
+{{- printf "http://%s.%s.svc.%s:%d/v1" (include "chatmesh.componentName" (dict "root" . "process" "modelsim")) .Release.Namespace .Values.clusterDomain (int .Values.modelsim.port) }}
+{{- end }}
+{{- end }}
+
+{{/* Whether chatmesh is given an API key (the chart's Secret or an existing one). */}}
+{{- define "chatmesh.hasApiKey" -}}
+{{- if or .Values.model.existingSecret .Values.model.apiKey }}true{{ end }}
+{{- end }}
+
+{{/* Where CHATMESH_REDIS_URL comes from: "existing", "chart", "bundled", or empty (in memory). */}}
+{{- define "chatmesh.redisSource" -}}
+{{- if .Values.redis.existingSecret }}existing
+{{- else if .Values.redis.url }}chart
+{{- else if .Values.redis.bundled.enabled }}bundled
+{{- end }}
+{{- end }}
+
+{{/* Whether the chart creates its Secret. */}}
+{{- define "chatmesh.createSecret" -}}
+{{- if or (and .Values.model.apiKey (not .Values.model.existingSecret)) (eq (include "chatmesh.redisSource" .) "chart") (and .Values.logging.userIdSalt (not .Values.logging.existingSecret)) }}true{{ end }}
+{{- end }}
+
+{{- define "chatmesh.redisName" -}}
+{{- printf "%s-redis" (include "chatmesh.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The env entries of secrets a process uses: dict "root" $ "process" "dialogue". */}}
+{{- define "chatmesh.secretEnv" -}}
+{{- $root := .root }}
+{{- if ne .process "modelsim" }}
+{{- if $root.Values.logging.existingSecret }}
+- name: CHATMESH_LOG_USER_ID_SALT
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.logging.existingSecret }}
+      key: {{ $root.Values.logging.existingSecretKey }}
+{{- else if $root.Values.logging.userIdSalt }}
+- name: CHATMESH_LOG_USER_ID_SALT
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chatmesh.fullname" $root }}
+      key: CHATMESH_LOG_USER_ID_SALT
+{{- end }}
+{{- end }}
+{{- if has .process (list "dialogue" "safety") }}
+{{- if $root.Values.model.existingSecret }}
+- name: OPENAI_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.model.existingSecret }}
+      key: {{ $root.Values.model.existingSecretKey }}
+{{- else if $root.Values.model.apiKey }}
+- name: OPENAI_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chatmesh.fullname" $root }}
+      key: OPENAI_API_KEY
+{{- end }}
+{{- end }}
+{{- if has .process (list "dialogue" "cache") }}
+{{- $source := include "chatmesh.redisSource" $root }}
+{{- if eq $source "existing" }}
+- name: CHATMESH_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.redis.existingSecret }}
+      key: {{ $root.Values.redis.existingSecretKey }}
+{{- else if eq $source "chart" }}
+- name: CHATMESH_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chatmesh.fullname" $root }}
+      key: CHATMESH_REDIS_URL
+{{- else if eq $source "bundled" }}
+- name: CHATMESH_REDIS_URL
+  value: {{ printf "redis://%s.%s.svc.%s:6379/0" (include "chatmesh.redisName" $root) $root.Release.Namespace $root.Values.clusterDomain | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A process container's env entries (besides the settings ConfigMap): dict "root" $ "process" "safety". */}}
+{{- define "chatmesh.containerEnv" -}}
+{{- $root := .root }}
+{{- $process := .process }}
+{{- $v := index $root.Values $process }}
+{{- if $root.Values.tracing.otlpEndpoint }}
+# Where a span comes from, in the OpenTelemetry resource.
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: "k8s.namespace.name=$(POD_NAMESPACE),k8s.pod.name=$(POD_NAME),k8s.deployment.name={{ include "chatmesh.componentName" . }}"
+{{- end }}
+{{- include "chatmesh.secretEnv" . }}
+{{- if eq $process "safety" }}
+- name: CHATMESH_SAFETY_KEYWORDS
+  value: /etc/chatmesh/keywords
+- name: CHATMESH_SAFETY_KEYWORDS_RELOAD_SECONDS
+  value: {{ $v.keywords.reloadSeconds | toString | quote }}
+{{- end }}
+{{- with $v.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,632 @@
+"""The Helm chart, rendered and linted by Helm's Go SDK, validated against the Kubernetes schemas, and checked
+for what a production install needs: headless internal Services dialled with round_robin, native gRPC probes, a
+drain that fits the termination grace, hardened pods, NetworkPolicies, autoscalers, Secrets and rolling config."""
+
+import base64
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+from support.chart import (
+    CHART,
+    CRD_KINDS,
+    NAMESPACE,
+    RELEASE,
+    Rendered,
+    container,
+    env_of,
+    lint_findings,
+    pod_spec,
+    port_of,
+    render,
+    schema_errors,
+    selector_labels,
+    values_file,
+)
+
+from chatmesh.runtime.settings import Settings
+
+CORE = ("gateway", "dialogue", "safety", "cache")
+INTERNAL = ("dialogue", "safety", "cache")
+DEFAULT_PORTS = {"gateway": 50051, "dialogue": 50052, "safety": 50053, "cache": 50054}
+VALUE_SETS = {
+    "defaults": lambda: None,
+    "all-features": lambda: values_file("all-features.yaml"),
+    "per-process": lambda: values_file("per-process.yaml"),
+}
+
+
+def name(process: str) -> str:
+    return f"{RELEASE}-{process}"
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, Rendered]:
+    return {label: render(values()) for label, values in VALUE_SETS.items()}
+
+
+@pytest.fixture(scope="module")
+def defaults(rendered: dict[str, Rendered]) -> Rendered:
+    return rendered["defaults"]
+
+
+@pytest.fixture(scope="module")
+def full(rendered: dict[str, Rendered]) -> Rendered:
+    return rendered["all-features"]
+
+
+@pytest.fixture(scope="module")
+def per_process(rendered: dict[str, Rendered]) -> Rendered:
+    return rendered["per-process"]
+
+
+def deployments(chart: Rendered) -> dict[str, dict[str, Any]]:
+    """Each Deployment by its component label."""
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in chart.of_kind("Deployment")}
+
+
+def settings_data(chart: Rendered) -> dict[str, str]:
+    return chart.get("ConfigMap", f"{RELEASE}-settings")["data"]
+
+
+# Rendering, lint and schemas.
+
+
+@pytest.mark.parametrize("label", VALUE_SETS)
+def test_lints_strictly(label: str) -> None:
+    assert lint_findings(VALUE_SETS[label]()) == []
+
+
+@pytest.mark.parametrize("label", VALUE_SETS)
+def test_every_manifest_is_valid_kubernetes(rendered: dict[str, Rendered], label: str) -> None:
+    chart = rendered[label]
+    errors = [error for obj in chart.objects if obj["kind"] not in CRD_KINDS for error in schema_errors(obj)]
+    assert errors == []
+    for obj in chart.objects:
+        assert obj["metadata"].get("namespace") == NAMESPACE, obj["metadata"]["name"]
+        assert len(obj["metadata"]["name"]) <= 63
+
+
+def test_custom_resources_are_well_formed(full: Rendered) -> None:
+    (monitor,) = full.of_kind("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    # It selects the metrics Service, which selects every chatmesh process but modelsim, by a named port.
+    service = next(s for s in full.of_kind("Service") if s["metadata"]["name"] == f"{RELEASE}-metrics")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert service["spec"]["clusterIP"] == "None"
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
+    selected = {
+        process
+        for process, deployment in deployments(full).items()
+        if service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    }
+    assert selected == set(CORE)
+
+
+def test_default_install_runs_the_four_processes_and_nothing_optional(defaults: Rendered) -> None:
+    assert set(deployments(defaults)) == set(CORE)
+    for kind in ("ServiceMonitor", "PrometheusRule", "Secret"):
+        assert defaults.of_kind(kind) == [], kind
+    assert defaults.find("ConfigMap", f"{RELEASE}-dashboards") is None
+    assert {s["metadata"]["name"] for s in defaults.of_kind("Service")} == {name(p) for p in CORE} | {
+        f"{RELEASE}-metrics"
+    }
+    assert len(defaults.of_kind("NetworkPolicy")) == 4
+    assert len(defaults.of_kind("HorizontalPodAutoscaler")) == 4
+    assert len(defaults.of_kind("PodDisruptionBudget")) == 4
+
+
+def test_all_features_adds_modelsim_redis_and_monitoring(full: Rendered) -> None:
+    assert set(deployments(full)) == {*CORE, "modelsim", "redis"}
+    assert full.of_kind("ServiceMonitor")
+    # The rules and dashboards are the chart's copies of deploy/prometheus and deploy/grafana (see
+    # test_chart_files.py); with none there yet, there is nothing to render.
+    files = CHART / "files"
+    rule_groups = [
+        group
+        for path in sorted([*files.glob("prometheus/*.yml"), *files.glob("prometheus/*.yaml")])
+        for group in yaml.safe_load(path.read_text())["groups"]
+    ]
+    assert [rule["spec"]["groups"] for rule in full.of_kind("PrometheusRule")] == ([rule_groups] if rule_groups else [])
+    dashboards = {path.name: path.read_text() for path in files.glob("grafana/*.json")}
+    configmap = full.find("ConfigMap", f"{RELEASE}-dashboards")
+    if dashboards:
+        assert configmap is not None and configmap["data"] == dashboards
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    else:
+        assert configmap is None
+
+
+def test_every_setting_the_chart_sets_is_a_chatmesh_setting(rendered: dict[str, Rendered]) -> None:
+    """A misspelt variable would be ignored silently (the settings ignore unknown names)."""
+    known = {f"CHATMESH_{field.upper()}" for field in Settings.model_fields} | {"OPENAI_API_KEY", "OPENAI_BASE_URL"}
+    for chart in rendered.values():
+        names = set(settings_data(chart))
+        for deployment in deployments(chart).values():
+            names |= set(env_of(deployment))
+        unknown = {n for n in names if n.startswith(("CHATMESH_", "OPENAI_")) and n not in known}
+        assert unknown == set()
+
+
+# gRPC wiring: headless Services, dns:/// targets, round_robin (in the code), max connection age.
+
+
+def test_internal_services_are_headless_and_the_gateway_is_not(rendered: dict[str, Rendered]) -> None:
+    for chart in rendered.values():
+        for process in INTERNAL:
+            service = chart.get("Service", name(process))
+            assert service["spec"]["clusterIP"] == "None"
+            assert service["spec"]["selector"] == selector_labels(process)
+            (port,) = service["spec"]["ports"]
+            assert (port["targetPort"], port["appProtocol"]) == ("grpc", "grpc")
+        assert chart.get("Service", name("gateway")).get("spec", {}).get("clusterIP") != "None"
+
+
+def test_clients_dial_every_pod_through_dns(rendered: dict[str, Rendered]) -> None:
+    for chart in rendered.values():
+        data = settings_data(chart)
+        for process in INTERNAL:
+            port = chart.get("Service", name(process))["spec"]["ports"][0]["port"]
+            assert data[f"CHATMESH_{process.upper()}_TARGET"] == (
+                f"dns:///{name(process)}.{NAMESPACE}.svc.cluster.local:{port}"
+            )
+            assert port == port_of(deployments(chart)[process], "grpc")
+        assert data["CHATMESH_BIND_HOST"] == "0.0.0.0"
+        assert int(data["CHATMESH_GRPC_MAX_CONNECTION_AGE_MS"]) > 0
+    # The channels spread calls over every address the name resolves to.
+    channels = (Path(__file__).parents[2] / "services" / "runtime" / "channels.py").read_text()
+    assert '"round_robin"' in channels
+
+
+def test_processes_listen_on_the_ports_their_services_and_probes_use(defaults: Rendered) -> None:
+    data = settings_data(defaults)
+    for process, deployment in deployments(defaults).items():
+        # Without this, a Service named chatmesh-gateway would inject CHATMESH_GATEWAY_PORT=tcp://… into every pod.
+        assert pod_spec(deployment)["enableServiceLinks"] is False
+        assert container(deployment)["args"] == [process]
+        assert container(deployment)["command"] == ["chatmesh"]
+        assert int(data[f"CHATMESH_{process.upper()}_PORT"]) == port_of(deployment, "grpc") == DEFAULT_PORTS[process]
+
+
+# Probes and the drain.
+
+
+@pytest.mark.parametrize("label", VALUE_SETS)
+def test_native_grpc_probes_and_a_termination_grace_that_fits_the_drain(
+    rendered: dict[str, Rendered], label: str
+) -> None:
+    chart = rendered[label]
+    data = settings_data(chart)
+    drain = float(data["CHATMESH_SHUTDOWN_DELAY_SECONDS"]) + float(data["CHATMESH_SHUTDOWN_GRACE_SECONDS"])
+    assert float(data["CHATMESH_SHUTDOWN_DELAY_SECONDS"]) > 0
+    for process in CORE:
+        deployment = deployments(chart)[process]
+        main = container(deployment)
+        grpc_port = port_of(deployment, "grpc")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert main[probe]["grpc"] == {"port": grpc_port}, (process, probe)
+        grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+        assert grace > drain
+        # Liveness keeps passing for longer than a whole drain, so the kubelet never cuts one short.
+        liveness = main["livenessProbe"]
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] > grace
+
+
+def test_topology_spread_across_zones_and_nodes(rendered: dict[str, Rendered]) -> None:
+    for process, deployment in deployments(rendered["defaults"]).items():
+        constraints = pod_spec(deployment)["topologySpreadConstraints"]
+        keys = [c["topologyKey"] for c in constraints]
+        assert keys == ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+        for constraint in constraints:
+            assert constraint["labelSelector"]["matchLabels"] == selector_labels(process)
+
+
+# Hardening.
+
+
+@pytest.mark.parametrize("label", VALUE_SETS)
+def test_every_pod_is_hardened(rendered: dict[str, Rendered], label: str) -> None:
+    for process, deployment in deployments(rendered[label]).items():
+        spec = pod_spec(deployment)
+        assert spec["automountServiceAccountToken"] is False, process
+        pod_security = spec["securityContext"]
+        assert pod_security["runAsNonRoot"] is True
+        assert pod_security["runAsUser"] > 0
+        assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+        for each in spec["containers"]:
+            security = each["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, process
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"] == {"drop": ["ALL"]}
+            assert "privileged" not in security
+        # The only writable path is an emptyDir.
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        writable = [m for m in container(deployment)["volumeMounts"] if not m.get("readOnly")]
+        assert writable and all("emptyDir" in volumes[m["name"]] for m in writable)
+    for account in rendered[label].of_kind("ServiceAccount"):
+        assert account["automountServiceAccountToken"] is False
+
+
+# NetworkPolicy.
+
+
+def _rules(policy: dict[str, Any], direction: str) -> list[dict[str, Any]]:
+    return policy["spec"].get(direction, [])
+
+
+def _peer_components(rule: dict[str, Any], key: str) -> set[str]:
+    return {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in rule.get(key, [])}
+
+
+def _ingress_on(policy: dict[str, Any], port: str) -> list[dict[str, Any]]:
+    return [rule for rule in _rules(policy, "ingress") if any(p["port"] == port for p in rule["ports"])]
+
+
+@pytest.mark.parametrize("label", VALUE_SETS)
+def test_network_policies_admit_only_each_process_callers(rendered: dict[str, Rendered], label: str) -> None:
+    chart = rendered[label]
+    callers = {"dialogue": {"gateway"}, "safety": {"dialogue"}, "cache": {"dialogue"}}
+    policies = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in chart.of_kind("NetworkPolicy")}
+    for process in CORE:
+        policy = policies[process]
+        assert policy["spec"]["podSelector"]["matchLabels"] == selector_labels(process)
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        (grpc_rule,) = _ingress_on(policy, "grpc")
+        if process == "gateway":
+            # Reachable from outside the release: anyone by default, or the configured peers.
+            assert grpc_rule.get("from", []) == (chart_values_gateway_from(label))
+        else:
+            # From its caller's pods in this release only: a podSelector without namespaceSelector.
+            assert all(set(peer) == {"podSelector"} for peer in grpc_rule["from"])
+            assert _peer_components(grpc_rule, "from") == callers[process]
+        # Metrics only from the monitoring namespace.
+        (metrics_rule,) = _ingress_on(policy, "metrics")
+        assert metrics_rule["from"] == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ]
+        assert len(_rules(policy, "ingress")) == 2
+
+
+def chart_values_gateway_from(label: str) -> list[dict[str, Any]]:
+    values = VALUE_SETS[label]() or {}
+    return values.get("networkPolicy", {}).get("gatewayFrom", [])
+
+
+def _egress_ports(policy: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """Each egress port number and the peers of its rule ([] means any)."""
+    ports: dict[int, list[dict[str, Any]]] = {}
+    for rule in _rules(policy, "egress"):
+        for port in rule["ports"]:
+            ports.setdefault(port["port"], []).extend(rule.get("to", []))
+    return ports
+
+
+def test_egress_is_only_what_each_process_calls(defaults: Rendered, full: Rendered, per_process: Rendered) -> None:
+    by_process = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in defaults.of_kind("NetworkPolicy")}
+    # Default install: external model on 443 (public addresses), no Redis configured, no tracing.
+    assert set(_egress_ports(by_process["gateway"])) == {53, 50052}
+    assert set(_egress_ports(by_process["dialogue"])) == {53, 50053, 50054, 443}
+    assert set(_egress_ports(by_process["safety"])) == {53, 443}
+    assert set(_egress_ports(by_process["cache"])) == {53}
+    model_peers = _egress_ports(by_process["dialogue"])[443]
+    assert model_peers[0]["ipBlock"]["cidr"] == "0.0.0.0/0" and "10.0.0.0/8" in model_peers[0]["ipBlock"]["except"]
+    gateway_to = [rule for rule in _rules(by_process["gateway"], "egress") if rule["ports"][0]["port"] == 50052]
+    assert _peer_components(gateway_to[0], "to") == {"dialogue"}
+
+    # External Redis: dialogue and cache may reach it, nothing else.
+    by_process = {
+        p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in per_process.of_kind("NetworkPolicy")
+    }
+    assert 6379 in _egress_ports(by_process["dialogue"]) and 6379 in _egress_ports(by_process["cache"])
+    assert 6379 not in _egress_ports(by_process["gateway"]) and 6379 not in _egress_ports(by_process["safety"])
+
+    # Everything on: the bundled Redis and modelsim by pod selector, the OTLP collector, extra rules.
+    by_process = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in full.of_kind("NetworkPolicy")}
+    dialogue = _egress_ports(by_process["dialogue"])
+    assert {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in dialogue[6379]} == {"redis"}
+    assert {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in dialogue[8089]} == {
+        "modelsim"
+    }
+    assert 443 not in dialogue and {4317, 4318, 8443} <= set(dialogue)
+    redis = by_process["redis"]
+    assert _peer_components(redis["spec"]["ingress"][0], "from") == {"dialogue", "cache"}
+    assert redis["spec"]["egress"] == []
+    modelsim = by_process["modelsim"]
+    assert _peer_components(modelsim["spec"]["ingress"][0], "from") == {"dialogue", "safety"}
+
+
+# Scaling.
+
+
+@pytest.mark.parametrize("label", VALUE_SETS)
+def test_autoscalers_target_their_deployment_with_the_values_bounds(rendered: dict[str, Rendered], label: str) -> None:
+    chart = rendered[label]
+    values = render_values(label)
+    autoscalers = {h["spec"]["scaleTargetRef"]["name"]: h for h in chart.of_kind("HorizontalPodAutoscaler")}
+    for process, deployment in deployments(chart).items():
+        if process == "redis":
+            continue
+        scaling = values[process]["autoscaling"]
+        if scaling["enabled"]:
+            hpa = autoscalers.pop(deployment["metadata"]["name"])
+            assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+            assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (
+                scaling["minReplicas"],
+                scaling["maxReplicas"],
+            )
+            (metric,) = hpa["spec"]["metrics"]
+            assert metric["resource"]["name"] == "cpu"
+            assert metric["resource"]["target"] == {
+                "type": "Utilization",
+                "averageUtilization": scaling["targetCPUUtilizationPercentage"],
+            }
+            # The autoscaler owns the replica count.
+            assert "replicas" not in deployment["spec"]
+        else:
+            assert deployment["spec"]["replicas"] == values[process]["replicas"]
+    assert autoscalers == {}
+
+
+def render_values(label: str) -> dict[str, Any]:
+    with helm.Chart.load(CHART) as chart:
+        return chart.merge_values(VALUE_SETS[label]())
+
+
+def test_replicas_resources_and_budgets_per_process(per_process: Rendered) -> None:
+    chart = deployments(per_process)
+    assert chart["dialogue"]["spec"]["replicas"] == 6
+    assert chart["safety"]["spec"]["replicas"] == 0
+    assert container(chart["gateway"])["resources"] == {
+        "requests": {"cpu": "1", "memory": "512Mi"},
+        "limits": {"memory": "1Gi"},
+    }
+    assert container(chart["dialogue"])["resources"]["requests"] == {"cpu": "2", "memory": "1Gi"}
+    assert container(chart["safety"])["resources"]["limits"] == {"memory": "256Mi"}
+    assert container(chart["cache"])["resources"]["requests"]["memory"] == "2Gi"
+    budgets = {p["metadata"]["name"]: p["spec"] for p in per_process.of_kind("PodDisruptionBudget")}
+    assert set(budgets) == {name("gateway"), name("dialogue"), name("cache")}
+    assert budgets[name("cache")]["maxUnavailable"] == "50%"
+    assert budgets[name("cache")]["selector"]["matchLabels"] == selector_labels("cache")
+
+
+# Secrets and configuration.
+
+
+def test_the_model_key_comes_from_the_charts_secret(full: Rendered) -> None:
+    (secret,) = full.of_kind("Secret")
+    assert base64.b64decode(secret["data"]["OPENAI_API_KEY"]).decode() == "sk-test-not-a-real-key"
+    for process, deployment in deployments(full).items():
+        env = env_of(deployment)
+        if process in ("dialogue", "safety"):
+            assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+                "name": secret["metadata"]["name"],
+                "key": "OPENAI_API_KEY",
+            }
+            annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+            assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/secret"])
+        else:
+            assert "OPENAI_API_KEY" not in env, process
+    # The key is never in the ConfigMap or in plain env.
+    for obj in full.objects:
+        if obj["kind"] != "Secret":
+            assert "sk-test-not-a-real-key" not in yaml.safe_dump(obj)
+
+
+def test_the_log_salt_is_a_secret_of_every_process(full: Rendered, per_process: Rendered) -> None:
+    (secret,) = full.of_kind("Secret")
+    assert base64.b64decode(secret["data"]["CHATMESH_LOG_USER_ID_SALT"]).decode() == "not-a-real-salt"
+    for chart, reference in (
+        (full, {"name": secret["metadata"]["name"], "key": "CHATMESH_LOG_USER_ID_SALT"}),
+        (per_process, {"name": "chatmesh-logs", "key": "CHATMESH_LOG_USER_ID_SALT"}),
+    ):
+        for process in CORE:
+            env = env_of(deployments(chart)[process])
+            assert env["CHATMESH_LOG_USER_ID_SALT"]["valueFrom"]["secretKeyRef"] == reference
+        assert "not-a-real-salt" not in yaml.safe_dump(chart.get("ConfigMap", f"{RELEASE}-settings"))
+    assert settings_data(full)["CHATMESH_LOG_LEVEL"] == "DEBUG"
+
+
+def test_existing_secrets_are_referenced_and_the_chart_makes_none(per_process: Rendered) -> None:
+    assert per_process.of_kind("Secret") == []
+    chart = deployments(per_process)
+    for process in ("dialogue", "safety"):
+        assert env_of(chart[process])["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "openai",
+            "key": "api-key",
+        }
+    for process in ("dialogue", "cache"):
+        assert env_of(chart[process])["CHATMESH_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "chatmesh-redis",
+            "key": "url",
+        }
+    assert "CHATMESH_REDIS_URL" not in env_of(chart["gateway"])
+    assert settings_data(per_process)["OPENAI_BASE_URL"] == "https://llm.internal.example/v1"
+
+
+def test_a_redis_url_given_as_a_value_is_kept_in_the_secret() -> None:
+    chart = render({"redis": {"url": "rediss://:hunter2@redis.example:6380/0"}})
+    (secret,) = chart.of_kind("Secret")
+    assert base64.b64decode(secret["data"]["CHATMESH_REDIS_URL"]).decode() == "rediss://:hunter2@redis.example:6380/0"
+    assert "OPENAI_API_KEY" not in secret["data"]
+    dialogue = deployments(chart)["dialogue"]
+    assert env_of(dialogue)["CHATMESH_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    assert "hunter2" not in yaml.safe_dump(chart.get("ConfigMap", f"{RELEASE}-settings"))
+
+
+def _config_checksums(chart: Rendered) -> dict[str, str]:
+    return {
+        process: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        for process, d in deployments(chart).items()
+    }
+
+
+def test_pods_roll_when_a_setting_changes_but_not_when_keywords_change(defaults: Rendered) -> None:
+    before = _config_checksums(defaults)
+    assert len(set(before.values())) == 1 and re.fullmatch(r"[0-9a-f]{64}", next(iter(before.values())))
+    changed = render({"config": {"CHATMESH_CONTEXT_WINDOW_MESSAGES": "20"}})
+    assert settings_data(changed)["CHATMESH_CONTEXT_WINDOW_MESSAGES"] == "20"
+    after = _config_checksums(changed)
+    assert all(after[process] != before[process] for process in before)
+    # Keyword lists reload in place: a new list changes the ConfigMap, not the pods.
+    keywords = render({"safety": {"keywords": {"lists": {"fruit.txt": "fruit\tforbidden fruit\n"}}}})
+    assert keywords.get("ConfigMap", f"{RELEASE}-keywords")["data"] == {"fruit.txt": "fruit\tforbidden fruit\n"}
+    assert _config_checksums(keywords) == before
+    for deployment in deployments(keywords).values():
+        assert not any("keyword" in key for key in deployment["spec"]["template"]["metadata"]["annotations"])
+
+
+def test_the_chart_wiring_wins_over_config(defaults: Rendered) -> None:
+    chart = render({"config": {"CHATMESH_BIND_HOST": "127.0.0.1", "CHATMESH_SAFETY_FAIL_OPEN": "true"}})
+    assert settings_data(chart)["CHATMESH_BIND_HOST"] == "0.0.0.0"
+    assert settings_data(chart)["CHATMESH_SAFETY_FAIL_OPEN"] == "true"
+
+
+def test_safety_mounts_the_keyword_folder_it_reloads(defaults: Rendered) -> None:
+    safety = deployments(defaults)["safety"]
+    path = env_of(safety)["CHATMESH_SAFETY_KEYWORDS"]["value"]
+    (mount,) = [m for m in container(safety)["volumeMounts"] if m["name"] == "keywords"]
+    # The folder itself, not a subPath: only then do ConfigMap updates reach the files.
+    assert mount["mountPath"] == path and "subPath" not in mount and mount["readOnly"] is True
+    volume = next(v for v in pod_spec(safety)["volumes"] if v["name"] == "keywords")
+    configmap = defaults.get("ConfigMap", volume["configMap"]["name"])
+    shipped = (Path(__file__).parents[2] / "services" / "safety" / "default_keywords.txt").read_text()
+    assert configmap["data"] == {"default_keywords.txt": shipped}
+    for process in ("gateway", "dialogue", "cache"):
+        assert "CHATMESH_SAFETY_KEYWORDS" not in env_of(deployments(defaults)[process])
+    existing = render({"safety": {"keywords": {"existingConfigMap": "our-lists"}}})
+    assert existing.find("ConfigMap", f"{RELEASE}-keywords") is None
+    volume = next(v for v in pod_spec(deployments(existing)["safety"])["volumes"] if v["name"] == "keywords")
+    assert volume["configMap"]["name"] == "our-lists"
+
+
+def test_modelsim_and_bundled_redis_are_wired_when_enabled(full: Rendered) -> None:
+    data = settings_data(full)
+    assert data["OPENAI_BASE_URL"] == f"http://{name('modelsim')}.{NAMESPACE}.svc.cluster.local:8089/v1"
+    redis_url = f"redis://{RELEASE}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    for process in ("dialogue", "cache"):
+        assert env_of(deployments(full)[process])["CHATMESH_REDIS_URL"]["value"] == redis_url
+    assert full.get("Service", f"{RELEASE}-redis")["spec"]["ports"][0]["port"] == 6379
+    redis = deployments(full)["redis"]
+    assert redis["spec"]["replicas"] == 1
+    modelsim = deployments(full)["modelsim"]
+    assert container(modelsim)["readinessProbe"]["httpGet"]["port"] == "http"
+
+
+# Observability.
+
+
+def test_scrape_annotations_point_at_each_metrics_port(defaults: Rendered) -> None:
+    metrics_ports = {"gateway": 9101, "dialogue": 9102, "safety": 9103, "cache": 9104}
+    data = settings_data(defaults)
+    for process, deployment in deployments(defaults).items():
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/path"] == "/metrics"
+        assert int(annotations["prometheus.io/port"]) == port_of(deployment, "metrics") == metrics_ports[process]
+        # The process serves /metrics on the port the pod declares.
+        assert int(data[f"CHATMESH_{process.upper()}_METRICS_PORT"]) == metrics_ports[process]
+
+
+def test_service_monitor_names_jobs_as_the_rules_and_dashboard_expect(full: Rendered) -> None:
+    """deploy/prometheus/prometheus.yml names the jobs chatmesh-<process>; the alerts and dashboard select on them."""
+    scrape_config = yaml.safe_load((CHART.parents[2] / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in scrape_config["scrape_configs"]}
+    (monitor,) = full.of_kind("ServiceMonitor")
+    (relabel,) = monitor["spec"]["endpoints"][0]["relabelings"]
+    assert relabel["sourceLabels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_component"]
+    assert relabel["targetLabel"] == "job"
+    assert {relabel["replacement"].replace("$1", process) for process in CORE} == jobs
+
+
+def test_tracing_endpoint_is_a_value(defaults: Rendered, full: Rendered) -> None:
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in settings_data(defaults)
+    assert settings_data(full)["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317"
+    assert settings_data(full)["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
+
+
+def test_prometheus_rules_and_dashboards_come_from_the_chart_files(tmp_path: Path) -> None:
+    """The PrometheusRule holds the groups of every rule file, the dashboard ConfigMap every dashboard, unchanged
+    (on a copy of the chart with example files, so that this holds whatever deploy/ has today)."""
+    chart_dir = tmp_path / "chatmesh"
+    shutil.copytree(CHART, chart_dir)
+    for folder in ("prometheus", "grafana"):
+        shutil.rmtree(chart_dir / "files" / folder, ignore_errors=True)
+        (chart_dir / "files" / folder).mkdir()
+    recording = {"groups": [{"name": "chatmesh-recording", "rules": [{"record": "x:rate5m", "expr": "rate(x[5m])"}]}]}
+    alerting = {
+        "groups": [
+            {
+                "name": "chatmesh-alerts",
+                "rules": [
+                    {
+                        "alert": "ChatmeshDown",
+                        "expr": 'up{job="gateway"} == 0',
+                        "for": "5m",
+                        "annotations": {"summary": "{{ $labels.instance }} is down"},
+                    }
+                ],
+            }
+        ]
+    }
+    (chart_dir / "files" / "prometheus" / "recording.yml").write_text(yaml.safe_dump(recording))
+    (chart_dir / "files" / "prometheus" / "alerts.yaml").write_text(yaml.safe_dump(alerting))
+    dashboard = '{"title": "chatmesh", "panels": [{"targets": [{"legendFormat": "{{model}}"}]}]}'
+    (chart_dir / "files" / "grafana" / "chatmesh.json").write_text(dashboard)
+    values = values_file("all-features.yaml")
+    chart = render(values, chart_dir=chart_dir)
+    (rule,) = chart.of_kind("PrometheusRule")
+    assert rule["spec"]["groups"] == alerting["groups"] + recording["groups"]
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    dashboards = chart.get("ConfigMap", f"{RELEASE}-dashboards")
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboards["metadata"]["annotations"] == {"grafana_folder": "chatmesh"}
+    assert dashboards["data"] == {"chatmesh.json": dashboard}
+    assert lint_findings(values, chart_dir=chart_dir) == []
+    # Switched off, neither is rendered.
+    off = render(None, chart_dir=chart_dir)
+    assert off.of_kind("PrometheusRule") == [] and off.find("ConfigMap", f"{RELEASE}-dashboards") is None
+
+
+# Values checking and NOTES.
+
+
+@pytest.mark.parametrize(
+    ("values_name", "message"),
+    [
+        ("bad-type.yaml", "at '/gateway/replicas': got string, want integer"),
+        ("bad-negative-replicas.yaml", "at '/dialogue/replicas': minimum: got -1, want 0"),
+    ],
+)
+def test_bad_values_are_rejected_with_a_clear_message(values_name: str, message: str) -> None:
+    values = values_file(values_name)
+    with pytest.raises(helm.HelmValuesError) as rejected:
+        render(values)
+    assert message in str(rejected.value)
+    assert any(message in finding for finding in lint_findings(values))
+
+
+def test_unknown_keys_and_inverted_bounds_are_rejected() -> None:
+    with pytest.raises(helm.HelmValuesError, match="additional properties 'replica' not allowed"):
+        render({"gateway": {"replica": 3}})
+    with pytest.raises(helm.HelmValuesError, match="invalid propertyName 'context_window'"):
+        render({"config": {"context_window": "3"}})
+    bounds = {"cache": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}
+    with pytest.raises(helm.HelmError, match=r"cache.autoscaling: minReplicas \(5\) is more than maxReplicas \(2\)"):
+        render(bounds)
+
+
+def test_notes_say_how_to_reach_the_gateway(defaults: Rendered, full: Rendered, per_process: Rendered) -> None:
+    gateway = f"{name('gateway')}.{NAMESPACE}.svc.cluster.local:50051"
+    assert gateway in defaults.notes
+    assert f"kubectl -n {NAMESPACE} port-forward service/{name('gateway')} 50051:50051" in defaults.notes
+    assert "grpcurl -plaintext 127.0.0.1:50051 list" in defaults.notes
+    assert "no model is configured" in defaults.notes and "no Redis is configured" in defaults.notes
+    assert "load balancer" in full.notes and "no model is configured" not in full.notes
+    assert "WARNING" not in per_process.notes
