@@ -60,6 +60,9 @@ async def screen_output(
     feeder = asyncio.create_task(feed())
     reply = ""
     released = 0
+    # After its last answer safety ends the call with OK by itself; cancelling it then would only turn
+    # that into CANCELLED on our side.
+    answered = False
     try:
         async for response in call:
             if response.cleared_chars > released:
@@ -68,9 +71,11 @@ async def screen_output(
                 yield reply[released : response.cleared_chars]
                 released = response.cleared_chars
             if response.verdict.blocked:
+                answered = True
                 yield OutputBlocked(list(response.verdict.categories))
                 return
             if response.complete:
+                answered = True
                 await feeder
                 yield outcomes[0]
                 return
@@ -82,4 +87,5 @@ async def screen_output(
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeder
-        call.cancel()
+        if not answered:
+            call.cancel()

@@ -48,12 +48,18 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
         annotate(user_id=request.user_id, model=request.options.model or self._settings.default_model)
-        request_id = await self._start(context, check_chat_request(request, self._settings))
+        request_id = _name_call(context)
+        violations = check_chat_request(request, self._settings)
+        if violations:
+            await _reply_headers(context, request_id)
+            await abort_with(context, invalid_argument(violations))
+        # Creating the call sends it; the response headers go out while dialogue starts working.
         call = self._dialogue.Turn(
             dialogue_pb2.TurnRequest(request=request, request_id=request_id),
             timeout=downstream_timeout(context, self._settings.default_deadline_seconds),
         )
         try:
+            await _reply_headers(context, request_id)
             event = None
             async for event in call:
                 yield event
@@ -120,15 +126,26 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
             raise
 
     async def _start(self, context: grpc.aio.ServicerContext, violations: Violations) -> str:
-        """Names the call and rejects bad input. The name is the caller's own `x-request-id` when it sent a
-        well-formed one, so its logs and ours line up; it comes back in the response headers, errors included."""
-        request_id = _caller_request_id(context) or uuid.uuid4().hex
-        # The access-log line's id, passed on to dialogue (and from there to safety and cache) as metadata.
-        annotate(request_id=request_id)
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        """Names the call, sends the response headers, and rejects bad input."""
+        request_id = _name_call(context)
+        await _reply_headers(context, request_id)
         if violations:
             await abort_with(context, invalid_argument(violations))
         return request_id
+
+
+def _name_call(context: grpc.aio.ServicerContext) -> str:
+    """The call's request id: the caller's own `x-request-id` when it sent a well-formed one, so that its
+    logs and ours line up. It is the access-log line's id, and goes on to dialogue (and from there to
+    safety and cache) as metadata."""
+    request_id = _caller_request_id(context) or uuid.uuid4().hex
+    annotate(request_id=request_id)
+    return request_id
+
+
+async def _reply_headers(context: grpc.aio.ServicerContext, request_id: str) -> None:
+    """The request id in the response headers, which a caller gets with errors too."""
+    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
 
 
 def _caller_request_id(context: grpc.aio.ServicerContext) -> str | None:

@@ -27,6 +27,12 @@ from chatmesh.runtime.settings import Settings
 
 log = get_logger(__name__)
 
+# The SDK's own marker (what `with_streaming_response` sets) for "hand back the response unread", so that
+# the body can be read as it streams. The request goes through `client.post` rather than
+# `chat.completions.create`, whose typed transform of the request walks every message: 0.2 ms of CPU
+# for one message, 2 ms for eleven, for a body that is already plain JSON.
+_STREAM_HEADERS = {"X-Stainless-Raw-Response": "stream"}
+
 _DATA_PREFIX = b"data:"
 _DONE = b"[DONE]"
 
@@ -117,13 +123,13 @@ class ModelClient:
         HTTP request carries the span's `traceparent`. Nothing is done per delta.
         """
         loop = asyncio.get_running_loop()
-        params = request.params()
+        body = {**request.params(), "stream": True, "stream_options": {"include_usage": True}}
         attempt = 0
         text_sent = False
         family = price_family(self._prices, request.model)
         metered = self._metrics.call("chat", family)
         span = self._start_chat_span(request)
-        trace_headers = None if span is None else tracing.inject_headers(span)
+        headers = _STREAM_HEADERS if span is None else {**_STREAM_HEADERS, **tracing.inject_headers(span)}
         item: str | ModelOutcome | None = None
         error_type = "cancelled"
         try:
@@ -133,14 +139,14 @@ class ModelClient:
                 if remaining <= 0:
                     raise ModelError(ModelErrorKind.TIMEOUT, "the deadline passed before the model answered")
                 try:
-                    async with self._client.chat.completions.with_streaming_response.create(
-                        **params,
-                        stream=True,
-                        stream_options={"include_usage": True},
-                        timeout=remaining,
-                        extra_headers=trace_headers,
-                    ) as response:
-                        async for item in _parse_sse(response.http_response.aiter_bytes()):
+                    response = await self._client.post(
+                        "/chat/completions",
+                        cast_to=httpx2.Response,
+                        body=body,
+                        options={"timeout": remaining, "headers": headers},
+                    )
+                    try:
+                        async for item in _parse_sse(response.aiter_bytes()):
                             if not text_sent:
                                 text_sent = True
                                 if item.__class__ is str:
@@ -149,6 +155,8 @@ class ModelClient:
                                     span.add_event("gen_ai.first_chunk")
                             yield item
                         return
+                    finally:
+                        await response.aclose()
                 except openai.APIError as error:
                     failure = _classify(error)
                 except (httpx2.HTTPError, aiohttp.ClientError):
