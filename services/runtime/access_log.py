@@ -16,7 +16,6 @@ lines carry the id the gateway chose. Never message text, replies, or keys: only
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -30,6 +29,7 @@ import grpc
 
 from chatmesh.runtime.logs import RequestRecord, begin_request
 from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.status import served_code
 from chatmesh.runtime.tracing import current_trace_ids
 
 REQUEST_ID_KEY = "x-request-id"
@@ -82,24 +82,6 @@ def _request_id(metadata: Any) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
     return ""
-
-
-def _status_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
-    """The status the call ended with, as its caller sees it."""
-    if error is None or isinstance(error, grpc.aio.AbortError):
-        code = context.code()
-        if code is None:
-            return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-        return code if isinstance(code, grpc.StatusCode) else _CODES.get(code, grpc.StatusCode.UNKNOWN)
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
-
-
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
@@ -193,7 +175,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
 
     def _end(self, record: RequestRecord, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
         latency_ms = (time.perf_counter() - record.started) * 1000
-        code = _status_code(context, error)
+        code = served_code(context, error)
         kind = None if code is grpc.StatusCode.OK else (record.error or code.name.lower())
         log.log(
             _LEVELS.get(code, logging.INFO),

@@ -5,6 +5,7 @@ status as chatmesh's own. A caller one hop up can then tell a deliberate answer,
 meant for the end caller, from a transport failure, whose message (addresses, socket errors) is not.
 """
 
+import asyncio
 import math
 
 import grpc
@@ -63,3 +64,22 @@ async def abort_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> 
 def is_deliberate(error: grpc.aio.AioRpcError) -> bool:
     """Whether a chatmesh handler ended the call on purpose (rather than the transport failing)."""
     return any(key == _ORIGIN_KEY for key, _ in error.trailing_metadata() or ())
+
+
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def served_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status a served call ended with, as its caller sees it, from its context and what the handler
+    raised (None when it returned)."""
+    if error is None or isinstance(error, grpc.aio.AbortError):
+        code = context.code()
+        if code is None:
+            return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+        return code if isinstance(code, grpc.StatusCode) else _CODES_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN

@@ -10,8 +10,9 @@ import logging
 import grpc
 import pytest
 
-from chatmesh.runtime.access_log import UserIdHasher, _request_id, _status_code
+from chatmesh.runtime.access_log import UserIdHasher, _request_id
 from chatmesh.runtime.logs import JsonFormatter, RequestRecord, annotate, begin_request, current_request
+from chatmesh.runtime.status import served_code
 from chatmesh.runtime.tracing import tracing_requested
 
 
@@ -55,7 +56,7 @@ class FakeContext:
 def test_a_call_ends_with_the_status_its_caller_sees(
     context: FakeContext, error: BaseException | None, code: grpc.StatusCode
 ):
-    assert _status_code(context, error) is code  # type: ignore[arg-type]
+    assert served_code(context, error) is code  # type: ignore[arg-type]
 
 
 def test_lines_logged_during_a_call_carry_its_request_and_trace_ids_and_annotate_is_a_no_op_outside_one():
