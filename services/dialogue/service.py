@@ -99,7 +99,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         deadline = loop.time() + downstream_timeout(context, self._settings.default_deadline_seconds)
         chat = request.request
         request_id = request.request_id
-        annotate(request_id=request_id, user_id=chat.user_id, model=chat.options.model or self._settings.default_model)
+        model = chat.options.model or self._settings.default_model
+        annotate(request_id=request_id, user_id=chat.user_id, model=model)
         new = not chat.conversation_id
         conversation_id = chat.conversation_id or uuid.uuid4().hex
         history: list[StoredMessage] = []
@@ -109,7 +110,6 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                     conversation_id, chat.user_id, self._settings.context_window_messages
                 )
         window = [message for message in history if not message.refused]
-        model = chat.options.model or self._settings.default_model
         answer_context = self._answer_context(chat, model, window)
         started_at = time.time()
 
@@ -213,8 +213,9 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 cost_usd=self._cost_usd(model, outcome),
             )
         )
-        # Runs once the caller has the Completed event: off the reply's path.
-        if answer_context is not None and finish_reason == chat_pb2.FINISH_REASON_STOP:
+        # Runs once the caller has the Completed event: off the reply's path. A reply that went out
+        # unscreened (safety down, fail-open) is not kept for callers that safety would screen.
+        if answer_context is not None and verdict is not None and finish_reason == chat_pb2.FINISH_REASON_STOP:
             cached_reply = cache_pb2.CachedReply(
                 text=reply_text, finish_reason=finish_reason, output_tokens=outcome.output_tokens
             )

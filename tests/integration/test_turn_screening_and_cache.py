@@ -219,12 +219,17 @@ async def test_with_safety_down_a_turn_fails_closed(sim: Cluster, chat: chat_pb2
         safety.start()
 
 
-def test_with_safety_down_and_fail_open_set_a_turn_is_answered_unscreened():
-    running = Cluster(processes=("modelsim", "dialogue", "gateway"), env={"CHATMESH_SAFETY_FAIL_OPEN": "true"})
+def test_with_safety_down_and_fail_open_set_a_turn_is_answered_unscreened_and_not_cached():
+    running = Cluster(processes=("modelsim", "cache", "dialogue", "gateway"), env={"CHATMESH_SAFETY_FAIL_OPEN": "true"})
     running.start()
     try:
         with grpc.insecure_channel(running.gateway_target) as channel:
-            response = chat_pb2_grpc.ChatServiceStub(channel).Chat(request("the forbidden fruit"), timeout=20)
-        assert response.finish_reason == chat_pb2.FINISH_REASON_STOP and response.text
+            chat = chat_pb2_grpc.ChatServiceStub(channel)
+            first = chat.Chat(request("the forbidden fruit", user_id="alice"), timeout=20)
+            second = chat.Chat(request("the forbidden fruit", user_id="bob"), timeout=20)
+        assert first.finish_reason == chat_pb2.FINISH_REASON_STOP and first.text
+        # An unscreened reply must not be served from the cache once safety is back.
+        assert not second.cached
+        assert running.sim_stats()["requests"] == 2
     finally:
         running.stop()
