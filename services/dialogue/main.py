@@ -10,7 +10,11 @@ from chatmesh.v1 import cache_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc, safety_
 
 
 async def main(settings: Settings) -> None:
-    store = create_conversation_store(settings.redis_url)
+    store = create_conversation_store(
+        settings.redis_url,
+        retention_seconds=settings.conversation_retention_seconds or None,
+        max_conversations=settings.memory_store_max_conversations,
+    )
     model = ModelClient(settings)
     safety_channel = open_channel(settings.safety_target, settings)
     cache_channel = open_channel(settings.cache_target, settings)

@@ -3,6 +3,7 @@
 A conversation belongs to the user that started it. Every method takes that user id, and a
 conversation owned by someone else is reported exactly like one that does not exist.
 A conversation comes into being with its first committed turn, so a turn that fails leaves nothing.
+With a retention period, a conversation is erased that long after its last committed turn.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import abc
 import functools
 import json
+import math
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, ParamSpec, TypeVar
@@ -85,16 +89,38 @@ class ConversationStore(abc.ABC):
 
 
 class MemoryConversationStore(ConversationStore):
-    """Conversations in a dict, for one process. Never awaits, so every method is atomic on the event loop."""
+    """Conversations in a dict, for one process. Never awaits, so every method is atomic on the event loop.
 
-    def __init__(self) -> None:
-        self._conversations: dict[str, Conversation] = {}
+    Bounded: past `max_conversations`, the least recently used conversation is dropped, so that a
+    long-running process without Redis does not grow without end.
+    """
+
+    def __init__(
+        self,
+        *,
+        retention_seconds: float | None = None,
+        max_conversations: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
+        self._expires_at: dict[str, float] = {}
+        self._retention_seconds = retention_seconds
+        self._max_conversations = max_conversations
+        self._clock = clock
 
     def _owned(self, conversation_id: str, user_id: str) -> Conversation:
         conversation = self._conversations.get(conversation_id)
+        if conversation is not None and self._clock() >= self._expires_at.get(conversation_id, math.inf):
+            self._forget(conversation_id)
+            conversation = None
         if conversation is None or conversation.user_id != user_id:
             raise ConversationNotFound(conversation_id)
+        self._conversations.move_to_end(conversation_id)
         return conversation
+
+    def _forget(self, conversation_id: str) -> None:
+        del self._conversations[conversation_id]
+        self._expires_at.pop(conversation_id, None)
 
     async def recent_messages(self, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
         messages = self._owned(conversation_id, user_id).messages
@@ -104,6 +130,8 @@ class MemoryConversationStore(ConversationStore):
         if new:
             if conversation_id in self._conversations:
                 raise ConversationNotFound(conversation_id)
+            if self._max_conversations is not None and len(self._conversations) >= self._max_conversations:
+                self._forget(next(iter(self._conversations)))
             conversation = Conversation(
                 conversation_id=conversation_id,
                 user_id=user_id,
@@ -117,6 +145,8 @@ class MemoryConversationStore(ConversationStore):
         conversation.input_tokens += turn.input_tokens
         conversation.output_tokens += turn.output_tokens
         conversation.updated_at = turn.reply.created_at
+        if self._retention_seconds is not None:
+            self._expires_at[conversation_id] = self._clock() + self._retention_seconds
 
     async def get(self, conversation_id: str, user_id: str) -> Conversation:
         # StoredMessage is frozen, so copying the list is enough to keep callers off the stored state.
@@ -125,11 +155,12 @@ class MemoryConversationStore(ConversationStore):
 
     async def delete(self, conversation_id: str, user_id: str) -> None:
         self._owned(conversation_id, user_id)
-        del self._conversations[conversation_id]
+        self._forget(conversation_id)
 
 
 # KEYS: meta, messages. ARGV: user_id, new ("1" or "0"), created_at, updated_at, input_tokens,
-# output_tokens, user message, reply. Returns 1 when committed, 0 when the owner check failed.
+# output_tokens, user message, reply, retention in ms ("0": kept until deleted). Returns 1 when
+# committed, 0 when the owner check failed.
 _COMMIT_TURN_LUA = """
 if ARGV[2] == "1" then
   if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
@@ -142,6 +173,10 @@ redis.call("RPUSH", KEYS[2], ARGV[7], ARGV[8])
 redis.call("HINCRBY", KEYS[1], "input_tokens", ARGV[5])
 redis.call("HINCRBY", KEYS[1], "output_tokens", ARGV[6])
 redis.call("HSET", KEYS[1], "updated_at", ARGV[4])
+if ARGV[9] ~= "0" then
+  redis.call("PEXPIRE", KEYS[1], ARGV[9])
+  redis.call("PEXPIRE", KEYS[2], ARGV[9])
+end
 return 1
 """
 
@@ -177,18 +212,20 @@ class RedisConversationStore(ConversationStore):
     owner and write may touch both atomically.
     """
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *, retention_seconds: float | None = None) -> None:
         """Takes ownership of `client` (closed by `close`), which must decode responses; see `from_url`."""
         if not client.get_encoder().decode_responses:
             raise ValueError("RedisConversationStore needs a client created with decode_responses=True")
         self._client = client
+        self._retention_ms = "0" if retention_seconds is None else str(max(1, round(retention_seconds * 1000)))
         self._commit_turn = client.register_script(_COMMIT_TURN_LUA)
         self._delete = client.register_script(_DELETE_LUA)
 
     @classmethod
-    def from_url(cls, url: str) -> RedisConversationStore:
+    def from_url(cls, url: str, *, retention_seconds: float | None = None) -> RedisConversationStore:
         """A store with its own connection pool to `url`, e.g. `redis://localhost:6379/0`."""
-        return cls(Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5))
+        client = Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5)
+        return cls(client, retention_seconds=retention_seconds)
 
     @staticmethod
     def _keys(conversation_id: str) -> tuple[str, str]:
@@ -220,6 +257,7 @@ class RedisConversationStore(ConversationStore):
                 turn.output_tokens,
                 _encode_message(turn.user_message),
                 _encode_message(turn.reply),
+                self._retention_ms,
             ),
         )
         if not committed:
@@ -270,8 +308,11 @@ def _decode_message(raw: str) -> StoredMessage:
     )
 
 
-def create_conversation_store(redis_url: str | None) -> ConversationStore:
-    """Redis when a URL is given (CHATMESH_REDIS_URL), the in-memory store otherwise (also for "")."""
+def create_conversation_store(
+    redis_url: str | None, *, retention_seconds: float | None = None, max_conversations: int | None = None
+) -> ConversationStore:
+    """Redis when a URL is given (CHATMESH_REDIS_URL), the in-memory store otherwise (also for "").
+    `max_conversations` bounds the in-memory store only; Redis is bounded by its own memory policy."""
     if redis_url:
-        return RedisConversationStore.from_url(redis_url)
-    return MemoryConversationStore()
+        return RedisConversationStore.from_url(redis_url, retention_seconds=retention_seconds)
+    return MemoryConversationStore(retention_seconds=retention_seconds, max_conversations=max_conversations)

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # Dialogue.
     redis_url: str | None = None
     context_window_messages: int = 10
+    # Conversations are erased this long after their last turn; 0 keeps them until deleted.
+    conversation_retention_seconds: float = 7 * 24 * 3600
+    # Without Redis, the most conversations one dialogue process keeps (least recently used go first).
+    memory_store_max_conversations: int = 10_000
     default_model: str = "gpt-4o-mini"
     model_max_attempts: int = 4
     model_backoff_initial_seconds: float = 0.25

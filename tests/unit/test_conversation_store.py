@@ -1,5 +1,6 @@
 """The ConversationStore contract, which every implementation must meet (memory and Redis alike)."""
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -238,3 +239,61 @@ async def test_the_redis_store_refuses_a_client_that_returns_bytes(redis_url: st
             RedisConversationStore(client)
     finally:
         await client.aclose()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_memory_conversation_is_erased_after_its_retention_period_from_the_last_turn() -> None:
+    clock = FakeClock()
+    store = MemoryConversationStore(retention_seconds=100, clock=clock)
+    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+    clock.now += 60
+    await store.commit_turn(CONVERSATION, ALICE, make_turn(2), new=False)
+    clock.now += 60  # 120 s after the first turn, 60 s after the last
+
+    assert len(await store.recent_messages(CONVERSATION, ALICE, 10)) == 4
+
+    clock.now += 40
+    with pytest.raises(ConversationNotFound):
+        await store.get(CONVERSATION, ALICE)
+    with pytest.raises(ConversationNotFound):
+        await store.commit_turn(CONVERSATION, ALICE, make_turn(3), new=False)
+
+
+async def test_a_redis_conversation_is_erased_after_its_retention_period(redis_url: str) -> None:
+    store = create_conversation_store(redis_url, retention_seconds=0.3)
+    client = Redis.from_url(redis_url)
+    try:
+        await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+        keys = await client.keys(f"chatmesh:conv:{{{CONVERSATION}}}:*")
+        assert len(keys) == 2
+        assert all(0 < ttl <= 300 for ttl in [await client.pttl(key) for key in keys])
+        for _ in range(100):  # Redis expires the keys itself; at most 100 polls of 20 ms
+            if not await client.exists(*keys):
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(ConversationNotFound):
+            await store.get(CONVERSATION, ALICE)
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_the_memory_store_drops_the_least_recently_used_conversation_past_its_bound() -> None:
+    store = MemoryConversationStore(max_conversations=2)
+    await store.commit_turn("first", ALICE, make_turn(1), new=True)
+    await store.commit_turn("second", ALICE, make_turn(1), new=True)
+    await store.get("first", ALICE)  # now "second" is the least recently used
+
+    await store.commit_turn("third", ALICE, make_turn(1), new=True)
+
+    assert (await store.get("first", ALICE)).messages
+    assert (await store.get("third", ALICE)).messages
+    with pytest.raises(ConversationNotFound):
+        await store.get("second", ALICE)
