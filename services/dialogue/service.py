@@ -59,7 +59,6 @@ _ROLES = {"user": chat_pb2.ROLE_USER, "assistant": chat_pb2.ROLE_ASSISTANT}
 _MODEL_ERROR_CODES = {
     ModelErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ModelErrorKind.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ModelErrorKind.REJECTED: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 _MODEL_ERROR_KINDS = {
@@ -177,6 +176,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             annotate(error=_MODEL_ERROR_KINDS[error.kind])
             if error.kind is ModelErrorKind.RATE_LIMITED:
                 await abort_with(context, retry_later(str(error), error.retry_after))
+            if error.kind is ModelErrorKind.REJECTED:
+                await abort(context, *_rejection(error.http_status, model))
             await abort(context, _MODEL_ERROR_CODES[error.kind], str(error))
         except SafetyUnavailable:
             log.warning("output_screen_failed", extra={"request_id": request_id})
@@ -369,6 +370,20 @@ def _to_proto(conversation: Conversation) -> chat_pb2.Conversation:
             total_tokens=conversation.input_tokens + conversation.output_tokens,
         ),
     )
+
+
+def _rejection(http_status: int | None, model: str) -> tuple[grpc.StatusCode, str]:
+    """What a caller is told when the model provider refused the request itself."""
+    if http_status == 404:
+        return grpc.StatusCode.INVALID_ARGUMENT, f"options.model: the model provider has no model {model!r}"
+    if http_status in (400, 422):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"the model provider found the request invalid (HTTP {http_status})"
+    if http_status in (401, 403):
+        return (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "the model provider refused chatmesh's credentials; its operator must check OPENAI_API_KEY",
+        )
+    return grpc.StatusCode.FAILED_PRECONDITION, f"the model provider rejected the request (HTTP {http_status})"
 
 
 def _refused_reply() -> StoredMessage:

@@ -449,8 +449,10 @@ class Simulator:
         endpoint = spec.get("endpoint", "chat")
         if endpoint not in ("chat", "moderations"):
             return web.json_response({"error": 'endpoint must be "chat" or "moderations"'}, status=400)
-        if status not in (429, 500) or not _is_int(count) or count < 0:
-            return web.json_response({"error": "expected status 429 or 500 and a count >= 0"}, status=400)
+        if status not in _FAULT_STATUSES or not _is_int(count) or count < 0:
+            return web.json_response(
+                {"error": f"expected a status of {sorted(_FAULT_STATUSES)} and a count >= 0"}, status=400
+            )
         if not _is_number(retry_after) or retry_after < 0:
             return web.json_response({"error": "retry_after must be a number >= 0"}, status=400)
         queue = self.faults if endpoint == "chat" else self.moderation_faults
@@ -484,8 +486,18 @@ def _moderation_texts(body: Any) -> list[str] | None:
     return None
 
 
+_FAULT_STATUSES = frozenset({401, 404, 429, 500})
+
+
 def _fault_response(status: int, retry_after: float) -> web.Response:
-    """An injected 429 (with Retry-After) or 500, as OpenAI sends them."""
+    """An injected error as OpenAI sends it: 401 (a bad key), 404 (an unknown model), 429 (with
+    Retry-After) or 500."""
+    if status == 401:
+        return _error(401, "invalid_request_error", "Incorrect API key provided (simulated).", code="invalid_api_key")
+    if status == 404:
+        return _error(
+            404, "invalid_request_error", "The model does not exist (simulated).", param="model", code="model_not_found"
+        )
     if status == 429:
         return _error(
             429,

@@ -45,12 +45,16 @@ class ModelErrorKind(Enum):
 
 
 class ModelError(Exception):
-    """The model call failed for good; `kind` says how, `retry_after` (seconds) when the provider said."""
+    """The model call failed for good; `kind` says how, `retry_after` (seconds) when the provider said,
+    `http_status` when the provider answered with an error status."""
 
-    def __init__(self, kind: ModelErrorKind, detail: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, kind: ModelErrorKind, detail: str, retry_after: float | None = None, http_status: int | None = None
+    ) -> None:
         super().__init__(detail)
         self.kind = kind
         self.retry_after = retry_after
+        self.http_status = http_status
 
 
 @dataclass(slots=True)
@@ -325,7 +329,9 @@ def _classify(error: openai.APIError) -> ModelError:
                 _retry_after(error.response),
             )
         return ModelError(
-            ModelErrorKind.REJECTED, f"the model provider rejected the request with HTTP {error.status_code}"
+            ModelErrorKind.REJECTED,
+            f"the model provider rejected the request with HTTP {error.status_code}",
+            http_status=error.status_code,
         )
     return ModelError(ModelErrorKind.UNAVAILABLE, "the model stream failed")
 

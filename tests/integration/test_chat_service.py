@@ -320,6 +320,26 @@ async def test_a_rate_limit_that_outlives_the_retries_is_resource_exhausted(
     assert sim.sim_stats()["requests"] == 4  # CHATMESH_MODEL_MAX_ATTEMPTS defaults to 4
 
 
+@pytest.mark.parametrize(
+    ("http_status", "code", "says"),
+    [
+        (404, grpc.StatusCode.INVALID_ARGUMENT, "options.model"),
+        (401, grpc.StatusCode.FAILED_PRECONDITION, "OPENAI_API_KEY"),
+    ],
+)
+async def test_a_request_the_provider_refuses_is_not_retried_and_says_what_to_fix(
+    sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub, http_status: int, code: grpc.StatusCode, says: str
+):
+    sim.sim_faults(http_status, count=1)
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await chat.Chat(request(model="no-such-model"))
+
+    assert raised.value.code() == code
+    assert says in raised.value.details()
+    assert sim.sim_stats()["requests"] == 1
+
+
 async def test_a_failed_first_turn_leaves_no_conversation(sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
     sim.sim_faults(500, count=100)
     started = []
