@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import importlib
 import os
 import signal
 import sys
@@ -56,25 +57,18 @@ def _run_process(name: str) -> None:
 
     settings = get_settings()
     configure_logging(name, settings.log_level)
-    if name != "modelsim":
-        from chatmesh.runtime.metrics import serve_metrics
-        from chatmesh.runtime.tracing import setup_tracing
-
-        setup_tracing(name)
-        serve_metrics(settings, name)
     if name == "modelsim":
         from chatmesh.modelsim.server import main as modelsim_main
 
         modelsim_main()
         return
-    if name == "dialogue":
-        from chatmesh.dialogue.main import main as service_main
-    elif name == "safety":
-        from chatmesh.safety.main import main as service_main
-    elif name == "cache":
-        from chatmesh.cache.main import main as service_main
-    else:
-        from chatmesh.gateway.main import main as service_main
+    from chatmesh.runtime.metrics import serve_metrics
+    from chatmesh.runtime.tracing import setup_tracing
+
+    setup_tracing(name)
+    serve_metrics(settings, name)
+    # Each gRPC process's package has a main.py with `async def main(settings)`.
+    service_main = importlib.import_module(f"chatmesh.{name}.main").main
     uvloop.run(service_main(settings))
 
 
