@@ -41,21 +41,25 @@ class ScreenInputResponse(_message.Message):
     def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
 
 class ScreenOutputRequest(_message.Message):
-    __slots__ = ("text", "final", "request_id")
+    __slots__ = ("text", "final", "request_id", "input")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
     text: str
     final: bool
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., final: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    input: str
+    def __init__(self, text: _Optional[str] = ..., final: _Optional[bool] = ..., request_id: _Optional[str] = ..., input: _Optional[str] = ...) -> None: ...
 
 class ScreenOutputResponse(_message.Message):
-    __slots__ = ("cleared_chars", "verdict", "complete")
+    __slots__ = ("cleared_chars", "verdict", "complete", "input_verdict")
     CLEARED_CHARS_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_VERDICT_FIELD_NUMBER: _ClassVar[int]
     cleared_chars: int
     verdict: Verdict
     complete: bool
-    def __init__(self, cleared_chars: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., complete: _Optional[bool] = ...) -> None: ...
+    input_verdict: Verdict
+    def __init__(self, cleared_chars: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., complete: _Optional[bool] = ..., input_verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
