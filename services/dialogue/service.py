@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2
 
 from chatmesh.dialogue.coalesce import coalesce
 from chatmesh.dialogue.context_window import build_messages
+from chatmesh.dialogue.output_screen import OutputBlocked, SafetyUnavailable, screen_output
 from chatmesh.dialogue.store import (
     CommittedTurn,
     Conversation,
@@ -19,7 +20,6 @@ from chatmesh.dialogue.store import (
     StoredMessage,
     StoreUnavailable,
 )
-from chatmesh.dialogue.turn_screen import OutputBlocked, SafetyUnavailable, TurnScreen
 from chatmesh.runtime import metrics
 from chatmesh.runtime.access_log import ErrorKind
 from chatmesh.runtime.channels import downstream_timeout
@@ -40,6 +40,7 @@ from chatmesh.v1 import (
     chat_pb2,
     dialogue_pb2,
     dialogue_pb2_grpc,
+    safety_pb2,
     safety_pb2_grpc,
 )
 
@@ -66,8 +67,6 @@ _MODEL_ERROR_KINDS = {
     ModelErrorKind.TIMEOUT: ErrorKind.MODEL_TIMEOUT,
     ModelErrorKind.REJECTED: ErrorKind.MODEL_REJECTED,
 }
-
-_SAFETY_UNAVAILABLE = "the safety service is unavailable; retry with backoff"
 
 # Answers are shared within a tenant; until callers are identified by tenant, everyone is in one.
 _TENANT = "default"
@@ -115,137 +114,135 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
 
         lookup = asyncio.ensure_future(self._lookup(answer_context, deadline)) if answer_context else None
         try:
-            screen = await self._open_screen(chat.message, request_id, deadline)
+            verdict = await self._screen_input(chat.message, request_id, deadline)
         except SafetyUnavailable:
             if lookup is not None:
                 lookup.cancel()
             annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
-            await abort(context, grpc.StatusCode.UNAVAILABLE, _SAFETY_UNAVAILABLE)
-        try:
-            cached = await lookup if lookup is not None else None
-            yield chat_pb2.ChatEvent(
-                started=chat_pb2.Started(conversation_id=conversation_id, request_id=request_id, model=model)
-            )
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
+        cached = await lookup if lookup is not None else None
+        yield chat_pb2.ChatEvent(
+            started=chat_pb2.Started(conversation_id=conversation_id, request_id=request_id, model=model)
+        )
 
-            user_message = StoredMessage(role="user", content=chat.message, created_at=started_at)
-            verdict = None if screen is None else screen.input_verdict
-            if verdict is not None and verdict.blocked:
-                refused = StoredMessage(role="user", content="", created_at=started_at, refused=True)
-                await self._commit(context, conversation_id, chat.user_id, new, refused, _refused_reply())
-                annotate(input_tokens=0, output_tokens=0)
-                yield _content_filtered(chat_pb2.ContentFilter.STAGE_INPUT, verdict.categories)
-                return
-            if cached is not None:
-                if screen is not None:
-                    await screen.finish()
-                yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=cached.text))
-                reply = StoredMessage(role="assistant", content=cached.text, created_at=time.time())
-                await self._commit(context, conversation_id, chat.user_id, new, user_message, reply)
-                annotate(input_tokens=0, output_tokens=0)
-                yield chat_pb2.ChatEvent(
-                    completed=chat_pb2.Completed(
-                        finish_reason=cached.finish_reason, usage=chat_pb2.Usage(), cost_usd=0.0, cached=True
-                    )
-                )
-                return
-
-            model_request = ModelRequest(
-                model=model,
-                messages=build_messages(chat.options.system_prompt, window, chat.message),
-                temperature=chat.options.temperature if chat.options.HasField("temperature") else None,
-                top_p=chat.options.top_p if chat.options.HasField("top_p") else None,
-                max_tokens=chat.options.max_tokens if chat.options.HasField("max_tokens") else None,
-                stop=list(chat.options.stop),
-                seed=chat.options.seed if chat.options.HasField("seed") else None,
-            )
-            model_stream = self._model.stream_chat(model_request, deadline)
-            relayed = coalesce(model_stream) if screen is None else screen.screen_output(model_stream)
-            reply_parts: list[str] = []
-            outcome = ModelOutcome()
-            blocked: OutputBlocked | None = None
-            try:
-                async for item in relayed:
-                    if isinstance(item, str):
-                        reply_parts.append(item)
-                        yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=item))
-                    elif isinstance(item, OutputBlocked):
-                        blocked = item
-                    else:
-                        outcome = item
-            except ModelError as error:
-                log.warning("model_failed", extra={"request_id": request_id, "kind": error.kind.value})
-                annotate(error=_MODEL_ERROR_KINDS[error.kind])
-                if error.kind is ModelErrorKind.RATE_LIMITED:
-                    await abort_with(context, retry_later(str(error), error.retry_after))
-                if error.kind is ModelErrorKind.REJECTED:
-                    await abort(context, *_rejection(error.http_status, model))
-                await abort(context, _MODEL_ERROR_CODES[error.kind], str(error))
-            except SafetyUnavailable:
-                log.warning("output_screen_failed", extra={"request_id": request_id})
-                annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
-                await abort(
-                    context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff"
-                )
-
-            if blocked is not None:
-                await self._commit(context, conversation_id, chat.user_id, new, user_message, _refused_reply())
-                annotate(input_tokens=0, output_tokens=0)
-                yield _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories)
-                return
-            reply_text = "".join(reply_parts)
-            reply = StoredMessage(role="assistant", content=reply_text, created_at=time.time())
-            await self._commit(
-                context,
-                conversation_id,
-                chat.user_id,
-                new,
-                user_message,
-                reply,
-                outcome.input_tokens,
-                outcome.output_tokens,
-            )
-            finish_reason = _FINISH_REASONS.get(outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
-            annotate(input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens)
+        user_message = StoredMessage(role="user", content=chat.message, created_at=started_at)
+        if verdict is not None and verdict.blocked:
+            refused = StoredMessage(role="user", content="", created_at=started_at, refused=True)
+            await self._commit(context, conversation_id, chat.user_id, new, refused, _refused_reply())
+            annotate(input_tokens=0, output_tokens=0)
+            yield _content_filtered(chat_pb2.ContentFilter.STAGE_INPUT, verdict.categories)
+            return
+        if cached is not None:
+            yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=cached.text))
+            reply = StoredMessage(role="assistant", content=cached.text, created_at=time.time())
+            await self._commit(context, conversation_id, chat.user_id, new, user_message, reply)
+            annotate(input_tokens=0, output_tokens=0)
             yield chat_pb2.ChatEvent(
                 completed=chat_pb2.Completed(
-                    finish_reason=finish_reason,
-                    usage=chat_pb2.Usage(
-                        input_tokens=outcome.input_tokens,
-                        output_tokens=outcome.output_tokens,
-                        total_tokens=outcome.input_tokens + outcome.output_tokens,
-                    ),
-                    cost_usd=self._cost_usd(model, outcome),
+                    finish_reason=cached.finish_reason, usage=chat_pb2.Usage(), cost_usd=0.0, cached=True
                 )
             )
-            # Runs once the caller has the Completed event: off the reply's path. A reply that went out
-            # unscreened (safety down, fail-open) is not kept for callers that safety would screen.
-            if answer_context is not None and screen is not None and finish_reason == chat_pb2.FINISH_REASON_STOP:
-                cached_reply = cache_pb2.CachedReply(
-                    text=reply_text, finish_reason=finish_reason, output_tokens=outcome.output_tokens
-                )
-                task = asyncio.create_task(self._store_answer(answer_context, cached_reply))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-        finally:
-            if screen is not None:
-                screen.close()
+            return
+
+        model_request = ModelRequest(
+            model=model,
+            messages=build_messages(chat.options.system_prompt, window, chat.message),
+            temperature=chat.options.temperature if chat.options.HasField("temperature") else None,
+            top_p=chat.options.top_p if chat.options.HasField("top_p") else None,
+            max_tokens=chat.options.max_tokens if chat.options.HasField("max_tokens") else None,
+            stop=list(chat.options.stop),
+            seed=chat.options.seed if chat.options.HasField("seed") else None,
+        )
+        model_stream = self._model.stream_chat(model_request, deadline)
+        relayed = (
+            coalesce(model_stream)
+            if verdict is None
+            else screen_output(model_stream, self._safety, request_id, deadline)
+        )
+        reply_parts: list[str] = []
+        outcome = ModelOutcome()
+        blocked: OutputBlocked | None = None
+        try:
+            async for item in relayed:
+                if isinstance(item, str):
+                    reply_parts.append(item)
+                    yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=item))
+                elif isinstance(item, OutputBlocked):
+                    blocked = item
+                else:
+                    outcome = item
+        except ModelError as error:
+            log.warning("model_failed", extra={"request_id": request_id, "kind": error.kind.value})
+            annotate(error=_MODEL_ERROR_KINDS[error.kind])
+            if error.kind is ModelErrorKind.RATE_LIMITED:
+                await abort_with(context, retry_later(str(error), error.retry_after))
+            if error.kind is ModelErrorKind.REJECTED:
+                await abort(context, *_rejection(error.http_status, model))
+            await abort(context, _MODEL_ERROR_CODES[error.kind], str(error))
+        except SafetyUnavailable:
+            log.warning("output_screen_failed", extra={"request_id": request_id})
+            annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
+
+        if blocked is not None:
+            await self._commit(context, conversation_id, chat.user_id, new, user_message, _refused_reply())
+            annotate(input_tokens=0, output_tokens=0)
+            yield _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories)
+            return
+        reply_text = "".join(reply_parts)
+        reply = StoredMessage(role="assistant", content=reply_text, created_at=time.time())
+        await self._commit(
+            context,
+            conversation_id,
+            chat.user_id,
+            new,
+            user_message,
+            reply,
+            outcome.input_tokens,
+            outcome.output_tokens,
+        )
+        finish_reason = _FINISH_REASONS.get(outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
+        annotate(input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens)
+        yield chat_pb2.ChatEvent(
+            completed=chat_pb2.Completed(
+                finish_reason=finish_reason,
+                usage=chat_pb2.Usage(
+                    input_tokens=outcome.input_tokens,
+                    output_tokens=outcome.output_tokens,
+                    total_tokens=outcome.input_tokens + outcome.output_tokens,
+                ),
+                cost_usd=self._cost_usd(model, outcome),
+            )
+        )
+        # Runs once the caller has the Completed event: off the reply's path. A reply that went out
+        # unscreened (safety down, fail-open) is not kept for callers that safety would screen.
+        if answer_context is not None and verdict is not None and finish_reason == chat_pb2.FINISH_REASON_STOP:
+            cached_reply = cache_pb2.CachedReply(
+                text=reply_text, finish_reason=finish_reason, output_tokens=outcome.output_tokens
+            )
+            task = asyncio.create_task(self._store_answer(answer_context, cached_reply))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def wait_for_background(self) -> None:
         """Lets cache stores started by finished turns complete (at shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def _open_screen(self, message: str, request_id: str, deadline: float) -> TurnScreen | None:
-        """The turn's safety stream, its input's verdict given; None when safety cannot be reached and the
-        operator chose fail-open, in which case the whole turn goes unscreened. Raises SafetyUnavailable
-        otherwise."""
+    async def _screen_input(self, text: str, request_id: str, deadline: float) -> safety_pb2.Verdict | None:
+        """The input's verdict; None when safety cannot be reached and the operator chose fail-open, in
+        which case the whole turn goes unscreened. Raises SafetyUnavailable otherwise."""
         try:
-            return await TurnScreen.open(self._safety, message, request_id, deadline)
-        except SafetyUnavailable as error:
-            log.error("safety_unavailable", extra={"request_id": request_id, "reason": str(error)})
+            response = await self._safety.ScreenInput(
+                safety_pb2.ScreenInputRequest(text=text, request_id=request_id),
+                timeout=deadline - asyncio.get_running_loop().time(),
+            )
+        except grpc.aio.AioRpcError as error:
+            log.error("safety_unavailable", extra={"request_id": request_id, "grpc_code": error.code().name})
             if self._settings.safety_fail_open:
                 return None
-            raise
+            raise SafetyUnavailable(error.code().name) from error
+        return response.verdict
 
     def _answer_context(
         self, chat: chat_pb2.ChatRequest, model: str, window: list[StoredMessage]

@@ -31,59 +31,48 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
     async def ScreenInput(
         self, request: safety_pb2.ScreenInputRequest, context: grpc.aio.ServicerContext
     ) -> safety_pb2.ScreenInputResponse:
-        return safety_pb2.ScreenInputResponse(
-            verdict=await self._input_verdict(request.text, request.request_id, context)
-        )
-
-    async def _input_verdict(self, text: str, request_id: str, context: grpc.aio.ServicerContext) -> safety_pb2.Verdict:
-        """The keyword lists, then, when enabled, the moderation endpoint."""
-        categories = self._keywords.screen(text)
+        categories = self._keywords.screen(request.text)
         if categories:
-            return self._blocked_input(request_id, categories, safety_pb2.SCREEN_SOURCE_KEYWORD)
-        if self._moderation is not None and text.strip():
+            return self._blocked_input(request.request_id, categories, safety_pb2.SCREEN_SOURCE_KEYWORD)
+        if self._moderation is not None and request.text.strip():
             loop = asyncio.get_running_loop()
             deadline = loop.time() + downstream_timeout(context, self._settings.default_deadline_seconds)
-            verdict = await self._moderation.screen(text, deadline)
+            verdict = await self._moderation.screen(request.text, deadline)
             if verdict.blocked:
-                return self._blocked_input(request_id, list(verdict.categories), safety_pb2.SCREEN_SOURCE_MODERATION)
+                return self._blocked_input(
+                    request.request_id, list(verdict.categories), safety_pb2.SCREEN_SOURCE_MODERATION
+                )
         metrics.safety_verdict("input")
-        return safety_pb2.Verdict(blocked=False)
+        return safety_pb2.ScreenInputResponse(verdict=safety_pb2.Verdict(blocked=False))
 
     async def ScreenOutput(
         self, request_iterator: AsyncIterator[safety_pb2.ScreenOutputRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[safety_pb2.ScreenOutputResponse]:
-        """A first message with `input` is answered first, with the input's verdict. Then a reader task
-        takes the caller's pieces as they come; each answer screens everything pending at that moment, so
-        the caller never waits on a round trip and answers bunch up only while one is being sent. An
-        answer is sent only when the cleared count moved, or at the end."""
-        messages = aiter(request_iterator)
-        first = await anext(messages, None)
-        request_id = "" if first is None else first.request_id
-        if first is not None and first.input:
-            verdict = await self._input_verdict(first.input, request_id, context)
-            yield safety_pb2.ScreenOutputResponse(input_verdict=verdict)
-            if verdict.blocked:
-                return
+        """A reader task takes the caller's pieces as they come; each answer screens everything pending
+        at that moment, so the caller never waits on a round trip and answers bunch up only while one
+        is being sent. An answer is sent only when the cleared count moved, or at the end."""
         screen = self._keywords.stream()
-        pending: list[str] = [first.text] if first is not None and first.text else []
-        # The end of the request stream counts as the final marker.
-        ended = first is None or first.final
+        pending: list[str] = []
+        ended = False
+        request_id = ""
         wakeup = asyncio.Event()
 
         async def read() -> None:
-            nonlocal ended
+            nonlocal ended, request_id
             try:
-                async for message in messages:
+                async for message in request_iterator:
+                    request_id = request_id or message.request_id
                     if message.text:
                         pending.append(message.text)
                     if message.final:
                         break
                     wakeup.set()
             finally:
+                # The end of the request stream counts as the final marker.
                 ended = True
                 wakeup.set()
 
-        reader = None if ended else asyncio.create_task(read())
+        reader = asyncio.create_task(read())
         try:
             sent = 0
             while True:
@@ -92,7 +81,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
                     wakeup.clear()
                     continue
                 final = ended
-                if final and reader is not None:
+                if final:
                     await reader  # if the caller's stream failed, this call ends the same way
                 text = "".join(pending)
                 pending.clear()
@@ -115,14 +104,14 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
                     sent = step.cleared
                     yield safety_pb2.ScreenOutputResponse(cleared_chars=sent)
         finally:
-            if reader is not None and not reader.done():
+            if not reader.done():
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
 
     def _blocked_input(
         self, request_id: str, categories: list[str], source: safety_pb2.ScreenSource
-    ) -> safety_pb2.Verdict:
+    ) -> safety_pb2.ScreenInputResponse:
         metrics.safety_verdict(
             "input", categories, "moderation" if source == safety_pb2.SCREEN_SOURCE_MODERATION else "keyword"
         )
@@ -130,4 +119,6 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
             "input_blocked",
             extra={"request_id": request_id, "source": safety_pb2.ScreenSource.Name(source), "categories": categories},
         )
-        return safety_pb2.Verdict(blocked=True, categories=categories, source=source)
+        return safety_pb2.ScreenInputResponse(
+            verdict=safety_pb2.Verdict(blocked=True, categories=categories, source=source)
+        )

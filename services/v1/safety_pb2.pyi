@@ -41,25 +41,21 @@ class ScreenInputResponse(_message.Message):
     def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
 
 class ScreenOutputRequest(_message.Message):
-    __slots__ = ("text", "final", "request_id", "input")
+    __slots__ = ("text", "final", "request_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    INPUT_FIELD_NUMBER: _ClassVar[int]
     text: str
     final: bool
     request_id: str
-    input: str
-    def __init__(self, text: _Optional[str] = ..., final: _Optional[bool] = ..., request_id: _Optional[str] = ..., input: _Optional[str] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., final: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ScreenOutputResponse(_message.Message):
-    __slots__ = ("cleared_chars", "verdict", "complete", "input_verdict")
+    __slots__ = ("cleared_chars", "verdict", "complete")
     CLEARED_CHARS_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
-    INPUT_VERDICT_FIELD_NUMBER: _ClassVar[int]
     cleared_chars: int
     verdict: Verdict
     complete: bool
-    input_verdict: Verdict
-    def __init__(self, cleared_chars: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., complete: _Optional[bool] = ..., input_verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+    def __init__(self, cleared_chars: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., complete: _Optional[bool] = ...) -> None: ...

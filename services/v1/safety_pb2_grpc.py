@@ -66,8 +66,7 @@ class SafetyServiceServicer:
         held back only while it could still be the beginning of a listed term, so
         a term split across messages is blocked before any of it is cleared.
         The stream ends after a response that is `complete` or carries a blocking
-        verdict. Its first message may also carry the user's message (`input`),
-        answered first: then one stream screens the whole turn.
+        verdict.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,6 +50,7 @@ CHAT = "chatmesh.v1.ChatService/Chat"
 GET = "chatmesh.v1.ChatService/GetConversation"
 TURN = "chatmesh.v1.DialogueService/Turn"
 DIALOGUE_GET = "chatmesh.v1.DialogueService/GetConversation"
+SCREEN_INPUT = "chatmesh.v1.SafetyService/ScreenInput"
 SCREEN_OUTPUT = "chatmesh.v1.SafetyService/ScreenOutput"
 LOOKUP = "chatmesh.v1.CacheService/Lookup"
 STORE = "chatmesh.v1.CacheService/Store"
@@ -180,39 +181,39 @@ async def test_every_process_logs_one_line_per_request_tied_by_request_and_trace
         "ok": {
             "gateway": {STREAM_CHAT: "OK"},
             "dialogue": {TURN: "OK"},
-            "safety": {SCREEN_OUTPUT: "OK"},
+            "safety": {SCREEN_INPUT: "OK", SCREEN_OUTPUT: "OK"},
             "cache": {LOOKUP: "OK", STORE: "OK"},
         },
         "chat": {
             "gateway": {CHAT: "OK"},
             "dialogue": {TURN: "OK"},
-            "safety": {SCREEN_OUTPUT: "OK"},
+            "safety": {SCREEN_INPUT: "OK", SCREEN_OUTPUT: "OK"},
             "cache": {LOOKUP: "OK", STORE: "OK"},
         },
         "invalid": {"gateway": {CHAT: "INVALID_ARGUMENT"}, "dialogue": {}, "safety": {}, "cache": {}},
         "failed": {
             "gateway": {CHAT: "UNAVAILABLE"},
             "dialogue": {TURN: "UNAVAILABLE"},
-            "safety": {SCREEN_OUTPUT: None},  # None: however the aborted screen ended
+            "safety": {SCREEN_INPUT: "OK", SCREEN_OUTPUT: None},  # None: however the aborted screen ended
             "cache": {LOOKUP: "OK"},
         },
         "blocked": {
             "gateway": {CHAT: "OK"},
             "dialogue": {TURN: "OK"},
-            "safety": {SCREEN_OUTPUT: "OK"},  # one stream screens the turn; it ends after the input's verdict
+            "safety": {SCREEN_INPUT: "OK"},
             "cache": {LOOKUP: "OK"},
         },
         "limited": {
             "gateway": {CHAT: "RESOURCE_EXHAUSTED"},
             "dialogue": {TURN: "RESOURCE_EXHAUSTED"},
-            "safety": {SCREEN_OUTPUT: None},
+            "safety": {SCREEN_INPUT: "OK", SCREEN_OUTPUT: None},
             "cache": {},  # a temperature above the cache's bound: not looked up
         },
         "missing": {"gateway": {GET: "NOT_FOUND"}, "dialogue": {DIALOGUE_GET: "NOT_FOUND"}, "safety": {}, "cache": {}},
         "cancelled": {
             "gateway": {STREAM_CHAT: "CANCELLED"},
             "dialogue": {TURN: "CANCELLED"},
-            "safety": {SCREEN_OUTPUT: None},
+            "safety": {SCREEN_INPUT: "OK", SCREEN_OUTPUT: None},
             "cache": {},
         },
     }
@@ -280,10 +281,10 @@ async def test_without_tracing_lines_have_no_trace_id_and_still_one_request_id(
     while True:
         found = lines_of(cluster, request_id)
         counts = [len(found[process]) for process in ("gateway", "dialogue", "safety", "cache")]
-        if counts == [1, 1, 1, 2] or time.monotonic() > deadline:
+        if counts == [1, 1, 2, 2] or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.05)
-    assert counts == [1, 1, 1, 2]
+    assert counts == [1, 1, 2, 2]
     for lines in found.values():
         for line in lines:
             assert set(line) >= FIELDS

@@ -19,6 +19,7 @@ MODEL = "gpt-4o-mini"
 CHAT_SPAN = f"chat {MODEL}"
 GATEWAY_STREAM = "/chatmesh.v1.ChatService/StreamChat"
 TURN = "/chatmesh.v1.DialogueService/Turn"
+SCREEN_INPUT = "/chatmesh.v1.SafetyService/ScreenInput"
 SCREEN_OUTPUT = "/chatmesh.v1.SafetyService/ScreenOutput"
 LOOKUP = "/chatmesh.v1.CacheService/Lookup"
 STORE = "/chatmesh.v1.CacheService/Store"
@@ -99,7 +100,7 @@ async def test_one_stream_is_one_trace_across_every_process_with_a_genai_model_s
         ("dialogue", "CLIENT", CHAT_SPAN),
         *(
             (process, kind, name)
-            for name in (SCREEN_OUTPUT,)
+            for name in (SCREEN_INPUT, SCREEN_OUTPUT)
             for process, kind in (("dialogue", "CLIENT"), ("safety", "SERVER"))
         ),
         *(
@@ -117,7 +118,7 @@ async def test_one_stream_is_one_trace_across_every_process_with_a_genai_model_s
     assert gateway_server.parent_span_id == ""  # the test's own client sends no traceparent
     assert gateway_client.parent_span_id == gateway_server.span_id
     assert dialogue_server.parent_span_id == gateway_client.span_id
-    for name, process in ((SCREEN_OUTPUT, "safety"), (LOOKUP, "cache"), (STORE, "cache")):
+    for name, process in ((SCREEN_INPUT, "safety"), (SCREEN_OUTPUT, "safety"), (LOOKUP, "cache"), (STORE, "cache")):
         client = _one(spans, "dialogue", "CLIENT", name)
         server = _one(spans, process, "SERVER", name)
         assert client.parent_span_id == dialogue_server.span_id, name

@@ -1,0 +1,91 @@
+"""Release a streamed reply only as fast as safety clears it.
+
+The model's deltas go to safety's ScreenOutput stream as they arrive (coalesced while a write is in
+flight); safety answers with how much of the reply is cleared. Only cleared text is yielded, so a
+listed term split across deltas never reaches the caller, while text that cannot be the start of a
+term goes out at once: the stream stays a stream.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from chatmesh.dialogue.coalesce import coalesce
+from chatmesh.runtime.model_client import ModelOutcome
+from chatmesh.v1 import safety_pb2, safety_pb2_grpc
+
+
+@dataclass(frozen=True, slots=True)
+class OutputBlocked:
+    categories: list[str]
+
+
+class SafetyUnavailable(Exception):
+    """The safety service could not be reached or broke off; nothing uncleared was released."""
+
+
+async def screen_output(
+    source: AsyncIterator[str | ModelOutcome],
+    safety: safety_pb2_grpc.SafetyServiceStub,
+    request_id: str,
+    deadline: float,
+) -> AsyncIterator[str | ModelOutcome | OutputBlocked]:
+    """Yields cleared text, then the model's outcome, or OutputBlocked as the last item.
+
+    `deadline` is in `loop.time()` terms. An error of `source` is raised after the text safety cleared
+    before it. Closing this iterator closes `source` and the safety stream.
+    """
+    call = safety.ScreenOutput(timeout=deadline - asyncio.get_running_loop().time())
+    received: list[str] = []
+    outcomes: list[ModelOutcome] = []
+
+    async def feed() -> None:
+        try:
+            async for item in coalesce(source):
+                if isinstance(item, str):
+                    received.append(item)
+                    await call.write(safety_pb2.ScreenOutputRequest(text=item, request_id=request_id))
+                else:
+                    outcomes.append(item)
+            await call.write(safety_pb2.ScreenOutputRequest(final=True))
+        finally:
+            # Ending the request stream makes safety screen what it has and finish; if the model failed,
+            # the reader learns it from this task once safety is done.
+            with contextlib.suppress(Exception):
+                await call.done_writing()
+
+    feeder = asyncio.create_task(feed())
+    reply = ""
+    released = 0
+    # After its last answer safety ends the call with OK by itself; cancelling it then would only turn
+    # that into CANCELLED on our side.
+    answered = False
+    try:
+        async for response in call:
+            if response.cleared_chars > released:
+                if response.cleared_chars > len(reply):
+                    reply = "".join(received)
+                yield reply[released : response.cleared_chars]
+                released = response.cleared_chars
+            if response.verdict.blocked:
+                answered = True
+                yield OutputBlocked(list(response.verdict.categories))
+                return
+            if response.complete:
+                answered = True
+                await feeder
+                yield outcomes[0]
+                return
+        raise SafetyUnavailable("the safety service ended the output screen without a verdict")
+    except grpc.aio.AioRpcError as error:
+        raise SafetyUnavailable(f"the safety service failed: {error.code().name}") from error
+    finally:
+        if not feeder.done():
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+        if not answered:
+            call.cancel()
