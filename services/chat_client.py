@@ -6,6 +6,7 @@ import sys
 
 import grpc
 
+from chatmesh.admin_client import bearer_metadata
 from chatmesh.v1 import chat_pb2, chat_pb2_grpc
 
 _FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in chat_pb2.FinishReason.items()}
@@ -40,7 +41,7 @@ async def _turn(
         options=chat_pb2.ChatOptions(model=args.model, system_prompt=args.system),
     )
     try:
-        async for event in stub.StreamChat(request):
+        async for event in stub.StreamChat(request, metadata=bearer_metadata(args.api_key)):
             kind = event.WhichOneof("event")
             if kind == "started":
                 conversation_id = event.started.conversation_id

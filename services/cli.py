@@ -9,11 +9,16 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chatmesh.runtime.settings import Settings
 
 # gRPC's C core logs to stderr in its own format; only errors from it belong among our JSON lines.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 PROCESSES = ("modelsim", "safety", "cache", "dialogue", "gateway")
+DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -23,12 +28,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in PROCESSES:
         commands.add_parser(name, help=f"start the {name} process")
     chat = commands.add_parser("chat", help="chat with a running gateway, printing tokens as they arrive")
-    chat.add_argument("--target", default="127.0.0.1:50051", help="the gateway's host:port")
+    chat.add_argument("--target", default=DEFAULT_TARGET, help="the gateway's host:port")
+    chat.add_argument(
+        "--api-key",
+        default=os.environ.get("CHATMESH_API_KEY"),
+        help="the API key (default: $CHATMESH_API_KEY; none is needed when the gateway runs with CHATMESH_AUTH=off)",
+    )
     chat.add_argument("--once", metavar="TEXT", help="send one message, print the reply, and exit")
     chat.add_argument("--conversation", metavar="ID", default="", help="continue this conversation")
     chat.add_argument("--user", default=_login_name(), help="the user id to chat as")
     chat.add_argument("--model", default="", help="the model (default: the server's)")
     chat.add_argument("--system", default="", help="a system prompt")
+    from chatmesh.admin_client import add_commands
+
+    add_commands(commands, DEFAULT_TARGET)
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -37,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from chatmesh.chat_client import run_chat
 
         sys.exit(asyncio.run(run_chat(args)))
+    if args.command in ("tenants", "keys", "usage"):
+        from chatmesh.admin_client import run
+
+        sys.exit(asyncio.run(run(args)))
     _run_process(args.command)
 
 
@@ -97,6 +114,7 @@ async def _up() -> int:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
+    print(_auth_banner(settings), file=sys.stderr, flush=True)
     width = max(map(len, names))
     relays = [asyncio.create_task(_relay_output(name.ljust(width), child)) for name, child in children.items()]
 
@@ -124,6 +142,18 @@ async def _up() -> int:
     stop_wait.cancel()
     await asyncio.gather(*relays, return_exceptions=True)
     return 1 if died else 0
+
+
+def _auth_banner(settings: "Settings") -> str:
+    """How callers are identified, said once at start."""
+    if settings.auth == "off":
+        return (
+            "chatmesh up: authentication is off (CHATMESH_AUTH=off; the gateway listens on loopback only): a call "
+            "without an API key acts as tenant 'default'. Try tenants and keys with `chatmesh tenants create NAME` "
+            "and `chatmesh keys create --tenant NAME`; a call that sends a key is checked."
+        )
+    admin = "CHATMESH_ADMIN_TOKEN" if settings.admin_token is not None else "no admin token: the admin API is off"
+    return f"chatmesh up: callers need an API key (CHATMESH_AUTH=required); admin calls use {admin}."
 
 
 async def _relay_output(prefix: str, child: asyncio.subprocess.Process) -> None:

@@ -1,11 +1,14 @@
 """Starts the dialogue process."""
 
 from chatmesh.dialogue.service import DialogueServicer
+from chatmesh.dialogue.spend import SpendLedger
 from chatmesh.dialogue.store import create_conversation_store
+from chatmesh.runtime import metrics
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.model_client import ModelClient
 from chatmesh.runtime.settings import Settings
+from chatmesh.tenancy.ledger import create_usage_ledger
 from chatmesh.v1 import cache_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc, safety_pb2_grpc
 
 
@@ -16,6 +19,8 @@ async def main(settings: Settings) -> None:
         max_conversations=settings.memory_store_max_conversations,
     )
     model = ModelClient(settings)
+    ledger = create_usage_ledger(settings.redis_url)
+    spend = SpendLedger(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants))
     safety_channel = open_channel(settings.safety_target, settings)
     cache_channel = open_channel(settings.cache_target, settings)
     servicer = DialogueServicer(
@@ -24,10 +29,13 @@ async def main(settings: Settings) -> None:
         model,
         safety_pb2_grpc.SafetyServiceStub(safety_channel),
         cache_pb2_grpc.CacheServiceStub(cache_channel),
+        spend,
     )
 
     async def release() -> None:
         await servicer.wait_for_background()
+        await spend.wait_for_settlements()
+        await ledger.close()
         await safety_channel.close()
         await cache_channel.close()
         await model.close()

@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2
 from chatmesh.dialogue.coalesce import coalesce
 from chatmesh.dialogue.context_window import build_messages
 from chatmesh.dialogue.output_screen import OutputBlocked, SafetyUnavailable, screen_output
+from chatmesh.dialogue.spend import SpendLedger, SpendRefused, SpendScope
 from chatmesh.dialogue.store import (
     CommittedTurn,
     Conversation,
@@ -30,10 +31,13 @@ from chatmesh.runtime.model_client import (
     ModelErrorKind,
     ModelOutcome,
     ModelRequest,
+    StreamProgress,
     cost_usd,
 )
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import abort, abort_with, retry_later
+from chatmesh.tenancy.ledger import LedgerUnavailable
+from chatmesh.tenancy.limits import Limits
 from chatmesh.v1 import (
     cache_pb2,
     cache_pb2_grpc,
@@ -68,9 +72,6 @@ _MODEL_ERROR_KINDS = {
     ModelErrorKind.REJECTED: ErrorKind.MODEL_REJECTED,
 }
 
-# Answers are shared within a tenant; until callers are identified by tenant, everyone is in one.
-_TENANT = "default"
-
 
 class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     def __init__(
@@ -80,8 +81,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         model: ModelClient,
         safety: safety_pb2_grpc.SafetyServiceStub,
         cache: cache_pb2_grpc.CacheServiceStub,
+        spend: SpendLedger,
     ) -> None:
         self._settings = settings
+        self._spend = spend
         self._store = store
         self._model = model
         self._safety = safety
@@ -92,24 +95,27 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def Turn(
         self, request: dialogue_pb2.TurnRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        """Screen the input while looking in the cache; answer from the cache, or stream from the model
-        through the output screen; commit the turn; store a cacheable reply once the caller has it."""
+        """Screen the input while looking in the cache; answer from the cache, or reserve the model call's
+        worst case under the tenant's limits and stream from the model through the output screen; commit
+        the turn; settle the model's usage and store a cacheable reply once the caller has it."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + downstream_timeout(context, self._settings.default_deadline_seconds)
+        timeout = downstream_timeout(context, self._settings.default_deadline_seconds)
+        deadline = loop.time() + timeout
         chat = request.request
         request_id = request.request_id
+        tenant = request.tenant
         model = chat.options.model or self._settings.default_model
-        annotate(request_id=request_id, user_id=chat.user_id, model=model)
+        annotate(request_id=request_id, tenant=tenant, user_id=chat.user_id, model=model)
         new = not chat.conversation_id
         conversation_id = chat.conversation_id or uuid.uuid4().hex
         history: list[StoredMessage] = []
         if not new:
             async with _store_errors(context, conversation_id):
                 history = await self._store.recent_messages(
-                    conversation_id, chat.user_id, self._settings.context_window_messages
+                    tenant, conversation_id, chat.user_id, self._settings.context_window_messages
                 )
         window = [message for message in history if not message.refused]
-        answer_context = self._answer_context(chat, model, window)
+        answer_context = self._answer_context(tenant, chat, model, window)
         started_at = time.time()
 
         lookup = asyncio.ensure_future(self._lookup(answer_context, deadline)) if answer_context else None
@@ -121,21 +127,31 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
         cached = await lookup if lookup is not None else None
+        blocked_input = verdict is not None and verdict.blocked
+        spend = SpendScope(tenant=tenant, limits=Limits.from_proto(request.limits), request_id=request_id)
+        model_request: ModelRequest | None = None
+        if not blocked_input and cached is None:
+            model_request = self._model_request(chat, model, window, spend.limits)
+            try:
+                await self._spend.reserve(spend, model_request, timeout)
+            except SpendRefused as refused:
+                await abort_with(context, refused.status)
         yield chat_pb2.ChatEvent(
             started=chat_pb2.Started(conversation_id=conversation_id, request_id=request_id, model=model)
         )
 
         user_message = StoredMessage(role="user", content=chat.message, created_at=started_at)
-        if verdict is not None and verdict.blocked:
+        if blocked_input:
+            assert verdict is not None
             refused = StoredMessage(role="user", content="", created_at=started_at, refused=True)
-            await self._commit(context, conversation_id, chat.user_id, new, refused, _refused_reply())
+            await self._commit(context, tenant, conversation_id, chat.user_id, new, refused, _refused_reply())
             annotate(input_tokens=0, output_tokens=0)
             yield _content_filtered(chat_pb2.ContentFilter.STAGE_INPUT, verdict.categories)
             return
         if cached is not None:
             yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=cached.text))
             reply = StoredMessage(role="assistant", content=cached.text, created_at=time.time())
-            await self._commit(context, conversation_id, chat.user_id, new, user_message, reply)
+            await self._commit(context, tenant, conversation_id, chat.user_id, new, user_message, reply)
             annotate(input_tokens=0, output_tokens=0)
             yield chat_pb2.ChatEvent(
                 completed=chat_pb2.Completed(
@@ -144,16 +160,9 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             )
             return
 
-        model_request = ModelRequest(
-            model=model,
-            messages=build_messages(chat.options.system_prompt, window, chat.message),
-            temperature=chat.options.temperature if chat.options.HasField("temperature") else None,
-            top_p=chat.options.top_p if chat.options.HasField("top_p") else None,
-            max_tokens=chat.options.max_tokens if chat.options.HasField("max_tokens") else None,
-            stop=list(chat.options.stop),
-            seed=chat.options.seed if chat.options.HasField("seed") else None,
-        )
-        model_stream = self._model.stream_chat(model_request, deadline)
+        assert model_request is not None
+        progress = StreamProgress()
+        model_stream = self._model.stream_chat(model_request, deadline, progress)
         relayed = (
             coalesce(model_stream)
             if verdict is None
@@ -183,9 +192,13 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             log.warning("output_screen_failed", extra={"request_id": request_id})
             annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
+        finally:
+            # However the stream ended (finished, blocked, failed, or cancelled by the caller), the tokens
+            # the model produced are settled against the tenant.
+            self._spend.settle_later(spend, model_request, progress)
 
         if blocked is not None:
-            await self._commit(context, conversation_id, chat.user_id, new, user_message, _refused_reply())
+            await self._commit(context, tenant, conversation_id, chat.user_id, new, user_message, _refused_reply())
             annotate(input_tokens=0, output_tokens=0)
             yield _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories)
             return
@@ -193,6 +206,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         reply = StoredMessage(role="assistant", content=reply_text, created_at=time.time())
         await self._commit(
             context,
+            tenant,
             conversation_id,
             chat.user_id,
             new,
@@ -244,8 +258,24 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             raise SafetyUnavailable(error.code().name) from error
         return response.verdict
 
+    def _model_request(
+        self, chat: chat_pb2.ChatRequest, model: str, window: list[StoredMessage], limits: Limits
+    ) -> ModelRequest:
+        options = chat.options
+        return ModelRequest(
+            model=model,
+            messages=build_messages(options.system_prompt, window, chat.message),
+            temperature=options.temperature if options.HasField("temperature") else None,
+            top_p=options.top_p if options.HasField("top_p") else None,
+            max_tokens=self._spend.bounded_max_tokens(
+                limits, options.max_tokens if options.HasField("max_tokens") else None
+            ),
+            stop=list(options.stop),
+            seed=options.seed if options.HasField("seed") else None,
+        )
+
     def _answer_context(
-        self, chat: chat_pb2.ChatRequest, model: str, window: list[StoredMessage]
+        self, tenant: str, chat: chat_pb2.ChatRequest, model: str, window: list[StoredMessage]
     ) -> cache_pb2.AnswerContext | None:
         """What the cache keys an answer by; None when this request's answer may not be cached."""
         options = chat.options
@@ -253,7 +283,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             metrics.dialogue_cache_lookup("skipped")
             return None
         context = cache_pb2.AnswerContext(
-            tenant=_TENANT,
+            tenant=tenant,
             model=model,
             system_prompt=options.system_prompt,
             stop=options.stop,
@@ -291,6 +321,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def _commit(
         self,
         context: grpc.aio.ServicerContext,
+        tenant: str,
         conversation_id: str,
         user_id: str,
         new: bool,
@@ -303,23 +334,35 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             user_message=user_message, reply=reply, input_tokens=input_tokens, output_tokens=output_tokens
         )
         async with _store_errors(context, conversation_id, "was deleted while the turn ran"):
-            await self._store.commit_turn(conversation_id, user_id, turn, new=new)
+            await self._store.commit_turn(tenant, conversation_id, user_id, turn, new=new)
 
     async def GetConversation(
-        self, request: chat_pb2.GetConversationRequest, context: grpc.aio.ServicerContext
+        self, scoped: dialogue_pb2.TenantGetConversationRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GetConversationResponse:
-        annotate(user_id=request.user_id)
+        request = scoped.request
+        annotate(tenant=scoped.tenant, user_id=request.user_id)
         async with _store_errors(context, request.conversation_id):
-            conversation = await self._store.get(request.conversation_id, request.user_id)
+            conversation = await self._store.get(scoped.tenant, request.conversation_id, request.user_id)
         return chat_pb2.GetConversationResponse(conversation=_to_proto(conversation))
 
     async def DeleteConversation(
-        self, request: chat_pb2.DeleteConversationRequest, context: grpc.aio.ServicerContext
+        self, scoped: dialogue_pb2.TenantDeleteConversationRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.DeleteConversationResponse:
-        annotate(user_id=request.user_id)
+        request = scoped.request
+        annotate(tenant=scoped.tenant, user_id=request.user_id)
         async with _store_errors(context, request.conversation_id):
-            await self._store.delete(request.conversation_id, request.user_id)
+            await self._store.delete(scoped.tenant, request.conversation_id, request.user_id)
         return chat_pb2.DeleteConversationResponse()
+
+    async def GetTokenUsage(
+        self, request: dialogue_pb2.GetTokenUsageRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.GetUsageResponse:
+        annotate(tenant=request.tenant)
+        try:
+            return await self._spend.usage(request.tenant, Limits.from_proto(request.limits))
+        except LedgerUnavailable:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "usage cannot be read right now; retry with backoff")
+            raise
 
     def _cost_usd(self, model: str, outcome: ModelOutcome) -> float:
         """Priced by the longest entry of the price table that the model name starts with, so that

@@ -1,7 +1,9 @@
 """Where conversations live: the ConversationStore interface and its in-memory and Redis implementations.
 
-A conversation belongs to the user that started it. Every method takes that user id, and a
-conversation owned by someone else is reported exactly like one that does not exist.
+A conversation belongs to the user of the tenant that started it. Every method takes that tenant and
+user id, and a conversation of another tenant or of another user is reported exactly like one that
+does not exist. Conversation ids are scoped by tenant: the same id in two tenants names two
+independent conversations, and the same user id in two tenants names two different users.
 A conversation comes into being with its first committed turn, so a turn that fails leaves nothing.
 With a retention period, a conversation is erased that long after its last committed turn.
 """
@@ -25,7 +27,7 @@ Role = Literal["user", "assistant"]
 
 
 class ConversationNotFound(Exception):
-    """The conversation does not exist, or belongs to another user."""
+    """The conversation does not exist, or belongs to another tenant or another user."""
 
 
 class StoreUnavailable(Exception):
@@ -53,6 +55,7 @@ class CommittedTurn:
 
 @dataclass(slots=True)
 class Conversation:
+    tenant: str
     conversation_id: str
     user_id: str
     created_at: float
@@ -64,24 +67,27 @@ class Conversation:
 
 class ConversationStore(abc.ABC):
     @abc.abstractmethod
-    async def recent_messages(self, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
+    async def recent_messages(self, tenant: str, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
         """The last `limit` messages, oldest first. Raises ConversationNotFound."""
 
     @abc.abstractmethod
-    async def commit_turn(self, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool) -> None:
+    async def commit_turn(
+        self, tenant: str, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool
+    ) -> None:
         """Appends both messages of a turn and adds its usage, all or nothing.
 
-        With `new`, creates the conversation owned by `user_id` (raises ConversationNotFound if the id is
-        already taken). Without it, raises ConversationNotFound if the conversation no longer exists or
-        belongs to someone else, for example because it was deleted while the turn ran.
+        With `new`, creates the conversation owned by `user_id` of `tenant` (raises ConversationNotFound
+        if the id is already taken within `tenant`; the same id in another tenant does not count).
+        Without it, raises ConversationNotFound if the conversation no longer exists or belongs to
+        another tenant or user, for example because it was deleted while the turn ran.
         """
 
     @abc.abstractmethod
-    async def get(self, conversation_id: str, user_id: str) -> Conversation:
+    async def get(self, tenant: str, conversation_id: str, user_id: str) -> Conversation:
         """The whole conversation. Raises ConversationNotFound."""
 
     @abc.abstractmethod
-    async def delete(self, conversation_id: str, user_id: str) -> None:
+    async def delete(self, tenant: str, conversation_id: str, user_id: str) -> None:
         """Erases the conversation at once. Raises ConversationNotFound."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook; the memory store has nothing to release
@@ -91,8 +97,9 @@ class ConversationStore(abc.ABC):
 class MemoryConversationStore(ConversationStore):
     """Conversations in a dict, for one process. Never awaits, so every method is atomic on the event loop.
 
-    Bounded: past `max_conversations`, the least recently used conversation is dropped, so that a
-    long-running process without Redis does not grow without end.
+    Keyed by (tenant, conversation_id). Bounded: past `max_conversations` (over all tenants together),
+    the least recently used conversation is dropped, so that a long-running process without Redis does
+    not grow without end.
     """
 
     def __init__(
@@ -102,87 +109,98 @@ class MemoryConversationStore(ConversationStore):
         max_conversations: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
-        self._expires_at: dict[str, float] = {}
+        self._conversations: OrderedDict[tuple[str, str], Conversation] = OrderedDict()
+        self._expires_at: dict[tuple[str, str], float] = {}
         self._retention_seconds = retention_seconds
         self._max_conversations = max_conversations
         self._clock = clock
 
-    def _owned(self, conversation_id: str, user_id: str) -> Conversation:
-        conversation = self._conversations.get(conversation_id)
-        if conversation is not None and self._clock() >= self._expires_at.get(conversation_id, math.inf):
-            self._forget(conversation_id)
+    def _owned(self, tenant: str, conversation_id: str, user_id: str) -> Conversation:
+        key = (tenant, conversation_id)
+        conversation = self._conversations.get(key)
+        if conversation is not None and self._clock() >= self._expires_at.get(key, math.inf):
+            self._forget(key)
             conversation = None
-        if conversation is None or conversation.user_id != user_id:
+        if conversation is None or conversation.tenant != tenant or conversation.user_id != user_id:
             raise ConversationNotFound(conversation_id)
-        self._conversations.move_to_end(conversation_id)
+        self._conversations.move_to_end(key)
         return conversation
 
-    def _forget(self, conversation_id: str) -> None:
-        del self._conversations[conversation_id]
-        self._expires_at.pop(conversation_id, None)
+    def _forget(self, key: tuple[str, str]) -> None:
+        del self._conversations[key]
+        self._expires_at.pop(key, None)
 
-    async def recent_messages(self, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
-        messages = self._owned(conversation_id, user_id).messages
+    async def recent_messages(self, tenant: str, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
+        messages = self._owned(tenant, conversation_id, user_id).messages
         return messages[-limit:] if limit > 0 else []
 
-    async def commit_turn(self, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool) -> None:
+    async def commit_turn(
+        self, tenant: str, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool
+    ) -> None:
+        key = (tenant, conversation_id)
         if new:
-            if conversation_id in self._conversations:
+            if key in self._conversations:
                 raise ConversationNotFound(conversation_id)
             if self._max_conversations is not None and len(self._conversations) >= self._max_conversations:
                 self._forget(next(iter(self._conversations)))
             conversation = Conversation(
+                tenant=tenant,
                 conversation_id=conversation_id,
                 user_id=user_id,
                 created_at=turn.user_message.created_at,
                 updated_at=turn.reply.created_at,
             )
-            self._conversations[conversation_id] = conversation
+            self._conversations[key] = conversation
         else:
-            conversation = self._owned(conversation_id, user_id)
+            conversation = self._owned(tenant, conversation_id, user_id)
         conversation.messages += (turn.user_message, turn.reply)
         conversation.input_tokens += turn.input_tokens
         conversation.output_tokens += turn.output_tokens
         conversation.updated_at = turn.reply.created_at
         if self._retention_seconds is not None:
-            self._expires_at[conversation_id] = self._clock() + self._retention_seconds
+            self._expires_at[key] = self._clock() + self._retention_seconds
 
-    async def get(self, conversation_id: str, user_id: str) -> Conversation:
+    async def get(self, tenant: str, conversation_id: str, user_id: str) -> Conversation:
         # StoredMessage is frozen, so copying the list is enough to keep callers off the stored state.
-        conversation = self._owned(conversation_id, user_id)
+        conversation = self._owned(tenant, conversation_id, user_id)
         return replace(conversation, messages=list(conversation.messages))
 
-    async def delete(self, conversation_id: str, user_id: str) -> None:
-        self._owned(conversation_id, user_id)
-        self._forget(conversation_id)
+    async def delete(self, tenant: str, conversation_id: str, user_id: str) -> None:
+        self._owned(tenant, conversation_id, user_id)
+        self._forget((tenant, conversation_id))
 
 
-# KEYS: meta, messages. ARGV: user_id, new ("1" or "0"), created_at, updated_at, input_tokens,
+# The owner check compares both the tenant and the user id stored in the meta hash. The tenant is
+# already part of the keys; checking it again means that a key shared by two tenants, through a bug
+# or an unvalidated name, can never expose one tenant's conversation to the other.
+
+# KEYS: meta, messages. ARGV: tenant, user_id, new ("1" or "0"), created_at, updated_at, input_tokens,
 # output_tokens, user message, reply, retention in ms ("0": kept until deleted). Returns 1 when
-# committed, 0 when the owner check failed.
+# committed, 0 when the id is taken (new) or the owner check failed.
 _COMMIT_TURN_LUA = """
-if ARGV[2] == "1" then
+if ARGV[3] == "1" then
   if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
-  redis.call("HSET", KEYS[1], "user_id", ARGV[1], "created_at", ARGV[3],
+  redis.call("HSET", KEYS[1], "tenant", ARGV[1], "user_id", ARGV[2], "created_at", ARGV[4],
     "input_tokens", 0, "output_tokens", 0)
-elseif redis.call("HGET", KEYS[1], "user_id") ~= ARGV[1] then
-  return 0
+else
+  local owner = redis.call("HMGET", KEYS[1], "tenant", "user_id")
+  if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then return 0 end
 end
-redis.call("RPUSH", KEYS[2], ARGV[7], ARGV[8])
-redis.call("HINCRBY", KEYS[1], "input_tokens", ARGV[5])
-redis.call("HINCRBY", KEYS[1], "output_tokens", ARGV[6])
-redis.call("HSET", KEYS[1], "updated_at", ARGV[4])
-if ARGV[9] ~= "0" then
-  redis.call("PEXPIRE", KEYS[1], ARGV[9])
-  redis.call("PEXPIRE", KEYS[2], ARGV[9])
+redis.call("RPUSH", KEYS[2], ARGV[8], ARGV[9])
+redis.call("HINCRBY", KEYS[1], "input_tokens", ARGV[6])
+redis.call("HINCRBY", KEYS[1], "output_tokens", ARGV[7])
+redis.call("HSET", KEYS[1], "updated_at", ARGV[5])
+if ARGV[10] ~= "0" then
+  redis.call("PEXPIRE", KEYS[1], ARGV[10])
+  redis.call("PEXPIRE", KEYS[2], ARGV[10])
 end
 return 1
 """
 
-# KEYS: meta, messages. ARGV: user_id. Returns 1 when deleted, 0 when the owner check failed.
+# KEYS: meta, messages. ARGV: tenant, user_id. Returns 1 when deleted, 0 when the owner check failed.
 _DELETE_LUA = """
-if redis.call("HGET", KEYS[1], "user_id") ~= ARGV[1] then return 0 end
+local owner = redis.call("HMGET", KEYS[1], "tenant", "user_id")
+if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then return 0 end
 redis.call("DEL", KEYS[1], KEYS[2])
 return 1
 """
@@ -206,10 +224,12 @@ def _unavailable_on_redis_error(method: Callable[P, Awaitable[R]]) -> Callable[P
 
 
 class RedisConversationStore(ConversationStore):
-    """Conversations in Redis: a hash `chatmesh:conv:{id}:meta` and a list `chatmesh:conv:{id}:messages`.
+    """Conversations in Redis: a hash `chatmesh:conv:{tenant/id}:meta` (tenant, user_id, created_at,
+    updated_at, input_tokens, output_tokens) and a list `chatmesh:conv:{tenant/id}:messages`.
 
-    The `{id}` hash tag puts both keys in one Redis Cluster slot, so the Lua scripts that check the
-    owner and write may touch both atomically.
+    The `{tenant/id}` hash tag covers both the tenant and the id, so both keys of a conversation sit
+    in one Redis Cluster slot and the Lua scripts that check the owner and write may touch both
+    atomically. Tenant names (`[a-z0-9][a-z0-9-]*`) hold no '/', so the first '/' always ends the tenant.
     """
 
     def __init__(self, client: Redis, *, retention_seconds: float | None = None) -> None:
@@ -228,27 +248,30 @@ class RedisConversationStore(ConversationStore):
         return cls(client, retention_seconds=retention_seconds)
 
     @staticmethod
-    def _keys(conversation_id: str) -> tuple[str, str]:
-        prefix = f"chatmesh:conv:{{{conversation_id}}}"
+    def _keys(tenant: str, conversation_id: str) -> tuple[str, str]:
+        prefix = f"chatmesh:conv:{{{tenant}/{conversation_id}}}"
         return f"{prefix}:meta", f"{prefix}:messages"
 
     @_unavailable_on_redis_error
-    async def recent_messages(self, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
-        meta_key, messages_key = self._keys(conversation_id)
+    async def recent_messages(self, tenant: str, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
+        meta_key, messages_key = self._keys(tenant, conversation_id)
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.hget(meta_key, "user_id")
+            pipe.hmget(meta_key, "tenant", "user_id")
             if limit > 0:  # LRANGE -0 -1 would return the whole list
                 pipe.lrange(messages_key, -limit, -1)
             results = await pipe.execute()
-        if results[0] != user_id:
+        if results[0] != [tenant, user_id]:
             raise ConversationNotFound(conversation_id)
         return [_decode_message(raw) for raw in results[1]] if limit > 0 else []
 
     @_unavailable_on_redis_error
-    async def commit_turn(self, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool) -> None:
+    async def commit_turn(
+        self, tenant: str, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool
+    ) -> None:
         committed = await self._commit_turn(
-            keys=self._keys(conversation_id),
+            keys=self._keys(tenant, conversation_id),
             args=(
+                tenant,
                 user_id,
                 "1" if new else "0",
                 repr(turn.user_message.created_at),
@@ -264,15 +287,16 @@ class RedisConversationStore(ConversationStore):
             raise ConversationNotFound(conversation_id)
 
     @_unavailable_on_redis_error
-    async def get(self, conversation_id: str, user_id: str) -> Conversation:
-        meta_key, messages_key = self._keys(conversation_id)
+    async def get(self, tenant: str, conversation_id: str, user_id: str) -> Conversation:
+        meta_key, messages_key = self._keys(tenant, conversation_id)
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.hgetall(meta_key)
             pipe.lrange(messages_key, 0, -1)
             meta, raw_messages = await pipe.execute()
-        if meta.get("user_id") != user_id:
+        if meta.get("tenant") != tenant or meta.get("user_id") != user_id:
             raise ConversationNotFound(conversation_id)
         return Conversation(
+            tenant=tenant,
             conversation_id=conversation_id,
             user_id=user_id,
             created_at=float(meta["created_at"]),
@@ -283,8 +307,8 @@ class RedisConversationStore(ConversationStore):
         )
 
     @_unavailable_on_redis_error
-    async def delete(self, conversation_id: str, user_id: str) -> None:
-        if not await self._delete(keys=self._keys(conversation_id), args=(user_id,)):
+    async def delete(self, tenant: str, conversation_id: str, user_id: str) -> None:
+        if not await self._delete(keys=self._keys(tenant, conversation_id), args=(tenant, user_id)):
             raise ConversationNotFound(conversation_id)
 
     async def close(self) -> None:

@@ -1,18 +1,68 @@
 """Starts the gateway process."""
 
+import ipaddress
+
+from chatmesh.gateway.admin import AdminServicer
+from chatmesh.gateway.admission import Admission
+from chatmesh.gateway.auth import Authenticator
 from chatmesh.gateway.service import ChatGateway
+from chatmesh.gateway.usage import UsageReader
+from chatmesh.runtime import metrics
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
+from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
-from chatmesh.v1 import chat_pb2, chat_pb2_grpc, dialogue_pb2_grpc
+from chatmesh.tenancy.directory import create_tenant_directory
+from chatmesh.tenancy.keys import KeyHasher
+from chatmesh.tenancy.ledger import create_usage_ledger
+from chatmesh.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc, dialogue_pb2_grpc
+
+log = get_logger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth_settings(settings: Settings) -> None:
+    """Refuses to serve unauthenticated callers beyond this machine."""
+    if settings.auth == "off" and not is_loopback(settings.bind_host):
+        raise SystemExit(
+            f"CHATMESH_AUTH=off is allowed only when the gateway listens on loopback, not on {settings.bind_host}: "
+            "set CHATMESH_AUTH=required"
+        )
 
 
 async def main(settings: Settings) -> None:
+    check_auth_settings(settings)
+    log.info(
+        "auth",
+        extra={
+            "mode": settings.auth,
+            "admin_api": "token" if settings.admin_token is not None else ("open" if settings.auth == "off" else "off"),
+            "store": "redis" if settings.redis_url else "memory",
+        },
+    )
     dialogue_channel = open_channel(settings.dialogue_target, settings)
-    gateway = ChatGateway(settings, dialogue_pb2_grpc.DialogueServiceStub(dialogue_channel))
+    dialogue = dialogue_pb2_grpc.DialogueServiceStub(dialogue_channel)
+    directory = create_tenant_directory(settings.redis_url)
+    ledger = create_usage_ledger(settings.redis_url)
+    hasher = KeyHasher(settings.api_key_pepper.get_secret_value())
+    usage = UsageReader(settings, ledger, dialogue)
+    admission = Admission(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants))
+    gateway = ChatGateway(settings, dialogue, Authenticator(settings, directory), admission, usage)
+    admin = AdminServicer(settings, directory, usage, hasher)
 
     async def release() -> None:
+        await admission.wait_for_releases()
         await dialogue_channel.close()
+        await ledger.close()
+        await directory.close()
 
     await serve(
         settings,
@@ -21,7 +71,11 @@ async def main(settings: Settings) -> None:
             Servicer(
                 chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
                 lambda server: chat_pb2_grpc.add_ChatServiceServicer_to_server(gateway, server),
-            )
+            ),
+            Servicer(
+                admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+                lambda server: admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server),
+            ),
         ],
         on_stopped=release,
     )

@@ -1,10 +1,14 @@
-"""ChatService: the public API. Validates, names the request, sets the deadline, relays dialogue."""
+"""ChatService: the public API. Names the call, authenticates its tenant, validates, admits it under the
+tenant's limits, sets the deadline, relays dialogue."""
 
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
+from chatmesh.gateway.admission import Admission, AdmissionRefused
+from chatmesh.gateway.auth import Authenticator, AuthError, Caller, record_failure
+from chatmesh.gateway.usage import UsageReader, UsageUnavailable
 from chatmesh.gateway.validation import (
     Violations,
     check_chat_request,
@@ -40,23 +44,42 @@ _DETAILS_KEY = "grpc-status-details-bin"
 
 
 class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, settings: Settings, dialogue: dialogue_pb2_grpc.DialogueServiceStub) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        dialogue: dialogue_pb2_grpc.DialogueServiceStub,
+        authenticator: Authenticator,
+        admission: Admission,
+        usage: UsageReader,
+    ) -> None:
         self._settings = settings
         self._dialogue = dialogue
+        self._authenticator = authenticator
+        self._admission = admission
+        self._usage = usage
 
     async def StreamChat(
         self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
         annotate(user_id=request.user_id, model=request.options.model or self._settings.default_model)
         request_id = _name_call(context)
+        caller = await self._authenticate(context, request_id)
         violations = check_chat_request(request, self._settings)
         if violations:
             await _reply_headers(context, request_id)
             await abort_with(context, invalid_argument(violations))
+        timeout = downstream_timeout(context, self._settings.default_deadline_seconds)
+        try:
+            holds_slot = await self._admission.admit(caller, request_id, timeout)
+        except AdmissionRefused as refused:
+            await _reply_headers(context, request_id)
+            await abort_with(context, refused.status)
         # Creating the call sends it; the response headers go out while dialogue starts working.
         call = self._dialogue.Turn(
-            dialogue_pb2.TurnRequest(request=request, request_id=request_id),
-            timeout=downstream_timeout(context, self._settings.default_deadline_seconds),
+            dialogue_pb2.TurnRequest(
+                request=request, request_id=request_id, tenant=caller.tenant, limits=caller.limits.to_proto()
+            ),
+            timeout=timeout,
         )
         try:
             await _reply_headers(context, request_id)
@@ -70,6 +93,8 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
             await _relay_failure(context, error, request_id)
         finally:
             call.cancel()
+            if holds_slot:
+                self._admission.release_later(caller.tenant, request_id)
 
     async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
         response = chat_pb2.ChatResponse()
@@ -97,13 +122,14 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.GetConversationRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GetConversationResponse:
         annotate(user_id=request.user_id)
-        request_id = await self._start(
+        request_id, caller = await self._start(
             context,
             check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=True),
         )
         try:
             return await self._dialogue.GetConversation(
-                request, timeout=downstream_timeout(context, self._settings.default_deadline_seconds)
+                dialogue_pb2.TenantGetConversationRequest(tenant=caller.tenant, request=request),
+                timeout=downstream_timeout(context, self._settings.default_deadline_seconds),
             )
         except grpc.aio.AioRpcError as error:
             await _relay_failure(context, error, request_id)
@@ -113,25 +139,53 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.DeleteConversationRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.DeleteConversationResponse:
         annotate(user_id=request.user_id)
-        request_id = await self._start(
+        request_id, caller = await self._start(
             context,
             check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=True),
         )
         try:
             return await self._dialogue.DeleteConversation(
-                request, timeout=downstream_timeout(context, self._settings.default_deadline_seconds)
+                dialogue_pb2.TenantDeleteConversationRequest(tenant=caller.tenant, request=request),
+                timeout=downstream_timeout(context, self._settings.default_deadline_seconds),
             )
         except grpc.aio.AioRpcError as error:
             await _relay_failure(context, error, request_id)
             raise
 
-    async def _start(self, context: grpc.aio.ServicerContext, violations: Violations) -> str:
-        """Names the call, sends the response headers, and rejects bad input."""
+    async def GetUsage(
+        self, request: chat_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.GetUsageResponse:
+        request_id, caller = await self._start(context, [])
+        try:
+            return await self._usage.read(caller.tenant, caller.limits, context)
+        except UsageUnavailable:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "usage cannot be read right now; retry with backoff")
+            raise
+        except grpc.aio.AioRpcError as error:
+            await _relay_failure(context, error, request_id)
+            raise
+
+    async def _start(self, context: grpc.aio.ServicerContext, violations: Violations) -> tuple[str, Caller]:
+        """Names the call, authenticates it, sends the response headers, and rejects bad input."""
         request_id = _name_call(context)
+        caller = await self._authenticate(context, request_id)
         await _reply_headers(context, request_id)
         if violations:
             await abort_with(context, invalid_argument(violations))
-        return request_id
+        return request_id, caller
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext, request_id: str) -> Caller:
+        """The caller; ends the call with UNAUTHENTICATED or UNAVAILABLE when it cannot be identified.
+        The log line's tenant is the authenticated one, never what the caller's metadata claimed."""
+        try:
+            caller = await self._authenticator.authenticate(context.invocation_metadata())
+        except AuthError as error:
+            annotate(tenant="")
+            record_failure(error)
+            await _reply_headers(context, request_id)
+            await abort(context, error.code, str(error))
+        annotate(tenant=caller.tenant)
+        return caller
 
 
 def _name_call(context: grpc.aio.ServicerContext) -> str:

@@ -33,6 +33,9 @@ from chatmesh.runtime.status import served_code
 from chatmesh.runtime.tracing import current_trace_ids
 
 REQUEST_ID_KEY = "x-request-id"
+# The tenant of the call being served, passed downstream for log lines only: services take the tenant
+# they act for from their requests' fields, never from this. The gateway replaces what a caller sends.
+TENANT_KEY = "x-chatmesh-tenant"
 # What a request id received in metadata must look like to be kept (the gateway's rule for callers' ids).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 
@@ -80,6 +83,16 @@ class UserIdHasher:
 def _request_id(metadata: Any) -> str:
     for key, value in metadata or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return ""
+
+
+_TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def _tenant(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == TENANT_KEY and isinstance(value, str) and _TENANT.fullmatch(value):
             return value
     return ""
 
@@ -163,10 +176,12 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
 
     def _begin(self, method: str, context: grpc.aio.ServicerContext) -> RequestRecord:
         trace_id, span_id = current_trace_ids()
+        metadata = context.invocation_metadata()
         record = RequestRecord(
             method=method,
             started=time.perf_counter(),
-            request_id=_request_id(context.invocation_metadata()),
+            request_id=_request_id(metadata),
+            tenant=_tenant(metadata),
             trace_id=trace_id,
             span_id=span_id,
         )
@@ -185,6 +200,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 "request_id": record.request_id,
                 "trace_id": record.trace_id,
                 "span_id": record.span_id,
+                "tenant": record.tenant or None,
                 "user_id": None if record.user_id is None else self._hash_user_id(record.user_id),
                 "model": record.model,
                 "input_tokens": record.input_tokens,

@@ -42,6 +42,8 @@ class JsonFormatter(logging.Formatter):
         request = _current_request.get()
         if request is not None:
             entry.setdefault("request_id", request.request_id)
+            if request.tenant:
+                entry.setdefault("tenant", request.tenant)
             if request.trace_id:
                 entry.setdefault("trace_id", request.trace_id)
                 entry.setdefault("span_id", request.span_id)
@@ -77,6 +79,8 @@ class RequestRecord:
     request_id: str = ""
     trace_id: str = ""
     span_id: str = ""
+    # The caller's tenant: set by the gateway once the caller is authenticated, and passed downstream.
+    tenant: str = ""
     user_id: str | None = None
     model: str | None = None
     input_tokens: int | None = None
@@ -100,6 +104,7 @@ def begin_request(record: RequestRecord) -> None:
 def annotate(
     *,
     request_id: str | None = None,
+    tenant: str | None = None,
     user_id: str | None = None,
     model: str | None = None,
     input_tokens: int | None = None,
@@ -113,6 +118,8 @@ def annotate(
         return
     if request_id:
         record.request_id = request_id
+    if tenant is not None:
+        record.tenant = tenant
     if user_id is not None:
         record.user_id = user_id
     if model:

@@ -89,6 +89,15 @@ class ModelOutcome:
     output_tokens: int = 0
 
 
+@dataclass(slots=True)
+class StreamProgress:
+    """How far a streamed call got, for accounting when it does not finish: the text chunks received (the
+    provider streams about one token per chunk), and its outcome once reported."""
+
+    chunks: int = 0
+    outcome: ModelOutcome | None = None
+
+
 class ModelClient:
     """One per process: one SDK client, one connection pool."""
 
@@ -115,8 +124,10 @@ class ModelClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def stream_chat(self, request: ModelRequest, deadline: float) -> AsyncIterator[str | ModelOutcome]:
-        """Yields the reply's text deltas as they arrive, then one ModelOutcome.
+    async def stream_chat(
+        self, request: ModelRequest, deadline: float, progress: StreamProgress | None = None
+    ) -> AsyncIterator[str | ModelOutcome]:
+        """Yields the reply's text deltas as they arrive, then one ModelOutcome; `progress` follows along.
 
         `deadline` is in `loop.time()` terms. Failures before the first delta are retried with
         exponential backoff and jitter, honouring Retry-After, while the deadline allows; once text
@@ -151,6 +162,11 @@ class ModelClient:
                     )
                     try:
                         async for item in _parse_sse(response.aiter_bytes()):
+                            if progress is not None:
+                                if item.__class__ is str:
+                                    progress.chunks += 1
+                                else:
+                                    progress.outcome = item
                             if not text_sent:
                                 text_sent = True
                                 if item.__class__ is str:

@@ -1,5 +1,5 @@
-"""What a call made while serving another carries downstream: its request id and, with tracing on, its
-trace context (W3C `traceparent`) in a CLIENT span of its own.
+"""What a call made while serving another carries downstream: its request id, its tenant (for log lines)
+and, with tracing on, its trace context (W3C `traceparent`) in a CLIENT span of its own.
 
 `open_channel()` wraps every channel in a PropagatingChannel. Its stubs' calls add `x-request-id`
 (and `traceparent`) to their metadata, and start the call's span, before handing the call to grpc.
@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from chatmesh.runtime import tracing
-from chatmesh.runtime.access_log import REQUEST_ID_KEY
+from chatmesh.runtime.access_log import REQUEST_ID_KEY, TENANT_KEY
 from chatmesh.runtime.logs import current_request
 from chatmesh.runtime.wrapped_channel import WrappedChannel
 
@@ -36,12 +36,15 @@ class _PropagatingMultiCallable:
     def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
         record = current_request()
         request_id = "" if record is None else record.request_id
+        tenant = "" if record is None else record.tenant
         span = tracing.start_rpc_client_span(self._method) if self._traced else None
-        if not request_id and span is None:
+        if not request_id and not tenant and span is None:
             return self._callable(*args, metadata=metadata, **kwargs)
         pairs = list(metadata) if metadata else []
         if request_id and not any(key == REQUEST_ID_KEY for key, _ in pairs):
             pairs.append((REQUEST_ID_KEY, request_id))
+        if tenant:
+            pairs.append((TENANT_KEY, tenant))
         if span is not None:
             pairs.extend(tracing.inject_headers(span).items())
         call = self._callable(*args, metadata=tuple(pairs), **kwargs)

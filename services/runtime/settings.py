@@ -41,7 +41,32 @@ class Settings(BaseSettings):
     max_output_tokens: int = 16_384
     default_deadline_seconds: float = 120.0
 
-    # Dialogue.
+    # Callers and tenants (gateway). "required": every ChatService call needs an API key. "off": a call
+    # without a key acts as the tenant `default` (a call with one is still checked); allowed only when
+    # bind_host is a loopback address, and the gateway refuses to start otherwise.
+    auth: Literal["required", "off"] = "off"
+    # The credential of the AdminService (`authorization: Bearer <token>`). Unset: the admin API refuses
+    # every call, except with auth "off" (loopback only), where it needs no token.
+    admin_token: SecretStr | None = None
+    # The key of the HMAC-SHA256 under which API keys are stored. The same in every gateway and kept across
+    # restarts: changing it invalidates every key. Keys are 256-bit random, so the public default does
+    # not make them guessable, but set a secret of your own.
+    api_key_pepper: SecretStr = SecretStr("chatmesh-default-api-key-pepper")
+    # How long a gateway trusts a key (and its tenant's limits) it has verified before checking the store
+    # again: a revoked key or a changed limit takes effect on every replica within this time.
+    auth_cache_seconds: float = Field(default=1.0, ge=0, le=1.5)
+    # When Redis cannot be reached: requests per minute and concurrent streams are skipped ("open") or the
+    # call fails with UNAVAILABLE ("closed"); tokens per minute and budgets likewise. API keys are never
+    # accepted unverified: a key not verified within auth_cache_seconds fails with UNAVAILABLE.
+    request_limits_fail_open: bool = True
+    spend_limits_fail_open: bool = False
+    # A request that sets no max_tokens, from a tenant with a token or spend limit, asks the model for at
+    # most this many, so that its worst case (and so its reservation) is bounded.
+    limits_default_max_tokens: int = Field(default=4096, ge=1)
+    # Per-tenant metrics label at most this many tenants per process; the others count as "other".
+    metrics_max_tenants: int = Field(default=100, ge=0)
+
+    # Dialogue, and the gateway's tenants, keys and limits.
     redis_url: str | None = None
     context_window_messages: int = 10
     # Conversations are erased this long after their last turn; 0 keeps them until deleted.

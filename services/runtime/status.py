@@ -16,17 +16,43 @@ from grpc_status import rpc_status
 
 def retry_later(message: str, retry_after_seconds: float | None) -> grpc.Status:
     """RESOURCE_EXHAUSTED, with a RetryInfo detail when the wait is known."""
-    details = []
-    if retry_after_seconds is not None:
-        detail = any_pb2.Any()
-        seconds = math.floor(retry_after_seconds)
-        detail.Pack(
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(seconds=seconds, nanos=int((retry_after_seconds - seconds) * 1e9))
-            )
-        )
-        details.append(detail)
+    details = [] if retry_after_seconds is None else [_retry_info(retry_after_seconds)]
     return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=details))
+
+
+def quota_exceeded(subject: str, quota_id: str, description: str, retry_after_seconds: float) -> grpc.Status:
+    """RESOURCE_EXHAUSTED for a limit of chatmesh's own: a QuotaFailure naming the limit (`quota_id`) and
+    whose it is (`subject`), and a RetryInfo saying when capacity frees up."""
+    failure = any_pb2.Any()
+    failure.Pack(
+        error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=subject, description=description, quota_id=quota_id)
+            ]
+        )
+    )
+    message = f"{quota_id} exceeded: {description}; retry in {math.ceil(retry_after_seconds)} s"
+    return rpc_status.to_status(
+        status_pb2.Status(
+            code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[failure, _retry_info(retry_after_seconds)]
+        )
+    )
+
+
+def failure(code: grpc.StatusCode, message: str) -> grpc.Status:
+    """A status without details, for `abort_with`."""
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message))
+
+
+def _retry_info(retry_after_seconds: float) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    seconds = math.floor(retry_after_seconds)
+    detail.Pack(
+        error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=seconds, nanos=int((retry_after_seconds - seconds) * 1e9))
+        )
+    )
+    return detail
 
 
 def invalid_argument(violations: list[tuple[str, str]]) -> grpc.Status:

@@ -203,3 +203,53 @@ class DeleteConversationRequest(_message.Message):
 class DeleteConversationResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class TenantLimits(_message.Message):
+    __slots__ = ("requests_per_minute", "tokens_per_minute", "concurrent_streams", "monthly_budget_usd", "daily_budget_usd")
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MONTHLY_BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    DAILY_BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    requests_per_minute: int
+    tokens_per_minute: int
+    concurrent_streams: int
+    monthly_budget_usd: float
+    daily_budget_usd: float
+    def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., concurrent_streams: _Optional[int] = ..., monthly_budget_usd: _Optional[float] = ..., daily_budget_usd: _Optional[float] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Quota(_message.Message):
+    __slots__ = ("name", "limit", "used", "remaining", "reset_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RESET_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    limit: float
+    used: float
+    remaining: float
+    reset_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., limit: _Optional[float] = ..., used: _Optional[float] = ..., remaining: _Optional[float] = ..., reset_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("tenant", "limits", "quotas", "month_requests", "month_input_tokens", "month_output_tokens", "month_cost_usd")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    MONTH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MONTH_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MONTH_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MONTH_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    limits: TenantLimits
+    quotas: _containers.RepeatedCompositeFieldContainer[Quota]
+    month_requests: int
+    month_input_tokens: int
+    month_output_tokens: int
+    month_cost_usd: float
+    def __init__(self, tenant: _Optional[str] = ..., limits: _Optional[_Union[TenantLimits, _Mapping]] = ..., quotas: _Optional[_Iterable[_Union[Quota, _Mapping]]] = ..., month_requests: _Optional[int] = ..., month_input_tokens: _Optional[int] = ..., month_output_tokens: _Optional[int] = ..., month_cost_usd: _Optional[float] = ...) -> None: ...

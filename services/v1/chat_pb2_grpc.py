@@ -26,9 +26,11 @@ if _version_not_supported:
 
 
 class ChatServiceStub:
-    """The public API. Callers are other backend services; every call names the
-    `user_id` it acts for, and a conversation is visible only to the user that
-    started it.
+    """The public API. Callers are other backend services. Every call carries
+    `authorization: Bearer <API key>` metadata; the key names the caller's tenant,
+    and everything a call touches (conversations, cached answers, usage) belongs
+    to that tenant. Every call also names the `user_id` it acts for, and a
+    conversation is visible only to the user of the tenant that started it.
     """
 
     def __init__(self, channel):
@@ -57,12 +59,19 @@ class ChatServiceStub:
                 request_serializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/chatmesh.v1.ChatService/GetUsage',
+                request_serializer=chatmesh_dot_v1_dot_chat__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_v1_dot_chat__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
-    """The public API. Callers are other backend services; every call names the
-    `user_id` it acts for, and a conversation is visible only to the user that
-    started it.
+    """The public API. Callers are other backend services. Every call carries
+    `authorization: Bearer <API key>` metadata; the key names the caller's tenant,
+    and everything a call touches (conversations, cached answers, usage) belongs
+    to that tenant. Every call also names the `user_id` it acts for, and a
+    conversation is visible only to the user of the tenant that started it.
     """
 
     def Chat(self, request, context):
@@ -94,6 +103,14 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """The calling tenant's limits, and what it has used of each in the current
+        minute, day and month.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +134,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     request_deserializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationRequest.FromString,
                     response_serializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.SerializeToString,
             ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=chatmesh_dot_v1_dot_chat__pb2.GetUsageRequest.FromString,
+                    response_serializer=chatmesh_dot_v1_dot_chat__pb2.GetUsageResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'chatmesh.v1.ChatService', rpc_method_handlers)
@@ -126,9 +148,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ChatService:
-    """The public API. Callers are other backend services; every call names the
-    `user_id` it acts for, and a conversation is visible only to the user that
-    started it.
+    """The public API. Callers are other backend services. Every call carries
+    `authorization: Bearer <API key>` metadata; the key names the caller's tenant,
+    and everything a call touches (conversations, cached answers, usage) belongs
+    to that tenant. Every call also names the `user_id` it acts for, and a
+    conversation is visible only to the user of the tenant that started it.
     """
 
     @staticmethod
@@ -229,6 +253,33 @@ class ChatService:
             '/chatmesh.v1.ChatService/DeleteConversation',
             chatmesh_dot_v1_dot_chat__pb2.DeleteConversationRequest.SerializeToString,
             chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.v1.ChatService/GetUsage',
+            chatmesh_dot_v1_dot_chat__pb2.GetUsageRequest.SerializeToString,
+            chatmesh_dot_v1_dot_chat__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 
 class DialogueServiceStub:
-    """Internal: owns conversations and runs turns. Only the gateway calls it.
+    """Internal: owns conversations and runs turns. Only the gateway calls it, and
+    every request carries the tenant the gateway authenticated: dialogue never
+    derives it, and every record it reads or writes belongs to it.
     """
 
     def __init__(self, channel):
@@ -43,18 +45,25 @@ class DialogueServiceStub:
                 _registered_method=True)
         self.GetConversation = channel.unary_unary(
                 '/chatmesh.v1.DialogueService/GetConversation',
-                request_serializer=chatmesh_dot_v1_dot_chat__pb2.GetConversationRequest.SerializeToString,
+                request_serializer=chatmesh_dot_v1_dot_dialogue__pb2.TenantGetConversationRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_v1_dot_chat__pb2.GetConversationResponse.FromString,
                 _registered_method=True)
         self.DeleteConversation = channel.unary_unary(
                 '/chatmesh.v1.DialogueService/DeleteConversation',
-                request_serializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationRequest.SerializeToString,
+                request_serializer=chatmesh_dot_v1_dot_dialogue__pb2.TenantDeleteConversationRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.FromString,
+                _registered_method=True)
+        self.GetTokenUsage = channel.unary_unary(
+                '/chatmesh.v1.DialogueService/GetTokenUsage',
+                request_serializer=chatmesh_dot_v1_dot_dialogue__pb2.GetTokenUsageRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_v1_dot_chat__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
 
 
 class DialogueServiceServicer:
-    """Internal: owns conversations and runs turns. Only the gateway calls it.
+    """Internal: owns conversations and runs turns. Only the gateway calls it, and
+    every request carries the tenant the gateway authenticated: dialogue never
+    derives it, and every record it reads or writes belongs to it.
     """
 
     def Turn(self, request, context):
@@ -76,6 +85,15 @@ class DialogueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTokenUsage(self, request, context):
+        """The tenant's token and spend quotas (tokens_per_minute, daily_budget_usd,
+        monthly_budget_usd) and its month's settled usage; the gateway adds the
+        request quotas it keeps itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DialogueServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -86,13 +104,18 @@ def add_DialogueServiceServicer_to_server(servicer, server):
             ),
             'GetConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetConversation,
-                    request_deserializer=chatmesh_dot_v1_dot_chat__pb2.GetConversationRequest.FromString,
+                    request_deserializer=chatmesh_dot_v1_dot_dialogue__pb2.TenantGetConversationRequest.FromString,
                     response_serializer=chatmesh_dot_v1_dot_chat__pb2.GetConversationResponse.SerializeToString,
             ),
             'DeleteConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteConversation,
-                    request_deserializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationRequest.FromString,
+                    request_deserializer=chatmesh_dot_v1_dot_dialogue__pb2.TenantDeleteConversationRequest.FromString,
                     response_serializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.SerializeToString,
+            ),
+            'GetTokenUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTokenUsage,
+                    request_deserializer=chatmesh_dot_v1_dot_dialogue__pb2.GetTokenUsageRequest.FromString,
+                    response_serializer=chatmesh_dot_v1_dot_chat__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -103,7 +126,9 @@ def add_DialogueServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DialogueService:
-    """Internal: owns conversations and runs turns. Only the gateway calls it.
+    """Internal: owns conversations and runs turns. Only the gateway calls it, and
+    every request carries the tenant the gateway authenticated: dialogue never
+    derives it, and every record it reads or writes belongs to it.
     """
 
     @staticmethod
@@ -148,7 +173,7 @@ class DialogueService:
             request,
             target,
             '/chatmesh.v1.DialogueService/GetConversation',
-            chatmesh_dot_v1_dot_chat__pb2.GetConversationRequest.SerializeToString,
+            chatmesh_dot_v1_dot_dialogue__pb2.TenantGetConversationRequest.SerializeToString,
             chatmesh_dot_v1_dot_chat__pb2.GetConversationResponse.FromString,
             options,
             channel_credentials,
@@ -175,8 +200,35 @@ class DialogueService:
             request,
             target,
             '/chatmesh.v1.DialogueService/DeleteConversation',
-            chatmesh_dot_v1_dot_chat__pb2.DeleteConversationRequest.SerializeToString,
+            chatmesh_dot_v1_dot_dialogue__pb2.TenantDeleteConversationRequest.SerializeToString,
             chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTokenUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.v1.DialogueService/GetTokenUsage',
+            chatmesh_dot_v1_dot_dialogue__pb2.GetTokenUsageRequest.SerializeToString,
+            chatmesh_dot_v1_dot_chat__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,10 +28,12 @@ METRICS_PROCESSES = ("safety", "cache", "dialogue", "gateway")
 
 
 class ServiceProcess:
-    """One chatmesh process (`python -m chatmesh NAME`), its output kept in a log file."""
+    """One chatmesh process (`python -m chatmesh COMMAND`), its output kept in a log file. `name` is the
+    command, or for a further replica the command and its number (`gateway-2`)."""
 
-    def __init__(self, name: str, port: int, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, port: int, env: dict[str, str], log_dir: Path, command: str | None = None) -> None:
         self.name = name
+        self.command = command or name
         self.port = port
         self._env = env
         self.log_path = log_dir / f"{name}.log"
@@ -42,7 +44,7 @@ class ServiceProcess:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "chatmesh", self.name], env=self._env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "chatmesh", self.command], env=self._env, stdout=log, stderr=subprocess.STDOUT
             )
         self._wait_until_ready()
 
@@ -96,7 +98,7 @@ class ServiceProcess:
         raise RuntimeError(f"{self.name} did not become ready in {STARTUP_SECONDS} s:\n{self.log()}")
 
     def _ready(self) -> bool:
-        if self.name == "modelsim":
+        if self.command == "modelsim":
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/sim/stats", timeout=1):
                     return True
@@ -113,7 +115,9 @@ class ServiceProcess:
 class Cluster:
     """chatmesh processes (by default all of them), wired to each other on free ports.
 
-    The simulator starts with no latency; tests change it through `sim_config`.
+    The simulator starts with no latency; tests change it through `sim_config`. `replicas` runs more than
+    one gateway or dialogue (e.g. {"gateway": 3, "dialogue": 2}): replica 2 and on are `gateway-2`, …, each
+    on its own ports; every gateway spreads its calls over every dialogue (round robin).
     """
 
     def __init__(
@@ -122,9 +126,9 @@ class Cluster:
         redis_url: str | None = None,
         env: dict[str, str] | None = None,
         processes: Sequence[str] = START_ORDER,
+        replicas: dict[str, int] | None = None,
     ) -> None:
         self._log_dir = Path(tempfile.mkdtemp(prefix="chatmesh-cluster-"))
-        self._names = [name for name in START_ORDER if name in processes]
         ports = {name: free_port() for name in START_ORDER}
         # Where each process serves /metrics: `metrics_ports[name]`, also `processes[name].metrics_port`.
         self.metrics_ports = {name: free_port() for name in METRICS_PROCESSES}
@@ -155,10 +159,42 @@ class Cluster:
         self.processes = {name: ServiceProcess(name, port, self.env, self._log_dir) for name, port in ports.items()}
         for name, port in self.metrics_ports.items():
             self.processes[name].metrics_port = port
+        extra = {
+            f"{command}-{number}": command
+            for command, count in (replicas or {}).items()
+            for number in range(2, count + 1)
+        }
+        if any(command == "dialogue" for command in extra.values()):
+            dialogues = [ports["dialogue"]] + [free_port() for name in extra if extra[name] == "dialogue"]
+            self.env["CHATMESH_DIALOGUE_TARGET"] = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in dialogues)
+            dialogue_ports = iter(dialogues[1:])
+        for name, command in extra.items():
+            port = next(dialogue_ports) if command == "dialogue" else free_port()
+            metrics_port = free_port()
+            replica_env = {
+                **self.env,
+                f"CHATMESH_{command.upper()}_PORT": str(port),
+                f"CHATMESH_{command.upper()}_METRICS_PORT": str(metrics_port),
+            }
+            self.processes[name] = ServiceProcess(name, port, replica_env, self._log_dir, command)
+            self.processes[name].metrics_port = metrics_port
+            self.metrics_ports[name] = metrics_port
+        # Replicas start right after their first process.
+        self._names = [
+            replica
+            for name in START_ORDER
+            if name in processes
+            for replica in (name, *(extra_name for extra_name, command in extra.items() if command == name))
+        ]
 
     @property
     def gateway_target(self) -> str:
         return f"127.0.0.1:{self.processes['gateway'].port}"
+
+    @property
+    def gateway_targets(self) -> list[str]:
+        """Every gateway replica's address."""
+        return [f"127.0.0.1:{process.port}" for process in self.processes.values() if process.command == "gateway"]
 
     @property
     def safety_target(self) -> str:

@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from chatmesh.dialogue.store import (
     CommittedTurn,
@@ -16,6 +17,8 @@ from chatmesh.dialogue.store import (
     create_conversation_store,
 )
 
+TENANT = "acme"
+OTHER_TENANT = "globex"
 ALICE = "alice"
 MALLORY = "mallory"
 CONVERSATION = "conv-1"
@@ -53,11 +56,12 @@ async def store(store_url: str | None) -> AsyncIterator[ConversationStore]:
 async def test_a_new_conversation_is_created_by_its_first_committed_turn(store: ConversationStore) -> None:
     first = make_turn(1)
     with pytest.raises(ConversationNotFound):
-        await store.get(CONVERSATION, ALICE)
+        await store.get(TENANT, CONVERSATION, ALICE)
 
-    await store.commit_turn(CONVERSATION, ALICE, first, new=True)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, first, new=True)
 
-    conversation = await store.get(CONVERSATION, ALICE)
+    conversation = await store.get(TENANT, CONVERSATION, ALICE)
+    assert conversation.tenant == TENANT
     assert conversation.conversation_id == CONVERSATION
     assert conversation.user_id == ALICE
     assert conversation.messages == messages_of(first)
@@ -68,39 +72,41 @@ async def test_a_new_conversation_is_created_by_its_first_committed_turn(store: 
 
 async def test_recent_messages_are_the_last_n_oldest_first_across_turns(store: ConversationStore) -> None:
     turns = [make_turn(n) for n in (1, 2, 3)]
-    await store.commit_turn(CONVERSATION, ALICE, turns[0], new=True)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, turns[0], new=True)
     for turn in turns[1:]:
-        await store.commit_turn(CONVERSATION, ALICE, turn, new=False)
-    await store.commit_turn("conv-2", ALICE, make_turn(9), new=True)
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, turn, new=False)
+    await store.commit_turn(TENANT, "conv-2", ALICE, make_turn(9), new=True)
 
     everything = messages_of(*turns)
-    assert await store.recent_messages(CONVERSATION, ALICE, 3) == everything[-3:]
-    assert await store.recent_messages(CONVERSATION, ALICE, 1) == [turns[-1].reply]
-    assert await store.recent_messages(CONVERSATION, ALICE, 100) == everything
-    assert (await store.get(CONVERSATION, ALICE)).updated_at == turns[-1].reply.created_at
+    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 3) == everything[-3:]
+    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 1) == [turns[-1].reply]
+    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 100) == everything
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).updated_at == turns[-1].reply.created_at
 
 
 @pytest.mark.parametrize("limit", [0, -1])
 async def test_a_limit_below_one_returns_nothing_but_still_checks_the_owner(
     store: ConversationStore, limit: int
 ) -> None:
-    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
 
-    assert await store.recent_messages(CONVERSATION, ALICE, limit) == []
+    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, limit) == []
     with pytest.raises(ConversationNotFound):
-        await store.recent_messages(CONVERSATION, MALLORY, limit)
+        await store.recent_messages(TENANT, CONVERSATION, MALLORY, limit)
     with pytest.raises(ConversationNotFound):
-        await store.recent_messages("unknown", ALICE, limit)
+        await store.recent_messages(TENANT, "unknown", ALICE, limit)
 
 
-Operation = Callable[[ConversationStore, str, str], Awaitable[object]]
+Operation = Callable[[ConversationStore, str, str, str], Awaitable[object]]
 
 OPERATIONS: dict[str, Operation] = {
-    "recent_messages": lambda store, conversation_id, user_id: store.recent_messages(conversation_id, user_id, 10),
-    "get": lambda store, conversation_id, user_id: store.get(conversation_id, user_id),
-    "delete": lambda store, conversation_id, user_id: store.delete(conversation_id, user_id),
-    "commit_turn": lambda store, conversation_id, user_id: store.commit_turn(
-        conversation_id, user_id, make_turn(7), new=False
+    "recent_messages": lambda store, tenant, conversation_id, user_id: store.recent_messages(
+        tenant, conversation_id, user_id, 10
+    ),
+    "get": lambda store, tenant, conversation_id, user_id: store.get(tenant, conversation_id, user_id),
+    "delete": lambda store, tenant, conversation_id, user_id: store.delete(tenant, conversation_id, user_id),
+    "commit_turn": lambda store, tenant, conversation_id, user_id: store.commit_turn(
+        tenant, conversation_id, user_id, make_turn(7), new=False
     ),
 }
 
@@ -109,71 +115,142 @@ OPERATIONS: dict[str, Operation] = {
 async def test_another_users_conversation_is_not_found_and_stays_untouched(
     store: ConversationStore, operation: Operation
 ) -> None:
-    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
-    before = await store.get(CONVERSATION, ALICE)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    before = await store.get(TENANT, CONVERSATION, ALICE)
 
     with pytest.raises(ConversationNotFound):
-        await operation(store, CONVERSATION, MALLORY)
+        await operation(store, TENANT, CONVERSATION, MALLORY)
 
-    assert await store.get(CONVERSATION, ALICE) == before
+    assert await store.get(TENANT, CONVERSATION, ALICE) == before
+
+
+@pytest.mark.parametrize("operation", OPERATIONS.values(), ids=OPERATIONS.keys())
+async def test_the_same_id_in_another_tenant_is_not_found_and_stays_untouched(
+    store: ConversationStore, operation: Operation
+) -> None:
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    before = await store.get(TENANT, CONVERSATION, ALICE)
+
+    with pytest.raises(ConversationNotFound):
+        await operation(store, OTHER_TENANT, CONVERSATION, ALICE)
+
+    assert await store.get(TENANT, CONVERSATION, ALICE) == before
+    with pytest.raises(ConversationNotFound):  # and nothing came into being in the other tenant
+        await store.get(OTHER_TENANT, CONVERSATION, ALICE)
+
+
+async def test_the_same_user_id_in_two_tenants_is_two_different_users(store: ConversationStore) -> None:
+    await store.commit_turn(TENANT, "conv-acme", ALICE, make_turn(1), new=True)
+    await store.commit_turn(OTHER_TENANT, "conv-globex", ALICE, make_turn(2), new=True)
+
+    assert (await store.get(TENANT, "conv-acme", ALICE)).messages == messages_of(make_turn(1))
+    assert (await store.get(OTHER_TENANT, "conv-globex", ALICE)).messages == messages_of(make_turn(2))
+    for tenant, conversation_id in [(OTHER_TENANT, "conv-acme"), (TENANT, "conv-globex")]:
+        for operation in OPERATIONS.values():
+            with pytest.raises(ConversationNotFound):
+                await operation(store, tenant, conversation_id, ALICE)
+    assert (await store.get(TENANT, "conv-acme", ALICE)).messages == messages_of(make_turn(1))
+    assert (await store.get(OTHER_TENANT, "conv-globex", ALICE)).messages == messages_of(make_turn(2))
+
+
+@pytest.mark.parametrize("other_user", [ALICE, MALLORY])
+async def test_the_same_id_in_two_tenants_names_two_independent_conversations(
+    store: ConversationStore, other_user: str
+) -> None:
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    await store.commit_turn(OTHER_TENANT, CONVERSATION, other_user, make_turn(5), new=True)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(2), new=False)
+    await store.commit_turn(OTHER_TENANT, CONVERSATION, other_user, make_turn(6), new=False)
+
+    ours = await store.get(TENANT, CONVERSATION, ALICE)
+    theirs = await store.get(OTHER_TENANT, CONVERSATION, other_user)
+
+    assert (ours.tenant, ours.user_id, ours.messages) == (TENANT, ALICE, messages_of(make_turn(1), make_turn(2)))
+    assert (ours.input_tokens, ours.output_tokens) == (30, 3)
+    assert ours.created_at == make_turn(1).user_message.created_at
+    assert (theirs.tenant, theirs.user_id) == (OTHER_TENANT, other_user)
+    assert theirs.messages == messages_of(make_turn(5), make_turn(6))
+    assert (theirs.input_tokens, theirs.output_tokens) == (110, 11)
+    assert theirs.created_at == make_turn(5).user_message.created_at
+    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 1) == [make_turn(2).reply]
+    assert await store.recent_messages(OTHER_TENANT, CONVERSATION, other_user, 1) == [make_turn(6).reply]
+
+
+async def test_deleting_in_one_tenant_leaves_the_same_id_in_another_untouched(store: ConversationStore) -> None:
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    await store.commit_turn(OTHER_TENANT, CONVERSATION, ALICE, make_turn(2), new=True)
+    before = await store.get(OTHER_TENANT, CONVERSATION, ALICE)
+
+    await store.delete(TENANT, CONVERSATION, ALICE)
+
+    with pytest.raises(ConversationNotFound):
+        await store.get(TENANT, CONVERSATION, ALICE)
+    with pytest.raises(ConversationNotFound):
+        await store.delete(TENANT, CONVERSATION, ALICE)
+    assert await store.get(OTHER_TENANT, CONVERSATION, ALICE) == before
+    await store.commit_turn(OTHER_TENANT, CONVERSATION, ALICE, make_turn(3), new=False)
+    # The id is free again in the tenant that deleted it, and only there.
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(4), new=True)
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == messages_of(make_turn(4))
+    assert (await store.get(OTHER_TENANT, CONVERSATION, ALICE)).messages == messages_of(make_turn(2), make_turn(3))
 
 
 @pytest.mark.parametrize("operation", OPERATIONS.values(), ids=OPERATIONS.keys())
 async def test_an_unknown_conversation_is_not_found(store: ConversationStore, operation: Operation) -> None:
     with pytest.raises(ConversationNotFound):
-        await operation(store, "unknown", ALICE)
+        await operation(store, TENANT, "unknown", ALICE)
 
     with pytest.raises(ConversationNotFound):
-        await store.get("unknown", ALICE)
+        await store.get(TENANT, "unknown", ALICE)
 
 
 @pytest.mark.parametrize("user_id", [ALICE, MALLORY])
 async def test_creating_a_conversation_under_a_taken_id_fails_and_changes_nothing(
     store: ConversationStore, user_id: str
 ) -> None:
-    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
-    before = await store.get(CONVERSATION, ALICE)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    before = await store.get(TENANT, CONVERSATION, ALICE)
 
     with pytest.raises(ConversationNotFound):
-        await store.commit_turn(CONVERSATION, user_id, make_turn(2), new=True)
+        await store.commit_turn(TENANT, CONVERSATION, user_id, make_turn(2), new=True)
 
-    assert await store.get(CONVERSATION, ALICE) == before
+    assert await store.get(TENANT, CONVERSATION, ALICE) == before
 
 
 async def test_a_deleted_conversation_is_not_resurrected_by_a_late_commit(store: ConversationStore) -> None:
-    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
-    await store.delete(CONVERSATION, ALICE)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    await store.delete(TENANT, CONVERSATION, ALICE)
 
     with pytest.raises(ConversationNotFound):
-        await store.commit_turn(CONVERSATION, ALICE, make_turn(2), new=False)
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(2), new=False)
 
     with pytest.raises(ConversationNotFound):
-        await store.get(CONVERSATION, ALICE)
+        await store.get(TENANT, CONVERSATION, ALICE)
     with pytest.raises(ConversationNotFound):
-        await store.recent_messages(CONVERSATION, ALICE, 10)
+        await store.recent_messages(TENANT, CONVERSATION, ALICE, 10)
 
 
 async def test_delete_erases_the_conversation_at_once(store: ConversationStore) -> None:
-    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
-    await store.commit_turn("conv-2", ALICE, make_turn(2), new=True)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    await store.commit_turn(TENANT, "conv-2", ALICE, make_turn(2), new=True)
 
-    await store.delete(CONVERSATION, ALICE)
+    await store.delete(TENANT, CONVERSATION, ALICE)
 
     with pytest.raises(ConversationNotFound):
-        await store.get(CONVERSATION, ALICE)
+        await store.get(TENANT, CONVERSATION, ALICE)
     with pytest.raises(ConversationNotFound):
-        await store.recent_messages(CONVERSATION, ALICE, 10)
+        await store.recent_messages(TENANT, CONVERSATION, ALICE, 10)
     with pytest.raises(ConversationNotFound):
-        await store.delete(CONVERSATION, ALICE)
-    assert (await store.get("conv-2", ALICE)).messages == messages_of(make_turn(2))
+        await store.delete(TENANT, CONVERSATION, ALICE)
+    assert (await store.get(TENANT, "conv-2", ALICE)).messages == messages_of(make_turn(2))
 
 
 async def test_usage_totals_add_up_over_turns(store: ConversationStore) -> None:
-    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
     for n in (2, 3, 4):
-        await store.commit_turn(CONVERSATION, ALICE, make_turn(n), new=False)
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(n), new=False)
 
-    conversation = await store.get(CONVERSATION, ALICE)
+    conversation = await store.get(TENANT, CONVERSATION, ALICE)
 
     assert (conversation.input_tokens, conversation.output_tokens) == (100, 10)
 
@@ -187,10 +264,10 @@ async def test_unicode_content_round_trips(store: ConversationStore) -> None:
     turn = make_turn(1, question=CHINESE, answer=EMOJI_AND_ESCAPES)
     conversation_id = "会话-🙂"
 
-    await store.commit_turn(conversation_id, "用户", turn, new=True)
+    await store.commit_turn(TENANT, conversation_id, "用户", turn, new=True)
 
-    assert await store.recent_messages(conversation_id, "用户", 2) == messages_of(turn)
-    assert (await store.get(conversation_id, "用户")).messages == messages_of(turn)
+    assert await store.recent_messages(TENANT, conversation_id, "用户", 2) == messages_of(turn)
+    assert (await store.get(TENANT, conversation_id, "用户")).messages == messages_of(turn)
 
 
 async def test_a_refused_turn_keeps_its_refusal_and_not_its_text(store: ConversationStore) -> None:
@@ -201,25 +278,26 @@ async def test_a_refused_turn_keeps_its_refusal_and_not_its_text(store: Conversa
         output_tokens=0,
     )
 
-    await store.commit_turn(CONVERSATION, ALICE, refused, new=True)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, refused, new=True)
 
-    assert await store.recent_messages(CONVERSATION, ALICE, 2) == messages_of(refused)
-    assert [message.refused for message in (await store.get(CONVERSATION, ALICE)).messages] == [True, True]
+    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 2) == messages_of(refused)
+    assert [message.refused for message in (await store.get(TENANT, CONVERSATION, ALICE)).messages] == [True, True]
 
 
 async def test_returned_objects_are_copies(store: ConversationStore) -> None:
-    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
-    before = await store.get(CONVERSATION, ALICE)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    before = await store.get(TENANT, CONVERSATION, ALICE)
 
-    conversation = await store.get(CONVERSATION, ALICE)
+    conversation = await store.get(TENANT, CONVERSATION, ALICE)
     conversation.messages.append(StoredMessage("user", "injected", 0.0))
     conversation.input_tokens = 999
     conversation.user_id = MALLORY
-    recent = await store.recent_messages(CONVERSATION, ALICE, 10)
+    conversation.tenant = OTHER_TENANT
+    recent = await store.recent_messages(TENANT, CONVERSATION, ALICE, 10)
     recent.clear()
 
-    assert await store.get(CONVERSATION, ALICE) == before
-    assert await store.recent_messages(CONVERSATION, ALICE, 10) == before.messages
+    assert await store.get(TENANT, CONVERSATION, ALICE) == before
+    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 10) == before.messages
 
 
 async def test_the_factory_uses_redis_for_a_url_and_memory_otherwise(redis_url: str) -> None:
@@ -241,6 +319,45 @@ async def test_the_redis_store_refuses_a_client_that_returns_bytes(redis_url: st
         await client.aclose()
 
 
+async def test_a_redis_conversation_keeps_both_keys_under_one_tenant_scoped_hash_tag(redis_url: str) -> None:
+    store = create_conversation_store(redis_url)
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+        meta_key = f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:meta"
+        messages_key = f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:messages"
+
+        assert sorted(await client.keys("*")) == sorted([meta_key, messages_key])
+        assert key_slot(meta_key.encode()) == key_slot(messages_key.encode())
+        assert await client.hmget(meta_key, "tenant", "user_id") == [TENANT, ALICE]
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+@pytest.mark.parametrize("operation", OPERATIONS.values(), ids=OPERATIONS.keys())
+async def test_a_redis_conversation_whose_stored_tenant_disagrees_with_its_key_is_not_found(
+    redis_url: str, operation: Operation
+) -> None:
+    """Defence in depth: the owner check also compares the tenant stored in the meta hash."""
+    store = create_conversation_store(redis_url)
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+        meta_key = f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:meta"
+        await client.hset(meta_key, "tenant", OTHER_TENANT)
+        keys = await client.keys("*")
+        before = {key: await client.dump(key) for key in keys}
+
+        with pytest.raises(ConversationNotFound):
+            await operation(store, TENANT, CONVERSATION, ALICE)
+
+        assert {key: await client.dump(key) for key in await client.keys("*")} == before
+    finally:
+        await client.aclose()
+        await store.close()
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -252,26 +369,26 @@ class FakeClock:
 async def test_a_memory_conversation_is_erased_after_its_retention_period_from_the_last_turn() -> None:
     clock = FakeClock()
     store = MemoryConversationStore(retention_seconds=100, clock=clock)
-    await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
     clock.now += 60
-    await store.commit_turn(CONVERSATION, ALICE, make_turn(2), new=False)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(2), new=False)
     clock.now += 60  # 120 s after the first turn, 60 s after the last
 
-    assert len(await store.recent_messages(CONVERSATION, ALICE, 10)) == 4
+    assert len(await store.recent_messages(TENANT, CONVERSATION, ALICE, 10)) == 4
 
     clock.now += 40
     with pytest.raises(ConversationNotFound):
-        await store.get(CONVERSATION, ALICE)
+        await store.get(TENANT, CONVERSATION, ALICE)
     with pytest.raises(ConversationNotFound):
-        await store.commit_turn(CONVERSATION, ALICE, make_turn(3), new=False)
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(3), new=False)
 
 
 async def test_a_redis_conversation_is_erased_after_its_retention_period(redis_url: str) -> None:
     store = create_conversation_store(redis_url, retention_seconds=0.3)
     client = Redis.from_url(redis_url)
     try:
-        await store.commit_turn(CONVERSATION, ALICE, make_turn(1), new=True)
-        keys = await client.keys(f"chatmesh:conv:{{{CONVERSATION}}}:*")
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+        keys = await client.keys(f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:*")
         assert len(keys) == 2
         assert all(0 < ttl <= 300 for ttl in [await client.pttl(key) for key in keys])
         for _ in range(100):  # Redis expires the keys itself; at most 100 polls of 20 ms
@@ -279,7 +396,7 @@ async def test_a_redis_conversation_is_erased_after_its_retention_period(redis_u
                 break
             await asyncio.sleep(0.02)
         with pytest.raises(ConversationNotFound):
-            await store.get(CONVERSATION, ALICE)
+            await store.get(TENANT, CONVERSATION, ALICE)
     finally:
         await client.aclose()
         await store.close()
@@ -287,13 +404,27 @@ async def test_a_redis_conversation_is_erased_after_its_retention_period(redis_u
 
 async def test_the_memory_store_drops_the_least_recently_used_conversation_past_its_bound() -> None:
     store = MemoryConversationStore(max_conversations=2)
-    await store.commit_turn("first", ALICE, make_turn(1), new=True)
-    await store.commit_turn("second", ALICE, make_turn(1), new=True)
-    await store.get("first", ALICE)  # now "second" is the least recently used
+    await store.commit_turn(TENANT, "first", ALICE, make_turn(1), new=True)
+    await store.commit_turn(TENANT, "second", ALICE, make_turn(1), new=True)
+    await store.get(TENANT, "first", ALICE)  # now "second" is the least recently used
 
-    await store.commit_turn("third", ALICE, make_turn(1), new=True)
+    await store.commit_turn(TENANT, "third", ALICE, make_turn(1), new=True)
 
-    assert (await store.get("first", ALICE)).messages
-    assert (await store.get("third", ALICE)).messages
+    assert (await store.get(TENANT, "first", ALICE)).messages
+    assert (await store.get(TENANT, "third", ALICE)).messages
     with pytest.raises(ConversationNotFound):
-        await store.get("second", ALICE)
+        await store.get(TENANT, "second", ALICE)
+
+
+async def test_the_memory_store_bound_counts_every_tenant_and_keeps_same_ids_apart() -> None:
+    store = MemoryConversationStore(max_conversations=2)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    await store.commit_turn(OTHER_TENANT, CONVERSATION, ALICE, make_turn(2), new=True)
+    await store.get(TENANT, CONVERSATION, ALICE)  # now the other tenant's is the least recently used
+
+    await store.commit_turn(TENANT, "conv-2", ALICE, make_turn(3), new=True)
+
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == messages_of(make_turn(1))
+    assert (await store.get(TENANT, "conv-2", ALICE)).messages == messages_of(make_turn(3))
+    with pytest.raises(ConversationNotFound):
+        await store.get(OTHER_TENANT, CONVERSATION, ALICE)

@@ -1,0 +1,167 @@
+"""A model call's tokens and spend, under its tenant's limits: reserved before the call, settled after.
+
+The reservation is the call's worst case: an upper bound of its prompt's tokens (byte-level BPE never
+makes more tokens than the text has UTF-8 bytes, plus a few per message for the chat format) plus its
+max_tokens, priced at the model's price. Settlement replaces it with what the provider reported; for a
+stream that did not finish (cancelled, blocked, broken off), with the prompt's bound and one token per
+streamed chunk, since the provider bills what it produced before the connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from chatmesh.runtime import metrics
+from chatmesh.runtime.logs import get_logger
+from chatmesh.runtime.model_client import ModelRequest, StreamProgress, cost_usd, price_family
+from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.status import failure
+from chatmesh.tenancy.ledger import LedgerUnavailable, LimitExceeded, UsageLedger
+from chatmesh.tenancy.limits import Limits, cost_to_nano
+from chatmesh.tenancy.messages import TOKEN_QUOTAS, rejection_status, usage_response
+from chatmesh.v1 import chat_pb2
+
+log = get_logger(__name__)
+
+# Chat-format tokens around each message, and priming the reply; generous against every OpenAI encoding.
+_TOKENS_PER_MESSAGE = 4
+_TOKENS_PER_REPLY = 3
+# A reservation outlives its turn's deadline by this much before the ledger releases it on its own.
+_RESERVATION_MARGIN_SECONDS = 60.0
+# Settlement is idempotent, so a failed one is tried again a few times before it is given up (and logged).
+_SETTLE_ATTEMPTS = 3
+_SETTLE_RETRY_SECONDS = 0.5
+
+
+class SpendRefused(Exception):
+    """The call may not go to the model: the tenant is over a limit, or its limits cannot be checked."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        super().__init__(status.details)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class SpendScope:
+    """Whose turn it is and under what limits."""
+
+    tenant: str
+    limits: Limits
+    request_id: str
+
+
+def prompt_token_bound(messages: list[dict[str, str]]) -> int:
+    """At least as many tokens as any OpenAI encoding makes of these messages."""
+    text_bytes = sum(len(message["content"].encode()) for message in messages)
+    return text_bytes + _TOKENS_PER_MESSAGE * len(messages) + _TOKENS_PER_REPLY
+
+
+class SpendLedger:
+    """Dialogue's side of the usage ledger: reservations, settlements, and the token quotas' usage."""
+
+    def __init__(self, settings: Settings, ledger: UsageLedger, tenant_metrics: metrics.TenantMetrics) -> None:
+        self._ledger = ledger
+        self._prices = settings.model_prices_usd_per_million
+        self._fail_open = settings.spend_limits_fail_open
+        self._default_max_tokens = settings.limits_default_max_tokens
+        self._metrics = tenant_metrics
+        self._settlements: set[asyncio.Task[None]] = set()
+
+    def bounded_max_tokens(self, limits: Limits, requested: int | None) -> int | None:
+        """The max_tokens to ask the model for: the caller's, or with token or spend limits and none asked
+        for, the default bound (so that the reservation covers the worst case)."""
+        if requested is None and limits.limits_spend:
+            return self._default_max_tokens
+        return requested
+
+    async def reserve(self, scope: SpendScope, request: ModelRequest, timeout_seconds: float) -> None:
+        """Reserves the call's worst case when the tenant has token or spend limits; raises SpendRefused."""
+        limits = scope.limits
+        if not limits.limits_spend:
+            return
+        has_budget = limits.daily_budget_usd is not None or limits.monthly_budget_usd is not None
+        if has_budget and price_family(self._prices, request.model) is None:
+            raise SpendRefused(
+                failure(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"options.model: {request.model!r} has no price in chatmesh's price table, so the tenant's "
+                    "budget cannot be applied to it; its operator must add it to "
+                    "CHATMESH_MODEL_PRICES_USD_PER_MILLION",
+                )
+            )
+        input_tokens = prompt_token_bound(request.messages)
+        output_tokens = request.max_tokens or 0
+        try:
+            await self._ledger.reserve(
+                scope.tenant,
+                limits,
+                scope.request_id,
+                tokens=input_tokens + output_tokens,
+                cost_nano_usd=cost_to_nano(cost_usd(self._prices, request.model, input_tokens, output_tokens)),
+                now=time.time(),
+                ttl_seconds=timeout_seconds + _RESERVATION_MARGIN_SECONDS,
+            )
+        except LimitExceeded as refused:
+            metrics.limit_rejected(refused.rejection.limit.value)
+            raise SpendRefused(rejection_status(scope.tenant, refused.rejection)) from refused
+        except LedgerUnavailable as error:
+            metrics.ledger_error("reserve")
+            log.error("ledger_unavailable", extra={"operation": "reserve", "fail_open": self._fail_open})
+            if not self._fail_open:
+                raise SpendRefused(
+                    failure(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "the tenant's token and spend limits cannot be checked right now; retry with backoff",
+                    )
+                ) from error
+
+    def settle_later(self, scope: SpendScope, request: ModelRequest, progress: StreamProgress) -> None:
+        """Settles the call off the reply's path, with the provider's usage or, for a stream that did not
+        finish, the estimate of the module's doc."""
+        outcome = progress.outcome
+        if outcome is not None:
+            input_tokens, output_tokens = outcome.input_tokens, outcome.output_tokens
+        elif progress.chunks:
+            input_tokens, output_tokens = prompt_token_bound(request.messages), progress.chunks
+        else:
+            # Nothing was streamed: the provider answered with an error, or never answered, and bills nothing.
+            input_tokens = output_tokens = 0
+        task = asyncio.create_task(self._settle(scope, request.model, input_tokens, output_tokens))
+        self._settlements.add(task)
+        task.add_done_callback(self._settlements.discard)
+
+    async def _settle(self, scope: SpendScope, model: str, input_tokens: int, output_tokens: int) -> None:
+        cost = cost_usd(self._prices, model, input_tokens, output_tokens)
+        for attempt in range(1, _SETTLE_ATTEMPTS + 1):
+            try:
+                settled = await self._ledger.settle(
+                    scope.tenant,
+                    scope.request_id,
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    cost_nano_usd=cost_to_nano(cost),
+                    now=time.time(),
+                )
+            except LedgerUnavailable:
+                metrics.ledger_error("settle")
+                if attempt == _SETTLE_ATTEMPTS:
+                    log.error("settlement_failed", extra={"request_id": scope.request_id})
+                    return
+                await asyncio.sleep(_SETTLE_RETRY_SECONDS * attempt)
+                continue
+            if settled:
+                self._metrics.usage_settled(scope.tenant, input_tokens, output_tokens, cost)
+            return
+
+    async def wait_for_settlements(self) -> None:
+        if self._settlements:
+            await asyncio.gather(*self._settlements, return_exceptions=True)
+
+    async def usage(self, tenant: str, limits: Limits) -> chat_pb2.GetUsageResponse:
+        """The token and spend quotas, and the month's settled tokens and cost. Raises LedgerUnavailable."""
+        usage = await self._ledger.usage(tenant, limits, now=time.time())
+        return usage_response(tenant, limits, usage, TOKEN_QUOTAS)
