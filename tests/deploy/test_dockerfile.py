@@ -98,6 +98,9 @@ def test_the_command_picks_the_process_and_the_image_is_read_only_friendly(parse
     env = parser.envs
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["CHATMESH_BIND_HOST"] == "0.0.0.0"
+    # Listening on every address, an image run by hand never serves unauthenticated.
+    assert env["CHATMESH_AUTH"] == "required"
+    assert Settings(auth=env["CHATMESH_AUTH"]).auth == "required"
     assert env["TMPDIR"] == "/tmp" and env["HOME"] == "/tmp"
     assert env["PATH"].startswith("/opt/chatmesh/bin:")
     defaults = Settings()

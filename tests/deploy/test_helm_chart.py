@@ -3,6 +3,7 @@ for what a production install needs: headless internal Services dialled with rou
 drain that fits the termination grace, hardened pods, NetworkPolicies, autoscalers, Secrets and rolling config."""
 
 import base64
+import os
 import re
 import shutil
 from pathlib import Path
@@ -110,15 +111,19 @@ def test_custom_resources_are_well_formed(full: Rendered) -> None:
     assert selected == set(CORE)
 
 
-def test_default_install_runs_the_four_processes_and_nothing_optional(defaults: Rendered) -> None:
-    assert set(deployments(defaults)) == set(CORE)
-    for kind in ("ServiceMonitor", "PrometheusRule", "Secret"):
+def test_default_install_runs_the_four_processes_a_bundled_redis_and_nothing_optional(defaults: Rendered) -> None:
+    # Redis is required (tenants, keys and limits shared by every gateway), so the default is the bundled one.
+    assert set(deployments(defaults)) == {*CORE, "redis"}
+    for kind in ("ServiceMonitor", "PrometheusRule"):
         assert defaults.of_kind(kind) == [], kind
+    # The only Secret: the generated admin token and API key pepper.
+    assert [s["metadata"]["name"] for s in defaults.of_kind("Secret")] == [f"{RELEASE}-auth"]
     assert defaults.find("ConfigMap", f"{RELEASE}-dashboards") is None
     assert {s["metadata"]["name"] for s in defaults.of_kind("Service")} == {name(p) for p in CORE} | {
-        f"{RELEASE}-metrics"
+        f"{RELEASE}-metrics",
+        f"{RELEASE}-redis",
     }
-    assert len(defaults.of_kind("NetworkPolicy")) == 4
+    assert len(defaults.of_kind("NetworkPolicy")) == 5
     assert len(defaults.of_kind("HorizontalPodAutoscaler")) == 4
     assert len(defaults.of_kind("PodDisruptionBudget")) == 4
 
@@ -187,7 +192,8 @@ def test_clients_dial_every_pod_through_dns(rendered: dict[str, Rendered]) -> No
 
 def test_processes_listen_on_the_ports_their_services_and_probes_use(defaults: Rendered) -> None:
     data = settings_data(defaults)
-    for process, deployment in deployments(defaults).items():
+    for process in CORE:
+        deployment = deployments(defaults)[process]
         # Without this, a Service named chatmesh-gateway would inject CHATMESH_GATEWAY_PORT=tcp://… into every pod.
         assert pod_spec(deployment)["enableServiceLinks"] is False
         assert container(deployment)["args"] == [process]
@@ -220,7 +226,8 @@ def test_native_grpc_probes_and_a_termination_grace_that_fits_the_drain(
 
 
 def test_topology_spread_across_zones_and_nodes(rendered: dict[str, Rendered]) -> None:
-    for process, deployment in deployments(rendered["defaults"]).items():
+    for process in CORE:
+        deployment = deployments(rendered["defaults"])[process]
         constraints = pod_spec(deployment)["topologySpreadConstraints"]
         keys = [c["topologyKey"] for c in constraints]
         assert keys == ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
@@ -310,22 +317,26 @@ def _egress_ports(policy: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
 
 def test_egress_is_only_what_each_process_calls(defaults: Rendered, full: Rendered, per_process: Rendered) -> None:
     by_process = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in defaults.of_kind("NetworkPolicy")}
-    # Default install: external model on 443 (public addresses), no Redis configured, no tracing.
-    assert set(_egress_ports(by_process["gateway"])) == {53, 50052}
-    assert set(_egress_ports(by_process["dialogue"])) == {53, 50053, 50054, 443}
+    # Default install: external model on 443 (public addresses), the bundled Redis, no tracing.
+    assert set(_egress_ports(by_process["gateway"])) == {53, 50052, 6379}
+    assert set(_egress_ports(by_process["dialogue"])) == {53, 50053, 50054, 443, 6379}
     assert set(_egress_ports(by_process["safety"])) == {53, 443}
-    assert set(_egress_ports(by_process["cache"])) == {53}
+    assert set(_egress_ports(by_process["cache"])) == {53, 6379}
+    for process in ("gateway", "dialogue", "cache"):
+        redis_peers = _egress_ports(by_process[process])[6379]
+        assert {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in redis_peers} == {"redis"}
     model_peers = _egress_ports(by_process["dialogue"])[443]
     assert model_peers[0]["ipBlock"]["cidr"] == "0.0.0.0/0" and "10.0.0.0/8" in model_peers[0]["ipBlock"]["except"]
     gateway_to = [rule for rule in _rules(by_process["gateway"], "egress") if rule["ports"][0]["port"] == 50052]
     assert _peer_components(gateway_to[0], "to") == {"dialogue"}
 
-    # External Redis: dialogue and cache may reach it, nothing else.
+    # External Redis: the gateway, dialogue and cache may reach it, safety not.
     by_process = {
         p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in per_process.of_kind("NetworkPolicy")
     }
-    assert 6379 in _egress_ports(by_process["dialogue"]) and 6379 in _egress_ports(by_process["cache"])
-    assert 6379 not in _egress_ports(by_process["gateway"]) and 6379 not in _egress_ports(by_process["safety"])
+    for process in ("gateway", "dialogue", "cache"):
+        assert _egress_ports(by_process[process])[6379] == [], process
+    assert 6379 not in _egress_ports(by_process["safety"])
 
     # Everything on: the bundled Redis and modelsim by pod selector, the OTLP collector, extra rules.
     by_process = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in full.of_kind("NetworkPolicy")}
@@ -336,7 +347,7 @@ def test_egress_is_only_what_each_process_calls(defaults: Rendered, full: Render
     }
     assert 443 not in dialogue and {4317, 4318, 8443} <= set(dialogue)
     redis = by_process["redis"]
-    assert _peer_components(redis["spec"]["ingress"][0], "from") == {"dialogue", "cache"}
+    assert _peer_components(redis["spec"]["ingress"][0], "from") == {"gateway", "dialogue", "cache"}
     assert redis["spec"]["egress"] == []
     modelsim = by_process["modelsim"]
     assert _peer_components(modelsim["spec"]["ingress"][0], "from") == {"dialogue", "safety"}
@@ -400,7 +411,7 @@ def test_replicas_resources_and_budgets_per_process(per_process: Rendered) -> No
 
 
 def test_the_model_key_comes_from_the_charts_secret(full: Rendered) -> None:
-    (secret,) = full.of_kind("Secret")
+    secret = full.get("Secret", RELEASE)
     assert base64.b64decode(secret["data"]["OPENAI_API_KEY"]).decode() == "sk-test-not-a-real-key"
     for process, deployment in deployments(full).items():
         env = env_of(deployment)
@@ -420,7 +431,7 @@ def test_the_model_key_comes_from_the_charts_secret(full: Rendered) -> None:
 
 
 def test_the_log_salt_is_a_secret_of_every_process(full: Rendered, per_process: Rendered) -> None:
-    (secret,) = full.of_kind("Secret")
+    secret = full.get("Secret", RELEASE)
     assert base64.b64decode(secret["data"]["CHATMESH_LOG_USER_ID_SALT"]).decode() == "not-a-real-salt"
     for chart, reference in (
         (full, {"name": secret["metadata"]["name"], "key": "CHATMESH_LOG_USER_ID_SALT"}),
@@ -441,22 +452,33 @@ def test_existing_secrets_are_referenced_and_the_chart_makes_none(per_process: R
             "name": "openai",
             "key": "api-key",
         }
-    for process in ("dialogue", "cache"):
+    for process in ("gateway", "dialogue", "cache"):
         assert env_of(chart[process])["CHATMESH_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
             "name": "chatmesh-redis",
             "key": "url",
         }
-    assert "CHATMESH_REDIS_URL" not in env_of(chart["gateway"])
+    assert "CHATMESH_REDIS_URL" not in env_of(chart["safety"])
+    gateway = env_of(chart["gateway"])
+    assert gateway["CHATMESH_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "chatmesh-admin",
+        "key": "admin-token",
+    }
+    assert gateway["CHATMESH_API_KEY_PEPPER"]["valueFrom"]["secretKeyRef"] == {
+        "name": "chatmesh-admin",
+        "key": "pepper",
+    }
     assert settings_data(per_process)["OPENAI_BASE_URL"] == "https://llm.internal.example/v1"
 
 
 def test_a_redis_url_given_as_a_value_is_kept_in_the_secret() -> None:
     chart = render({"redis": {"url": "rediss://:hunter2@redis.example:6380/0"}})
-    (secret,) = chart.of_kind("Secret")
+    secret = chart.get("Secret", RELEASE)
     assert base64.b64decode(secret["data"]["CHATMESH_REDIS_URL"]).decode() == "rediss://:hunter2@redis.example:6380/0"
     assert "OPENAI_API_KEY" not in secret["data"]
-    dialogue = deployments(chart)["dialogue"]
-    assert env_of(dialogue)["CHATMESH_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    assert "redis" not in deployments(chart)
+    for process in ("gateway", "dialogue", "cache"):
+        env = env_of(deployments(chart)[process])
+        assert env["CHATMESH_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": RELEASE, "key": "CHATMESH_REDIS_URL"}
     assert "hunter2" not in yaml.safe_dump(chart.get("ConfigMap", f"{RELEASE}-settings"))
 
 
@@ -464,6 +486,7 @@ def _config_checksums(chart: Rendered) -> dict[str, str]:
     return {
         process: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
         for process, d in deployments(chart).items()
+        if process in CORE
     }
 
 
@@ -479,7 +502,7 @@ def test_pods_roll_when_a_setting_changes_but_not_when_keywords_change(defaults:
     assert keywords.get("ConfigMap", f"{RELEASE}-keywords")["data"] == {"fruit.txt": "fruit\tforbidden fruit\n"}
     assert _config_checksums(keywords) == before
     for deployment in deployments(keywords).values():
-        assert not any("keyword" in key for key in deployment["spec"]["template"]["metadata"]["annotations"])
+        assert not any("keyword" in key for key in deployment["spec"]["template"]["metadata"].get("annotations", {}))
 
 
 def test_the_chart_wiring_wins_over_config(defaults: Rendered) -> None:
@@ -510,7 +533,7 @@ def test_modelsim_and_bundled_redis_are_wired_when_enabled(full: Rendered) -> No
     data = settings_data(full)
     assert data["OPENAI_BASE_URL"] == f"http://{name('modelsim')}.{NAMESPACE}.svc.cluster.local:8089/v1"
     redis_url = f"redis://{RELEASE}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
-    for process in ("dialogue", "cache"):
+    for process in ("gateway", "dialogue", "cache"):
         assert env_of(deployments(full)[process])["CHATMESH_REDIS_URL"]["value"] == redis_url
     assert full.get("Service", f"{RELEASE}-redis")["spec"]["ports"][0]["port"] == 6379
     redis = deployments(full)["redis"]
@@ -519,13 +542,202 @@ def test_modelsim_and_bundled_redis_are_wired_when_enabled(full: Rendered) -> No
     assert container(modelsim)["readinessProbe"]["httpGet"]["port"] == "http"
 
 
+# Callers and tenants: API keys always required, the admin token and pepper for the gateway only, Redis for all.
+
+AUTH_SECRETS = ("CHATMESH_ADMIN_TOKEN", "CHATMESH_API_KEY_PEPPER")
+LOOKUP = '(lookup "v1" "Secret" .Release.Namespace (include "chatmesh.authSecretName" .))'
+
+
+def _auth_data(chart: Rendered) -> dict[str, str]:
+    return {
+        key: base64.b64decode(value).decode() for key, value in chart.get("Secret", f"{RELEASE}-auth")["data"].items()
+    }
+
+
+def _gateway_env(chart: Rendered, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The gateway's Settings as its pod would read them: the settings ConfigMap, then its env (Secrets resolved)."""
+    for variable in list(os.environ):
+        if variable.startswith(("CHATMESH_", "OPENAI_", "OTEL_")):
+            monkeypatch.delenv(variable)
+    environment = dict(settings_data(chart))
+    for variable, entry in env_of(deployments(chart)["gateway"]).items():
+        if "value" in entry:
+            environment[variable] = entry["value"]
+        elif "secretKeyRef" in entry.get("valueFrom", {}):
+            reference = entry["valueFrom"]["secretKeyRef"]
+            data = chart.get("Secret", reference["name"])["data"]
+            environment[variable] = base64.b64decode(data[reference["key"]]).decode()
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    return Settings()
+
+
+@pytest.mark.parametrize("label", VALUE_SETS)
+def test_every_call_needs_an_api_key(rendered: dict[str, Rendered], label: str) -> None:
+    assert settings_data(rendered[label])["CHATMESH_AUTH"] == "required"
+    for process, deployment in deployments(rendered[label]).items():
+        assert "CHATMESH_AUTH" not in env_of(deployment), process
+    # Chart wiring, not a value: config cannot turn it off.
+    chart = render({"config": {"CHATMESH_AUTH": "off"}})
+    assert settings_data(chart)["CHATMESH_AUTH"] == "required"
+
+
+def test_only_the_gateway_gets_the_admin_token_and_pepper_from_a_secret(defaults: Rendered, full: Rendered) -> None:
+    for chart in (defaults, full):
+        for process, deployment in deployments(chart).items():
+            env = env_of(deployment)
+            if process == "gateway":
+                for variable in AUTH_SECRETS:
+                    assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-auth", "key": variable}
+                    assert "value" not in env[variable]
+            else:
+                assert not set(AUTH_SECRETS) & set(env), process
+        assert not set(AUTH_SECRETS) & set(settings_data(chart))
+    # Generated: 48 random characters each (lookup finds no Secret offline, so each render makes new ones).
+    generated = _auth_data(defaults)
+    assert set(generated) == set(AUTH_SECRETS)
+    assert all(re.fullmatch(r"[A-Za-z0-9]{48}", value) for value in generated.values())
+    assert generated["CHATMESH_ADMIN_TOKEN"] != generated["CHATMESH_API_KEY_PEPPER"]
+    again = _auth_data(render())
+    assert all(again[key] != generated[key] for key in AUTH_SECRETS)
+    # Given: stored as given, and never anywhere but in the auth Secret; the pepper left empty is generated.
+    given = _auth_data(full)
+    assert given["CHATMESH_ADMIN_TOKEN"] == "not-a-real-admin-token"
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", given["CHATMESH_API_KEY_PEPPER"])
+    for obj in full.objects:
+        if obj["kind"] != "Secret":
+            assert "not-a-real-admin-token" not in yaml.safe_dump(obj), obj["metadata"]["name"]
+    # The chart's other Secret (model key, salt) holds none of them.
+    assert not set(AUTH_SECRETS) & set(full.get("Secret", RELEASE)["data"])
+
+
+def test_secrets_are_refused_in_config() -> None:
+    for variable in AUTH_SECRETS:
+        with pytest.raises(helm.HelmValuesError, match=f"invalid propertyName '{variable}'"):
+            render({"config": {variable: "x"}})
+
+
+def test_generated_auth_values_are_kept_across_upgrades(tmp_path: Path) -> None:
+    """On a cluster, lookup returns the auth Secret of the previous release: its values are kept, a given value
+    wins. Offline lookup finds nothing, so the chart is copied with lookup answering as a cluster would."""
+    chart_dir = tmp_path / "chatmesh"
+    shutil.copytree(CHART, chart_dir)
+    helpers = chart_dir / "templates" / "_helpers.tpl"
+    assert helpers.read_text().count(LOOKUP) == 1
+    existing = (
+        '(dict "data" (dict "CHATMESH_ADMIN_TOKEN" ("kept-token" | b64enc)'
+        ' "CHATMESH_API_KEY_PEPPER" ("kept-pepper" | b64enc)))'
+    )
+    helpers.write_text(helpers.read_text().replace(LOOKUP, existing))
+    assert _auth_data(render(chart_dir=chart_dir)) == {
+        "CHATMESH_ADMIN_TOKEN": "kept-token",
+        "CHATMESH_API_KEY_PEPPER": "kept-pepper",
+    }
+    assert _auth_data(render({"auth": {"adminToken": "new-token"}}, chart_dir=chart_dir)) == {
+        "CHATMESH_ADMIN_TOKEN": "new-token",
+        "CHATMESH_API_KEY_PEPPER": "kept-pepper",
+    }
+
+
+def test_the_gateway_rolls_when_auth_values_change_but_not_on_every_render(defaults: Rendered) -> None:
+    def checksum(chart: Rendered) -> str:
+        return deployments(chart)["gateway"]["spec"]["template"]["metadata"]["annotations"]["checksum/auth"]
+
+    # The generated values differ between these renders (no lookup offline), but what was given did not change.
+    assert re.fullmatch(r"[0-9a-f]{64}", checksum(defaults)) and checksum(render()) == checksum(defaults)
+    assert checksum(render({"auth": {"adminToken": "rotated"}})) != checksum(defaults)
+    assert checksum(render({"auth": {"existingSecret": "chatmesh-admin"}})) != checksum(defaults)
+    for process in INTERNAL:
+        deployment = deployments(defaults)[process]
+        assert "checksum/auth" not in deployment["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_an_existing_auth_secret_is_referenced_and_none_is_generated(per_process: Rendered) -> None:
+    assert per_process.find("Secret", f"{RELEASE}-auth") is None
+    env = env_of(deployments(per_process)["gateway"])
+    assert env["CHATMESH_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "chatmesh-admin", "key": "admin-token"}
+    assert env["CHATMESH_API_KEY_PEPPER"]["valueFrom"]["secretKeyRef"] == {"name": "chatmesh-admin", "key": "pepper"}
+    assert "get secret chatmesh-admin -o jsonpath='{.data.admin-token}' | base64 -d" in per_process.notes
+    # Given values are ignored when an existing Secret is named.
+    chart = render({"auth": {"existingSecret": "chatmesh-admin", "adminToken": "ignored"}})
+    assert chart.find("Secret", f"{RELEASE}-auth") is None
+    assert env_of(deployments(chart)["gateway"])["CHATMESH_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "chatmesh-admin",
+        "key": "CHATMESH_ADMIN_TOKEN",
+    }
+    assert "ignored" not in yaml.safe_dump_all(chart.objects)
+
+
+def test_limit_settings_reach_the_gateway_as_it_parses_them(
+    defaults: Rendered, full: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _gateway_env(defaults, monkeypatch)
+    assert settings.auth == "required"
+    assert (settings.auth_cache_seconds, settings.request_limits_fail_open, settings.spend_limits_fail_open) == (
+        1.0,
+        True,
+        False,
+    )
+    assert (settings.limits_default_max_tokens, settings.metrics_max_tenants) == (4096, 100)
+    assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == _auth_data(defaults)["CHATMESH_ADMIN_TOKEN"]
+    assert settings.api_key_pepper.get_secret_value() == _auth_data(defaults)["CHATMESH_API_KEY_PEPPER"]
+    assert settings.redis_url == f"redis://{RELEASE}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    settings = _gateway_env(full, monkeypatch)
+    assert (settings.auth_cache_seconds, settings.request_limits_fail_open, settings.spend_limits_fail_open) == (
+        0.5,
+        False,
+        True,
+    )
+    # A large integer stays an integer (Helm reads numbers as floats: 1000000 would otherwise be "1e+06").
+    assert settings_data(full)["CHATMESH_LIMITS_DEFAULT_MAX_TOKENS"] == "1000000"
+    assert (settings.limits_default_max_tokens, settings.metrics_max_tenants) == (1_000_000, 0)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"auth": {"cacheSeconds": 2}}, "at '/auth/cacheSeconds': maximum: got 2, want 1.5"),
+        ({"auth": {"cacheSeconds": -1}}, "at '/auth/cacheSeconds': minimum: got -1, want 0"),
+        ({"auth": {"adminTokn": "x"}}, "at '/auth': additional properties 'adminTokn' not allowed"),
+        ({"auth": {"enabled": False}}, "at '/auth': additional properties 'enabled' not allowed"),
+        ({"auth": {"defaultMaxTokens": 0}}, "at '/auth/defaultMaxTokens': minimum: got 0, want 1"),
+        ({"auth": {"metricsMaxTenants": 1.5}}, "at '/auth/metricsMaxTenants': got number, want integer"),
+        ({"auth": {"requestLimitsFailOpen": "yes"}}, "at '/auth/requestLimitsFailOpen': got string, want boolean"),
+    ],
+)
+def test_bad_auth_values_are_rejected(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as rejected:
+        render(values)
+    assert message in str(rejected.value)
+
+
+@pytest.mark.parametrize("label", VALUE_SETS)
+def test_the_gateway_reaches_the_same_redis_as_dialogue_and_cache(rendered: dict[str, Rendered], label: str) -> None:
+    chart = deployments(rendered[label])
+    urls = {process: env_of(chart[process])["CHATMESH_REDIS_URL"] for process in ("gateway", "dialogue", "cache")}
+    assert urls["gateway"] == urls["dialogue"] == urls["cache"]
+    policy = rendered[label].get("NetworkPolicy", name("gateway"))
+    assert 6379 in _egress_ports(policy)
+
+
+def test_a_release_without_redis_fails_with_a_clear_message() -> None:
+    with pytest.raises(helm.HelmError, match=r"chatmesh requires Redis .*set redis\.url or redis\.existingSecret"):
+        render({"redis": {"bundled": {"enabled": False}}})
+    # Any one source is enough.
+    for values in ({"url": "redis://redis.example:6379/0"}, {"existingSecret": "chatmesh-redis"}):
+        chart = render({"redis": {"bundled": {"enabled": False}, **values}})
+        assert "redis" not in deployments(chart)
+
+
 # Observability.
 
 
 def test_scrape_annotations_point_at_each_metrics_port(defaults: Rendered) -> None:
     metrics_ports = {"gateway": 9101, "dialogue": 9102, "safety": 9103, "cache": 9104}
     data = settings_data(defaults)
-    for process, deployment in deployments(defaults).items():
+    for process in CORE:
+        deployment = deployments(defaults)[process]
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
         assert annotations["prometheus.io/path"] == "/metrics"
@@ -627,6 +839,23 @@ def test_notes_say_how_to_reach_the_gateway(defaults: Rendered, full: Rendered, 
     assert gateway in defaults.notes
     assert f"kubectl -n {NAMESPACE} port-forward service/{name('gateway')} 50051:50051" in defaults.notes
     assert "grpcurl -plaintext 127.0.0.1:50051 list" in defaults.notes
-    assert "no model is configured" in defaults.notes and "no Redis is configured" in defaults.notes
+    assert "no model is configured" in defaults.notes and "bundled Redis is a single replica" in defaults.notes
     assert "load balancer" in full.notes and "no model is configured" not in full.notes
     assert "WARNING" not in per_process.notes
+
+
+def test_notes_say_how_to_get_the_admin_token_and_make_a_tenant_and_a_key(defaults: Rendered) -> None:
+    assert (
+        f"kubectl -n {NAMESPACE} get secret {RELEASE}-auth -o jsonpath='{{.data.CHATMESH_ADMIN_TOKEN}}' | base64 -d"
+        in defaults.notes
+    )
+    assert (
+        'chatmesh tenants create NAME --target 127.0.0.1:50051 --admin-token "$CHATMESH_ADMIN_TOKEN"' in defaults.notes
+    )
+    assert "chatmesh keys create --tenant NAME --target 127.0.0.1:50051" in defaults.notes
+    # A generated pepper goes with the release: the notes say so.
+    assert "a new one invalidates every API key" in defaults.notes
+    # A key with dots is escaped in the JSONPath.
+    chart = render({"auth": {"existingSecret": "ours", "existingSecretAdminTokenKey": "admin.token"}})
+    assert "get secret ours -o jsonpath='{.data.admin\\.token}'" in chart.notes
+    assert "invalidates every API key" not in chart.notes

@@ -86,12 +86,42 @@ app.kubernetes.io/component: {{ .process }}
 {{- if or .Values.model.existingSecret .Values.model.apiKey }}true{{ end }}
 {{- end }}
 
-{{/* Where CHATMESH_REDIS_URL comes from: "existing", "chart", "bundled", or empty (in memory). */}}
+{{/* Where CHATMESH_REDIS_URL comes from: "existing", "chart" or "bundled". Redis is required: the gateway keeps
+tenants, API keys and limits there, shared by every replica. */}}
 {{- define "chatmesh.redisSource" -}}
 {{- if .Values.redis.existingSecret }}existing
 {{- else if .Values.redis.url }}chart
 {{- else if .Values.redis.bundled.enabled }}bundled
+{{- else }}
+{{- fail "redis: chatmesh requires Redis (the gateway keeps tenants, API keys and limits there, shared by every replica): set redis.url or redis.existingSecret to your Redis, or redis.bundled.enabled=true to try the chart" }}
 {{- end }}
+{{- end }}
+
+{{/* The Secret with the admin token and the API key pepper: auth.existingSecret, or the chart's own. */}}
+{{- define "chatmesh.authSecretName" -}}
+{{- if .Values.auth.existingSecret }}
+{{- .Values.auth.existingSecret }}
+{{- else }}
+{{- printf "%s-auth" (include "chatmesh.fullname" . | trunc 58 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{/* The data of the chart's auth Secret, as JSON (base64 values): each value as given, else as the Secret
+already in the cluster holds it (so that upgrades keep it), else 48 random characters. lookup finds nothing
+without a cluster (helm template, --dry-run), and then new values are generated. */}}
+{{- define "chatmesh.authSecretData" -}}
+{{- $existing := (lookup "v1" "Secret" .Release.Namespace (include "chatmesh.authSecretName" .)).data | default dict }}
+{{- $data := dict }}
+{{- range $key, $given := dict "CHATMESH_ADMIN_TOKEN" .Values.auth.adminToken "CHATMESH_API_KEY_PEPPER" .Values.auth.apiKeyPepper }}
+{{- if $given }}
+{{- $_ := set $data $key ($given | b64enc) }}
+{{- else if index $existing $key }}
+{{- $_ := set $data $key (index $existing $key) }}
+{{- else }}
+{{- $_ := set $data $key (randAlphaNum 48 | b64enc) }}
+{{- end }}
+{{- end }}
+{{- toJson $data }}
 {{- end }}
 
 {{/* Whether the chart creates its Secret. */}}
@@ -136,7 +166,19 @@ app.kubernetes.io/component: {{ .process }}
       key: OPENAI_API_KEY
 {{- end }}
 {{- end }}
-{{- if has .process (list "dialogue" "cache") }}
+{{- if eq .process "gateway" }}
+- name: CHATMESH_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chatmesh.authSecretName" $root }}
+      key: {{ ternary $root.Values.auth.existingSecretAdminTokenKey "CHATMESH_ADMIN_TOKEN" (not (empty $root.Values.auth.existingSecret)) }}
+- name: CHATMESH_API_KEY_PEPPER
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chatmesh.authSecretName" $root }}
+      key: {{ ternary $root.Values.auth.existingSecretPepperKey "CHATMESH_API_KEY_PEPPER" (not (empty $root.Values.auth.existingSecret)) }}
+{{- end }}
+{{- if has .process (list "gateway" "dialogue" "cache") }}
 {{- $source := include "chatmesh.redisSource" $root }}
 {{- if eq $source "existing" }}
 - name: CHATMESH_REDIS_URL
