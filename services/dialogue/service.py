@@ -136,9 +136,15 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 await self._spend.reserve(spend, model_request, timeout)
             except SpendRefused as refused:
                 await abort_with(context, refused.status)
-        yield chat_pb2.ChatEvent(
-            started=chat_pb2.Started(conversation_id=conversation_id, request_id=request_id, model=model)
-        )
+        try:
+            yield chat_pb2.ChatEvent(
+                started=chat_pb2.Started(conversation_id=conversation_id, request_id=request_id, model=model)
+            )
+        except BaseException:
+            # The caller went away before the model was called: release the reservation now, not at its expiry.
+            if model_request is not None:
+                self._spend.settle_later(spend, model_request, StreamProgress())
+            raise
 
         user_message = StoredMessage(role="user", content=chat.message, created_at=started_at)
         if blocked_input:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -628,3 +631,44 @@ async def test_tenant_and_limit_metrics_are_exported(
     assert 'chatmesh_auth_failures_total{reason="unknown"}' in gateway
     dialogues = scrape("dialogue") + scrape("dialogue-2")
     assert f'chatmesh_tenant_tokens_total{{kind="output",tenant="{tenant}"}} {REPLY_TOKENS}.0' in dialogues
+
+
+def chatmesh_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatmesh", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_the_cli_creates_a_tenant_and_a_key_that_chats_and_revokes_it(fast_model: Cluster):
+    target = ("--target", fast_model.gateway_target)
+    admin_env = {"CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN}
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+
+    created = chatmesh_cli("tenants", "create", name, "--requests-per-minute", "5", *target, env=admin_env)
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["tenant"]["limits"] == {"requests_per_minute": "5"}
+    updated = chatmesh_cli(
+        "tenants", "update", name, "--daily-budget-usd", "2.5", "--clear", "requests_per_minute", *target, env=admin_env
+    )
+    assert json.loads(updated.stdout)["tenant"]["limits"] == {"daily_budget_usd": 2.5}
+    issued = json.loads(chatmesh_cli("keys", "create", "--tenant", name, *target, env=admin_env).stdout)
+    api_key, key_id = issued["api_key"], issued["key"]["key_id"]
+
+    chat = chatmesh_cli("chat", "--once", "hello", *target, env={"CHATMESH_API_KEY": api_key})
+    assert chat.returncode == 0, chat.stderr
+    usage = json.loads(chatmesh_cli("usage", *target, "--api-key", api_key).stdout)
+    assert usage["tenant"] == name and usage["month_requests"] == "1"
+
+    listed = json.loads(chatmesh_cli("keys", "list", "--tenant", name, *target, env=admin_env).stdout)
+    assert [key["key_id"] for key in listed["keys"]] == [key_id]
+    assert chatmesh_cli("keys", "revoke", key_id, *target, env=admin_env).returncode == 0
+    time.sleep(1.5)  # the gateways' key cache
+    refused = chatmesh_cli("chat", "--once", "hello", *target, "--api-key", api_key)
+    assert refused.returncode == 1 and f"UNAUTHENTICATED: API key {key_id} was revoked" in refused.stderr
+
+    denied = chatmesh_cli("tenants", "list", *target, env={"CHATMESH_ADMIN_TOKEN": "wrong"})
+    assert denied.returncode == 1 and denied.stderr.startswith("error: UNAUTHENTICATED")
