@@ -1,6 +1,7 @@
-"""The three ways of getting a reply that the benchmark compares, one call at a time.
+"""The ways of getting a reply that the benchmark compares, one call at a time.
 
-- chatmesh: the gateway over grpc.aio, as a backend service calls it;
+- chatmesh: the gateway over grpc.aio, as a backend service calls it, with the tenant's API key in
+  `authorization` metadata on every call (chatmesh_open: the same client, without a key);
 - floor: straight to the model with a lean aiohttp client and a minimal SSE parser, the least any
   caller can spend;
 - sdk: straight to the model with the openai SDK's `AsyncOpenAI` (stream=True, typed chunks), what a
@@ -20,7 +21,7 @@ import grpc
 import openai
 
 from bench.cases import Expect
-from chatmesh.v1 import chat_pb2, chat_pb2_grpc
+from chatmesh.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc
 
 CALL_TIMEOUT_SECONDS = 30.0
 
@@ -47,11 +48,13 @@ def _meets(expect: Expect, finish_reason: int, cached: bool) -> bool:
 
 
 class ChatmeshClient:
-    """One channel to the gateway, reused by every call (as a service would)."""
+    """One channel to the gateway, reused by every call (as a service would). With `api_key`, every call
+    sends it as `authorization: Bearer <key>` metadata."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
+        self._metadata = None if api_key is None else (("authorization", f"Bearer {api_key}"),)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -61,7 +64,7 @@ class ChatmeshClient:
         request = chat_pb2.ChatRequest(conversation_id=conversation_id, user_id=user_id, message=message)
         ttfd = None
         completed = None
-        async for event in self._stub.StreamChat(request, timeout=CALL_TIMEOUT_SECONDS):
+        async for event in self._stub.StreamChat(request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata):
             kind = event.WhichOneof("event")
             if kind == "delta":
                 if ttfd is None:
@@ -76,19 +79,19 @@ class ChatmeshClient:
     async def chat(self, conversation_id: str, user_id: str, message: str, expect: Expect) -> Sample:
         started = time.perf_counter()
         request = chat_pb2.ChatRequest(conversation_id=conversation_id, user_id=user_id, message=message)
-        response = await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS)
+        response = await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata)
         latency = time.perf_counter() - started
         return Sample(latency, None, _meets(expect, response.finish_reason, response.cached))
 
     async def default_model(self) -> str:
         """The model chatmesh uses when a request names none (the baselines ask modelsim for the same)."""
         request = chat_pb2.ChatRequest(user_id="bench-0", message="hello")
-        return (await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS)).model
+        return (await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata)).model
 
     async def chat_for_id(self, conversation_id: str, user_id: str, message: str) -> str:
         """One unmeasured turn; returns the conversation id."""
         request = chat_pb2.ChatRequest(conversation_id=conversation_id, user_id=user_id, message=message)
-        response = await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS)
+        response = await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata)
         return response.conversation_id
 
 
@@ -167,3 +170,33 @@ class SdkClient:
         if not text:
             raise BadReply("the stream had no text")
         return Sample(time.perf_counter() - started, ttfd, True)
+
+
+# The bench tenant's limits: every kind of limit is set, so that every check runs on every call, and each
+# is far above what a run can use, so that none refuses.
+BENCH_TENANT = "bench"
+BENCH_LIMITS = chat_pb2.TenantLimits(
+    requests_per_minute=10**9,
+    tokens_per_minute=10**9,
+    concurrent_streams=10**6,
+    monthly_budget_usd=1_000_000.0,
+    daily_budget_usd=1_000_000.0,
+)
+
+
+async def create_bench_tenant(target: str, admin_token: str) -> str:
+    """Creates the bench tenant with BENCH_LIMITS through the gateway's AdminService; returns an API key of it."""
+    metadata = (("authorization", f"Bearer {admin_token}"),)
+    async with grpc.aio.insecure_channel(target) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        await admin.CreateTenant(
+            admin_pb2.CreateTenantRequest(name=BENCH_TENANT, limits=BENCH_LIMITS),
+            metadata=metadata,
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+        created = await admin.CreateKey(
+            admin_pb2.CreateKeyRequest(tenant=BENCH_TENANT, description="make bench"),
+            metadata=metadata,
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+    return created.api_key

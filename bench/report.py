@@ -1,4 +1,5 @@
-"""From measured segments to the report: statistics, the targets of issue 5, markdown, and the plot."""
+"""From measured segments to the report: statistics, the targets of issue 5 (and of authentication and
+limits), markdown, and the plot."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from typing import Any
 from bench.cases import Case
 from bench.loadgen import Segment
 
-TARGET_NAMES = ("chatmesh", "floor", "sdk")
+# chatmesh: the chart's default (authentication and every limit on); chatmesh_open: the same without them.
+CHATMESH_TARGETS = ("chatmesh", "chatmesh_open")
+TARGET_NAMES = (*CHATMESH_TARGETS, "floor", "sdk")
+# The redis-server both chatmesh targets share: measured, reported apart from the chatmesh processes.
+REDIS_PROCESS = "redis"
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -31,7 +36,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def target_stats(segments: Sequence[Segment], process_cpu_seconds: dict[str, float]) -> dict[str, Any]:
-    """The statistics of one target (chatmesh, floor or sdk) over every round of one case."""
+    """The statistics of one target (chatmesh, chatmesh_open, floor or sdk) over every round of one case."""
     latencies = sorted(sample.latency for segment in segments for sample in segment.samples)
     ttfds = sorted(sample.ttfd for segment in segments for sample in segment.samples if sample.ttfd is not None)
     calls = len(latencies)
@@ -101,13 +106,34 @@ def added_over(chatmesh: dict[str, Any], baseline: dict[str, Any]) -> dict[str, 
     }
 
 
+def auth_and_limits(
+    chatmesh: dict[str, Any],
+    chatmesh_open: dict[str, Any],
+    cpu: dict[str, float | None],
+    cpu_open: dict[str, float | None],
+) -> dict[str, Any]:
+    """What authentication and limits add: chatmesh minus chatmesh_open, in latency (as `added_over`), in CPU
+    per call of each chatmesh process and their total, and in CPU per call of the Redis both share (not a
+    chatmesh process, so not in the total)."""
+    return {
+        **added_over(chatmesh, chatmesh_open),
+        "cpu_ms_per_call": {name: _difference(value, cpu_open.get(name)) for name, value in cpu.items()},
+        "redis_cpu_ms_per_call": _difference(
+            chatmesh["process_cpu_ms_per_call"].get(REDIS_PROCESS),
+            chatmesh_open["process_cpu_ms_per_call"].get(REDIS_PROCESS),
+        ),
+    }
+
+
 def empty_case(case: Case) -> dict[str, Any]:
     """The entry of a case that was not run, with the same keys as one that was."""
     return {
         **case_header(case),
         "targets": dict.fromkeys(TARGET_NAMES),
         "added": {"floor": None, "sdk": None},
+        "auth_and_limits": None,
         "cpu_ms_per_call": None,
+        "cpu_ms_per_call_open": None,
         "rss_mib": None,
         "turns": None,
         "other_load_cores": None,
@@ -143,6 +169,8 @@ class Target:
     limit: float
     unit: str
     at_most: bool = True
+    # The targets whose calls must all have succeeded as expected for the figure to count.
+    needs: tuple[str, ...] = ("chatmesh",)
 
 
 def _chatmesh(entry: dict[str, Any], *path: str) -> float | None:
@@ -196,6 +224,33 @@ TARGETS = (
         2.0,
         "ms",
     ),
+    Target(
+        "auth and limits: added p50 at c=1 ≤ 0.5 ms",
+        ("chat_c1_new", "stream_c1_new", "chat_c1_turn10", "stream_c1_turn10", "cache_hit", "blocked_input"),
+        lambda entry: entry["auth_and_limits"]["p50_ms"],
+        0.5,
+        "ms",
+        needs=CHATMESH_TARGETS,
+    ),
+    Target(
+        "auth and limits: added CPU per call ≤ 0.5 ms",
+        (
+            "chat_c1_new",
+            "stream_c1_new",
+            "chat_c1_turn10",
+            "stream_c1_turn10",
+            "chat_c32_new",
+            "stream_c32_new",
+            "chat_c32_turn10",
+            "stream_c32_turn10",
+            "cache_hit",
+            "blocked_input",
+        ),
+        lambda entry: entry["auth_and_limits"]["cpu_ms_per_call"]["total"],
+        0.5,
+        "ms",
+        needs=CHATMESH_TARGETS,
+    ),
 )
 RSS_LIMIT_MIB = 120.0
 
@@ -215,13 +270,20 @@ def evaluate_targets(cases: list[dict[str, Any]], processes: dict[str, dict[str,
             }
             if entry is None:
                 continue  # a run of chosen cases (--cases) that left this one out
-            chatmesh = entry["targets"]["chatmesh"]
+            failed = [
+                (name, stats)
+                for name, stats in ((name, entry["targets"][name]) for name in target.needs)
+                if stats is not None and (stats["unexpected"] or not stats["calls"])
+            ]
             if not entry["available"]:
                 row["status"] = "not available"
                 row["reason"] = entry["reason"]
-            elif chatmesh["unexpected"] or not chatmesh["calls"]:
+            elif failed:
                 row["status"] = "not measured"
-                row["reason"] = f"{chatmesh['unexpected']} of {chatmesh['calls']} replies were not {entry['expect']}"
+                row["reason"] = "; ".join(
+                    f"{stats['unexpected']} of {stats['calls']} {name} replies were not {entry['expect']}"
+                    for name, stats in failed
+                )
             else:
                 measured = target.measure(entry)
                 row["measured"] = measured
@@ -257,6 +319,10 @@ def _fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _redis_calls(stats: dict[str, Any], kind: str) -> str:
+    return _fmt((stats.get("redis_per_call") or {}).get(kind), 1)
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -270,6 +336,7 @@ def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     run = report["run"]
     chatmesh_processes = report["chatmesh_processes"]
+    auth = run.get("auth") or {}
     lines = [
         f"# chatmesh benchmark: {run['date']}, commit {run['commit']}"
         + (" (with uncommitted changes)" if run["dirty"] else ""),
@@ -277,6 +344,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Mode `{run['mode']}`: {run['rounds']} rounds per case, targets alternating within each round. "
         f"modelsim with zero latency and {run['reply_tokens']}-token replies; "
         f"chatmesh processes measured: {', '.join(chatmesh_processes)}. "
+        f"**chatmesh**: {auth.get('chatmesh', 'the default configuration')}; "
+        f"chatmesh_open: {auth.get('chatmesh_open', '-')}; both on the same Redis, measured apart. "
         f"{run['cpus']} CPUs, Python {run['python']}, grpcio {run['grpcio']}; "
         f"load average {run['loadavg_before']} before, {run['loadavg_after']} after; {run['duration_seconds']:.0f} s. "
         f"modelsim served {run['modelsim_stats'].get('requests', 0)} chat and "
@@ -346,7 +415,59 @@ def markdown(report: dict[str, Any]) -> str:
         rows,
     )
 
-    lines += ["", "## CPU per call (ms) and memory (MiB)", ""]
+    lines += [
+        "",
+        "## What authentication and limits add (chatmesh minus chatmesh_open, same case, same run)",
+        "",
+    ]
+    rows = []
+    for entry in report["cases"]:
+        if not entry["available"]:
+            continue
+        added = entry["auth_and_limits"] or {}
+        cpu = added.get("cpu_ms_per_call") or {}
+        rows.append(
+            (
+                entry["name"],
+                _fmt(added.get("p50_ms"), signed=True),
+                _fmt(added.get("p99_ms"), signed=True),
+                _fmt(added.get("ttfd_p50_ms"), signed=True),
+                _ratio(added.get("rps_ratio")),
+                _fmt(entry["cpu_ms_per_call"]["total"]),
+                _fmt(entry["cpu_ms_per_call_open"]["total"]),
+                f"**{_fmt(cpu.get('total'), signed=True)}**",
+                *(_fmt(cpu.get(name), signed=True) for name in chatmesh_processes),
+                _fmt(added.get("redis_cpu_ms_per_call"), signed=True),
+                " / ".join(_redis_calls(entry["targets"][target], "commands") for target in CHATMESH_TARGETS),
+                " / ".join(_redis_calls(entry["targets"][target], "scripts") for target in CHATMESH_TARGETS),
+            )
+        )
+    lines += _table(
+        (
+            "case",
+            "p50",
+            "p99",
+            "TTFD p50",
+            "req/s ÷ open",
+            "chatmesh CPU",
+            "chatmesh_open CPU",
+            "added CPU",
+            *(f"{name} CPU" for name in chatmesh_processes),
+            "Redis CPU",
+            "Redis commands (chatmesh / open)",
+            "of them scripts",
+        ),
+        rows,
+    )
+    lines += [
+        "",
+        "Latencies and CPU in ms per call; CPU summed over the chatmesh processes of each cluster (the added CPU "
+        "of each process next to it). Redis CPU is the shared redis-server's during each target's own windows, "
+        "not in the chatmesh totals. Redis commands per call count those that Lua scripts run; 'of them scripts' "
+        "counts the scripts (EVALSHA) themselves.",
+    ]
+
+    lines += ["", "## CPU per call (ms) and memory (MiB) of chatmesh", ""]
     rows = []
     for entry in report["cases"]:
         if not entry["available"]:
@@ -359,6 +480,7 @@ def markdown(report: dict[str, Any]) -> str:
                 *(_fmt(cpu.get(name)) for name in chatmesh_processes),
                 f"**{_fmt(cpu['total'])}**",
                 _fmt(chatmesh["process_cpu_ms_per_call"].get("modelsim")),
+                _fmt(chatmesh["process_cpu_ms_per_call"].get(REDIS_PROCESS)),
                 _fmt(chatmesh["client_cpu_ms_per_call"]),
                 _fmt(sdk["client_cpu_ms_per_call"]) if sdk else "-",
                 *(
@@ -374,6 +496,7 @@ def markdown(report: dict[str, Any]) -> str:
             *(f"{name} CPU" for name in chatmesh_processes),
             "chatmesh CPU",
             "modelsim CPU",
+            "Redis CPU",
             "client CPU (chatmesh)",
             "client CPU (sdk)",
             *(f"{name} RSS idle → peak" for name in chatmesh_processes),
@@ -388,7 +511,12 @@ def markdown(report: dict[str, Any]) -> str:
         "was shared and absolute figures (req/s above all) are disturbed; the baselines were disturbed alike.",
     ]
 
-    lines += ["", "## Targets (issue 5; added = chatmesh minus the floor baseline of the same case)", ""]
+    lines += [
+        "",
+        "## Targets (issue 5; added = chatmesh minus the floor baseline of the same case; for auth and limits, "
+        "chatmesh minus chatmesh_open)",
+        "",
+    ]
     rows = []
     for row in report["targets"]:
         measured = row["measured"]
@@ -436,7 +564,7 @@ def plot(report: dict[str, Any], samples: dict[str, dict[str, list[float]]], pat
     columns = 4
     rows = math.ceil(len(entries) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    colors = {"chatmesh": "tab:blue", "floor": "tab:gray", "sdk": "tab:orange"}
+    colors = {"chatmesh": "tab:blue", "chatmesh_open": "tab:green", "floor": "tab:gray", "sdk": "tab:orange"}
     for axis, entry in zip(axes.flat, entries, strict=False):
         axis.set_title(f"{entry['name']}\n{entry['description']}", fontsize=9)
         if not entry["available"]:

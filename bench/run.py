@@ -1,10 +1,21 @@
-"""`make bench`: what chatmesh adds over calling the model directly, in latency, throughput, CPU and memory.
+"""`make bench`: what chatmesh adds over calling the model directly, in latency, throughput, CPU and memory,
+and what authentication and tenant limits add to that.
 
-It starts the cluster the integration tests start (tests/support/cluster.py: every chatmesh process
-plus modelsim, default configuration, free loopback ports), sets modelsim to zero latency and a fixed
-reply length, and runs each case of bench/cases.py against chatmesh and against two baselines that
-call modelsim directly (floor: lean aiohttp + minimal SSE parser; sdk: the openai SDK). The targets
-alternate within each of several short rounds, so that the machine's noise hits all of them alike.
+It starts a real redis-server (tests/support/redis_server.py) and two clusters of the kind the integration
+tests start (tests/support/cluster.py: every chatmesh process, free loopback ports), both keeping
+conversations, cache entries, tenants and usage in that Redis:
+
+- chatmesh: the Helm chart's default configuration: CHATMESH_AUTH=required, an admin token, and a tenant
+  created through the AdminService with every kind of limit set (far above what the run uses, so that every
+  check runs on every call and none refuses); every call sends the tenant's API key. It also runs modelsim,
+  set to zero latency and a fixed reply length.
+- chatmesh_open: the same without them: CHATMESH_AUTH=off and no key, so calls act as the tenant `default`,
+  which has no limits. It calls the first cluster's modelsim.
+
+Each case of bench/cases.py runs against both, and against two baselines that call modelsim directly
+(floor: lean aiohttp + minimal SSE parser; sdk: the openai SDK). The targets alternate within each of
+several short rounds, so that the machine's noise hits all of them alike. What chatmesh adds is measured
+against the baselines; what authentication and limits add is chatmesh minus chatmesh_open.
 
 Usage: python -m bench [--mode full|quick|tiny] [--rounds N] [--reply-tokens N] [--cases a,b] [--out-dir DIR]
        [--profile SECONDS [--profile-case NAME]]
@@ -19,6 +30,7 @@ import gc
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import time
@@ -28,16 +40,28 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import redis
 import uvloop
 
 from bench.cases import CASES, Case, Expect, Message, preparation_message, question
-from bench.clients import ChatmeshClient, FloorClient, Sample, SdkClient
+from bench.clients import (
+    BENCH_LIMITS,
+    BENCH_TENANT,
+    ChatmeshClient,
+    FloorClient,
+    Sample,
+    SdkClient,
+    create_bench_tenant,
+)
 from bench.loadgen import Segment, run_segment
 from bench.procstat import CpuMeter, RssMonitor
 from bench.profile import markdown as profile_markdown
 from bench.report import (
+    CHATMESH_TARGETS,
+    REDIS_PROCESS,
     TARGET_NAMES,
     added_over,
+    auth_and_limits,
     case_header,
     empty_case,
     evaluate_targets,
@@ -51,7 +75,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # Processes of the cluster that are not chatmesh: measured, but not counted as chatmesh's cost.
 MODEL_PROCESSES = frozenset({"modelsim"})
+# The chatmesh_open cluster's processes are named `open-<process>` in the report.
+OPEN_PREFIX = "open-"
 PREPARATION_CONCURRENCY = 32
+# After each segment, the meters keep running this long: work a call leaves behind once its caller has the
+# reply (releasing its stream slot, settling its usage) counts for its target, not for the next one.
+SETTLE_SECONDS = 0.03
 USERS = 100
 
 
@@ -79,10 +108,11 @@ class Mode:
 
 
 MODES = {
-    # 3.5 to 4.5 minutes on 2 cores (more on a busy machine), a third of it preparing conversations for
-    # the turn-10 cases.
+    # About 6 minutes on 2 cores (more on a busy machine), half of it preparing the conversations of the
+    # turn-10 cases, once for each chatmesh target (conversations belong to a tenant).
     "full": Mode(5, 1.0, 1.6, 400, 2000, 40, 80, 200),
-    # 35 to 50 seconds; its c=32 turn-10 throughput comes from too few calls to mean much.
+    # 70 to 80 seconds; its c=32 turn-10 throughput comes from too few calls to mean much, and its differences
+    # between chatmesh and chatmesh_open (the turn-10 cases' above all) are within the machine's noise.
     "quick": Mode(2, 0.4, 0.6, 120, 480, 10, 40, 32),
     # A few calls per case: for tests of the harness itself; its numbers mean nothing.
     "tiny": Mode(1, 2.0, 4.0, 4, 32, 3, 32, 4),
@@ -96,12 +126,40 @@ class _Cycle(list):
         return super().__getitem__(index % len(self))
 
 
-def _cluster_class() -> type:
-    """The integration tests' launcher: which processes make up chatmesh is its business, not ours."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from support.cluster import Cluster
+def _support() -> Any:
+    """The integration tests' launchers (tests/support): which processes make up chatmesh is their business,
+    not ours."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    import support.cluster
+    import support.redis_server
 
-    return Cluster
+    return argparse.Namespace(
+        Cluster=support.cluster.Cluster,
+        START_ORDER=support.cluster.START_ORDER,
+        RedisServer=support.redis_server.RedisServer,
+    )
+
+
+class RedisCommands:
+    """The shared redis-server's own count of the commands it has run (INFO commandstats), Lua scripts
+    (EVALSHA, EVAL) apart; the INFO calls that read it are left out."""
+
+    SCRIPTS = frozenset({"cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro", "cmdstat_eval_ro"})
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url, socket_timeout=5)
+        self.pid = int(self._client.info("server")["process_id"])
+
+    def count(self) -> tuple[int, int]:
+        """(commands, scripts) so far."""
+        stats = self._client.info("commandstats")
+        commands = sum(value["calls"] for name, value in stats.items() if name != "cmdstat_info")
+        scripts = sum(value["calls"] for name, value in stats.items() if name in self.SCRIPTS)
+        return commands, scripts
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def _git(*args: str) -> subprocess.CompletedProcess[str]:
@@ -121,45 +179,87 @@ def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def _round_order(names: list[str], round_index: int) -> list[str]:
+    """The order of the targets in a round: rotated by one each round, so that none always goes first; the
+    two chatmesh targets run back to back (which of them first alternates), so that what sets them apart is
+    measured under the same conditions."""
+    units: list[list[str]] = [list(CHATMESH_TARGETS)] + [[name] for name in names if name not in CHATMESH_TARGETS]
+    if round_index % 2:
+        units[0].reverse()
+    shift = round_index % len(units)
+    return [name for unit in units[shift:] + units[:shift] for name in unit]
+
+
 class Bench:
-    def __init__(self, cluster: Any, mode: Mode, reply_tokens: int) -> None:
-        self.cluster = cluster
+    def __init__(
+        self, clusters: dict[str, Any], redis_commands: RedisCommands, api_key: str, mode: Mode, reply_tokens: int
+    ) -> None:
+        # The chatmesh cluster runs the modelsim that every target calls.
+        self.cluster = clusters["chatmesh"]
         self.mode = mode
         self.reply_tokens = reply_tokens
-        # Every process the launcher started (the ones it only knows of have no pid).
-        self.pids: dict[str, int] = {
-            name: process.pid for name, process in cluster.processes.items() if process.pid is not None
-        }
-        self.chatmesh_processes = [name for name in self.pids if name not in MODEL_PROCESSES]
+        # Every process the launchers started (the ones they only know of have no pid): the chatmesh
+        # cluster's under their own names, chatmesh_open's as open-<name>, and the shared redis-server.
+        self.pids: dict[str, int] = {}
+        # Which processes are each chatmesh target's own, and the process each one is (gateway, ...).
+        self.processes_of: dict[str, list[str]] = {}
+        self.process_kind: dict[str, str] = {}
+        for target, cluster in clusters.items():
+            prefix = "" if target == "chatmesh" else OPEN_PREFIX
+            self.processes_of[target] = []
+            for name, process in cluster.processes.items():
+                if process.pid is None:
+                    continue
+                self.pids[prefix + name] = process.pid
+                if name not in MODEL_PROCESSES:
+                    self.processes_of[target].append(prefix + name)
+                    self.process_kind[prefix + name] = name
+        self.pids[REDIS_PROCESS] = redis_commands.pid
+        self.redis_commands = redis_commands
+        self.chatmesh_processes = self.processes_of["chatmesh"]
         self.rss = RssMonitor(self.pids)
         self.rss_at_start = self.rss.current_mib()
-        self.chatmesh = ChatmeshClient(cluster.gateway_target)
-        base_url, api_key = cluster.env["OPENAI_BASE_URL"], cluster.env["OPENAI_API_KEY"]
-        self.floor = FloorClient(base_url, api_key)
-        self.sdk = SdkClient(base_url, api_key)
+        self.clients = {
+            "chatmesh": ChatmeshClient(clusters["chatmesh"].gateway_target, api_key),
+            "chatmesh_open": ChatmeshClient(clusters["chatmesh_open"].gateway_target),
+        }
+        self.chatmesh = self.clients["chatmesh"]
+        base_url, model_key = self.cluster.env["OPENAI_BASE_URL"], self.cluster.env["OPENAI_API_KEY"]
+        self.floor = FloorClient(base_url, model_key)
+        self.sdk = SdkClient(base_url, model_key)
         self.model = ""
         self.samples: dict[str, dict[str, list[float]]] = {}
 
     async def close(self) -> None:
         await self.rss.stop()
-        await asyncio.gather(self.chatmesh.close(), self.floor.close(), self.sdk.close())
+        await asyncio.gather(
+            *(client.close() for client in self.clients.values()), self.floor.close(), self.sdk.close()
+        )
+        self.redis_commands.close()
 
     async def warm_up(self) -> None:
         """Opens connections and fills caches of imports and code paths in every process; not measured."""
         case = Case("warmup", "Chat", 32)
         self.model = await self.chatmesh.default_model()
-        for send in (
-            self._chatmesh_send(case, None),
-            self._chatmesh_send(replace(case, rpc="StreamChat"), None),
+        sends = [
+            *(
+                self._chatmesh_send(target, replace(case, rpc=rpc), None)
+                for target in CHATMESH_TARGETS
+                for rpc in ("Chat", "StreamChat")
+            ),
             self._baseline_send("floor", case, None),
             self._baseline_send("sdk", case, None),
-        ):
+        ]
+        for send in sends:
             segment = await run_segment(send, concurrency=32, count=self.mode.warmup, seconds=30)
             if segment.errors:
                 raise RuntimeError(f"warm-up calls failed: {segment.error_kinds}")
 
-    def _chatmesh_send(self, case: Case, pool: list[tuple[str, str]] | None) -> Callable[[int], Awaitable[Sample]]:
-        call = self.chatmesh.stream_chat if case.rpc == "StreamChat" else self.chatmesh.chat
+    def _chatmesh_send(
+        self, target: str, case: Case, pool: list[tuple[str, str]] | None
+    ) -> Callable[[int], Awaitable[Sample]]:
+        client = self.clients[target]
+        call = client.stream_chat if case.rpc == "StreamChat" else client.chat
 
         def send(index: int) -> Awaitable[Sample]:
             if pool is None:
@@ -181,57 +281,77 @@ class Bench:
 
         return send
 
-    async def _prepare(self, case: Case, count: int) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
-        """`count` conversations with `case.turn - 1` turns each, plus the messages that dialogue sends the
-        model at turn `case.turn` (read from modelsim after one unmeasured call), for the baselines."""
-        pool: list[tuple[str, str]] = [("", "")] * (count + 1)
-        indexes = iter(range(count + 1))
+    async def _prepare(self, target: str, case: Case, count: int) -> list[tuple[str, str]]:
+        """`count` conversations of the chatmesh target `target` (its tenant's), with `case.turn - 1` turns each."""
+        client = self.clients[target]
+        pool: list[tuple[str, str]] = [("", "")] * count
+        indexes = iter(range(count))
 
         async def worker() -> None:
             for index in indexes:
                 user_id, conversation_id = f"bench-{index % USERS}", ""
                 for turn in range(1, case.turn):
-                    conversation_id = await self.chatmesh.chat_for_id(
+                    conversation_id = await client.chat_for_id(
                         conversation_id, user_id, preparation_message(case, index, turn)
                     )
                 pool[index] = (conversation_id, user_id)
 
         await asyncio.gather(*(worker() for _ in range(PREPARATION_CONCURRENCY)))
-        conversation_id, user_id = pool.pop()
+        return pool
+
+    async def _model_window(self, case: Case, conversation: tuple[str, str]) -> list[dict[str, Any]]:
+        """The messages that dialogue sends the model at turn `case.turn` of a prepared conversation (read from
+        modelsim after one unmeasured call), for the baselines."""
+        conversation_id, user_id = conversation
         probe = question(case, -1)
         await self.chatmesh.chat_for_id(conversation_id, user_id, probe)
         for logged in reversed(self.cluster.sim_requests(limit=20)):
             messages = logged.get("messages") or [{}]
             if messages[-1].get("content") == probe:
-                return pool, messages
+                return messages
         raise RuntimeError("modelsim did not log the call that reads the turn's context window")
+
+    def _cpu(self, target: str, stats: dict[str, Any]) -> dict[str, float | None]:
+        """CPU per call of each of the target's own processes (by kind: gateway, ...), and their total."""
+        cpu = {self.process_kind[name]: stats["process_cpu_ms_per_call"][name] for name in self.processes_of[target]}
+        cpu["total"] = round(sum(value or 0 for value in cpu.values()), 3)
+        return cpu
 
     async def run_case(self, case: Case) -> dict[str, Any]:
         if not case.available:
             return empty_case(case)
         count, seconds = self.mode.bounds(case)
-        pool, window = None, None
+        pools: dict[str, list[tuple[str, str]] | None] = dict.fromkeys(CHATMESH_TARGETS)
+        window = None
         preparation_started = time.perf_counter()
         if case.turn > 1:
-            pool, window = await self._prepare(case, count * self.mode.rounds)
+            calls = count * self.mode.rounds
+            # One conversation more on chatmesh: the one whose next turn shows the model's context window.
+            prepared = await asyncio.gather(
+                *(self._prepare(target, case, calls + (target == "chatmesh")) for target in CHATMESH_TARGETS)
+            )
+            pools.update(zip(CHATMESH_TARGETS, prepared, strict=True))
+            window = await self._model_window(case, prepared[0].pop())
         if case.message is Message.REPEATED:
-            await self._chatmesh_send(replace(case, expect=Expect.REPLY), None)(0)  # the miss that fills the cache
+            for target in CHATMESH_TARGETS:  # the miss that fills the cache (each tenant has its own entries)
+                await self._chatmesh_send(target, replace(case, expect=Expect.REPLY), None)(0)
         sends = {
-            "chatmesh": self._chatmesh_send(case, pool),
+            **{target: self._chatmesh_send(target, case, pools[target]) for target in CHATMESH_TARGETS},
             **{name: self._baseline_send(name, case, window) for name in case.baselines},
         }
         meters = {name: CpuMeter(self.pids) for name in sends}
+        # Redis commands and scripts run in each target's windows.
+        redis_counts = {name: [0, 0] for name in sends}
         segments: dict[str, list[Segment]] = {name: [] for name in sends}
         next_index = dict.fromkeys(sends, 0)
-        order = list(sends)
 
         self.rss.checkpoint()  # the preparation's peak goes to the run's, not the case's
         idle = self.rss.current_mib()
         measure_started = time.perf_counter()
         for round_index in range(self.mode.rounds):
-            shift = round_index % len(order)
-            for name in order[shift:] + order[:shift]:
+            for name in _round_order(list(sends), round_index):
                 gc.collect()
+                commands_before, scripts_before = self.redis_commands.count()
                 meters[name].start()
                 segment = await run_segment(
                     sends[name],
@@ -240,15 +360,25 @@ class Bench:
                     seconds=seconds,
                     first_index=next_index[name],
                 )
+                await asyncio.sleep(SETTLE_SECONDS)
                 meters[name].stop()
+                commands, scripts = self.redis_commands.count()
+                redis_counts[name][0] += commands - commands_before
+                redis_counts[name][1] += scripts - scripts_before
                 next_index[name] += segment.issued
                 segments[name].append(segment)
         peak = self.rss.checkpoint()
 
         targets = {name: target_stats(segments[name], meters[name].seconds) for name in sends}
+        for name, (commands, scripts) in redis_counts.items():
+            issued = sum(segment.issued for segment in segments[name])
+            targets[name]["redis_per_call"] = {
+                "commands": round(commands / issued, 2) if issued else None,
+                "scripts": round(scripts / issued, 2) if issued else None,
+            }
         chatmesh = targets["chatmesh"]
-        cpu = {name: chatmesh["process_cpu_ms_per_call"][name] for name in self.chatmesh_processes}
-        cpu["total"] = round(sum(value or 0 for value in cpu.values()), 3)
+        cpu = self._cpu("chatmesh", chatmesh)
+        cpu_open = self._cpu("chatmesh_open", targets["chatmesh_open"])
         self.samples[case.name] = {
             name: [sample.latency for segment in segments[name] for sample in segment.samples] for name in sends
         }
@@ -262,9 +392,11 @@ class Bench:
         entry.update(
             targets={name: targets.get(name) for name in TARGET_NAMES},
             added={name: added_over(chatmesh, targets[name]) if name in targets else None for name in ("floor", "sdk")},
+            auth_and_limits=auth_and_limits(chatmesh, targets["chatmesh_open"], cpu, cpu_open),
             cpu_ms_per_call=cpu,
+            cpu_ms_per_call_open=cpu_open,
             rss_mib={name: {"idle": idle[name], "peak": peak[name]} for name in self.pids},
-            turns=None if pool is None else {"measured_turn": case.turn, "model_messages": len(window or [])},
+            turns=None if window is None else {"measured_turn": case.turn, "model_messages": len(window)},
             other_load_cores=None if other_load is None else round(max(0.0, other_load), 2),
             bounds={"count_per_round": count, "seconds_per_round": seconds},
             preparation_seconds=round(measure_started - preparation_started, 2),
@@ -273,16 +405,15 @@ class Bench:
         return entry
 
     async def profile(self, case: Case, seconds: float, out_prefix: Path) -> dict[str, str]:
-        """Samples each chatmesh process with py-spy while `case` runs (after, not during, the measurements).
-        Writes collapsed stacks per process; returns their paths."""
+        """Samples each process of the chatmesh target with py-spy while `case` runs (after, not during, the
+        measurements). Writes collapsed stacks per process; returns their paths."""
         spy = Path(sys.executable).parent / "py-spy"
         if not spy.exists():
             raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
         pool = None
         if case.turn > 1:
             # Conversations are reused here (turns 10, 11, ...): the window is full either way.
-            prepared, _ = await self._prepare(case, 2 * case.concurrency)
-            pool = _Cycle(prepared)
+            pool = _Cycle(await self._prepare("chatmesh", case, 2 * case.concurrency))
         paths = {name: f"{out_prefix}-profile-{name}.txt" for name in self.chatmesh_processes}
         spies = [
             await asyncio.create_subprocess_exec(
@@ -306,7 +437,7 @@ class Bench:
         ]
         await asyncio.sleep(0.5)
         await run_segment(
-            self._chatmesh_send(case, pool), concurrency=case.concurrency, count=10**9, seconds=seconds + 1
+            self._chatmesh_send("chatmesh", case, pool), concurrency=case.concurrency, count=10**9, seconds=seconds + 1
         )
         await asyncio.gather(*(spy_process.wait() for spy_process in spies))
         return paths
@@ -320,16 +451,30 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
     commit, dirty = _commit()
     started = time.time()
     loadavg_before = _loadavg()
+    support = _support()
+    redis_server = support.RedisServer.start()
     # The simulator's own key, as `make run` uses it: the default configuration, where moderation ("auto") is
     # off because the simulator stands in for the provider.
-    cluster = _cluster_class()(
-        env={"CHATMESH_MODELSIM_REPLY_TOKENS": str(args.reply_tokens), "OPENAI_API_KEY": MODELSIM_API_KEY}
-    )
-    cluster.start()
+    common = {"CHATMESH_MODELSIM_REPLY_TOKENS": str(args.reply_tokens), "OPENAI_API_KEY": MODELSIM_API_KEY}
+    admin_token = secrets.token_urlsafe(32)
+    clusters: dict[str, Any] = {}
     bench = None
     try:
+        # The chart's default: authentication required, tenants and limits in Redis.
+        clusters["chatmesh"] = support.Cluster(
+            redis_url=redis_server.url,
+            env={**common, "CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": admin_token},
+        ).start()
+        cluster = clusters["chatmesh"]
+        # The same without them, on the same Redis and the same modelsim.
+        clusters["chatmesh_open"] = support.Cluster(
+            redis_url=redis_server.url,
+            env={**common, "CHATMESH_AUTH": "off", "OPENAI_BASE_URL": cluster.env["OPENAI_BASE_URL"]},
+            processes=[name for name in support.START_ORDER if name not in MODEL_PROCESSES],
+        ).start()
         cluster.sim_config(reply_tokens=args.reply_tokens, first_token_latency_seconds=0, token_delay_seconds=0)
-        bench = Bench(cluster, mode, args.reply_tokens)
+        api_key = await create_bench_tenant(cluster.gateway_target, admin_token)
+        bench = Bench(clusters, RedisCommands(redis_server.url), api_key, mode, args.reply_tokens)
         bench.rss.start()
         await bench.warm_up()
         gc.collect()
@@ -347,11 +492,16 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
     finally:
         if bench is not None:
             await bench.close()
-        cluster.stop()
+        for running in reversed(clusters.values()):
+            running.stop()
+        redis_server.stop()
 
+    target_of = {name: target for target, names in bench.processes_of.items() for name in names}
     processes = {
         name: {
+            # The chatmesh target's own processes (the ones the RSS target reads).
             "chatmesh": name in bench.chatmesh_processes,
+            "target": target_of.get(name),
             "rss_idle_mib": bench.rss_at_start[name],
             "rss_peak_mib": peaks[name],
         }
@@ -359,7 +509,8 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
     }
     now = datetime.datetime.now(datetime.UTC)
     report = {
-        "schema": 1,
+        # 2: the chatmesh_open target, auth_and_limits, cpu_ms_per_call_open, redis_per_call, Redis processes.
+        "schema": 2,
         "run": {
             "date": now.strftime("%Y-%m-%d"),
             "finished_at": now.isoformat(timespec="seconds"),
@@ -376,9 +527,15 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
             "loadavg_after": _loadavg(),
             "duration_seconds": round(time.time() - started, 1),
             "modelsim_stats": sim_stats,
+            "auth": {
+                "chatmesh": f"CHATMESH_AUTH=required, tenant {BENCH_TENANT} with every limit, an API key on every call",
+                "chatmesh_open": "CHATMESH_AUTH=off, no key: tenant default, without limits",
+            },
+            "bench_tenant_limits": {field.name: value for field, value in BENCH_LIMITS.ListFields()},
             "profile": profile,
         },
         "chatmesh_processes": bench.chatmesh_processes,
+        "chatmesh_open_processes": bench.processes_of["chatmesh_open"],
         "processes": processes,
         "cases": entries,
         "targets": evaluate_targets(entries, processes),
@@ -388,7 +545,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=sorted(MODES), default="full", help="full (≤ 5 min), quick (< 1 min), tiny")
+    parser.add_argument("--mode", choices=sorted(MODES), default="full", help="full (~6 min), quick (~75 s), tiny")
     parser.add_argument("--rounds", type=int, default=0, help="rounds per case (default: the mode's)")
     parser.add_argument("--reply-tokens", type=int, default=50, help="tokens in each modelsim reply")
     parser.add_argument("--cases", type=lambda text: set(text.split(",")), default=None, help="only these cases")

@@ -1,4 +1,5 @@
-"""`make bench`'s harness, run in its tiny mode: it writes a report with every case of issue 5.
+"""`make bench`'s harness, run in its tiny mode: it writes a report with every case of issue 5, measured on
+chatmesh as the chart configures it (authentication and every limit on) and on chatmesh_open (without them).
 
 Timings are not checked here: the targets are read from the report, never asserted by a test.
 """
@@ -29,7 +30,9 @@ CASE_KEYS = {
     "reason",
     "targets",
     "added",
+    "auth_and_limits",
     "cpu_ms_per_call",
+    "cpu_ms_per_call_open",
     "rss_mib",
 }
 STATS_KEYS = {
@@ -43,6 +46,9 @@ STATS_KEYS = {
     "process_cpu_ms_per_call",
 }
 ADDED_KEYS = {"p50_ms", "p99_ms", "ttfd_p50_ms", "ttfd_p99_ms", "rps_ratio"}
+CHATMESH_TARGETS = ("chatmesh", "chatmesh_open")
+AUTH_P50_TARGET = "auth and limits: added p50 at c=1 ≤ 0.5 ms"
+AUTH_CPU_TARGET = "auth and limits: added CPU per call ≤ 0.5 ms"
 
 
 def test_the_tiny_run_reports_every_case(tmp_path: Path):
@@ -51,7 +57,7 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=150,
     )
     assert finished.returncode == 0, finished.stderr[-4000:]
 
@@ -63,8 +69,33 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
 
     assert {"gateway", "dialogue"} <= set(report["chatmesh_processes"])
     assert "modelsim" not in report["chatmesh_processes"]
+    # The cluster without authentication and limits: the same processes, measured apart from the first's.
+    assert report["chatmesh_open_processes"] == [f"open-{name}" for name in report["chatmesh_processes"]]
+    assert set(report["processes"]) == {
+        *report["chatmesh_processes"],
+        *report["chatmesh_open_processes"],
+        "modelsim",
+        "redis",
+    }
     for name, process in report["processes"].items():
         assert process["rss_idle_mib"] > 0 and process["rss_peak_mib"] >= process["rss_idle_mib"], name
+        assert process["chatmesh"] == (name in report["chatmesh_processes"]), name
+        expected_target = (
+            "chatmesh"
+            if name in report["chatmesh_processes"]
+            else "chatmesh_open"
+            if name in report["chatmesh_open_processes"]
+            else None
+        )
+        assert process["target"] == expected_target, name
+    assert set(report["run"]["auth"]) == set(CHATMESH_TARGETS)
+    assert set(report["run"]["bench_tenant_limits"]) == {
+        "requests_per_minute",
+        "tokens_per_minute",
+        "concurrent_streams",
+        "monthly_budget_usd",
+        "daily_budget_usd",
+    }
 
     cases = {entry["name"]: entry for entry in report["cases"]}
     assert set(cases) == {*CASES, *FEATURE_CASES}
@@ -76,8 +107,8 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
             assert entry["reason"], name
             continue
         assert entry["reason"] is None
-        assert set(entry["targets"]) == {"chatmesh", "floor", "sdk"}
-        for target in ("chatmesh", *entry["baselines"]):
+        assert set(entry["targets"]) == {*CHATMESH_TARGETS, "floor", "sdk"}
+        for target in (*CHATMESH_TARGETS, *entry["baselines"]):
             stats = entry["targets"][target]
             assert set(stats) >= STATS_KEYS, (name, target)
             assert stats["calls"] > 0 and stats["errors"] == 0 and stats["unexpected"] == 0, (name, target, stats)
@@ -86,14 +117,39 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
         for baseline in entry["baselines"]:
             assert set(entry["added"][baseline]) == ADDED_KEYS
         assert set(entry["cpu_ms_per_call"]) == {*report["chatmesh_processes"], "total"}
+        assert set(entry["cpu_ms_per_call_open"]) == {*report["chatmesh_processes"], "total"}
+        assert entry["cpu_ms_per_call"]["total"] > 0 and entry["cpu_ms_per_call_open"]["total"] > 0, name
+        added = entry["auth_and_limits"]
+        assert set(added) == {*ADDED_KEYS, "cpu_ms_per_call", "redis_cpu_ms_per_call"}, name
+        assert added["p50_ms"] is not None and added["rps_ratio"] is not None, name
+        assert set(added["cpu_ms_per_call"]) == {*report["chatmesh_processes"], "total"}, name
+        assert added["cpu_ms_per_call"]["total"] == round(
+            entry["cpu_ms_per_call"]["total"] - entry["cpu_ms_per_call_open"]["total"], 3
+        ), name
         assert set(entry["rss_mib"]) == set(report["processes"])
 
     for name in CASES:
         streamed = cases[name]["rpc"] == "StreamChat"
-        assert (cases[name]["targets"]["chatmesh"]["ttfd_ms"] is not None) == streamed, name
+        for target in CHATMESH_TARGETS:
+            assert (cases[name]["targets"][target]["ttfd_ms"] is not None) == streamed, (name, target)
+        assert (cases[name]["auth_and_limits"]["ttfd_p50_ms"] is not None) == streamed, name
+        # Every limit is checked on every call: chatmesh does more in Redis per call than chatmesh_open.
+        redis_calls = {target: cases[name]["targets"][target]["redis_per_call"] for target in CHATMESH_TARGETS}
+        assert redis_calls["chatmesh"]["commands"] > redis_calls["chatmesh_open"]["commands"], (name, redis_calls)
+        assert redis_calls["chatmesh"]["scripts"] >= redis_calls["chatmesh_open"]["scripts"] > 0, (name, redis_calls)
         if name.endswith("turn10"):
             assert cases[name]["turns"]["measured_turn"] == 10
             assert cases[name]["turns"]["model_messages"] > 1
 
     assert {row["status"] for row in report["targets"]} <= {"met", "not met", "not available", "not measured"}
     assert {"cache_hit", "process gateway, whole run"} <= {row["case"] for row in report["targets"]}
+    rows = {(row["target"], row["case"]): row for row in report["targets"]}
+    single = [name for name in cases if cases[name]["concurrency"] == 1]
+    for target, names in ((AUTH_P50_TARGET, single), (AUTH_CPU_TARGET, list(cases))):
+        for name in names:
+            row = rows[target, name]
+            if cases[name]["available"]:
+                assert row["status"] in {"met", "not met"} and row["measured"] is not None, row
+    markdown = json_path.with_suffix(".md").read_text()
+    assert "## What authentication and limits add" in markdown
+    assert AUTH_P50_TARGET in markdown and AUTH_CPU_TARGET in markdown
