@@ -118,31 +118,43 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         answer_context = self._answer_context(tenant, chat, model, window)
         started_at = time.time()
 
+        spend = SpendScope(tenant=tenant, limits=Limits.from_proto(request.limits), request_id=request_id)
+        model_request = self._model_request(chat, model, window, spend.limits)
+        # Screening, the cache lookup and the reservation under the tenant's limits run together.
+        reservation = self._spend.start_reservation(spend, model_request, timeout)
+        reservation_used = False
         lookup = asyncio.ensure_future(self._lookup(answer_context, deadline)) if answer_context else None
         try:
-            verdict = await self._screen_input(chat.message, request_id, deadline)
-        except SafetyUnavailable:
-            if lookup is not None:
-                lookup.cancel()
-            annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
-        cached = await lookup if lookup is not None else None
-        blocked_input = verdict is not None and verdict.blocked
-        spend = SpendScope(tenant=tenant, limits=Limits.from_proto(request.limits), request_id=request_id)
-        model_request: ModelRequest | None = None
-        if not blocked_input and cached is None:
-            model_request = self._model_request(chat, model, window, spend.limits)
             try:
-                await self._spend.reserve(spend, model_request, timeout)
-            except SpendRefused as refused:
-                await abort_with(context, refused.status)
+                verdict = await self._screen_input(chat.message, request_id, deadline)
+            except SafetyUnavailable:
+                if lookup is not None:
+                    lookup.cancel()
+                annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
+                await abort(
+                    context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff"
+                )
+            cached = await lookup if lookup is not None else None
+            blocked_input = verdict is not None and verdict.blocked
+            calls_model = not blocked_input and cached is None
+            if reservation is not None and calls_model:
+                try:
+                    await reservation
+                except SpendRefused as refused:
+                    await abort_with(context, refused.status)
+                reservation_used = True
+        finally:
+            # A reservation the model call will not use (cached answer, refused input, failure, cancel) is
+            # released once made.
+            if reservation is not None and not reservation_used:
+                self._spend.release_unused(spend, model_request, reservation)
         try:
             yield chat_pb2.ChatEvent(
                 started=chat_pb2.Started(conversation_id=conversation_id, request_id=request_id, model=model)
             )
         except BaseException:
             # The caller went away before the model was called: release the reservation now, not at its expiry.
-            if model_request is not None:
+            if calls_model:
                 self._spend.settle_later(spend, model_request, StreamProgress())
             raise
 
@@ -166,7 +178,6 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             )
             return
 
-        assert model_request is not None
         progress = StreamProgress()
         model_stream = self._model.stream_chat(model_request, deadline, progress)
         relayed = (

@@ -78,11 +78,34 @@ class SpendLedger:
             return self._default_max_tokens
         return requested
 
-    async def reserve(self, scope: SpendScope, request: ModelRequest, timeout_seconds: float) -> None:
-        """Reserves the call's worst case when the tenant has token or spend limits; raises SpendRefused."""
+    def start_reservation(
+        self, scope: SpendScope, request: ModelRequest, timeout_seconds: float
+    ) -> asyncio.Task[bool] | None:
+        """Starts reserving the call's worst case when the tenant has token or spend limits (None otherwise),
+        so that it runs while the input is screened and the cache asked. Await the task before calling the
+        model (it raises SpendRefused), or hand it to `release_unused` when the model is not called."""
+        if not scope.limits.limits_spend:
+            return None
+        return asyncio.ensure_future(self.reserve(scope, request, timeout_seconds))
+
+    def release_unused(self, scope: SpendScope, request: ModelRequest, reservation: asyncio.Task[bool]) -> None:
+        """The model will not be called (a cached answer, a refused input, a failure): once the reservation
+        is made, it is settled at nothing, off the reply's path."""
+
+        async def release() -> None:
+            try:
+                reserved = await reservation
+            except (SpendRefused, asyncio.CancelledError):
+                return
+            if reserved:
+                await self._settle(scope, request.model, 0, 0)
+
+        self._track(asyncio.create_task(release()))
+
+    async def reserve(self, scope: SpendScope, request: ModelRequest, timeout_seconds: float) -> bool:
+        """Reserves the call's worst case; raises SpendRefused. Returns whether a reservation is held (not
+        when Redis is down and the operator chose to fail open)."""
         limits = scope.limits
-        if not limits.limits_spend:
-            return
         has_budget = limits.daily_budget_usd is not None or limits.monthly_budget_usd is not None
         if has_budget and price_family(self._prices, request.model) is None:
             raise SpendRefused(
@@ -118,6 +141,8 @@ class SpendLedger:
                         "the tenant's token and spend limits cannot be checked right now; retry with backoff",
                     )
                 ) from error
+            return False
+        return True
 
     def settle_later(self, scope: SpendScope, request: ModelRequest, progress: StreamProgress) -> None:
         """Settles the call off the reply's path, with the provider's usage or, for a stream that did not
@@ -130,7 +155,9 @@ class SpendLedger:
         else:
             # Nothing was streamed: the provider answered with an error, or never answered, and bills nothing.
             input_tokens = output_tokens = 0
-        task = asyncio.create_task(self._settle(scope, request.model, input_tokens, output_tokens))
+        self._track(asyncio.create_task(self._settle(scope, request.model, input_tokens, output_tokens)))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
         self._settlements.add(task)
         task.add_done_callback(self._settlements.discard)
 

@@ -59,7 +59,7 @@ async def main(settings: Settings) -> None:
     admin = AdminServicer(settings, directory, usage, hasher)
 
     async def release() -> None:
-        await admission.wait_for_releases()
+        await admission.close()
         await dialogue_channel.close()
         await ledger.close()
         await directory.close()

@@ -94,7 +94,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         finally:
             call.cancel()
             if holds_slot:
-                self._admission.release_later(caller.tenant, request_id)
+                self._admission.release(caller.tenant, request_id)
 
     async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
         response = chat_pb2.ChatResponse()

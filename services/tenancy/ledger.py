@@ -1,7 +1,8 @@
 """The usage ledger: every tenant's limits, held exactly across any number of gateway and dialogue replicas.
 
 - The gateway admits each Chat/StreamChat call (`admit_request`): requests per minute, and a slot among
-  the tenant's concurrent streams, released when the call ends (`release_request`).
+  the tenant's concurrent streams, released when the call ends (`release_requests`, or with a later
+  admission of the same tenant: `admit_request(releasing=…)`).
 - Dialogue, before it calls the model, reserves the call's worst case (`reserve`): its prompt plus
   max_tokens in the minute's tokens, priced at the model's price in the day's and month's spend. After the
   turn, however it ended, it settles (`settle`): the reservation is replaced by what the provider reported.
@@ -20,7 +21,7 @@ import abc
 import functools
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
@@ -80,16 +81,25 @@ CONCURRENT_STREAMS_RETRY_SECONDS = 1.0
 class UsageLedger(abc.ABC):
     @abc.abstractmethod
     async def admit_request(
-        self, tenant: str, limits: Limits, request_id: str, *, now: float, lease_seconds: float
+        self,
+        tenant: str,
+        limits: Limits,
+        request_id: str,
+        *,
+        now: float,
+        lease_seconds: float,
+        releasing: Sequence[str] = (),
     ) -> None:
-        """Admits one call, atomically. If the minute's requests are at `limits.requests_per_minute`, or the
-        tenant's streams in progress at `limits.concurrent_streams`, raises LimitExceeded and counts nothing.
-        Otherwise counts the call in its minute and its month and, when the tenant has a concurrent-streams
-        limit, holds a slot for `request_id` until `release_request` or until `lease_seconds` have passed."""
+        """Admits one call, atomically. First frees the slots of `releasing` (calls of the tenant that ended,
+        whose release the caller deferred to this admission). Then, if the minute's requests are at
+        `limits.requests_per_minute`, or the tenant's streams in progress at `limits.concurrent_streams`,
+        raises LimitExceeded and counts nothing. Otherwise counts the call in its minute and its month and,
+        when the tenant has a concurrent-streams limit, holds a slot for `request_id` until it is released or
+        `lease_seconds` have passed."""
 
     @abc.abstractmethod
-    async def release_request(self, tenant: str, request_id: str) -> None:
-        """Frees the call's stream slot, if it holds one. Idempotent."""
+    async def release_requests(self, tenant: str, request_ids: Sequence[str]) -> None:
+        """Frees the calls' stream slots, those that hold one. Idempotent."""
 
     @abc.abstractmethod
     async def reserve(
@@ -252,9 +262,18 @@ class MemoryUsageLedger(UsageLedger):
             self._settled.popitem(last=False)
 
     async def admit_request(
-        self, tenant: str, limits: Limits, request_id: str, *, now: float, lease_seconds: float
+        self,
+        tenant: str,
+        limits: Limits,
+        request_id: str,
+        *,
+        now: float,
+        lease_seconds: float,
+        releasing: Sequence[str] = (),
     ) -> None:
         state = self._state(tenant, now)
+        for released in releasing:
+            state.streams.pop(released, None)
         windows = Windows.at(now)
         requests = _value(state.requests, windows.minute)
         if limits.requests_per_minute is not None and requests >= limits.requests_per_minute:
@@ -268,10 +287,11 @@ class MemoryUsageLedger(UsageLedger):
         if limits.concurrent_streams is not None:
             state.streams[request_id] = now + lease_seconds
 
-    async def release_request(self, tenant: str, request_id: str) -> None:
+    async def release_requests(self, tenant: str, request_ids: Sequence[str]) -> None:
         state = self._tenants.get(tenant)
         if state is not None:
-            state.streams.pop(request_id, None)
+            for request_id in request_ids:
+                state.streams.pop(request_id, None)
 
     async def reserve(
         self,
@@ -511,8 +531,10 @@ end
 """
 
 # KEYS: rpm:<minute>, streams, month:<month>. ARGV: rpm limit ("-1": none), streams limit ("-1": none),
-# now ms, request id, lease ms, lease expiry ms. Returns {0} when admitted, else {1 (rpm) or 2 (streams), used}.
+# now ms, request id, lease ms, lease expiry ms, then the request ids whose slots to free first.
+# Returns {0} when admitted, else {1 (rpm) or 2 (streams), used}.
 _ADMIT_LUA = """
+if #ARGV > 6 then redis.call("ZREM", KEYS[2], unpack(ARGV, 7)) end
 local rpm_limit = tonumber(ARGV[1])
 local streams_limit = tonumber(ARGV[2])
 if rpm_limit >= 0 then
@@ -666,7 +688,14 @@ class RedisUsageLedger(UsageLedger):
 
     @_unavailable_on_redis_error
     async def admit_request(
-        self, tenant: str, limits: Limits, request_id: str, *, now: float, lease_seconds: float
+        self,
+        tenant: str,
+        limits: Limits,
+        request_id: str,
+        *,
+        now: float,
+        lease_seconds: float,
+        releasing: Sequence[str] = (),
     ) -> None:
         prefix = self._prefix(tenant)
         windows = Windows.at(now)
@@ -680,15 +709,18 @@ class RedisUsageLedger(UsageLedger):
                 request_id,
                 str(lease_ms),
                 _ms(now + lease_seconds),
+                *releasing,
             ),
         )
         if result[0] != 0:
             raise LimitExceeded(_rejection(_ADMIT_LIMITS[int(result[0]) - 1], limits, windows, now, int(result[1])))
 
     @_unavailable_on_redis_error
-    async def release_request(self, tenant: str, request_id: str) -> None:
+    async def release_requests(self, tenant: str, request_ids: Sequence[str]) -> None:
+        if not request_ids:
+            return
         # One command, atomic on its own.
-        await self._client.zrem(f"{self._prefix(tenant)}streams", request_id)
+        await self._client.zrem(f"{self._prefix(tenant)}streams", *request_ids)
 
     @_unavailable_on_redis_error
     async def reserve(

@@ -95,6 +95,13 @@ async def redis(redis_for_tenants: RedisServer) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
+async def clear_of_a_minute_edge(margin_seconds: float = 5.0) -> None:
+    """For tests that read one minute's window: starts them where the minute has that long left."""
+    left = 60 - time.time() % 60
+    if left < margin_seconds:
+        await asyncio.sleep(left + 0.05)
+
+
 def bearer(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
@@ -428,6 +435,7 @@ async def test_concurrent_streams_are_limited_across_replicas_and_a_finished_one
 async def test_a_refused_call_says_which_limit_and_when_to_retry_and_costs_nothing(
     fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
+    await clear_of_a_minute_edge()
     _, key = await new_tenant(admin, "refused", requests_per_minute=1)
     await gateways[0].Chat(question(), metadata=bearer(key))
     with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -444,6 +452,7 @@ async def test_a_refused_call_says_which_limit_and_when_to_retry_and_costs_nothi
 async def test_a_reply_from_the_cache_costs_no_tokens_and_no_budget(
     fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
+    await clear_of_a_minute_edge()
     _, key = await new_tenant(admin, "cached", tokens_per_minute=1000, monthly_budget_usd=1)
     same = chat_pb2.ChatRequest(user_id="user-a", message=f"cached question {uuid.uuid4().hex}")
     first = await gateways[0].Chat(same, metadata=bearer(key))
@@ -456,11 +465,22 @@ async def test_a_reply_from_the_cache_costs_no_tokens_and_no_budget(
     assert after.month_input_tokens == before.month_input_tokens == first.usage.input_tokens
     assert after.month_cost_usd == before.month_cost_usd
     assert after.month_requests == before.month_requests + 1
+    # The reservation made while the cache was asked is released once the cached answer is known (what is
+    # left is the first reply's tokens, or nothing if a new minute began meanwhile).
+    settled = {first.usage.total_tokens, 0}
+    for _ in range(20):
+        after = await gateways[0].GetUsage(chat_pb2.GetUsageRequest(), metadata=bearer(key))
+        tokens = next(quota for quota in after.quotas if quota.name == "tokens_per_minute")
+        if tokens.used in settled:
+            break
+        await asyncio.sleep(0.05)
+    assert tokens.used in settled
 
 
 async def test_get_usage_reports_every_limit_with_its_use_and_reset(
     fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
+    await clear_of_a_minute_edge()
     tenant, key = await new_tenant(admin, "usage", requests_per_minute=100, monthly_budget_usd=5)
     reply = await gateways[0].Chat(question(), metadata=bearer(key))
     await asyncio.sleep(0.3)
@@ -561,6 +581,7 @@ async def test_keys_are_shown_once_listed_without_secrets_and_revoked_for_good(
 async def test_a_cancelled_stream_is_settled_and_its_reservation_released(
     replicated: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
+    await clear_of_a_minute_edge()
     replicated.sim_reset()
     replicated.sim_config(first_token_latency_seconds=0, token_delay_seconds=0.1, reply_tokens=30)
     try:
@@ -612,6 +633,7 @@ async def test_log_lines_name_the_tenant_and_never_the_key(
 async def test_tenant_and_limit_metrics_are_exported(
     fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
+    await clear_of_a_minute_edge()
     tenant, key = await new_tenant(admin, "metered", requests_per_minute=1)
     await gateways[0].Chat(question(), metadata=bearer(key))
     with pytest.raises(grpc.aio.AioRpcError):

@@ -149,8 +149,8 @@ async def test_concurrent_streams_hold_n_slots_freed_by_release_or_by_an_expired
         LimitName.CONCURRENT_STREAMS, 2, 2, CONCURRENT_STREAMS_RETRY_SECONDS
     )
 
-    await ledger.release_request(ALICE, "a")
-    await ledger.release_request(ALICE, "a")  # idempotent: frees no second slot
+    await ledger.release_requests(ALICE, ["a"])
+    await ledger.release_requests(ALICE, ["a"])  # idempotent: frees no second slot
     await admit(ledger, limits, "c", now=NOW + 1)
     assert (await refusal(admit(ledger, limits, "d", now=NOW + 1))).used == 2
 
@@ -161,10 +161,34 @@ async def test_concurrent_streams_hold_n_slots_freed_by_release_or_by_an_expired
     assert (await refusal(admit(ledger, limits, "e", now=later))).used == 2
 
 
+async def test_an_admission_first_frees_the_slots_released_with_it(ledger: UsageLedger) -> None:
+    limits = Limits(concurrent_streams=2)
+    await admit(ledger, limits, "a")
+    await admit(ledger, limits, "b")
+
+    await ledger.admit_request(ALICE, limits, "c", now=NOW, lease_seconds=LEASE, releasing=["a", "b"])
+    await admit(ledger, limits, "d")
+    assert await used(ledger, LimitName.CONCURRENT_STREAMS) == 2
+    assert (await refusal(admit(ledger, limits, "e"))).used == 2
+
+
+async def test_a_refused_admission_still_frees_the_slots_released_with_it(ledger: UsageLedger) -> None:
+    limits = Limits(requests_per_minute=1, concurrent_streams=5)
+    await admit(ledger, limits, "a")
+    with pytest.raises(LimitExceeded):
+        await ledger.admit_request(ALICE, limits, "b", now=NOW, lease_seconds=LEASE, releasing=["a"])
+    assert await used(ledger, LimitName.CONCURRENT_STREAMS) == 0
+
+
+async def test_releasing_nothing_is_harmless(ledger: UsageLedger) -> None:
+    await ledger.release_requests(ALICE, [])
+    assert await used(ledger, LimitName.CONCURRENT_STREAMS) == 0
+
+
 async def test_releasing_a_call_that_holds_no_slot_is_harmless(ledger: UsageLedger) -> None:
-    await ledger.release_request(ALICE, "never-admitted")
+    await ledger.release_requests(ALICE, ["never-admitted"])
     await admit(ledger, Limits(), "unlimited")  # holds no slot: the tenant has no streams limit
-    await ledger.release_request(ALICE, "unlimited")
+    await ledger.release_requests(ALICE, ["unlimited"])
 
     assert await used(ledger, LimitName.CONCURRENT_STREAMS) == 0
 
@@ -347,7 +371,7 @@ async def test_usage_reports_each_limit_in_its_window_and_the_month_so_far(ledge
     await reserve(ledger, limits, "r1", tokens=1000, cost=usd(0.5))
     await reserve(ledger, limits, "r2", tokens=2000, cost=usd(0.25))
     await settle(ledger, "r1", input_tokens=300, output_tokens=200, cost=usd(0.125))
-    await ledger.release_request(ALICE, "r1")
+    await ledger.release_requests(ALICE, ["r1"])
 
     usage = await ledger.usage(ALICE, limits, now=NOW + 1)
 
@@ -512,7 +536,7 @@ async def test_an_unreachable_redis_makes_the_ledger_unavailable() -> None:
         with pytest.raises(LedgerUnavailable):
             await admit(ledger, Limits(requests_per_minute=1), "r1")
         with pytest.raises(LedgerUnavailable):
-            await ledger.release_request(ALICE, "r1")
+            await ledger.release_requests(ALICE, ["r1"])
         with pytest.raises(LedgerUnavailable):
             await reserve(ledger, Limits(), "r1", tokens=1)
         with pytest.raises(LedgerUnavailable):
