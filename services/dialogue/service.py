@@ -120,10 +120,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
 
         spend = SpendScope(tenant=tenant, limits=Limits.from_proto(request.limits), request_id=request_id)
         model_request = self._model_request(chat, model, window, spend.limits)
-        # Screening, the cache lookup and the reservation under the tenant's limits run together.
-        reservation = self._spend.start_reservation(spend, model_request, timeout)
-        reservation_used = False
+        # Screening runs with the cache lookup and, once it misses, the reservation under the tenant's limits.
         lookup = asyncio.ensure_future(self._lookup(answer_context, deadline)) if answer_context else None
+        reservation = self._spend.start_reservation(spend, model_request, timeout, lookup)
+        reservation_used = False
         try:
             try:
                 verdict = await self._screen_input(chat.message, request_id, deadline)

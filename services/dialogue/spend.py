@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -79,14 +80,30 @@ class SpendLedger:
         return requested
 
     def start_reservation(
-        self, scope: SpendScope, request: ModelRequest, timeout_seconds: float
+        self,
+        scope: SpendScope,
+        request: ModelRequest,
+        timeout_seconds: float,
+        cache_lookup: asyncio.Future[Any] | None,
     ) -> asyncio.Task[bool] | None:
-        """Starts reserving the call's worst case when the tenant has token or spend limits (None otherwise),
-        so that it runs while the input is screened and the cache asked. Await the task before calling the
-        model (it raises SpendRefused), or hand it to `release_unused` when the model is not called."""
+        """Starts reserving the call's worst case when the tenant has token or spend limits (None otherwise):
+        as soon as `cache_lookup` (if any) misses, while the input is still being screened. A cached answer
+        costs no Redis round trip. Await the task before calling the model (it raises SpendRefused), or hand
+        it to `release_unused` when the model is not called."""
         if not scope.limits.limits_spend:
             return None
-        return asyncio.ensure_future(self.reserve(scope, request, timeout_seconds))
+        return asyncio.ensure_future(self._reserve_on_miss(scope, request, timeout_seconds, cache_lookup))
+
+    async def _reserve_on_miss(
+        self,
+        scope: SpendScope,
+        request: ModelRequest,
+        timeout_seconds: float,
+        cache_lookup: asyncio.Future[Any] | None,
+    ) -> bool:
+        if cache_lookup is not None and await cache_lookup is not None:
+            return False
+        return await self.reserve(scope, request, timeout_seconds)
 
     def release_unused(self, scope: SpendScope, request: ModelRequest, reservation: asyncio.Task[bool]) -> None:
         """The model will not be called (a cached answer, a refused input, a failure): once the reservation
