@@ -329,6 +329,10 @@ def _cost_usd(prices: Mapping[str, tuple[float, float]], family: str | None, out
 
 
 def _classify(error: openai.APIError) -> ModelError:
+    # The SDK reports a refused or timed-out connection as APITimeoutError too (its aiohttp transport
+    # raises httpx2.ConnectTimeout for both): a provider that was never reached is unavailable, not slow.
+    if isinstance(error, openai.APIConnectionError) and _never_connected(error):
+        return ModelError(ModelErrorKind.UNAVAILABLE, "the model provider cannot be reached")
     if isinstance(error, openai.APITimeoutError):
         return ModelError(ModelErrorKind.TIMEOUT, "the model provider did not answer in time")
     if isinstance(error, openai.APIConnectionError):
@@ -350,6 +354,22 @@ def _classify(error: openai.APIError) -> ModelError:
             http_status=error.status_code,
         )
     return ModelError(ModelErrorKind.UNAVAILABLE, "the model stream failed")
+
+
+def _never_connected(error: BaseException) -> bool:
+    """Whether the error's causes say the connection was never made (refused, unresolvable, or timed out
+    while connecting)."""
+    cause = error.__cause__ or error.__context__
+    for _ in range(_MAX_CAUSES):
+        if cause is None:
+            return False
+        if isinstance(cause, httpx2.ConnectError | httpx2.ConnectTimeout | aiohttp.ClientConnectorError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+_MAX_CAUSES = 8
 
 
 def _moderation_verdict(response: Any) -> tuple[bool, list[str]]:

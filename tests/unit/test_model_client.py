@@ -1,12 +1,24 @@
 """The SSE parser on the streaming path, and what the model client makes of provider errors."""
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import httpx2
 import openai
 import pytest
+from support.ports import free_port
 
-from chatmesh.runtime.model_client import ModelError, ModelErrorKind, ModelOutcome, _classify, _parse_sse
+from chatmesh.runtime.model_client import (
+    ModelClient,
+    ModelError,
+    ModelErrorKind,
+    ModelOutcome,
+    ModelRequest,
+    _classify,
+    _parse_sse,
+)
+from chatmesh.runtime.settings import Settings
 
 STREAM = (
     'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
@@ -70,3 +82,45 @@ def test_provider_errors_are_classified_with_their_retry_after(status, headers, 
 
     assert failure.kind is kind
     assert failure.retry_after == retry_after
+
+
+async def _first_error(settings: Settings, deadline_seconds: float) -> ModelError:
+    client = ModelClient(settings)
+    loop = asyncio.get_running_loop()
+    try:
+        with pytest.raises(ModelError) as failure:
+            async for _ in client.stream_chat(
+                ModelRequest(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]),
+                loop.time() + deadline_seconds,
+            ):
+                pass
+        return failure.value
+    finally:
+        await client.close()
+
+
+async def test_a_provider_that_refuses_connections_is_unavailable_well_before_the_deadline():
+    """The SDK's aiohttp transport reports a refused connection as APITimeoutError; it is still unreachable."""
+    settings = Settings(
+        openai_api_key="key", openai_base_url=f"http://127.0.0.1:{free_port()}/v1", model_backoff_initial_seconds=0.01
+    )
+    started = time.monotonic()
+    error = await _first_error(settings, deadline_seconds=10)
+    assert error.kind is ModelErrorKind.UNAVAILABLE and "cannot be reached" in str(error)
+    assert time.monotonic() - started < 5
+
+
+async def test_a_provider_that_accepts_and_never_answers_misses_the_deadline():
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = Settings(openai_api_key="key", openai_base_url=f"http://127.0.0.1:{port}/v1")
+        error = await _first_error(settings, deadline_seconds=0.5)
+    finally:
+        server.close()
+    assert error.kind is ModelErrorKind.TIMEOUT
