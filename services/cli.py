@@ -118,6 +118,7 @@ async def _up() -> int:
     width = max(map(len, names))
     relays = [asyncio.create_task(_relay_output(name.ljust(width), child)) for name, child in children.items()]
 
+    announce = asyncio.create_task(_announce_ready(settings, [name for name in names if name != "modelsim"]))
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -140,8 +141,44 @@ async def _up() -> int:
             child.kill()
             await child.wait()
     stop_wait.cancel()
-    await asyncio.gather(*relays, return_exceptions=True)
+    announce.cancel()
+    await asyncio.gather(*relays, announce, return_exceptions=True)
     return 1 if died else 0
+
+
+# How long `up` waits for every process to be SERVING before it says that one is not.
+READY_SECONDS = 60.0
+
+
+async def _announce_ready(settings: "Settings", names: list[str]) -> None:
+    """Prints one line once every gRPC process answers its health check with SERVING: a call made after it
+    succeeds."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READY_SECONDS
+    host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "::") else settings.bind_host
+    for name in names:
+        target = f"{host}:{getattr(settings, f'{name}_port')}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.aio.AioRpcError:
+                    pass
+                if loop.time() > deadline:
+                    print(f"chatmesh up: {name} is not serving after {READY_SECONDS:.0f} s", file=sys.stderr)
+                    return
+                await asyncio.sleep(0.05)
+    print(
+        f"chatmesh up: ready: chatmesh.v1.ChatService on {settings.bind_host}:{settings.gateway_port}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _auth_banner(settings: "Settings") -> str:

@@ -8,6 +8,7 @@ from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.model_client import ModelClient
 from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import create_usage_ledger
 from chatmesh.v1 import cache_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc, safety_pb2_grpc
 
@@ -20,7 +21,8 @@ async def main(settings: Settings) -> None:
     )
     model = ModelClient(settings)
     ledger = create_usage_ledger(settings.redis_url)
-    spend = SpendLedger(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants))
+    background = BackgroundTasks()
+    spend = SpendLedger(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants), background)
     safety_channel = open_channel(settings.safety_target, settings)
     cache_channel = open_channel(settings.cache_target, settings)
     servicer = DialogueServicer(
@@ -30,11 +32,11 @@ async def main(settings: Settings) -> None:
         safety_pb2_grpc.SafetyServiceStub(safety_channel),
         cache_pb2_grpc.CacheServiceStub(cache_channel),
         spend,
+        background,
     )
 
     async def release() -> None:
-        await servicer.wait_for_background()
-        await spend.wait_for_settlements()
+        await background.wait()
         await ledger.close()
         await safety_channel.close()
         await cache_channel.close()

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 import grpc
 
 from chatmesh.dialogue.coalesce import coalesce
+from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.model_client import ModelOutcome
 from chatmesh.v1 import safety_pb2, safety_pb2_grpc
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ async def screen_output(
     # After its last answer safety ends the call with OK by itself; cancelling it then would only turn
     # that into CANCELLED on our side.
     answered = False
+    complete = False
     try:
         async for response in call:
             if response.cleared_chars > released:
@@ -75,7 +79,7 @@ async def screen_output(
                 yield OutputBlocked(list(response.verdict.categories))
                 return
             if response.complete:
-                answered = True
+                answered = complete = True
                 await feeder
                 yield outcomes[0]
                 return
@@ -85,7 +89,10 @@ async def screen_output(
     finally:
         if not feeder.done():
             feeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await feeder
+            await asyncio.wait([feeder])
+        # The feeder can fail once safety has answered (writing to a call that ended): retrieved here, so that
+        # asyncio does not report it as never retrieved. A model error that ended the reply was raised above.
+        if not feeder.cancelled() and feeder.exception() is not None and not complete:
+            log.debug("output_screen_feeder_ended", extra={"error": type(feeder.exception()).__name__})
         if not answered:
             call.cancel()

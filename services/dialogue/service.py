@@ -36,6 +36,7 @@ from chatmesh.runtime.model_client import (
 )
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import abort, abort_with, retry_later
+from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import LedgerUnavailable
 from chatmesh.tenancy.limits import Limits
 from chatmesh.v1 import (
@@ -82,6 +83,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         safety: safety_pb2_grpc.SafetyServiceStub,
         cache: cache_pb2_grpc.CacheServiceStub,
         spend: SpendLedger,
+        background: BackgroundTasks,
     ) -> None:
         self._settings = settings
         self._spend = spend
@@ -89,8 +91,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         self._model = model
         self._safety = safety
         self._cache = cache
-        # Cache stores run after the caller has its reply; kept so that shutdown can wait for them.
-        self._background: set[asyncio.Task[None]] = set()
+        # Cache stores run after the caller has its reply.
+        self._background = background
 
     async def Turn(
         self, request: dialogue_pb2.TurnRequest, context: grpc.aio.ServicerContext
@@ -251,14 +253,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             cached_reply = cache_pb2.CachedReply(
                 text=reply_text, finish_reason=finish_reason, output_tokens=outcome.output_tokens
             )
-            task = asyncio.create_task(self._store_answer(answer_context, cached_reply))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def wait_for_background(self) -> None:
-        """Lets cache stores started by finished turns complete (at shutdown)."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+            self._background.spawn(self._store_answer(answer_context, cached_reply), "cache_store")
 
     async def _screen_input(self, text: str, request_id: str, deadline: float) -> safety_pb2.Verdict | None:
         """The input's verdict; None when safety cannot be reached and the operator chose fail-open, in

@@ -21,6 +21,7 @@ from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.model_client import ModelRequest, StreamProgress, cost_usd, price_family
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import failure
+from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import LedgerUnavailable, LimitExceeded, UsageLedger
 from chatmesh.tenancy.limits import Limits, cost_to_nano
 from chatmesh.tenancy.messages import TOKEN_QUOTAS, rejection_status, usage_response
@@ -64,13 +65,20 @@ def prompt_token_bound(messages: list[dict[str, str]]) -> int:
 class SpendLedger:
     """Dialogue's side of the usage ledger: reservations, settlements, and the token quotas' usage."""
 
-    def __init__(self, settings: Settings, ledger: UsageLedger, tenant_metrics: metrics.TenantMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: UsageLedger,
+        tenant_metrics: metrics.TenantMetrics,
+        background: BackgroundTasks,
+    ) -> None:
         self._ledger = ledger
         self._prices = settings.model_prices_usd_per_million
         self._fail_open = settings.spend_limits_fail_open
         self._default_max_tokens = settings.limits_default_max_tokens
         self._metrics = tenant_metrics
-        self._settlements: set[asyncio.Task[None]] = set()
+        # Settlements run after the caller has its reply.
+        self._background = background
 
     def bounded_max_tokens(self, limits: Limits, requested: int | None) -> int | None:
         """The max_tokens to ask the model for: the caller's, or with token or spend limits and none asked
@@ -117,7 +125,7 @@ class SpendLedger:
             if reserved:
                 await self._settle(scope, request.model, 0, 0)
 
-        self._track(asyncio.create_task(release()))
+        self._background.spawn(release(), "release_reservation")
 
     async def reserve(self, scope: SpendScope, request: ModelRequest, timeout_seconds: float) -> bool:
         """Reserves the call's worst case; raises SpendRefused. Returns whether a reservation is held (not
@@ -172,11 +180,7 @@ class SpendLedger:
         else:
             # Nothing was streamed: the provider answered with an error, or never answered, and bills nothing.
             input_tokens = output_tokens = 0
-        self._track(asyncio.create_task(self._settle(scope, request.model, input_tokens, output_tokens)))
-
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._settlements.add(task)
-        task.add_done_callback(self._settlements.discard)
+        self._background.spawn(self._settle(scope, request.model, input_tokens, output_tokens), "settlement")
 
     async def _settle(self, scope: SpendScope, model: str, input_tokens: int, output_tokens: int) -> None:
         cost = cost_usd(self._prices, model, input_tokens, output_tokens)
@@ -200,10 +204,6 @@ class SpendLedger:
             if settled:
                 self._metrics.usage_settled(scope.tenant, input_tokens, output_tokens, cost)
             return
-
-    async def wait_for_settlements(self) -> None:
-        if self._settlements:
-            await asyncio.gather(*self._settlements, return_exceptions=True)
 
     async def usage(self, tenant: str, limits: Limits) -> chat_pb2.GetUsageResponse:
         """The token and spend quotas, and the month's settled tokens and cost. Raises LedgerUnavailable."""

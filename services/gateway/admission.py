@@ -20,6 +20,7 @@ from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import failure
+from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import LedgerUnavailable, LimitExceeded, UsageLedger
 from chatmesh.tenancy.messages import rejection_status
 
@@ -45,7 +46,7 @@ class Admission:
         # Ended calls' slots not yet freed, by tenant.
         self._ended: dict[str, list[str]] = {}
         self._flush: asyncio.TimerHandle | None = None
-        self._releases: set[asyncio.Task[None]] = set()
+        self._releases = BackgroundTasks()
 
     async def admit(self, caller: Caller, request_id: str, timeout_seconds: float) -> bool:
         """Counts the call and takes a stream slot when the tenant has a limit on them. Returns whether the
@@ -94,9 +95,7 @@ class Admission:
         self._flush = None
         ended, self._ended = self._ended, {}
         for tenant, request_ids in ended.items():
-            task = asyncio.create_task(self._release(tenant, request_ids))
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+            self._releases.spawn(self._release(tenant, request_ids), "release_stream_slots")
 
     async def _release(self, tenant: str, request_ids: list[str]) -> None:
         try:
@@ -111,5 +110,4 @@ class Admission:
         if self._flush is not None:
             self._flush.cancel()
         self._release_ended()
-        if self._releases:
-            await asyncio.gather(*self._releases, return_exceptions=True)
+        await self._releases.wait()

@@ -18,14 +18,13 @@ from chatmesh.gateway.validation import (
 )
 from chatmesh.runtime.access_log import ErrorKind
 from chatmesh.runtime.channels import downstream_timeout
-from chatmesh.runtime.logs import annotate, get_logger
+from chatmesh.runtime.logs import REQUEST_ID_KEY, annotate, get_logger
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import abort, abort_with, invalid_argument, is_deliberate
 from chatmesh.v1 import chat_pb2, chat_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc
 
 log = get_logger(__name__)
 
-REQUEST_ID_HEADER = "x-request-id"
 
 # Downstream codes a caller can act on pass through with dialogue's message; any other becomes INTERNAL.
 _PASSED_THROUGH = frozenset(
@@ -199,12 +198,12 @@ def _name_call(context: grpc.aio.ServicerContext) -> str:
 
 async def _reply_headers(context: grpc.aio.ServicerContext, request_id: str) -> None:
     """The request id in the response headers, which a caller gets with errors too."""
-    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
 
 
 def _caller_request_id(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and is_well_formed_id(value):
+        if key == REQUEST_ID_KEY and isinstance(value, str) and is_well_formed_id(value):
             return value
     return None
 

@@ -27,12 +27,11 @@ from typing import Any
 
 import grpc
 
-from chatmesh.runtime.logs import RequestRecord, begin_request
+from chatmesh.runtime.logs import REQUEST_ID_KEY, RequestRecord, begin_request
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import served_code
 from chatmesh.runtime.tracing import current_trace_ids
 
-REQUEST_ID_KEY = "x-request-id"
 # The tenant of the call being served, passed downstream for log lines only: services take the tenant
 # they act for from their requests' fields, never from this. The gateway replaces what a caller sends.
 TENANT_KEY = "x-chatmesh-tenant"

@@ -14,15 +14,40 @@ from chatmesh.runtime.metrics import metered_channel
 from chatmesh.runtime.propagation import PropagatingChannel
 from chatmesh.runtime.settings import Settings
 
-# With a `dns:///` target that resolves to several pods, spread calls over all of them.
-_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# With a `dns:///` target that resolves to several pods, spread calls over all of them. A call that found
+# no process to take it (connection refused or lost before any answer, as when one restarts) is tried again,
+# on another replica if there is one, for about a second before the caller gets UNAVAILABLE. Answers that a
+# chatmesh process gave on purpose are never retried: `status.abort` sends gRPC's retry pushback with them.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "0.4s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+# A process that comes back is reconnected to within half a second, not gRPC's default backoff of up to 120 s.
+_RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
 
 
 def open_channel(target: str, settings: Settings) -> grpc.aio.Channel:
     """The channel's stubs pass on the request id and trace context of the call being served."""
     channel = grpc.aio.insecure_channel(
         target,
-        options=[*transport_options(settings), ("grpc.service_config", _SERVICE_CONFIG)],
+        options=[*transport_options(settings), *_RECONNECT_OPTIONS, ("grpc.service_config", _SERVICE_CONFIG)],
         interceptors=client_interceptors(settings) or None,
     )
     return PropagatingChannel(metered_channel(channel, observed), observed)

@@ -14,6 +14,7 @@ import grpc
 
 from chatmesh.runtime import metrics, tracing
 from chatmesh.runtime.access_log import AccessLogInterceptor
+from chatmesh.runtime.decoding import DecodeGuardInterceptor
 from chatmesh.runtime.settings import Settings
 
 UNOBSERVED_SERVICES = (
@@ -34,8 +35,10 @@ def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
     return [
         *tracing.server_interceptors(observed),
         AccessLogInterceptor(settings, observed),
-        # Metrics last (innermost): it wraps each method's own handler once and reuses the wrapper.
         *metrics.server_interceptors(observed),
+        # Innermost: it ends an undecodable request with INVALID_ARGUMENT, which the others then see, log
+        # and count like any other answer.
+        DecodeGuardInterceptor(observed),
     ]
 
 

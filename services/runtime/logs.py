@@ -15,6 +15,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+# The metadata key of a call's request id: sent by callers and passed downstream as request metadata, and
+# returned to callers in the response headers and, with an error, in its trailers.
+REQUEST_ID_KEY = "x-request-id"
+
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 # One encoder for every line: json.dumps with options builds a new one per call.
 _ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode

@@ -463,7 +463,8 @@ def _finished_code(call: Any) -> grpc.StatusCode:
 
 
 def server_interceptors(observed: Callable[[str], bool]) -> list[grpc.aio.ServerInterceptor]:
-    """The metrics interceptor of servers when this process measures; keep it last (innermost)."""
+    """The metrics interceptor of servers when this process measures; keep it inside the others (only the
+    decode guard, which hands out one wrapper per method, may come after it)."""
     return [ServerMetricsInterceptor(observed)] if _enabled else []
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 
 from chatmesh.runtime import tracing
-from chatmesh.runtime.access_log import REQUEST_ID_KEY, TENANT_KEY
-from chatmesh.runtime.logs import current_request
+from chatmesh.runtime.access_log import TENANT_KEY
+from chatmesh.runtime.logs import REQUEST_ID_KEY, current_request
 from chatmesh.runtime.wrapped_channel import WrappedChannel
 
 

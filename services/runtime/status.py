@@ -13,6 +13,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from chatmesh.runtime.logs import REQUEST_ID_KEY, current_request
+
 
 def retry_later(message: str, retry_after_seconds: float | None) -> grpc.Status:
     """RESOURCE_EXHAUSTED, with a RetryInfo detail when the wait is known."""
@@ -72,6 +74,12 @@ def invalid_argument(violations: list[tuple[str, str]]) -> grpc.Status:
 
 _ORIGIN_KEY = "chatmesh-status"
 _ORIGIN = (_ORIGIN_KEY, "1")
+# gRPC's retry pushback: a negative value tells the caller's channel not to retry this answer. Internal
+# channels retry calls that found no process to take them (chatmesh.runtime.channels), never an answer one
+# gave on purpose. The public services' answers carry none: what a caller's own retry policy does with
+# them is the caller's choice.
+_NO_RETRY = ("grpc-retry-pushback-ms", "-1")
+_PUBLIC_SERVICES = ("chatmesh.v1.ChatService/", "chatmesh.v1.AdminService/")
 
 
 async def abort(
@@ -80,7 +88,16 @@ async def abort(
     message: str,
     trailing_metadata: tuple[tuple[str, str | bytes], ...] = (),
 ) -> None:
-    await context.abort(code, message, (*trailing_metadata, _ORIGIN))
+    """Ends the call with `code`; its trailers carry the call's request id, since a failed call's response
+    headers may never reach the caller (an error before any message can be sent as trailers alone)."""
+    record = current_request()
+    extra: tuple[tuple[str, str], ...] = ()
+    if record is not None:
+        if record.request_id:
+            extra = ((REQUEST_ID_KEY, record.request_id),)
+        if not record.method.startswith(_PUBLIC_SERVICES):
+            extra = (*extra, _NO_RETRY)
+    await context.abort(code, message, (*trailing_metadata, *extra, _ORIGIN))
 
 
 async def abort_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:

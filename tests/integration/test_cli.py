@@ -8,9 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.ports import free_port
 
 from chatmesh.cli import PROCESSES
@@ -28,20 +26,6 @@ def child_pids(parent: int) -> list[int]:
         if int(fields[1]) == parent:
             children.append(int(stat.parent.name))
     return children
-
-
-def wait_serving(target: str) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    with grpc.insecure_channel(target) as channel:
-        while time.monotonic() < deadline:
-            try:
-                response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"{target} did not become healthy")
 
 
 @pytest.fixture
@@ -70,9 +54,11 @@ def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]
     log = (tmp_path / "up.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "chatmesh", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        # `up` starts every process at once; on a busy machine the gateway can be ready before the others.
-        for port in (gateway, dialogue, safety, cache):
-            wait_serving(f"127.0.0.1:{port}")
+        # `up` says it is ready once every process serves: a call made right after must succeed.
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while b"chatmesh up: ready" not in (tmp_path / "up.log").read_bytes():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            time.sleep(0.05)
         yield process, env
     finally:
         if process.poll() is None:
