@@ -65,6 +65,8 @@ def _summary(completed: chat_pb2.Completed, conversation_id: str) -> str:
         parts.append(f"refused at {stage}: {', '.join(completed.content_filter.categories)}")
     if completed.cached:
         parts.append("from the cache")
+    if completed.replayed:
+        parts.append("replayed")
     usage = completed.usage
     parts.append(f"{usage.input_tokens} in, {usage.output_tokens} out; ${completed.cost_usd:.6f}")
     parts.append(f"conversation {conversation_id}")

@@ -18,6 +18,7 @@ async def main(settings: Settings) -> None:
         settings.redis_url,
         retention_seconds=settings.conversation_retention_seconds or None,
         max_conversations=settings.memory_store_max_conversations,
+        idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
     )
     model = ModelClient(settings)
     ledger = create_usage_ledger(settings.redis_url)

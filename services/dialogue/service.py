@@ -1,10 +1,16 @@
 """DialogueService: runs a turn (screen, window, cache or model, commit) and serves history."""
 
+from __future__ import annotations
+
 import asyncio
+import base64
 import contextlib
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -14,12 +20,16 @@ from chatmesh.dialogue.context_window import build_messages
 from chatmesh.dialogue.output_screen import OutputBlocked, SafetyUnavailable, screen_output
 from chatmesh.dialogue.spend import SpendLedger, SpendRefused, SpendScope
 from chatmesh.dialogue.store import (
+    ClaimState,
     CommittedTurn,
     Conversation,
     ConversationNotFound,
     ConversationStore,
+    IdempotencyKey,
     StoredMessage,
     StoreUnavailable,
+    TurnAlreadyCommitted,
+    TurnClaim,
 )
 from chatmesh.runtime import metrics
 from chatmesh.runtime.access_log import ErrorKind
@@ -35,7 +45,7 @@ from chatmesh.runtime.model_client import (
     cost_usd,
 )
 from chatmesh.runtime.settings import Settings
-from chatmesh.runtime.status import abort, abort_with, retry_later
+from chatmesh.runtime.status import abort, abort_with, invalid_argument, retry_later
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import LedgerUnavailable
 from chatmesh.tenancy.limits import Limits
@@ -97,19 +107,63 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def Turn(
         self, request: dialogue_pb2.TurnRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """With an idempotency key, claims the turn first: a committed one is replayed, a running one is
+        ABORTED; a claimed one that does not commit is released for a retry to run it anew. Then runs it."""
+        scope = _TurnScope.of(request)
+        annotate(request_id=request.request_id, tenant=scope.tenant, user_id=scope.user_id)
+        timeout = downstream_timeout(context, self._settings.default_deadline_seconds)
+        if scope.key is not None:
+            claim = await self._claim(context, scope, timeout)
+            if claim.state is ClaimState.COMMITTED:
+                for event in _replay(claim.replay, request.request_id):
+                    yield event
+                return
+        try:
+            async for event in self._run_turn(request, context, scope, timeout):
+                yield event
+        finally:
+            if scope.key is not None and not scope.committed:
+                self._background.spawn(
+                    self._store.release_turn(scope.tenant, scope.conversation_id, scope.key), "release_turn"
+                )
+
+    async def _claim(self, context: grpc.aio.ServicerContext, scope: _TurnScope, seconds_left: float) -> TurnClaim:
+        assert scope.key is not None
+        async with _store_errors(context, scope.conversation_id):
+            claim = await self._store.claim_turn(
+                scope.tenant, scope.conversation_id, scope.key, lease_seconds=seconds_left + _LEASE_MARGIN_SECONDS
+            )
+        if claim.state is ClaimState.RUNNING:
+            await abort(
+                context,
+                grpc.StatusCode.ABORTED,
+                "a turn with this idempotency_key is still running; retry once it has ended",
+            )
+        if claim.state is ClaimState.MISMATCH:
+            await abort_with(
+                context, invalid_argument([("idempotency_key", "was already used for a different request")])
+            )
+        return claim
+
+    async def _run_turn(
+        self,
+        request: dialogue_pb2.TurnRequest,
+        context: grpc.aio.ServicerContext,
+        scope: _TurnScope,
+        seconds_left: float,
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
         """Screen the input while looking in the cache; answer from the cache, or reserve the model call's
         worst case under the tenant's limits and stream from the model through the output screen; commit
         the turn; settle the model's usage and store a cacheable reply once the caller has it."""
-        loop = asyncio.get_running_loop()
-        timeout = downstream_timeout(context, self._settings.default_deadline_seconds)
-        deadline = loop.time() + timeout
+        timeout = seconds_left
+        deadline = asyncio.get_running_loop().time() + timeout
         chat = request.request
         request_id = request.request_id
-        tenant = request.tenant
+        tenant = scope.tenant
         model = chat.options.model or self._settings.default_model
-        annotate(request_id=request_id, tenant=tenant, user_id=chat.user_id, model=model)
-        new = not chat.conversation_id
-        conversation_id = chat.conversation_id or uuid.uuid4().hex
+        annotate(model=model)
+        new = scope.new
+        conversation_id = scope.conversation_id
         history: list[StoredMessage] = []
         if not new:
             async with _store_errors(context, conversation_id):
@@ -164,20 +218,22 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         if blocked_input:
             assert verdict is not None
             refused = StoredMessage(role="user", content="", created_at=started_at, refused=True)
-            await self._commit(context, tenant, conversation_id, chat.user_id, new, refused, _refused_reply())
+            completed = _content_filtered(chat_pb2.ContentFilter.STAGE_INPUT, verdict.categories)
+            await self._commit(context, scope, model, refused, _refused_reply(), completed)
             annotate(input_tokens=0, output_tokens=0)
-            yield _content_filtered(chat_pb2.ContentFilter.STAGE_INPUT, verdict.categories)
+            yield completed
             return
         if cached is not None:
             yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=cached.text))
             reply = StoredMessage(role="assistant", content=cached.text, created_at=time.time())
-            await self._commit(context, tenant, conversation_id, chat.user_id, new, user_message, reply)
-            annotate(input_tokens=0, output_tokens=0)
-            yield chat_pb2.ChatEvent(
+            completed = chat_pb2.ChatEvent(
                 completed=chat_pb2.Completed(
                     finish_reason=cached.finish_reason, usage=chat_pb2.Usage(), cost_usd=0.0, cached=True
                 )
             )
+            await self._commit(context, scope, model, user_message, reply, completed)
+            annotate(input_tokens=0, output_tokens=0)
+            yield completed
             return
 
         progress = StreamProgress()
@@ -217,26 +273,15 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             self._spend.settle_later(spend, model_request, progress)
 
         if blocked is not None:
-            await self._commit(context, tenant, conversation_id, chat.user_id, new, user_message, _refused_reply())
+            completed = _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories)
+            await self._commit(context, scope, model, user_message, _refused_reply(), completed)
             annotate(input_tokens=0, output_tokens=0)
-            yield _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories)
+            yield completed
             return
         reply_text = "".join(reply_parts)
         reply = StoredMessage(role="assistant", content=reply_text, created_at=time.time())
-        await self._commit(
-            context,
-            tenant,
-            conversation_id,
-            chat.user_id,
-            new,
-            user_message,
-            reply,
-            outcome.input_tokens,
-            outcome.output_tokens,
-        )
         finish_reason = _FINISH_REASONS.get(outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
-        annotate(input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens)
-        yield chat_pb2.ChatEvent(
+        completed = chat_pb2.ChatEvent(
             completed=chat_pb2.Completed(
                 finish_reason=finish_reason,
                 usage=chat_pb2.Usage(
@@ -247,6 +292,11 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 cost_usd=self._cost_usd(model, outcome),
             )
         )
+        await self._commit(
+            context, scope, model, user_message, reply, completed, outcome.input_tokens, outcome.output_tokens
+        )
+        annotate(input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens)
+        yield completed
         # Runs once the caller has the Completed event: off the reply's path. A reply that went out
         # unscreened (safety down, fail-open) is not kept for callers that safety would screen.
         if answer_context is not None and verdict is not None and finish_reason == chat_pb2.FINISH_REASON_STOP:
@@ -333,20 +383,34 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def _commit(
         self,
         context: grpc.aio.ServicerContext,
-        tenant: str,
-        conversation_id: str,
-        user_id: str,
-        new: bool,
+        scope: _TurnScope,
+        model: str,
         user_message: StoredMessage,
         reply: StoredMessage,
+        completed: chat_pb2.ChatEvent,
         input_tokens: int = 0,
         output_tokens: int = 0,
     ) -> None:
+        """Commits the turn; with an idempotency key, together with what a retry is to be answered."""
         turn = CommittedTurn(
             user_message=user_message, reply=reply, input_tokens=input_tokens, output_tokens=output_tokens
         )
-        async with _store_errors(context, conversation_id, "was deleted while the turn ran"):
-            await self._store.commit_turn(tenant, conversation_id, user_id, turn, new=new)
+        idempotency = None
+        if scope.key is not None:
+            replay = _replay_record(scope.conversation_id, model, "" if reply.refused else reply.content, completed)
+            idempotency = replace(scope.key, replay=replay)
+        async with _store_errors(context, scope.conversation_id, "was deleted while the turn ran"):
+            try:
+                await self._store.commit_turn(
+                    scope.tenant, scope.conversation_id, scope.user_id, turn, new=scope.new, idempotency=idempotency
+                )
+            except TurnAlreadyCommitted:
+                await abort(
+                    context,
+                    grpc.StatusCode.ABORTED,
+                    "another attempt with this idempotency_key committed the turn first; retry to get its reply",
+                )
+        scope.committed = True
 
     async def GetConversation(
         self, scoped: dialogue_pb2.TenantGetConversationRequest, context: grpc.aio.ServicerContext
@@ -453,3 +517,72 @@ def _content_filtered(stage: chat_pb2.ContentFilter.Stage, categories: list[str]
             content_filter=chat_pb2.ContentFilter(stage=stage, categories=categories),
         )
     )
+
+
+# A claim outlives its attempt's deadline by this much: an attempt whose process died is then taken over.
+_LEASE_MARGIN_SECONDS = 30.0
+
+
+@dataclass(slots=True)
+class _TurnScope:
+    """Whose turn it is, in which conversation, under which idempotency key; `committed` once it is."""
+
+    tenant: str
+    user_id: str
+    conversation_id: str
+    new: bool
+    key: IdempotencyKey | None
+    committed: bool = False
+
+    @classmethod
+    def of(cls, request: dialogue_pb2.TurnRequest) -> _TurnScope:
+        chat = request.request
+        key = None
+        conversation_id = chat.conversation_id
+        if chat.idempotency_key:
+            fingerprint = hashlib.sha256(chat.SerializeToString(deterministic=True)).hexdigest()[:32]
+            key = IdempotencyKey(chat.idempotency_key, fingerprint)
+            # A retried first turn must find the conversation its first attempt created: its id comes from
+            # the key (which the tenant's caller keeps unique), not from chance.
+            if not conversation_id:
+                seed = f"{request.tenant}\x00{chat.idempotency_key}".encode()
+                conversation_id = hashlib.sha256(seed).hexdigest()[:32]
+        return cls(
+            tenant=request.tenant,
+            user_id=chat.user_id,
+            conversation_id=conversation_id or uuid.uuid4().hex,
+            new=not chat.conversation_id,
+            key=key,
+        )
+
+
+def _replay_record(conversation_id: str, model: str, text: str, completed: chat_pb2.ChatEvent) -> str:
+    """What a retry with the same idempotency key is answered, as the store keeps it."""
+    return json.dumps(
+        {
+            "conversation_id": conversation_id,
+            "model": model,
+            "text": text,
+            "completed": base64.b64encode(completed.completed.SerializeToString()).decode(),
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def _replay(record: str, request_id: str) -> list[chat_pb2.ChatEvent]:
+    """The events of a committed turn, replayed to a retry under this call's request id."""
+    data = json.loads(record)
+    completed = chat_pb2.Completed.FromString(base64.b64decode(data["completed"]))
+    completed.replayed = True
+    events = [
+        chat_pb2.ChatEvent(
+            started=chat_pb2.Started(
+                conversation_id=data["conversation_id"], request_id=request_id, model=data["model"]
+            )
+        )
+    ]
+    if data["text"]:
+        events.append(chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=data["text"])))
+    events.append(chat_pb2.ChatEvent(completed=completed))
+    return events

@@ -6,6 +6,12 @@ does not exist. Conversation ids are scoped by tenant: the same id in two tenant
 independent conversations, and the same user id in two tenants names two different users.
 A conversation comes into being with its first committed turn, so a turn that fails leaves nothing.
 With a retention period, a conversation is erased that long after its last committed turn.
+
+A turn sent with an idempotency key is claimed first (`claim_turn`): the claim says whether this attempt
+runs it, another attempt still does, or it was committed, and then what the caller was answered, which
+`commit_turn` keeps with the turn in the same atomic step. A claim whose turn fails is dropped
+(`release_turn`); one whose process died lapses with its lease. Keys are remembered for
+`idempotency_ttl_seconds` (within the retention period), and deleting the conversation forgets them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Literal, ParamSpec, TypeVar
 
 from redis.asyncio import Redis
@@ -28,6 +35,10 @@ Role = Literal["user", "assistant"]
 
 class ConversationNotFound(Exception):
     """The conversation does not exist, or belongs to another tenant or another user."""
+
+
+class TurnAlreadyCommitted(Exception):
+    """Another attempt with the same idempotency key committed the turn first; nothing was written."""
 
 
 class StoreUnavailable(Exception):
@@ -53,6 +64,29 @@ class CommittedTurn:
     output_tokens: int
 
 
+class ClaimState(StrEnum):
+    CLAIMED = "claimed"  # this attempt runs the turn
+    RUNNING = "running"  # another attempt holds the key and its lease has not lapsed
+    COMMITTED = "committed"  # the turn was committed: `replay` is what its caller was answered
+    MISMATCH = "mismatch"  # the key was used for a different request
+
+
+@dataclass(frozen=True, slots=True)
+class TurnClaim:
+    state: ClaimState
+    replay: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """A turn's idempotency key, the fingerprint of the request it was first sent with, and (to commit)
+    what a retry is to be answered."""
+
+    key: str
+    fingerprint: str
+    replay: str = ""
+
+
 @dataclass(slots=True)
 class Conversation:
     tenant: str
@@ -71,10 +105,29 @@ class ConversationStore(abc.ABC):
         """The last `limit` messages, oldest first. Raises ConversationNotFound."""
 
     @abc.abstractmethod
+    async def claim_turn(
+        self, tenant: str, conversation_id: str, key: IdempotencyKey, *, lease_seconds: float
+    ) -> TurnClaim:
+        """Claims the turn of `key` for this attempt, for `lease_seconds`, unless another attempt holds it,
+        it was committed, or the key was used with another fingerprint (see ClaimState)."""
+
+    @abc.abstractmethod
+    async def release_turn(self, tenant: str, conversation_id: str, key: IdempotencyKey) -> None:
+        """Drops this attempt's claim of a turn that was not committed, so that a retry runs it anew."""
+
+    @abc.abstractmethod
     async def commit_turn(
-        self, tenant: str, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool
+        self,
+        tenant: str,
+        conversation_id: str,
+        user_id: str,
+        turn: CommittedTurn,
+        *,
+        new: bool,
+        idempotency: IdempotencyKey | None = None,
     ) -> None:
-        """Appends both messages of a turn and adds its usage, all or nothing.
+        """Appends both messages of a turn and adds its usage, all or nothing; with `idempotency`, keeps its
+        replay under the key in the same step (raises TurnAlreadyCommitted if another attempt committed it).
 
         With `new`, creates the conversation owned by `user_id` of `tenant` (raises ConversationNotFound
         if the id is already taken within `tenant`; the same id in another tenant does not count).
@@ -107,10 +160,14 @@ class MemoryConversationStore(ConversationStore):
         *,
         retention_seconds: float | None = None,
         max_conversations: int | None = None,
+        idempotency_ttl_seconds: float = 86_400.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._conversations: OrderedDict[tuple[str, str], Conversation] = OrderedDict()
         self._expires_at: dict[tuple[str, str], float] = {}
+        # By conversation, then key: (state "R" or "C", fingerprint, lease end or replay, forgotten at).
+        self._turns: dict[tuple[str, str], dict[str, tuple[str, str, float | str, float]]] = {}
+        self._idempotency_ttl = _idempotency_ttl(idempotency_ttl_seconds, retention_seconds)
         self._retention_seconds = retention_seconds
         self._max_conversations = max_conversations
         self._clock = clock
@@ -129,15 +186,59 @@ class MemoryConversationStore(ConversationStore):
     def _forget(self, key: tuple[str, str]) -> None:
         del self._conversations[key]
         self._expires_at.pop(key, None)
+        self._turns.pop(key, None)
+
+    def _turn_records(self, conversation: tuple[str, str]) -> dict[str, tuple[str, str, float | str, float]]:
+        now = self._clock()
+        records = self._turns.setdefault(conversation, {})
+        for expired in [key for key, record in records.items() if record[3] <= now]:
+            del records[expired]
+        return records
+
+    async def claim_turn(
+        self, tenant: str, conversation_id: str, key: IdempotencyKey, *, lease_seconds: float
+    ) -> TurnClaim:
+        records = self._turn_records((tenant, conversation_id))
+        record = records.get(key.key)
+        now = self._clock()
+        if record is not None:
+            state, fingerprint, detail, _ = record
+            if fingerprint != key.fingerprint:
+                return TurnClaim(ClaimState.MISMATCH)
+            if state == "C":
+                return TurnClaim(ClaimState.COMMITTED, str(detail))
+            if float(detail) > now:
+                return TurnClaim(ClaimState.RUNNING)
+        records[key.key] = ("R", key.fingerprint, now + lease_seconds, now + self._idempotency_ttl)
+        return TurnClaim(ClaimState.CLAIMED)
+
+    async def release_turn(self, tenant: str, conversation_id: str, key: IdempotencyKey) -> None:
+        records = self._turns.get((tenant, conversation_id), {})
+        record = records.get(key.key)
+        if record is not None and record[0] == "R" and record[1] == key.fingerprint:
+            del records[key.key]
+        if not records:
+            self._turns.pop((tenant, conversation_id), None)
 
     async def recent_messages(self, tenant: str, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
         messages = self._owned(tenant, conversation_id, user_id).messages
         return messages[-limit:] if limit > 0 else []
 
     async def commit_turn(
-        self, tenant: str, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool
+        self,
+        tenant: str,
+        conversation_id: str,
+        user_id: str,
+        turn: CommittedTurn,
+        *,
+        new: bool,
+        idempotency: IdempotencyKey | None = None,
     ) -> None:
         key = (tenant, conversation_id)
+        if idempotency is not None:
+            record = self._turn_records(key).get(idempotency.key)
+            if record is not None and record[0] == "C":
+                raise TurnAlreadyCommitted(idempotency.key)
         if new:
             if key in self._conversations:
                 raise ConversationNotFound(conversation_id)
@@ -159,6 +260,13 @@ class MemoryConversationStore(ConversationStore):
         conversation.updated_at = turn.reply.created_at
         if self._retention_seconds is not None:
             self._expires_at[key] = self._clock() + self._retention_seconds
+        if idempotency is not None:
+            self._turn_records(key)[idempotency.key] = (
+                "C",
+                idempotency.fingerprint,
+                idempotency.replay,
+                self._clock() + self._idempotency_ttl,
+            )
 
     async def get(self, tenant: str, conversation_id: str, user_id: str) -> Conversation:
         # StoredMessage is frozen, so copying the list is enough to keep callers off the stored state.
@@ -174,10 +282,43 @@ class MemoryConversationStore(ConversationStore):
 # already part of the keys; checking it again means that a key shared by two tenants, through a bug
 # or an unvalidated name, can never expose one tenant's conversation to the other.
 
-# KEYS: meta, messages. ARGV: tenant, user_id, new ("1" or "0"), created_at, updated_at, input_tokens,
-# output_tokens, user message, reply, retention in ms ("0": kept until deleted). Returns 1 when
-# committed, 0 when the id is taken (new) or the owner check failed.
+# An idempotency key's record is the string `…:turn:<key>`: "R|<fingerprint>|<lease end, ms>" while an
+# attempt runs the turn, "C|<fingerprint>|<replay>" once it is committed; it lives for the idempotency TTL.
+# The sorted set `…:turns` (key -> when its record lapses) lets a deletion find them all.
+
+# KEYS: the key's record, the conversation's turns set. ARGV: key, fingerprint, now ms, lease end ms, TTL ms.
+# Returns {state, replay}.
+_CLAIM_TURN_LUA = """
+local record = redis.call("GET", KEYS[1])
+if record then
+  local state, fingerprint, detail = string.match(record, "^(%u)|(%x+)|(.*)$")
+  if fingerprint ~= ARGV[2] then return {"mismatch", ""} end
+  if state == "C" then return {"committed", detail} end
+  if tonumber(detail) > tonumber(ARGV[3]) then return {"running", ""} end
+end
+redis.call("SET", KEYS[1], "R|" .. ARGV[2] .. "|" .. ARGV[4], "PX", ARGV[5])
+redis.call("ZREMRANGEBYSCORE", KEYS[2], "-inf", ARGV[3])
+redis.call("ZADD", KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[5]), ARGV[1])
+redis.call("PEXPIRE", KEYS[2], ARGV[5])
+return {"claimed", ""}
+"""
+
+# KEYS: the key's record, the turns set. ARGV: key, fingerprint. Drops a running claim of this fingerprint.
+_RELEASE_TURN_LUA = """
+local record = redis.call("GET", KEYS[1])
+if record and string.sub(record, 1, #ARGV[2] + 2) == "R|" .. ARGV[2] then
+  redis.call("DEL", KEYS[1])
+  redis.call("ZREM", KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: meta, messages, the key's record, the turns set. ARGV: tenant, user_id, new ("1" or "0"), created_at,
+# updated_at, input_tokens, output_tokens, user message, reply, retention in ms ("0": kept until deleted);
+# then, for an idempotent turn, key, fingerprint, replay, TTL ms, now ms. Returns 1 when committed, 0 when
+# the id is taken (new) or the owner check failed, 2 when another attempt committed the key's turn.
 _COMMIT_TURN_LUA = """
+if ARGV[11] and string.sub(redis.call("GET", KEYS[3]) or "", 1, 2) == "C|" then return 2 end
 if ARGV[3] == "1" then
   if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
   redis.call("HSET", KEYS[1], "tenant", ARGV[1], "user_id", ARGV[2], "created_at", ARGV[4],
@@ -194,14 +335,23 @@ if ARGV[10] ~= "0" then
   redis.call("PEXPIRE", KEYS[1], ARGV[10])
   redis.call("PEXPIRE", KEYS[2], ARGV[10])
 end
+if ARGV[11] then
+  redis.call("SET", KEYS[3], "C|" .. ARGV[12] .. "|" .. ARGV[13], "PX", ARGV[14])
+  redis.call("ZADD", KEYS[4], tonumber(ARGV[15]) + tonumber(ARGV[14]), ARGV[11])
+  redis.call("PEXPIRE", KEYS[4], ARGV[14])
+end
 return 1
 """
 
-# KEYS: meta, messages. ARGV: tenant, user_id. Returns 1 when deleted, 0 when the owner check failed.
+# KEYS: meta, messages, the turns set. ARGV: tenant, user_id, the prefix of the keys' records. Returns 1 when
+# deleted (with every idempotency record), 0 when the owner check failed.
 _DELETE_LUA = """
 local owner = redis.call("HMGET", KEYS[1], "tenant", "user_id")
 if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then return 0 end
-redis.call("DEL", KEYS[1], KEYS[2])
+for _, key in ipairs(redis.call("ZRANGE", KEYS[3], 0, -1)) do
+  redis.call("DEL", ARGV[3] .. key)
+end
+redis.call("DEL", KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
 
@@ -232,25 +382,60 @@ class RedisConversationStore(ConversationStore):
     atomically. Tenant names (`[a-z0-9][a-z0-9-]*`) hold no '/', so the first '/' always ends the tenant.
     """
 
-    def __init__(self, client: Redis, *, retention_seconds: float | None = None) -> None:
+    def __init__(
+        self, client: Redis, *, retention_seconds: float | None = None, idempotency_ttl_seconds: float = 86_400.0
+    ) -> None:
         """Takes ownership of `client` (closed by `close`), which must decode responses; see `from_url`."""
         if not client.get_encoder().decode_responses:
             raise ValueError("RedisConversationStore needs a client created with decode_responses=True")
         self._client = client
         self._retention_ms = "0" if retention_seconds is None else str(max(1, round(retention_seconds * 1000)))
+        self._idempotency_ttl_ms = str(
+            max(1, round(_idempotency_ttl(idempotency_ttl_seconds, retention_seconds) * 1000))
+        )
+        self._claim_turn = client.register_script(_CLAIM_TURN_LUA)
+        self._release_turn = client.register_script(_RELEASE_TURN_LUA)
         self._commit_turn = client.register_script(_COMMIT_TURN_LUA)
         self._delete = client.register_script(_DELETE_LUA)
 
     @classmethod
-    def from_url(cls, url: str, *, retention_seconds: float | None = None) -> RedisConversationStore:
+    def from_url(
+        cls, url: str, *, retention_seconds: float | None = None, idempotency_ttl_seconds: float = 86_400.0
+    ) -> RedisConversationStore:
         """A store with its own connection pool to `url`, e.g. `redis://localhost:6379/0`."""
         client = Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5)
-        return cls(client, retention_seconds=retention_seconds)
+        return cls(client, retention_seconds=retention_seconds, idempotency_ttl_seconds=idempotency_ttl_seconds)
 
     @staticmethod
-    def _keys(tenant: str, conversation_id: str) -> tuple[str, str]:
-        prefix = f"chatmesh:conv:{{{tenant}/{conversation_id}}}"
+    def _prefix(tenant: str, conversation_id: str) -> str:
+        return f"chatmesh:conv:{{{tenant}/{conversation_id}}}"
+
+    @classmethod
+    def _keys(cls, tenant: str, conversation_id: str) -> tuple[str, str]:
+        prefix = cls._prefix(tenant, conversation_id)
         return f"{prefix}:meta", f"{prefix}:messages"
+
+    @classmethod
+    def _turn_keys(cls, tenant: str, conversation_id: str, key: str) -> tuple[str, str]:
+        prefix = cls._prefix(tenant, conversation_id)
+        return f"{prefix}:turn:{key}", f"{prefix}:turns"
+
+    @_unavailable_on_redis_error
+    async def claim_turn(
+        self, tenant: str, conversation_id: str, key: IdempotencyKey, *, lease_seconds: float
+    ) -> TurnClaim:
+        now_ms = math.floor(time.time() * 1000)
+        state, replay = await self._claim_turn(
+            keys=self._turn_keys(tenant, conversation_id, key.key),
+            args=(key.key, key.fingerprint, now_ms, now_ms + math.ceil(lease_seconds * 1000), self._idempotency_ttl_ms),
+        )
+        return TurnClaim(ClaimState(state), replay)
+
+    @_unavailable_on_redis_error
+    async def release_turn(self, tenant: str, conversation_id: str, key: IdempotencyKey) -> None:
+        await self._release_turn(
+            keys=self._turn_keys(tenant, conversation_id, key.key), args=(key.key, key.fingerprint)
+        )
 
     @_unavailable_on_redis_error
     async def recent_messages(self, tenant: str, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
@@ -266,10 +451,27 @@ class RedisConversationStore(ConversationStore):
 
     @_unavailable_on_redis_error
     async def commit_turn(
-        self, tenant: str, conversation_id: str, user_id: str, turn: CommittedTurn, *, new: bool
+        self,
+        tenant: str,
+        conversation_id: str,
+        user_id: str,
+        turn: CommittedTurn,
+        *,
+        new: bool,
+        idempotency: IdempotencyKey | None = None,
     ) -> None:
+        idempotent: tuple[str | int, ...] = ()
+        turn_keys = self._turn_keys(tenant, conversation_id, idempotency.key if idempotency else "")
+        if idempotency is not None:
+            idempotent = (
+                idempotency.key,
+                idempotency.fingerprint,
+                idempotency.replay,
+                self._idempotency_ttl_ms,
+                math.floor(time.time() * 1000),
+            )
         committed = await self._commit_turn(
-            keys=self._keys(tenant, conversation_id),
+            keys=(*self._keys(tenant, conversation_id), *turn_keys),
             args=(
                 tenant,
                 user_id,
@@ -281,8 +483,11 @@ class RedisConversationStore(ConversationStore):
                 _encode_message(turn.user_message),
                 _encode_message(turn.reply),
                 self._retention_ms,
+                *idempotent,
             ),
         )
+        if committed == 2:
+            raise TurnAlreadyCommitted(idempotency.key if idempotency else "")
         if not committed:
             raise ConversationNotFound(conversation_id)
 
@@ -308,7 +513,10 @@ class RedisConversationStore(ConversationStore):
 
     @_unavailable_on_redis_error
     async def delete(self, tenant: str, conversation_id: str, user_id: str) -> None:
-        if not await self._delete(keys=self._keys(tenant, conversation_id), args=(tenant, user_id)):
+        prefix = self._prefix(tenant, conversation_id)
+        if not await self._delete(
+            keys=(*self._keys(tenant, conversation_id), f"{prefix}:turns"), args=(tenant, user_id, f"{prefix}:turn:")
+        ):
             raise ConversationNotFound(conversation_id)
 
     async def close(self) -> None:
@@ -332,11 +540,26 @@ def _decode_message(raw: str) -> StoredMessage:
     )
 
 
+def _idempotency_ttl(ttl_seconds: float, retention_seconds: float | None) -> float:
+    """Keys are remembered no longer than the conversation's text is kept."""
+    return ttl_seconds if retention_seconds is None else min(ttl_seconds, retention_seconds)
+
+
 def create_conversation_store(
-    redis_url: str | None, *, retention_seconds: float | None = None, max_conversations: int | None = None
+    redis_url: str | None,
+    *,
+    retention_seconds: float | None = None,
+    max_conversations: int | None = None,
+    idempotency_ttl_seconds: float = 86_400.0,
 ) -> ConversationStore:
     """Redis when a URL is given (CHATMESH_REDIS_URL), the in-memory store otherwise (also for "").
     `max_conversations` bounds the in-memory store only; Redis is bounded by its own memory policy."""
     if redis_url:
-        return RedisConversationStore.from_url(redis_url, retention_seconds=retention_seconds)
-    return MemoryConversationStore(retention_seconds=retention_seconds, max_conversations=max_conversations)
+        return RedisConversationStore.from_url(
+            redis_url, retention_seconds=retention_seconds, idempotency_ttl_seconds=idempotency_ttl_seconds
+        )
+    return MemoryConversationStore(
+        retention_seconds=retention_seconds,
+        max_conversations=max_conversations,
+        idempotency_ttl_seconds=idempotency_ttl_seconds,
+    )

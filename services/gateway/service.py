@@ -36,6 +36,7 @@ _PASSED_THROUGH = frozenset(
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
     }
 )
 # Only the rich-status detail is passed on from dialogue's trailers.
@@ -112,6 +113,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
                 response.usage.CopyFrom(completed.usage)
                 response.cost_usd = completed.cost_usd
                 response.cached = completed.cached
+                response.replayed = completed.replayed
                 if completed.HasField("content_filter"):
                     response.content_filter.CopyFrom(completed.content_filter)
         response.text = "".join(text)

@@ -37,6 +37,8 @@ def check_conversation_id(conversation_id: str, *, required: bool) -> Violations
 
 def check_chat_request(request: chat_pb2.ChatRequest, settings: Settings) -> Violations:
     violations = check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=False)
+    if request.idempotency_key and not is_well_formed_id(request.idempotency_key):
+        violations.append(("idempotency_key", f"must be 1 to {MAX_ID_CHARS} characters of A-Z a-z 0-9 _ . : @ -"))
     if not request.message.strip():
         violations.append(("message", "must not be empty"))
     elif len(request.message) > settings.max_message_chars:

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     context_window_messages: int = 10
     # Conversations are erased this long after their last turn; 0 keeps them until deleted.
     conversation_retention_seconds: float = 7 * 24 * 3600
+    # How long a turn's idempotency key (and the reply a retry is given) is remembered; never longer than
+    # the conversation's retention.
+    idempotency_ttl_seconds: float = Field(default=86_400.0, gt=0)
     # Without Redis, the most conversations one dialogue process keeps (least recently used go first).
     memory_store_max_conversations: int = 10_000
     default_model: str = "gpt-4o-mini"

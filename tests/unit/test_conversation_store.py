@@ -2,18 +2,23 @@
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from chatmesh.dialogue.store import (
+    ClaimState,
     CommittedTurn,
     ConversationNotFound,
     ConversationStore,
+    IdempotencyKey,
     MemoryConversationStore,
     RedisConversationStore,
     StoredMessage,
+    TurnAlreadyCommitted,
+    TurnClaim,
     create_conversation_store,
 )
 
@@ -428,3 +433,70 @@ async def test_the_memory_store_bound_counts_every_tenant_and_keeps_same_ids_apa
     assert (await store.get(TENANT, "conv-2", ALICE)).messages == messages_of(make_turn(3))
     with pytest.raises(ConversationNotFound):
         await store.get(OTHER_TENANT, CONVERSATION, ALICE)
+
+
+# Idempotent turns.
+
+KEY = IdempotencyKey("key-1", "f" * 32)
+
+
+async def test_a_claimed_turn_is_running_for_a_retry_until_its_lease_lapses(store: ConversationStore) -> None:
+    assert (await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)).state is ClaimState.CLAIMED
+    assert (await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)).state is ClaimState.RUNNING
+
+    other = IdempotencyKey("key-2", "f" * 32)
+    await store.claim_turn(TENANT, CONVERSATION, other, lease_seconds=0.05)
+    await asyncio.sleep(0.1)
+    # The attempt that held it is gone: a retry takes the turn over.
+    assert (await store.claim_turn(TENANT, CONVERSATION, other, lease_seconds=30)).state is ClaimState.CLAIMED
+
+
+async def test_a_committed_turn_is_replayed_and_cannot_be_committed_twice(store: ConversationStore) -> None:
+    await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)
+    committed = replace(KEY, replay='{"text": "answer 1"}')
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True, idempotency=committed)
+
+    claim = await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)
+    assert claim == TurnClaim(ClaimState.COMMITTED, '{"text": "answer 1"}')
+    with pytest.raises(TurnAlreadyCommitted):
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(2), new=False, idempotency=committed)
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == messages_of(make_turn(1))
+
+
+async def test_a_key_sent_with_another_request_is_a_mismatch(store: ConversationStore) -> None:
+    await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)
+    changed = IdempotencyKey(KEY.key, "0" * 32)
+    assert (await store.claim_turn(TENANT, CONVERSATION, changed, lease_seconds=30)).state is ClaimState.MISMATCH
+
+
+async def test_a_released_claim_lets_a_retry_run_the_turn_anew(store: ConversationStore) -> None:
+    await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)
+    await store.release_turn(TENANT, CONVERSATION, KEY)
+    assert (await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)).state is ClaimState.CLAIMED
+
+
+async def test_keys_belong_to_their_conversation_and_tenant(store: ConversationStore) -> None:
+    await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)
+    assert (await store.claim_turn(OTHER_TENANT, CONVERSATION, KEY, lease_seconds=30)).state is ClaimState.CLAIMED
+    assert (await store.claim_turn(TENANT, "conv-2", KEY, lease_seconds=30)).state is ClaimState.CLAIMED
+
+
+async def test_deleting_a_conversation_forgets_its_keys_and_their_replies(store: ConversationStore) -> None:
+    await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)
+    committed = replace(KEY, replay='{"text": "answer 1"}')
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True, idempotency=committed)
+    await store.delete(TENANT, CONVERSATION, ALICE)
+
+    assert (await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)).state is ClaimState.CLAIMED
+
+
+async def test_keys_are_remembered_no_longer_than_conversations(redis_url: str) -> None:
+    store = create_conversation_store(redis_url, retention_seconds=60, idempotency_ttl_seconds=3600)
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30)
+        ttl = await client.pttl(f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:turn:{KEY.key}")
+        assert 0 < ttl <= 60_000
+    finally:
+        await client.aclose()
+        await store.close()
