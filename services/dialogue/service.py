@@ -519,8 +519,9 @@ def _content_filtered(stage: chat_pb2.ContentFilter.Stage, categories: list[str]
     )
 
 
-# A claim outlives its attempt's deadline by this much: an attempt whose process died is then taken over.
-_LEASE_MARGIN_SECONDS = 30.0
+# A claim outlives its attempt's deadline by this much (an attempt is cancelled at its deadline, and a
+# commit already sent lands within moments): an attempt whose process died is then taken over.
+_LEASE_MARGIN_SECONDS = 5.0
 
 
 @dataclass(slots=True)
