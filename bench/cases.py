@@ -54,20 +54,34 @@ class Case:
     expect: Expect = Expect.REPLY
     # The straight-to-modelsim baselines this case is compared with.
     baselines: tuple[str, ...] = ("floor", "sdk")
+    # Every chatmesh call sends a fresh idempotency_key (uuid4 hex). Such a case is named after the same case
+    # without a key plus KEYED_SUFFIX; the report subtracts that one from it (bench/report.py).
+    idempotency_key: bool = False
     unavailable: str | None = None
 
     @property
     def available(self) -> bool:
         return self.unavailable is None
 
+    @property
+    def unkeyed(self) -> str | None:
+        """The name of the same case without an idempotency key, for a case that sends one."""
+        return self.name.removesuffix(KEYED_SUFFIX) if self.idempotency_key else None
+
     def describe(self) -> str:
         where = "new conversation" if self.turn == 1 else f"turn {self.turn}"
-        return f"{self.rpc}, c={self.concurrency}, {where}"
+        return f"{self.rpc}, c={self.concurrency}, {where}" + (", idempotency key" if self.idempotency_key else "")
+
+
+KEYED_SUFFIX = "_keyed"
 
 
 CASES: tuple[Case, ...] = (
     Case("chat_c1_new", "Chat", 1),
     Case("stream_c1_new", "StreamChat", 1),
+    # stream_c1_new with a fresh idempotency_key on every call, run right after it: what the key adds is this
+    # minus stream_c1_new. The baselines would repeat stream_c1_new's (the model never sees the key): none.
+    Case("stream_c1_new_keyed", "StreamChat", 1, baselines=(), idempotency_key=True),
     Case("chat_c1_turn10", "Chat", 1, turn=10),
     Case("stream_c1_turn10", "StreamChat", 1, turn=10),
     Case("chat_c32_new", "Chat", 32),

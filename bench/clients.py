@@ -1,7 +1,8 @@
 """The ways of getting a reply that the benchmark compares, one call at a time.
 
 - chatmesh: the gateway over grpc.aio, as a backend service calls it, with the tenant's API key in
-  `authorization` metadata on every call (chatmesh_open: the same client, without a key);
+  `authorization` metadata on every call (chatmesh_open: the same client, without a key), and an
+  `idempotency_key` in the request when the case sends one;
 - floor: straight to the model with a lean aiohttp client and a minimal SSE parser, the least any
   caller can spend;
 - sdk: straight to the model with the openai SDK's `AsyncOpenAI` (stream=True, typed chunks), what a
@@ -59,9 +60,13 @@ class ChatmeshClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def stream_chat(self, conversation_id: str, user_id: str, message: str, expect: Expect) -> Sample:
+    async def stream_chat(
+        self, conversation_id: str, user_id: str, message: str, expect: Expect, idempotency_key: str = ""
+    ) -> Sample:
         started = time.perf_counter()
-        request = chat_pb2.ChatRequest(conversation_id=conversation_id, user_id=user_id, message=message)
+        request = chat_pb2.ChatRequest(
+            conversation_id=conversation_id, user_id=user_id, message=message, idempotency_key=idempotency_key
+        )
         ttfd = None
         completed = None
         async for event in self._stub.StreamChat(request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata):
@@ -76,9 +81,13 @@ class ChatmeshClient:
             raise BadReply("the stream ended without Completed")
         return Sample(latency, ttfd, _meets(expect, completed.finish_reason, completed.cached))
 
-    async def chat(self, conversation_id: str, user_id: str, message: str, expect: Expect) -> Sample:
+    async def chat(
+        self, conversation_id: str, user_id: str, message: str, expect: Expect, idempotency_key: str = ""
+    ) -> Sample:
         started = time.perf_counter()
-        request = chat_pb2.ChatRequest(conversation_id=conversation_id, user_id=user_id, message=message)
+        request = chat_pb2.ChatRequest(
+            conversation_id=conversation_id, user_id=user_id, message=message, idempotency_key=idempotency_key
+        )
         response = await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata)
         latency = time.perf_counter() - started
         return Sample(latency, None, _meets(expect, response.finish_reason, response.cached))

@@ -1,5 +1,5 @@
 """From measured segments to the report: statistics, the targets of issue 5 (and of authentication and
-limits), markdown, and the plot."""
+limits, and of the idempotency key), markdown, and the plot."""
 
 from __future__ import annotations
 
@@ -125,6 +125,42 @@ def auth_and_limits(
     }
 
 
+def idempotency_key_added(entries: list[dict[str, Any]]) -> None:
+    """Fills in `idempotency_key_added` of each case that sends an idempotency key: for each chatmesh target,
+    that case minus the same case without a key in the same run (as `auth_and_limits`, plus Redis commands and
+    scripts per call); a target is None, with the reason, when either case did not measure it."""
+    by_name = {entry["name"]: entry for entry in entries}
+    cpu_of = {"chatmesh": "cpu_ms_per_call", "chatmesh_open": "cpu_ms_per_call_open"}
+    for keyed in entries:
+        if not keyed["idempotency_key"] or not keyed["available"]:
+            continue
+        name = keyed["unkeyed_case"]
+        unkeyed = by_name.get(name)
+        added: dict[str, Any] = {"unkeyed_case": name, "reason": None, **dict.fromkeys(CHATMESH_TARGETS)}
+        keyed["idempotency_key_added"] = added
+        if unkeyed is None or not unkeyed["available"]:
+            added["reason"] = f"{name} was not run" if unkeyed is None else f"{name} is not available"
+            continue
+        reasons = []
+        for target in CHATMESH_TARGETS:
+            with_key, without = keyed["targets"][target], unkeyed["targets"][target]
+            failed = [
+                f"{stats['unexpected']} of {stats['calls']} {target} replies of {case} were not {entry['expect']}"
+                for case, entry, stats in ((keyed["name"], keyed, with_key), (name, unkeyed, without))
+                if stats["unexpected"] or not stats["calls"]
+            ]
+            if failed:
+                reasons += failed
+                continue
+            difference = auth_and_limits(with_key, without, keyed[cpu_of[target]], unkeyed[cpu_of[target]])
+            for kind in ("commands", "scripts"):
+                difference[f"redis_{kind}_per_call"] = _difference(
+                    (with_key.get("redis_per_call") or {}).get(kind), (without.get("redis_per_call") or {}).get(kind)
+                )
+            added[target] = difference
+        added["reason"] = "; ".join(reasons) or None
+
+
 def empty_case(case: Case) -> dict[str, Any]:
     """The entry of a case that was not run, with the same keys as one that was."""
     return {
@@ -132,6 +168,7 @@ def empty_case(case: Case) -> dict[str, Any]:
         "targets": dict.fromkeys(TARGET_NAMES),
         "added": {"floor": None, "sdk": None},
         "auth_and_limits": None,
+        "idempotency_key_added": None,
         "cpu_ms_per_call": None,
         "cpu_ms_per_call_open": None,
         "rss_mib": None,
@@ -153,6 +190,8 @@ def case_header(case: Case) -> dict[str, Any]:
         "message": case.message.value,
         "expect": case.expect.value,
         "baselines": list(case.baselines),
+        "idempotency_key": case.idempotency_key,
+        "unkeyed_case": case.unkeyed,
         "available": case.available,
         "reason": case.unavailable,
     }
@@ -171,6 +210,8 @@ class Target:
     at_most: bool = True
     # The targets whose calls must all have succeeded as expected for the figure to count.
     needs: tuple[str, ...] = ("chatmesh",)
+    # Why `measure` found no figure, when the case can say.
+    reason: Callable[[dict[str, Any]], str | None] | None = None
 
 
 def _chatmesh(entry: dict[str, Any], *path: str) -> float | None:
@@ -178,6 +219,11 @@ def _chatmesh(entry: dict[str, Any], *path: str) -> float | None:
     for key in path:
         value = None if value is None else value.get(key)
     return value
+
+
+def _keyed(entry: dict[str, Any], target: str) -> dict[str, Any] | None:
+    """What the idempotency key adds on `target` in a case that sends one (see `idempotency_key_added`)."""
+    return (entry.get("idempotency_key_added") or {}).get(target)
 
 
 TARGETS = (
@@ -226,7 +272,15 @@ TARGETS = (
     ),
     Target(
         "auth and limits: added p50 at c=1 ≤ 0.5 ms",
-        ("chat_c1_new", "stream_c1_new", "chat_c1_turn10", "stream_c1_turn10", "cache_hit", "blocked_input"),
+        (
+            "chat_c1_new",
+            "stream_c1_new",
+            "stream_c1_new_keyed",
+            "chat_c1_turn10",
+            "stream_c1_turn10",
+            "cache_hit",
+            "blocked_input",
+        ),
         lambda entry: entry["auth_and_limits"]["p50_ms"],
         0.5,
         "ms",
@@ -237,6 +291,7 @@ TARGETS = (
         (
             "chat_c1_new",
             "stream_c1_new",
+            "stream_c1_new_keyed",
             "chat_c1_turn10",
             "stream_c1_turn10",
             "chat_c32_new",
@@ -250,6 +305,14 @@ TARGETS = (
         0.5,
         "ms",
         needs=CHATMESH_TARGETS,
+    ),
+    Target(
+        "idempotency key: added p50 at c=1 ≤ 0.3 ms",
+        ("stream_c1_new_keyed",),
+        lambda entry: (_keyed(entry, "chatmesh") or {}).get("p50_ms"),
+        0.3,
+        "ms",
+        reason=lambda entry: (entry["idempotency_key_added"] or {}).get("reason"),
     ),
 )
 RSS_LIMIT_MIB = 120.0
@@ -289,6 +352,9 @@ def evaluate_targets(cases: list[dict[str, Any]], processes: dict[str, dict[str,
                 row["measured"] = measured
                 if measured is None:
                     row["status"] = "not measured"
+                    reason = target.reason(entry) if target.reason else None
+                    if reason:
+                        row["reason"] = reason
                 else:
                     met = measured <= target.limit if target.at_most else measured >= target.limit
                     row["status"] = "met" if met else "not met"
@@ -466,6 +532,7 @@ def markdown(report: dict[str, Any]) -> str:
         "not in the chatmesh totals. Redis commands per call count those that Lua scripts run; 'of them scripts' "
         "counts the scripts (EVALSHA) themselves.",
     ]
+    lines += _idempotency_key_section(report)
 
     lines += ["", "## CPU per call (ms) and memory (MiB) of chatmesh", ""]
     rows = []
@@ -547,6 +614,78 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{stats['unexpected']} replies were not as expected"
             )
     return "\n".join(lines) + "\n"
+
+
+def _idempotency_key_section(report: dict[str, Any]) -> list[str]:
+    """What an idempotency key adds: each keyed case minus the same case without a key, on both chatmesh targets."""
+    keyed = [entry for entry in report["cases"] if entry.get("idempotency_key") and entry["available"]]
+    if not keyed:
+        return []
+    chatmesh_processes = report["chatmesh_processes"]
+    by_name = {entry["name"]: entry for entry in report["cases"]}
+    cpu_of = {"chatmesh": "cpu_ms_per_call", "chatmesh_open": "cpu_ms_per_call_open"}
+    lines = ["", "## What an idempotency key adds (keyed case minus the same case without a key, same run)", ""]
+    rows = []
+    notes = []
+    for entry in keyed:
+        added = entry["idempotency_key_added"] or {}
+        unkeyed = by_name.get(entry["unkeyed_case"]) or {}
+        if added.get("reason"):
+            notes.append(f"{entry['name']}: {added['reason']}.")
+        for target in CHATMESH_TARGETS:
+            difference = added.get(target) or {}
+            cpu = difference.get("cpu_ms_per_call") or {}
+            rows.append(
+                (
+                    f"{entry['name']} minus {entry['unkeyed_case']}" if target == "chatmesh" else "",
+                    f"**{target}**" if target == "chatmesh" else target,
+                    f"**{_fmt(difference.get('p50_ms'), signed=True)}**"
+                    if target == "chatmesh"
+                    else _fmt(difference.get("p50_ms"), signed=True),
+                    _fmt(difference.get("p99_ms"), signed=True),
+                    _fmt(difference.get("ttfd_p50_ms"), signed=True),
+                    _ratio(difference.get("rps_ratio")),
+                    _fmt((entry.get(cpu_of[target]) or {}).get("total")),
+                    _fmt((unkeyed.get(cpu_of[target]) or {}).get("total")),
+                    _fmt(cpu.get("total"), signed=True),
+                    *(_fmt(cpu.get(name), signed=True) for name in chatmesh_processes),
+                    _fmt(difference.get("redis_cpu_ms_per_call"), signed=True),
+                    _fmt(difference.get("redis_commands_per_call"), 1, signed=True),
+                    _fmt(difference.get("redis_scripts_per_call"), 1, signed=True),
+                )
+            )
+    lines += _table(
+        (
+            "cases",
+            "target",
+            "p50",
+            "p99",
+            "TTFD p50",
+            "req/s ÷ without",
+            "CPU with key",
+            "CPU without",
+            "added CPU",
+            *(f"{name} CPU" for name in chatmesh_processes),
+            "Redis CPU",
+            "Redis commands",
+            "Redis scripts",
+        ),
+        rows,
+    )
+    lines += [
+        "",
+        "Each call of a keyed case sends a fresh `idempotency_key` (uuid4 hex), so dialogue claims every turn in "
+        "Redis before running it (one Lua script more) and commits it together with its replay record; the case "
+        "without a key sends the very same calls otherwise. Latencies and CPU in ms per call, CPU summed over each "
+        "cluster's chatmesh processes; Redis CPU, commands and scripts per call as above. The target reads the "
+        "**chatmesh** row; chatmesh_open's (no authentication and limits) is a second reading of the same "
+        "difference. The two cases run one after the other rather than alternating within rounds, so drift of the "
+        "machine between them counts too: judge small figures from a full run. Nothing is added when no key is "
+        "sent: no claim is made without one, and every other case of this report sends none, so their figures "
+        "(and the targets read from them) are those of calls without a key.",
+        *(["", *notes] if notes else []),
+    ]
+    return lines
 
 
 # The plot.

@@ -15,7 +15,9 @@ conversations, cache entries, tenants and usage in that Redis:
 Each case of bench/cases.py runs against both, and against two baselines that call modelsim directly
 (floor: lean aiohttp + minimal SSE parser; sdk: the openai SDK). The targets alternate within each of
 several short rounds, so that the machine's noise hits all of them alike. What chatmesh adds is measured
-against the baselines; what authentication and limits add is chatmesh minus chatmesh_open.
+against the baselines; what authentication and limits add is chatmesh minus chatmesh_open. What an idempotency
+key adds is a keyed case (stream_c1_new_keyed: a fresh key on every call, on both chatmesh targets, no baselines)
+minus the same case without a key, run just before it; every other case sends no key.
 
 Usage: python -m bench [--mode full|quick|tiny] [--rounds N] [--reply-tokens N] [--cases a,b] [--out-dir DIR]
        [--profile SECONDS [--profile-case NAME]]
@@ -34,6 +36,7 @@ import secrets
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,6 +68,7 @@ from bench.report import (
     case_header,
     empty_case,
     evaluate_targets,
+    idempotency_key_added,
     markdown,
     plot,
     target_stats,
@@ -243,9 +247,10 @@ class Bench:
         self.model = await self.chatmesh.default_model()
         sends = [
             *(
-                self._chatmesh_send(target, replace(case, rpc=rpc), None)
+                self._chatmesh_send(target, replace(case, rpc=rpc, idempotency_key=keyed), None)
                 for target in CHATMESH_TARGETS
                 for rpc in ("Chat", "StreamChat")
+                for keyed in (False, True)  # the claim and the replay record's paths too
             ),
             self._baseline_send("floor", case, None),
             self._baseline_send("sdk", case, None),
@@ -260,12 +265,15 @@ class Bench:
     ) -> Callable[[int], Awaitable[Sample]]:
         client = self.clients[target]
         call = client.stream_chat if case.rpc == "StreamChat" else client.chat
+        keyed = case.idempotency_key
 
         def send(index: int) -> Awaitable[Sample]:
+            # A fresh key per call (made before the call's clock starts): every call claims a turn of its own.
+            key = uuid.uuid4().hex if keyed else ""
             if pool is None:
-                return call("", f"bench-{index % USERS}", question(case, index), case.expect)
+                return call("", f"bench-{index % USERS}", question(case, index), case.expect, key)
             conversation_id, user_id = pool[index]
-            return call(conversation_id, user_id, question(case, index), case.expect)
+            return call(conversation_id, user_id, question(case, index), case.expect, key)
 
         return send
 
@@ -393,6 +401,7 @@ class Bench:
             targets={name: targets.get(name) for name in TARGET_NAMES},
             added={name: added_over(chatmesh, targets[name]) if name in targets else None for name in ("floor", "sdk")},
             auth_and_limits=auth_and_limits(chatmesh, targets["chatmesh_open"], cpu, cpu_open),
+            idempotency_key_added=None,  # filled in once the case without a key has run too
             cpu_ms_per_call=cpu,
             cpu_ms_per_call_open=cpu_open,
             rss_mib={name: {"idle": idle[name], "peak": peak[name]} for name in self.pids},
@@ -483,6 +492,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         for case in selected:
             print(f"bench: {case.name} ({case.describe()})", file=sys.stderr, flush=True)
             entries.append(await bench.run_case(case))
+        idempotency_key_added(entries)
         peaks = bench.rss.run_peak_mib()
         profile = None
         if args.profile:
@@ -510,7 +520,8 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
     now = datetime.datetime.now(datetime.UTC)
     report = {
         # 2: the chatmesh_open target, auth_and_limits, cpu_ms_per_call_open, redis_per_call, Redis processes.
-        "schema": 2,
+        # 3: the keyed case (stream_c1_new_keyed), idempotency_key and idempotency_key_added in every case.
+        "schema": 3,
         "run": {
             "date": now.strftime("%Y-%m-%d"),
             "finished_at": now.isoformat(timespec="seconds"),

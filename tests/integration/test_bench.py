@@ -1,5 +1,6 @@
 """`make bench`'s harness, run in its tiny mode: it writes a report with every case of issue 5, measured on
-chatmesh as the chart configures it (authentication and every limit on) and on chatmesh_open (without them).
+chatmesh as the chart configures it (authentication and every limit on) and on chatmesh_open (without them),
+and with what an idempotency key adds (a keyed case minus the same case without a key).
 
 Timings are not checked here: the targets are read from the report, never asserted by a test.
 """
@@ -19,6 +20,8 @@ CASES = [
 ]
 # Reported as not available, with a reason, while the cluster lacks the feature (cache, safety).
 FEATURE_CASES = ["cache_hit", "blocked_input"]
+# Each chatmesh call sends a fresh idempotency key; compared with the case of the same name without `_keyed`.
+KEYED_CASES = {"stream_c1_new_keyed": "stream_c1_new"}
 
 CASE_KEYS = {
     "name",
@@ -31,6 +34,9 @@ CASE_KEYS = {
     "targets",
     "added",
     "auth_and_limits",
+    "idempotency_key",
+    "unkeyed_case",
+    "idempotency_key_added",
     "cpu_ms_per_call",
     "cpu_ms_per_call_open",
     "rss_mib",
@@ -49,6 +55,7 @@ ADDED_KEYS = {"p50_ms", "p99_ms", "ttfd_p50_ms", "ttfd_p99_ms", "rps_ratio"}
 CHATMESH_TARGETS = ("chatmesh", "chatmesh_open")
 AUTH_P50_TARGET = "auth and limits: added p50 at c=1 ≤ 0.5 ms"
 AUTH_CPU_TARGET = "auth and limits: added CPU per call ≤ 0.5 ms"
+KEY_P50_TARGET = "idempotency key: added p50 at c=1 ≤ 0.3 ms"
 
 
 def test_the_tiny_run_reports_every_case(tmp_path: Path):
@@ -98,10 +105,12 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
     }
 
     cases = {entry["name"]: entry for entry in report["cases"]}
-    assert set(cases) == {*CASES, *FEATURE_CASES}
+    assert set(cases) == {*CASES, *FEATURE_CASES, *KEYED_CASES}
     for name, entry in cases.items():
         assert set(entry) >= CASE_KEYS, name
-        if name in CASES:
+        assert entry["idempotency_key"] == (name in KEYED_CASES), name
+        assert entry["unkeyed_case"] == KEYED_CASES.get(name), name
+        if name in CASES or name in KEYED_CASES:
             assert entry["available"] is True, name
         if not entry["available"]:
             assert entry["reason"], name
@@ -127,6 +136,8 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
             entry["cpu_ms_per_call"]["total"] - entry["cpu_ms_per_call_open"]["total"], 3
         ), name
         assert set(entry["rss_mib"]) == set(report["processes"])
+        if name not in KEYED_CASES:
+            assert entry["idempotency_key_added"] is None, name
 
     for name in CASES:
         streamed = cases[name]["rpc"] == "StreamChat"
@@ -141,6 +152,40 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
             assert cases[name]["turns"]["measured_turn"] == 10
             assert cases[name]["turns"]["model_messages"] > 1
 
+    # The keyed case: the same calls as its twin but for the key, on both chatmesh targets, with no baselines
+    # (the model never sees the key); what the key adds is the one minus the other.
+    for name, unkeyed in KEYED_CASES.items():
+        keyed = cases[name]
+        assert (keyed["rpc"], keyed["concurrency"], keyed["turn"], keyed["message"], keyed["expect"]) == (
+            cases[unkeyed]["rpc"],
+            cases[unkeyed]["concurrency"],
+            cases[unkeyed]["turn"],
+            cases[unkeyed]["message"],
+            cases[unkeyed]["expect"],
+        )
+        assert keyed["baselines"] == [] and keyed["targets"]["floor"] is None and keyed["targets"]["sdk"] is None
+        added = keyed["idempotency_key_added"]
+        assert added["unkeyed_case"] == unkeyed and added["reason"] is None, added
+        for target, cpu in (("chatmesh", "cpu_ms_per_call"), ("chatmesh_open", "cpu_ms_per_call_open")):
+            difference = added[target]
+            assert set(difference) == {
+                *ADDED_KEYS,
+                "cpu_ms_per_call",
+                "redis_cpu_ms_per_call",
+                "redis_commands_per_call",
+                "redis_scripts_per_call",
+            }, (name, target)
+            with_key, without = keyed["targets"][target], cases[unkeyed]["targets"][target]
+            assert difference["p50_ms"] == round(with_key["latency_ms"]["p50"] - without["latency_ms"]["p50"], 3)
+            assert difference["ttfd_p50_ms"] == round(with_key["ttfd_ms"]["p50"] - without["ttfd_ms"]["p50"], 3)
+            assert difference["cpu_ms_per_call"]["total"] == round(
+                keyed[cpu]["total"] - cases[unkeyed][cpu]["total"], 3
+            ), (name, target)
+            # The key reached dialogue: every call claimed its turn (one Lua script more) before running it. (With
+            # a few calls per round, work that settles after a round's window moves these averages a little.)
+            assert difference["redis_scripts_per_call"] > 0, (name, target, difference)
+            assert difference["redis_commands_per_call"] > difference["redis_scripts_per_call"], (name, target)
+
     assert {row["status"] for row in report["targets"]} <= {"met", "not met", "not available", "not measured"}
     assert {"cache_hit", "process gateway, whole run"} <= {row["case"] for row in report["targets"]}
     rows = {(row["target"], row["case"]): row for row in report["targets"]}
@@ -150,6 +195,14 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
             row = rows[target, name]
             if cases[name]["available"]:
                 assert row["status"] in {"met", "not met"} and row["measured"] is not None, row
+    for name in KEYED_CASES:
+        row = rows[KEY_P50_TARGET, name]
+        assert row["status"] in {"met", "not met"}, row
+        assert row["measured"] == cases[name]["idempotency_key_added"]["chatmesh"]["p50_ms"], row
     markdown = json_path.with_suffix(".md").read_text()
     assert "## What authentication and limits add" in markdown
     assert AUTH_P50_TARGET in markdown and AUTH_CPU_TARGET in markdown
+    assert "## What an idempotency key adds" in markdown
+    assert "stream_c1_new_keyed minus stream_c1_new" in markdown
+    assert "Nothing is added when no key is sent" in markdown
+    assert KEY_P50_TARGET in markdown
