@@ -17,18 +17,18 @@ runs it, another attempt still does, or it was committed, and then what the call
 from __future__ import annotations
 
 import abc
-import functools
 import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Literal, ParamSpec, TypeVar
+from typing import Literal
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+
+from chatmesh.runtime.redis_errors import unavailable_on_redis_error
 
 Role = Literal["user", "assistant"]
 
@@ -356,21 +356,7 @@ return 1
 """
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _unavailable_on_redis_error(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turns Redis' own connection and timeout errors into StoreUnavailable."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(*args, **kwargs)
-        except RedisError as error:
-            raise StoreUnavailable(type(error).__name__) from error
-
-    return wrapper
+_unavailable_on_redis_error = unavailable_on_redis_error(StoreUnavailable)
 
 
 class RedisConversationStore(ConversationStore):

@@ -6,15 +6,12 @@ With Redis, every gateway replica shares it; the memory directory serves one pro
 from __future__ import annotations
 
 import abc
-import functools
 import json
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
-from typing import ParamSpec, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from chatmesh.runtime.redis_errors import unavailable_on_redis_error
 from chatmesh.tenancy.limits import Limits
 
 
@@ -178,19 +175,7 @@ local tenant = redis.call("HGET", KEYS[1], "tenant")
 return {key, redis.call("HGETALL", ARGV[1] .. tenant)}
 """
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _unavailable_on_redis_error(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(*args, **kwargs)
-        except RedisError as error:
-            raise DirectoryUnavailable(type(error).__name__) from error
-
-    return wrapper
+_unavailable_on_redis_error = unavailable_on_redis_error(DirectoryUnavailable)
 
 
 class RedisTenantDirectory(TenantDirectory):

@@ -18,16 +18,14 @@ at a minute's edge counts in a neighbouring window. Spend is integer nano-USD.
 from __future__ import annotations
 
 import abc
-import functools
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from chatmesh.runtime.redis_errors import unavailable_on_redis_error
 from chatmesh.tenancy.limits import NANO_USD_PER_USD, LimitName, Limits, Windows
 
 
@@ -638,21 +636,7 @@ return {
 _ADMIT_LIMITS = (LimitName.REQUESTS_PER_MINUTE, LimitName.CONCURRENT_STREAMS)
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _unavailable_on_redis_error(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turns Redis' own connection and timeout errors into LedgerUnavailable."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(*args, **kwargs)
-        except RedisError as error:
-            raise LedgerUnavailable(type(error).__name__) from error
-
-    return wrapper
+_unavailable_on_redis_error = unavailable_on_redis_error(LedgerUnavailable)
 
 
 def _ms(unix_seconds: float) -> str:

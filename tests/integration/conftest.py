@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 from support.cluster import Cluster
+from support.redis_server import RedisServer
 
 from chatmesh.v1 import chat_pb2_grpc
 
@@ -31,3 +32,14 @@ def sim(cluster: Cluster) -> Iterator[Cluster]:
 async def chat(cluster: Cluster) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
     async with grpc.aio.insecure_channel(cluster.gateway_target) as channel:
         yield chat_pb2_grpc.ChatServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def module_redis() -> Iterator[RedisServer]:
+    """A Redis of the module's own, for a cluster shared by its tests (the session's Redis is emptied before
+    each test that asks for `redis_url`)."""
+    server = RedisServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()

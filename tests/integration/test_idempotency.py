@@ -15,17 +15,8 @@ USER = "user-i"
 
 
 @pytest.fixture(scope="module")
-def redis_for_turns() -> Iterator[RedisServer]:
-    server = RedisServer.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def keyed(redis_for_turns: RedisServer) -> Iterator[Cluster]:
-    running = Cluster(redis_url=redis_for_turns.url).start()
+def keyed(module_redis: RedisServer) -> Iterator[Cluster]:
+    running = Cluster(redis_url=module_redis.url).start()
     try:
         yield running
     finally:

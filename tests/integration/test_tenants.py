@@ -36,18 +36,9 @@ REPLY_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def redis_for_tenants() -> Iterator[RedisServer]:
-    server = RedisServer.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def replicated(redis_for_tenants: RedisServer) -> Iterator[Cluster]:
+def replicated(module_redis: RedisServer) -> Iterator[Cluster]:
     running = Cluster(
-        redis_url=redis_for_tenants.url,
+        redis_url=module_redis.url,
         env={
             "CHATMESH_AUTH": "required",
             "CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -87,8 +78,8 @@ async def admin(replicated: Cluster) -> AsyncIterator[admin_pb2_grpc.AdminServic
 
 
 @pytest.fixture
-async def redis(redis_for_tenants: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_for_tenants.url, decode_responses=True)
+async def redis(module_redis: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(module_redis.url, decode_responses=True)
     try:
         yield client
     finally:
