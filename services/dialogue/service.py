@@ -107,32 +107,39 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def Turn(
         self, request: dialogue_pb2.TurnRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        """With an idempotency key, claims the turn first: a committed one is replayed, a running one is
-        ABORTED; a claimed one that does not commit is released for a retry to run it anew. Then runs it."""
+        """Runs the turn. With an idempotency key, it is claimed while the input is screened and the cache
+        asked, and before anything is sent: a committed turn is replayed, a running one is ABORTED; a claimed
+        one that does not commit is released, for a retry to run it anew."""
         scope = _TurnScope.of(request)
         annotate(request_id=request.request_id, tenant=scope.tenant, user_id=scope.user_id)
         timeout = downstream_timeout(context, self._settings.default_deadline_seconds)
-        if scope.key is not None:
-            claim = await self._claim(context, scope, timeout)
-            if claim.state is ClaimState.COMMITTED:
-                for event in _replay(claim.replay, request.request_id):
-                    yield event
-                return
+        claim = asyncio.ensure_future(self._claim(scope, timeout)) if scope.key is not None else None
         try:
-            async for event in self._run_turn(request, context, scope, timeout):
+            async for event in self._run_turn(request, context, scope, timeout, claim):
                 yield event
         finally:
-            if scope.key is not None and not scope.committed:
+            if claim is not None and not claim.done():
+                claim.cancel()  # a claim that was made all the same lapses with its lease
+            if scope.key is not None and scope.claimed and not scope.committed:
                 self._background.spawn(
                     self._store.release_turn(scope.tenant, scope.conversation_id, scope.key), "release_turn"
                 )
 
-    async def _claim(self, context: grpc.aio.ServicerContext, scope: _TurnScope, seconds_left: float) -> TurnClaim:
+    async def _claim(self, scope: _TurnScope, seconds_left: float) -> TurnClaim:
         assert scope.key is not None
+        claim = await self._store.claim_turn(
+            scope.tenant, scope.conversation_id, scope.key, lease_seconds=seconds_left + _LEASE_MARGIN_SECONDS
+        )
+        scope.claimed = claim.state is ClaimState.CLAIMED
+        return claim
+
+    async def _replay_of(
+        self, context: grpc.aio.ServicerContext, scope: _TurnScope, pending: asyncio.Future[TurnClaim]
+    ) -> str | None:
+        """The committed turn's replay, or None when this attempt holds the claim; ends the call when another
+        attempt holds it, or the key was used for another request."""
         async with _store_errors(context, scope.conversation_id):
-            claim = await self._store.claim_turn(
-                scope.tenant, scope.conversation_id, scope.key, lease_seconds=seconds_left + _LEASE_MARGIN_SECONDS
-            )
+            claim = await pending
         if claim.state is ClaimState.RUNNING:
             await abort(
                 context,
@@ -143,7 +150,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             await abort_with(
                 context, invalid_argument([("idempotency_key", "was already used for a different request")])
             )
-        return claim
+        return claim.replay if claim.state is ClaimState.COMMITTED else None
 
     async def _run_turn(
         self,
@@ -151,6 +158,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         context: grpc.aio.ServicerContext,
         scope: _TurnScope,
         seconds_left: float,
+        claim: asyncio.Future[TurnClaim] | None,
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
         """Screen the input while looking in the cache; answer from the cache, or reserve the model call's
         worst case under the tenant's limits and stream from the model through the output screen; commit
@@ -193,7 +201,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             cached = await lookup if lookup is not None else None
             blocked_input = verdict is not None and verdict.blocked
             calls_model = not blocked_input and cached is None
-            if reservation is not None and calls_model:
+            replay = None if claim is None else await self._replay_of(context, scope, claim)
+            if reservation is not None and calls_model and replay is None:
                 try:
                     await reservation
                 except SpendRefused as refused:
@@ -204,6 +213,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             # released once made.
             if reservation is not None and not reservation_used:
                 self._spend.release_unused(spend, model_request, reservation)
+        if replay is not None:
+            for event in _replay(replay, request_id):
+                yield event
+            return
         try:
             yield chat_pb2.ChatEvent(
                 started=chat_pb2.Started(conversation_id=conversation_id, request_id=request_id, model=model)
@@ -526,13 +539,15 @@ _LEASE_MARGIN_SECONDS = 5.0
 
 @dataclass(slots=True)
 class _TurnScope:
-    """Whose turn it is, in which conversation, under which idempotency key; `committed` once it is."""
+    """Whose turn it is, in which conversation, under which idempotency key; whether this attempt holds the
+    key's claim, and whether the turn is committed."""
 
     tenant: str
     user_id: str
     conversation_id: str
     new: bool
     key: IdempotencyKey | None
+    claimed: bool = False
     committed: bool = False
 
     @classmethod
