@@ -127,6 +127,7 @@ async def test_cancelled_streams_retried_with_their_key_are_stored_exactly_once(
     first = await chat.Chat(keyed_request())
     conversation = first.conversation_id
     finals = []
+    replays = 0
     for cut in range(0, 24, 3):
         request = keyed_request(conversation_id=conversation)
         stream = chat.StreamChat(request)
@@ -136,7 +137,9 @@ async def test_cancelled_streams_retried_with_their_key_are_stored_exactly_once(
         stream.cancel()
         for _ in range(20):
             try:
-                finals.append((await chat.Chat(request)).text)
+                retried = await chat.Chat(request)
+                finals.append(retried.text)
+                replays += retried.replayed
                 break
             except grpc.aio.AioRpcError as error:
                 assert error.code() == grpc.StatusCode.ABORTED, error.details()  # the cancelled attempt winding down
@@ -144,4 +147,6 @@ async def test_cancelled_streams_retried_with_their_key_are_stored_exactly_once(
 
     stored = await messages(chat, conversation)
     assert len(stored) == 2 + 2 * len(finals)
+    # A stream read to its end before the "cancel" was committed: its retry is a replay.
+    assert replays >= 1
     assert [message.content for message in stored[3::2]] == finals
