@@ -54,8 +54,9 @@ class Case:
     expect: Expect = Expect.REPLY
     # The straight-to-modelsim baselines this case is compared with.
     baselines: tuple[str, ...] = ("floor", "sdk")
-    # Every chatmesh call sends a fresh idempotency_key (uuid4 hex). Such a case is named after the same case
-    # without a key plus KEYED_SUFFIX; the report subtracts that one from it (bench/report.py).
+    # Every call of each chatmesh target sends a fresh idempotency_key (uuid4 hex). In every round, such a case
+    # also runs the same calls without a key against the same clusters (the targets chatmesh_unkeyed and
+    # chatmesh_open_unkeyed, bench/report.py UNKEYED), and the report subtracts those from these.
     idempotency_key: bool = False
     unavailable: str | None = None
 
@@ -63,24 +64,17 @@ class Case:
     def available(self) -> bool:
         return self.unavailable is None
 
-    @property
-    def unkeyed(self) -> str | None:
-        """The name of the same case without an idempotency key, for a case that sends one."""
-        return self.name.removesuffix(KEYED_SUFFIX) if self.idempotency_key else None
-
     def describe(self) -> str:
         where = "new conversation" if self.turn == 1 else f"turn {self.turn}"
         return f"{self.rpc}, c={self.concurrency}, {where}" + (", idempotency key" if self.idempotency_key else "")
 
 
-KEYED_SUFFIX = "_keyed"
-
-
 CASES: tuple[Case, ...] = (
     Case("chat_c1_new", "Chat", 1),
     Case("stream_c1_new", "StreamChat", 1),
-    # stream_c1_new with a fresh idempotency_key on every call, run right after it: what the key adds is this
-    # minus stream_c1_new. The baselines would repeat stream_c1_new's (the model never sees the key): none.
+    # stream_c1_new with a fresh idempotency_key on every call, alternating within each round with the same calls
+    # without a key: what the key adds is the one minus the other. The baselines would repeat stream_c1_new's (the
+    # model never sees the key): none.
     Case("stream_c1_new_keyed", "StreamChat", 1, baselines=(), idempotency_key=True),
     Case("chat_c1_turn10", "Chat", 1, turn=10),
     Case("stream_c1_turn10", "StreamChat", 1, turn=10),

@@ -14,7 +14,13 @@ from bench.loadgen import Segment
 
 # chatmesh: the chart's default (authentication and every limit on); chatmesh_open: the same without them.
 CHATMESH_TARGETS = ("chatmesh", "chatmesh_open")
-TARGET_NAMES = (*CHATMESH_TARGETS, "floor", "sdk")
+# A case that sends an idempotency key also runs, in every round, the same calls without one against each chatmesh
+# target's cluster, as a target of its own: what the key adds is the one minus the other.
+UNKEYED = {target: f"{target}_unkeyed" for target in CHATMESH_TARGETS}
+# The targets of the latency table, in its order; a case's `targets` has the unkeyed ones too (None but in a
+# case that sends a key).
+TABLE_TARGETS = (*CHATMESH_TARGETS, "floor", "sdk")
+TARGET_NAMES = (*TABLE_TARGETS, *UNKEYED.values())
 # The redis-server both chatmesh targets share: measured, reported apart from the chatmesh processes.
 REDIS_PROCESS = "redis"
 
@@ -125,40 +131,36 @@ def auth_and_limits(
     }
 
 
-def idempotency_key_added(entries: list[dict[str, Any]]) -> None:
-    """Fills in `idempotency_key_added` of each case that sends an idempotency key: for each chatmesh target,
-    that case minus the same case without a key in the same run (as `auth_and_limits`, plus Redis commands and
-    scripts per call); a target is None, with the reason, when either case did not measure it."""
-    by_name = {entry["name"]: entry for entry in entries}
-    cpu_of = {"chatmesh": "cpu_ms_per_call", "chatmesh_open": "cpu_ms_per_call_open"}
-    for keyed in entries:
-        if not keyed["idempotency_key"] or not keyed["available"]:
+def idempotency_key_added(
+    targets: dict[str, dict[str, Any]], cpu: dict[str, dict[str, float | None]], expect: str
+) -> dict[str, Any]:
+    """What an idempotency key adds in a case that sends one: for each chatmesh target, its calls with a key minus
+    the same calls without one (its UNKEYED target), measured in the same rounds of the same case (as
+    `auth_and_limits`, plus Redis commands and scripts per call, and the CPU per call without a key that the
+    difference is taken from); a target is None, with the reason, when either side's replies were not all as
+    expected. `targets` and `cpu` are by target name, the unkeyed ones included."""
+    added: dict[str, Any] = {"reason": None, **dict.fromkeys(CHATMESH_TARGETS)}
+    reasons = []
+    for target in CHATMESH_TARGETS:
+        unkeyed = UNKEYED[target]
+        with_key, without = targets[target], targets[unkeyed]
+        failed = [
+            f"{stats['unexpected']} of {stats['calls']} {name} replies were not {expect}"
+            for name, stats in ((target, with_key), (unkeyed, without))
+            if stats["unexpected"] or not stats["calls"]
+        ]
+        if failed:
+            reasons += failed
             continue
-        name = keyed["unkeyed_case"]
-        unkeyed = by_name.get(name)
-        added: dict[str, Any] = {"unkeyed_case": name, "reason": None, **dict.fromkeys(CHATMESH_TARGETS)}
-        keyed["idempotency_key_added"] = added
-        if unkeyed is None or not unkeyed["available"]:
-            added["reason"] = f"{name} was not run" if unkeyed is None else f"{name} is not available"
-            continue
-        reasons = []
-        for target in CHATMESH_TARGETS:
-            with_key, without = keyed["targets"][target], unkeyed["targets"][target]
-            failed = [
-                f"{stats['unexpected']} of {stats['calls']} {target} replies of {case} were not {entry['expect']}"
-                for case, entry, stats in ((keyed["name"], keyed, with_key), (name, unkeyed, without))
-                if stats["unexpected"] or not stats["calls"]
-            ]
-            if failed:
-                reasons += failed
-                continue
-            difference = auth_and_limits(with_key, without, keyed[cpu_of[target]], unkeyed[cpu_of[target]])
-            for kind in ("commands", "scripts"):
-                difference[f"redis_{kind}_per_call"] = _difference(
-                    (with_key.get("redis_per_call") or {}).get(kind), (without.get("redis_per_call") or {}).get(kind)
-                )
-            added[target] = difference
-        added["reason"] = "; ".join(reasons) or None
+        difference = auth_and_limits(with_key, without, cpu[target], cpu[unkeyed])
+        for kind in ("commands", "scripts"):
+            difference[f"redis_{kind}_per_call"] = _difference(
+                (with_key.get("redis_per_call") or {}).get(kind), (without.get("redis_per_call") or {}).get(kind)
+            )
+        difference["cpu_ms_per_call_without_key"] = cpu[unkeyed]
+        added[target] = difference
+    added["reason"] = "; ".join(reasons) or None
+    return added
 
 
 def empty_case(case: Case) -> dict[str, Any]:
@@ -191,7 +193,6 @@ def case_header(case: Case) -> dict[str, Any]:
         "expect": case.expect.value,
         "baselines": list(case.baselines),
         "idempotency_key": case.idempotency_key,
-        "unkeyed_case": case.unkeyed,
         "available": case.available,
         "reason": case.unavailable,
     }
@@ -426,7 +427,7 @@ def markdown(report: dict[str, Any]) -> str:
         if not entry["available"]:
             unavailable.append(entry)
             continue
-        for target in TARGET_NAMES:
+        for target in TABLE_TARGETS:
             stats = entry["targets"].get(target)
             if stats is None:
                 continue
@@ -617,19 +618,22 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _idempotency_key_section(report: dict[str, Any]) -> list[str]:
-    """What an idempotency key adds: each keyed case minus the same case without a key, on both chatmesh targets."""
+    """What an idempotency key adds: in each keyed case, the calls with a key minus the same calls without one, on
+    both chatmesh targets."""
     keyed = [entry for entry in report["cases"] if entry.get("idempotency_key") and entry["available"]]
     if not keyed:
         return []
     chatmesh_processes = report["chatmesh_processes"]
-    by_name = {entry["name"]: entry for entry in report["cases"]}
     cpu_of = {"chatmesh": "cpu_ms_per_call", "chatmesh_open": "cpu_ms_per_call_open"}
-    lines = ["", "## What an idempotency key adds (keyed case minus the same case without a key, same run)", ""]
+    lines = [
+        "",
+        "## What an idempotency key adds (calls with a key minus the same calls without one, same case, same rounds)",
+        "",
+    ]
     rows = []
     notes = []
     for entry in keyed:
         added = entry["idempotency_key_added"] or {}
-        unkeyed = by_name.get(entry["unkeyed_case"]) or {}
         if added.get("reason"):
             notes.append(f"{entry['name']}: {added['reason']}.")
         for target in CHATMESH_TARGETS:
@@ -637,7 +641,7 @@ def _idempotency_key_section(report: dict[str, Any]) -> list[str]:
             cpu = difference.get("cpu_ms_per_call") or {}
             rows.append(
                 (
-                    f"{entry['name']} minus {entry['unkeyed_case']}" if target == "chatmesh" else "",
+                    f"{entry['name']}: with key minus without" if target == "chatmesh" else "",
                     f"**{target}**" if target == "chatmesh" else target,
                     f"**{_fmt(difference.get('p50_ms'), signed=True)}**"
                     if target == "chatmesh"
@@ -646,7 +650,7 @@ def _idempotency_key_section(report: dict[str, Any]) -> list[str]:
                     _fmt(difference.get("ttfd_p50_ms"), signed=True),
                     _ratio(difference.get("rps_ratio")),
                     _fmt((entry.get(cpu_of[target]) or {}).get("total")),
-                    _fmt((unkeyed.get(cpu_of[target]) or {}).get("total")),
+                    _fmt((difference.get("cpu_ms_per_call_without_key") or {}).get("total")),
                     _fmt(cpu.get("total"), signed=True),
                     *(_fmt(cpu.get(name), signed=True) for name in chatmesh_processes),
                     _fmt(difference.get("redis_cpu_ms_per_call"), signed=True),
@@ -656,7 +660,7 @@ def _idempotency_key_section(report: dict[str, Any]) -> list[str]:
             )
     lines += _table(
         (
-            "cases",
+            "case",
             "target",
             "p50",
             "p99",
@@ -674,13 +678,14 @@ def _idempotency_key_section(report: dict[str, Any]) -> list[str]:
     )
     lines += [
         "",
-        "Each call of a keyed case sends a fresh `idempotency_key` (uuid4 hex), so dialogue claims every turn in "
-        "Redis before running it (one Lua script more) and commits it together with its replay record; the case "
-        "without a key sends the very same calls otherwise. Latencies and CPU in ms per call, CPU summed over each "
-        "cluster's chatmesh processes; Redis CPU, commands and scripts per call as above. The target reads the "
-        "**chatmesh** row; chatmesh_open's (no authentication and limits) is a second reading of the same "
-        "difference. The two cases run one after the other rather than alternating within rounds, so drift of the "
-        "machine between them counts too: judge small figures from a full run. Nothing is added when no key is "
+        "Each call with a key sends a fresh `idempotency_key` (uuid4 hex), so dialogue claims every turn in Redis "
+        "before running it (one Lua script more) and commits it together with its replay record. In every round "
+        "of a keyed case, each chatmesh target also runs the same calls without a key against the same cluster "
+        "(targets chatmesh_unkeyed and chatmesh_open_unkeyed), right next to its keyed calls, which of the two "
+        "goes first alternating round by round, each with its own CPU and Redis windows: the machine's drift hits "
+        "both alike. Latencies and CPU in ms per call, CPU summed over each cluster's chatmesh processes; Redis "
+        "CPU, commands and scripts per call as above. The target reads the **chatmesh** row; chatmesh_open's (no "
+        "authentication and limits) is a second reading of the same difference. Nothing is added when no key is "
         "sent: no claim is made without one, and every other case of this report sends none, so their figures "
         "(and the targets read from them) are those of calls without a key.",
         *(["", *notes] if notes else []),
@@ -703,7 +708,14 @@ def plot(report: dict[str, Any], samples: dict[str, dict[str, list[float]]], pat
     columns = 4
     rows = math.ceil(len(entries) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    colors = {"chatmesh": "tab:blue", "chatmesh_open": "tab:green", "floor": "tab:gray", "sdk": "tab:orange"}
+    colors = {
+        "chatmesh": "tab:blue",
+        "chatmesh_open": "tab:green",
+        "floor": "tab:gray",
+        "sdk": "tab:orange",
+        "chatmesh_unkeyed": "tab:cyan",
+        "chatmesh_open_unkeyed": "tab:olive",
+    }
     for axis, entry in zip(axes.flat, entries, strict=False):
         axis.set_title(f"{entry['name']}\n{entry['description']}", fontsize=9)
         if not entry["available"]:

@@ -16,8 +16,10 @@ Each case of bench/cases.py runs against both, and against two baselines that ca
 (floor: lean aiohttp + minimal SSE parser; sdk: the openai SDK). The targets alternate within each of
 several short rounds, so that the machine's noise hits all of them alike. What chatmesh adds is measured
 against the baselines; what authentication and limits add is chatmesh minus chatmesh_open. What an idempotency
-key adds is a keyed case (stream_c1_new_keyed: a fresh key on every call, on both chatmesh targets, no baselines)
-minus the same case without a key, run just before it; every other case sends no key.
+key adds is measured within a keyed case (stream_c1_new_keyed: a fresh key on every call, on both chatmesh
+targets, no baselines): in each of its rounds, each chatmesh target also runs the same calls without a key against
+the same cluster (chatmesh_unkeyed, chatmesh_open_unkeyed), and the key's cost is the one minus the other; every
+other case sends no key.
 
 Usage: python -m bench [--mode full|quick|tiny] [--rounds N] [--reply-tokens N] [--cases a,b] [--out-dir DIR]
        [--profile SECONDS [--profile-case NAME]]
@@ -63,6 +65,7 @@ from bench.report import (
     CHATMESH_TARGETS,
     REDIS_PROCESS,
     TARGET_NAMES,
+    UNKEYED,
     added_over,
     auth_and_limits,
     case_header,
@@ -81,6 +84,10 @@ RESULTS = ROOT / "bench" / "results"
 MODEL_PROCESSES = frozenset({"modelsim"})
 # The chatmesh_open cluster's processes are named `open-<process>` in the report.
 OPEN_PREFIX = "open-"
+# The cluster each target that calls chatmesh calls (an unkeyed target calls its keyed target's).
+CLUSTER_OF = {**{target: target for target in CHATMESH_TARGETS}, **{UNKEYED[t]: t for t in CHATMESH_TARGETS}}
+# The order of those targets in a round (of those a case runs); reversed every other round.
+CHATMESH_ORDER = ("chatmesh", UNKEYED["chatmesh"], "chatmesh_open", UNKEYED["chatmesh_open"])
 PREPARATION_CONCURRENCY = 32
 # After each segment, the meters keep running this long: work a call leaves behind once its caller has the
 # reply (releasing its stream slot, settling its usage) counts for its target, not for the next one.
@@ -186,8 +193,10 @@ def _loadavg() -> str:
 def _round_order(names: list[str], round_index: int) -> list[str]:
     """The order of the targets in a round: rotated by one each round, so that none always goes first; the
     two chatmesh targets run back to back (which of them first alternates), so that what sets them apart is
-    measured under the same conditions."""
-    units: list[list[str]] = [list(CHATMESH_TARGETS)] + [[name] for name in names if name not in CHATMESH_TARGETS]
+    measured under the same conditions. In a keyed case, each one's calls without a key run right after or
+    before its keyed calls (alternating likewise), for the same reason."""
+    chatmesh = [name for name in CHATMESH_ORDER if name in names]
+    units: list[list[str]] = [chatmesh] + [[name] for name in names if name not in CLUSTER_OF]
     if round_index % 2:
         units[0].reverse()
     shift = round_index % len(units)
@@ -263,17 +272,24 @@ class Bench:
     def _chatmesh_send(
         self, target: str, case: Case, pool: list[tuple[str, str]] | None
     ) -> Callable[[int], Awaitable[Sample]]:
-        client = self.clients[target]
+        """The calls of a target that calls chatmesh: with a fresh key each in a keyed case, but for the unkeyed
+        targets, which send the same calls without one."""
+        client = self.clients[CLUSTER_OF[target]]
         call = client.stream_chat if case.rpc == "StreamChat" else client.chat
-        keyed = case.idempotency_key
+        keyed = case.idempotency_key and target in CHATMESH_TARGETS
+        # In a keyed case, the calls with a key ask the even-numbered questions and those without the odd ones:
+        # alike, but never the same, so that no cache answers the one with the other's reply.
+        spread = 2 if case.idempotency_key else 1
+        offset = int(case.idempotency_key and not keyed)
 
         def send(index: int) -> Awaitable[Sample]:
             # A fresh key per call (made before the call's clock starts): every call claims a turn of its own.
             key = uuid.uuid4().hex if keyed else ""
+            text = question(case, spread * index + offset)
             if pool is None:
-                return call("", f"bench-{index % USERS}", question(case, index), case.expect, key)
+                return call("", f"bench-{index % USERS}", text, case.expect, key)
             conversation_id, user_id = pool[index]
-            return call(conversation_id, user_id, question(case, index), case.expect, key)
+            return call(conversation_id, user_id, text, case.expect, key)
 
         return send
 
@@ -290,8 +306,8 @@ class Bench:
         return send
 
     async def _prepare(self, target: str, case: Case, count: int) -> list[tuple[str, str]]:
-        """`count` conversations of the chatmesh target `target` (its tenant's), with `case.turn - 1` turns each."""
-        client = self.clients[target]
+        """`count` conversations of the target `target` (its cluster's tenant's), with `case.turn - 1` turns each."""
+        client = self.clients[CLUSTER_OF[target]]
         pool: list[tuple[str, str]] = [("", "")] * count
         indexes = iter(range(count))
 
@@ -320,8 +336,9 @@ class Bench:
         raise RuntimeError("modelsim did not log the call that reads the turn's context window")
 
     def _cpu(self, target: str, stats: dict[str, Any]) -> dict[str, float | None]:
-        """CPU per call of each of the target's own processes (by kind: gateway, ...), and their total."""
-        cpu = {self.process_kind[name]: stats["process_cpu_ms_per_call"][name] for name in self.processes_of[target]}
+        """CPU per call of each process of the target's cluster (by kind: gateway, ...), and their total."""
+        processes = self.processes_of[CLUSTER_OF[target]]
+        cpu = {self.process_kind[name]: stats["process_cpu_ms_per_call"][name] for name in processes}
         cpu["total"] = round(sum(value or 0 for value in cpu.values()), 3)
         return cpu
 
@@ -329,22 +346,24 @@ class Bench:
         if not case.available:
             return empty_case(case)
         count, seconds = self.mode.bounds(case)
-        pools: dict[str, list[tuple[str, str]] | None] = dict.fromkeys(CHATMESH_TARGETS)
+        # The targets that call chatmesh: in a keyed case, each chatmesh target's calls without a key too.
+        chatmesh_targets = [*CHATMESH_TARGETS, *(UNKEYED.values() if case.idempotency_key else ())]
+        pools: dict[str, list[tuple[str, str]] | None] = dict.fromkeys(chatmesh_targets)
         window = None
         preparation_started = time.perf_counter()
         if case.turn > 1:
             calls = count * self.mode.rounds
             # One conversation more on chatmesh: the one whose next turn shows the model's context window.
             prepared = await asyncio.gather(
-                *(self._prepare(target, case, calls + (target == "chatmesh")) for target in CHATMESH_TARGETS)
+                *(self._prepare(target, case, calls + (target == "chatmesh")) for target in chatmesh_targets)
             )
-            pools.update(zip(CHATMESH_TARGETS, prepared, strict=True))
+            pools.update(zip(chatmesh_targets, prepared, strict=True))
             window = await self._model_window(case, prepared[0].pop())
         if case.message is Message.REPEATED:
             for target in CHATMESH_TARGETS:  # the miss that fills the cache (each tenant has its own entries)
                 await self._chatmesh_send(target, replace(case, expect=Expect.REPLY), None)(0)
         sends = {
-            **{target: self._chatmesh_send(target, case, pools[target]) for target in CHATMESH_TARGETS},
+            **{target: self._chatmesh_send(target, case, pools[target]) for target in chatmesh_targets},
             **{name: self._baseline_send(name, case, window) for name in case.baselines},
         }
         meters = {name: CpuMeter(self.pids) for name in sends}
@@ -385,8 +404,8 @@ class Bench:
                 "scripts": round(scripts / issued, 2) if issued else None,
             }
         chatmesh = targets["chatmesh"]
-        cpu = self._cpu("chatmesh", chatmesh)
-        cpu_open = self._cpu("chatmesh_open", targets["chatmesh_open"])
+        cpus = {target: self._cpu(target, targets[target]) for target in chatmesh_targets}
+        cpu, cpu_open = cpus["chatmesh"], cpus["chatmesh_open"]
         self.samples[case.name] = {
             name: [sample.latency for segment in segments[name] for sample in segment.samples] for name in sends
         }
@@ -401,7 +420,9 @@ class Bench:
             targets={name: targets.get(name) for name in TARGET_NAMES},
             added={name: added_over(chatmesh, targets[name]) if name in targets else None for name in ("floor", "sdk")},
             auth_and_limits=auth_and_limits(chatmesh, targets["chatmesh_open"], cpu, cpu_open),
-            idempotency_key_added=None,  # filled in once the case without a key has run too
+            idempotency_key_added=idempotency_key_added(targets, cpus, case.expect.value)
+            if case.idempotency_key
+            else None,
             cpu_ms_per_call=cpu,
             cpu_ms_per_call_open=cpu_open,
             rss_mib={name: {"idle": idle[name], "peak": peak[name]} for name in self.pids},
@@ -492,7 +513,6 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         for case in selected:
             print(f"bench: {case.name} ({case.describe()})", file=sys.stderr, flush=True)
             entries.append(await bench.run_case(case))
-        idempotency_key_added(entries)
         peaks = bench.rss.run_peak_mib()
         profile = None
         if args.profile:
@@ -521,7 +541,9 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
     report = {
         # 2: the chatmesh_open target, auth_and_limits, cpu_ms_per_call_open, redis_per_call, Redis processes.
         # 3: the keyed case (stream_c1_new_keyed), idempotency_key and idempotency_key_added in every case.
-        "schema": 3,
+        # 4: the keyed case's targets chatmesh_unkeyed and chatmesh_open_unkeyed (None in every other case), which
+        # idempotency_key_added subtracts (with cpu_ms_per_call_without_key); no unkeyed_case any more.
+        "schema": 4,
         "run": {
             "date": now.strftime("%Y-%m-%d"),
             "finished_at": now.isoformat(timespec="seconds"),

@@ -1,6 +1,7 @@
 """`make bench`'s harness, run in its tiny mode: it writes a report with every case of issue 5, measured on
 chatmesh as the chart configures it (authentication and every limit on) and on chatmesh_open (without them),
-and with what an idempotency key adds (a keyed case minus the same case without a key).
+and with what an idempotency key adds (in a keyed case, the calls with a key minus the same calls without one,
+alternating with them within each round).
 
 Timings are not checked here: the targets are read from the report, never asserted by a test.
 """
@@ -20,8 +21,10 @@ CASES = [
 ]
 # Reported as not available, with a reason, while the cluster lacks the feature (cache, safety).
 FEATURE_CASES = ["cache_hit", "blocked_input"]
-# Each chatmesh call sends a fresh idempotency key; compared with the case of the same name without `_keyed`.
+# Each chatmesh call sends a fresh idempotency key; the same calls as the case of the same name without `_keyed`
+# otherwise. Within the keyed case, each chatmesh target's calls without a key run as a target of their own.
 KEYED_CASES = {"stream_c1_new_keyed": "stream_c1_new"}
+UNKEYED = {"chatmesh": "chatmesh_unkeyed", "chatmesh_open": "chatmesh_open_unkeyed"}
 
 CASE_KEYS = {
     "name",
@@ -35,7 +38,6 @@ CASE_KEYS = {
     "added",
     "auth_and_limits",
     "idempotency_key",
-    "unkeyed_case",
     "idempotency_key_added",
     "cpu_ms_per_call",
     "cpu_ms_per_call_open",
@@ -109,15 +111,17 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
     for name, entry in cases.items():
         assert set(entry) >= CASE_KEYS, name
         assert entry["idempotency_key"] == (name in KEYED_CASES), name
-        assert entry["unkeyed_case"] == KEYED_CASES.get(name), name
         if name in CASES or name in KEYED_CASES:
             assert entry["available"] is True, name
         if not entry["available"]:
             assert entry["reason"], name
             continue
         assert entry["reason"] is None
-        assert set(entry["targets"]) == {*CHATMESH_TARGETS, "floor", "sdk"}
-        for target in (*CHATMESH_TARGETS, *entry["baselines"]):
+        assert set(entry["targets"]) == {*CHATMESH_TARGETS, "floor", "sdk", *UNKEYED.values()}
+        unkeyed_targets = list(UNKEYED.values()) if name in KEYED_CASES else []
+        for target in UNKEYED.values():
+            assert (entry["targets"][target] is not None) == (target in unkeyed_targets), (name, target)
+        for target in (*CHATMESH_TARGETS, *unkeyed_targets, *entry["baselines"]):
             stats = entry["targets"][target]
             assert set(stats) >= STATS_KEYS, (name, target)
             assert stats["calls"] > 0 and stats["errors"] == 0 and stats["unexpected"] == 0, (name, target, stats)
@@ -153,34 +157,42 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
             assert cases[name]["turns"]["model_messages"] > 1
 
     # The keyed case: the same calls as its twin but for the key, on both chatmesh targets, with no baselines
-    # (the model never sees the key); what the key adds is the one minus the other.
-    for name, unkeyed in KEYED_CASES.items():
+    # (the model never sees the key); in each of its rounds, each chatmesh target also runs those calls without a
+    # key (its unkeyed target), and what the key adds is the one minus the other, both from the same case.
+    for name, twin in KEYED_CASES.items():
         keyed = cases[name]
         assert (keyed["rpc"], keyed["concurrency"], keyed["turn"], keyed["message"], keyed["expect"]) == (
-            cases[unkeyed]["rpc"],
-            cases[unkeyed]["concurrency"],
-            cases[unkeyed]["turn"],
-            cases[unkeyed]["message"],
-            cases[unkeyed]["expect"],
+            cases[twin]["rpc"],
+            cases[twin]["concurrency"],
+            cases[twin]["turn"],
+            cases[twin]["message"],
+            cases[twin]["expect"],
         )
         assert keyed["baselines"] == [] and keyed["targets"]["floor"] is None and keyed["targets"]["sdk"] is None
         added = keyed["idempotency_key_added"]
-        assert added["unkeyed_case"] == unkeyed and added["reason"] is None, added
+        assert set(added) == {"reason", *CHATMESH_TARGETS} and added["reason"] is None, added
         for target, cpu in (("chatmesh", "cpu_ms_per_call"), ("chatmesh_open", "cpu_ms_per_call_open")):
             difference = added[target]
             assert set(difference) == {
                 *ADDED_KEYS,
                 "cpu_ms_per_call",
+                "cpu_ms_per_call_without_key",
                 "redis_cpu_ms_per_call",
                 "redis_commands_per_call",
                 "redis_scripts_per_call",
             }, (name, target)
-            with_key, without = keyed["targets"][target], cases[unkeyed]["targets"][target]
+            with_key, without = keyed["targets"][target], keyed["targets"][UNKEYED[target]]
+            # Alternating within the same rounds: as many rounds, each as long, on each side.
+            assert len(with_key["rounds"]) == len(without["rounds"]) == report["run"]["rounds"], (name, target)
             assert difference["p50_ms"] == round(with_key["latency_ms"]["p50"] - without["latency_ms"]["p50"], 3)
             assert difference["ttfd_p50_ms"] == round(with_key["ttfd_ms"]["p50"] - without["ttfd_ms"]["p50"], 3)
-            assert difference["cpu_ms_per_call"]["total"] == round(
-                keyed[cpu]["total"] - cases[unkeyed][cpu]["total"], 3
-            ), (name, target)
+            without_cpu = difference["cpu_ms_per_call_without_key"]
+            assert set(without_cpu) == {*report["chatmesh_processes"], "total"}, (name, target)
+            assert without_cpu["total"] > 0, (name, target)
+            assert difference["cpu_ms_per_call"]["total"] == round(keyed[cpu]["total"] - without_cpu["total"], 3), (
+                name,
+                target,
+            )
             # The key reached dialogue: every call claimed its turn (one Lua script more) before running it. (With
             # a few calls per round, work that settles after a round's window moves these averages a little.)
             assert difference["redis_scripts_per_call"] > 0, (name, target, difference)
@@ -203,6 +215,7 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
     assert "## What authentication and limits add" in markdown
     assert AUTH_P50_TARGET in markdown and AUTH_CPU_TARGET in markdown
     assert "## What an idempotency key adds" in markdown
-    assert "stream_c1_new_keyed minus stream_c1_new" in markdown
+    assert "stream_c1_new_keyed: with key minus without" in markdown
+    assert "one after the other" not in markdown
     assert "Nothing is added when no key is sent" in markdown
     assert KEY_P50_TARGET in markdown
