@@ -327,6 +327,9 @@ def test_the_dashboard_has_its_datasource_variable_and_panels():
         "cost per hour",
         "cache hit rate",
         "safety blocks",
+        "calls per second by tenant",
+        "cost per hour by tenant",
+        "limit rejections",
     ):
         assert wanted in titles, wanted
     for process in ("gateway", "dialogue", "safety", "cache"):
