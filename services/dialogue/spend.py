@@ -23,8 +23,8 @@ from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import failure
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import LedgerUnavailable, LimitExceeded, UsageLedger
-from chatmesh.tenancy.limits import Limits, cost_to_nano
-from chatmesh.tenancy.messages import TOKEN_QUOTAS, rejection_status, usage_response
+from chatmesh.tenancy.limits import NANO_USD_PER_USD, LimitName, Limits, cost_to_nano
+from chatmesh.tenancy.messages import TOKEN_QUOTAS, beyond_limit_status, rejection_status, usage_response
 from chatmesh.v1 import chat_pb2
 
 log = get_logger(__name__)
@@ -54,6 +54,19 @@ class SpendScope:
     tenant: str
     limits: Limits
     request_id: str
+
+
+def _beyond_limit(limits: Limits, tokens: int, cost_nano_usd: int) -> tuple[LimitName, float, float] | None:
+    """The first limit that this call's worst case alone passes, with what it needs and what it allows."""
+    checks = (
+        (LimitName.TOKENS_PER_MINUTE, tokens, limits.tokens_per_minute, 1),
+        (LimitName.DAILY_BUDGET_USD, cost_nano_usd, limits.daily_budget_nano_usd, NANO_USD_PER_USD),
+        (LimitName.MONTHLY_BUDGET_USD, cost_nano_usd, limits.monthly_budget_nano_usd, NANO_USD_PER_USD),
+    )
+    for limit, needed, allowed, scale in checks:
+        if allowed is not None and needed > allowed:
+            return limit, needed / scale, allowed / scale
+    return None
 
 
 def prompt_token_bound(messages: list[dict[str, str]]) -> int:
@@ -143,13 +156,18 @@ class SpendLedger:
             )
         input_tokens = prompt_token_bound(request.messages)
         output_tokens = request.max_tokens or 0
+        cost = cost_to_nano(cost_usd(self._prices, request.model, input_tokens, output_tokens))
+        beyond = _beyond_limit(limits, input_tokens + output_tokens, cost)
+        if beyond is not None:
+            metrics.limit_rejected(beyond[0].value)
+            raise SpendRefused(beyond_limit_status(scope.tenant, *beyond))
         try:
             await self._ledger.reserve(
                 scope.tenant,
                 limits,
                 scope.request_id,
                 tokens=input_tokens + output_tokens,
-                cost_nano_usd=cost_to_nano(cost_usd(self._prices, request.model, input_tokens, output_tokens)),
+                cost_nano_usd=cost,
                 now=time.time(),
                 ttl_seconds=timeout_seconds + _RESERVATION_MARGIN_SECONDS,
             )

@@ -22,9 +22,9 @@ def retry_later(message: str, retry_after_seconds: float | None) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=details))
 
 
-def quota_exceeded(subject: str, quota_id: str, description: str, retry_after_seconds: float) -> grpc.Status:
+def quota_exceeded(subject: str, quota_id: str, description: str, retry_after_seconds: float | None) -> grpc.Status:
     """RESOURCE_EXHAUSTED for a limit of chatmesh's own: a QuotaFailure naming the limit (`quota_id`) and
-    whose it is (`subject`), and a RetryInfo saying when capacity frees up."""
+    whose it is (`subject`), and a RetryInfo saying when capacity frees up (None: waiting cannot help)."""
     failure = any_pb2.Any()
     failure.Pack(
         error_details_pb2.QuotaFailure(
@@ -33,12 +33,12 @@ def quota_exceeded(subject: str, quota_id: str, description: str, retry_after_se
             ]
         )
     )
-    message = f"{quota_id} exceeded: {description}; retry in {math.ceil(retry_after_seconds)} s"
-    return rpc_status.to_status(
-        status_pb2.Status(
-            code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[failure, _retry_info(retry_after_seconds)]
-        )
-    )
+    if retry_after_seconds is None:
+        message, details = f"{quota_id} exceeded: {description}", [failure]
+    else:
+        message = f"{quota_id} exceeded: {description}; retry in {math.ceil(retry_after_seconds)} s"
+        details = [failure, _retry_info(retry_after_seconds)]
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=details))
 
 
 def failure(code: grpc.StatusCode, message: str) -> grpc.Status:

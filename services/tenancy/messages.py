@@ -25,6 +25,20 @@ def rejection_status(tenant: str, rejection: Rejection) -> grpc.Status:
     return quota_exceeded(f"tenant:{tenant}", rejection.limit.value, description, rejection.retry_after_seconds)
 
 
+def beyond_limit_status(tenant: str, limit: LimitName, needed: float, allowed: float) -> grpc.Status:
+    """RESOURCE_EXHAUSTED for a call whose worst case alone is more than the whole limit: waiting cannot
+    help, so there is no RetryInfo, and the message says what to change."""
+    if limit in _BUDGETS:
+        needed_text, allowed_text = f"{needed:.6f} USD", f"{allowed:.6f} USD"
+    else:
+        needed_text, allowed_text = f"{needed:.0f} tokens", f"{allowed:.0f} tokens"
+    description = (
+        f"this call's worst case ({needed_text}: its prompt plus options.max_tokens) is more than the whole "
+        f"limit ({allowed_text}); lower options.max_tokens, shorten the conversation, or raise the limit"
+    )
+    return quota_exceeded(f"tenant:{tenant}", limit.value, description, None)
+
+
 def timestamp(unix_seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(unix_seconds * 1e9))

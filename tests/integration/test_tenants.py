@@ -685,3 +685,18 @@ def test_the_cli_creates_a_tenant_and_a_key_that_chats_and_revokes_it(fast_model
 
     denied = chatmesh_cli("tenants", "list", *target, env={"CHATMESH_ADMIN_TOKEN": "wrong"})
     assert denied.returncode == 1 and denied.stderr.startswith("error: UNAUTHENTICATED")
+
+
+async def test_a_call_whose_worst_case_alone_passes_a_limit_says_what_to_change_and_not_to_wait(
+    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+):
+    _, key = await new_tenant(admin, "oversized", tokens_per_minute=100)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await gateways[0].Chat(question(max_tokens=500), metadata=bearer(key))
+
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "is more than the whole limit (100 tokens); lower options.max_tokens" in failure.value.details()
+    limit, retry = quota_failure(failure.value)
+    assert limit == "tokens_per_minute" and math.isnan(retry)  # no RetryInfo: waiting cannot help
+    assert fast_model.sim_stats()["requests"] == 0
+    assert (await gateways[0].Chat(question(max_tokens=20), metadata=bearer(key))).text
