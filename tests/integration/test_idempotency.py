@@ -2,7 +2,7 @@
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -15,26 +15,13 @@ USER = "user-i"
 
 
 @pytest.fixture(scope="module")
-def keyed(module_redis: RedisServer) -> Iterator[Cluster]:
+def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
+    """This module's cluster keeps conversations in Redis; conftest's `sim` and `chat` use it."""
     running = Cluster(redis_url=module_redis.url).start()
     try:
         yield running
     finally:
         running.stop()
-
-
-@pytest.fixture
-def model(keyed: Cluster) -> Iterator[Cluster]:
-    keyed.sim_reset()
-    keyed.sim_config(first_token_latency_seconds=0, token_delay_seconds=0, reply_tokens=12)
-    yield keyed
-    keyed.sim_reset()
-
-
-@pytest.fixture
-async def chat(keyed: Cluster) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
-    async with grpc.aio.insecure_channel(keyed.gateway_target) as channel:
-        yield chat_pb2_grpc.ChatServiceStub(channel)
 
 
 def keyed_request(
@@ -54,7 +41,7 @@ async def messages(chat: chat_pb2_grpc.ChatServiceStub, conversation_id: str) ->
 
 
 async def test_a_retry_of_a_committed_turn_replays_it_without_calling_the_model(
-    model: Cluster, chat: chat_pb2_grpc.ChatServiceStub
+    sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub
 ):
     request = keyed_request()
     first = await chat.Chat(request)
@@ -66,11 +53,11 @@ async def test_a_retry_of_a_committed_turn_replays_it_without_calling_the_model(
     assert (retried.text, retried.usage, retried.cost_usd) == (first.text, first.usage, first.cost_usd)
     assert "".join(event.delta.text for event in streamed if event.HasField("delta")) == first.text
     assert retried.request_id != first.request_id
-    assert model.sim_stats()["requests"] == 1
+    assert sim.sim_stats()["requests"] == 1
     assert len(await messages(chat, first.conversation_id)) == 2
 
 
-async def test_a_retry_in_a_conversation_is_stored_once(model: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
+async def test_a_retry_in_a_conversation_is_stored_once(sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
     first = await chat.Chat(keyed_request())
     second_turn = keyed_request(conversation_id=first.conversation_id)
     answered = await chat.Chat(second_turn)
@@ -81,9 +68,7 @@ async def test_a_retry_in_a_conversation_is_stored_once(model: Cluster, chat: ch
     assert len(await messages(chat, first.conversation_id)) == 4
 
 
-async def test_a_key_reused_for_another_request_is_invalid_argument(
-    model: Cluster, chat: chat_pb2_grpc.ChatServiceStub
-):
+async def test_a_key_reused_for_another_request_is_invalid_argument(sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
     first = await chat.Chat(keyed_request(key="reused-key"))
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await chat.Chat(keyed_request(conversation_id="", key="reused-key", message="something else"))
@@ -92,8 +77,8 @@ async def test_a_key_reused_for_another_request_is_invalid_argument(
     assert len(await messages(chat, first.conversation_id)) == 2
 
 
-async def test_a_retry_while_the_first_attempt_runs_is_aborted(model: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
-    model.sim_config(token_delay_seconds=0.1, reply_tokens=10)
+async def test_a_retry_while_the_first_attempt_runs_is_aborted(sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
+    sim.sim_config(token_delay_seconds=0.1, reply_tokens=10)
     request = keyed_request()
     running = asyncio.ensure_future(chat.Chat(request))
     await asyncio.sleep(0.4)
@@ -106,8 +91,8 @@ async def test_a_retry_while_the_first_attempt_runs_is_aborted(model: Cluster, c
     assert (await chat.Chat(request)).text == first.text
 
 
-async def test_a_retry_after_a_failure_runs_the_turn_anew(model: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
-    model.sim_faults(status=500, count=4)  # every attempt of the first call fails
+async def test_a_retry_after_a_failure_runs_the_turn_anew(sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
+    sim.sim_faults(status=500, count=4)  # every attempt of the first call fails
     request = keyed_request()
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await chat.Chat(request)
@@ -119,11 +104,11 @@ async def test_a_retry_after_a_failure_runs_the_turn_anew(model: Cluster, chat: 
 
 
 async def test_cancelled_streams_retried_with_their_key_are_stored_exactly_once(
-    model: Cluster, chat: chat_pb2_grpc.ChatServiceStub
+    sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub
 ):
     """Cancel at every point of a stream, then retry until it succeeds: one turn each, with the text the
     caller was finally given."""
-    model.sim_config(token_delay_seconds=0.005, reply_tokens=20)
+    sim.sim_config(token_delay_seconds=0.005, reply_tokens=20)
     first = await chat.Chat(keyed_request())
     conversation = first.conversation_id
     finals = []

@@ -32,11 +32,13 @@ ADMIN_TOKEN = "admin-token-for-tests"
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 # Requests that set no max_tokens, from tenants with token or spend limits, reserve at most this many.
 DEFAULT_MAX_TOKENS = 20
+# The reply length conftest's `sim` sets.
 REPLY_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def replicated(module_redis: RedisServer) -> Iterator[Cluster]:
+def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
+    """This module's cluster (conftest's `sim` resets its simulator per test)."""
     running = Cluster(
         redis_url=module_redis.url,
         env={
@@ -53,17 +55,9 @@ def replicated(module_redis: RedisServer) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def fast_model(replicated: Cluster) -> Iterator[Cluster]:
-    replicated.sim_reset()
-    replicated.sim_config(first_token_latency_seconds=0, token_delay_seconds=0, reply_tokens=REPLY_TOKENS)
-    yield replicated
-    replicated.sim_reset()
-
-
-@pytest.fixture
-async def gateways(replicated: Cluster) -> AsyncIterator[list[chat_pb2_grpc.ChatServiceStub]]:
+async def gateways(cluster: Cluster) -> AsyncIterator[list[chat_pb2_grpc.ChatServiceStub]]:
     """A ChatService client of each gateway replica."""
-    channels = [grpc.aio.insecure_channel(target) for target in replicated.gateway_targets]
+    channels = [grpc.aio.insecure_channel(target) for target in cluster.gateway_targets]
     try:
         yield [chat_pb2_grpc.ChatServiceStub(channel) for channel in channels]
     finally:
@@ -72,8 +66,8 @@ async def gateways(replicated: Cluster) -> AsyncIterator[list[chat_pb2_grpc.Chat
 
 
 @pytest.fixture
-async def admin(replicated: Cluster) -> AsyncIterator[admin_pb2_grpc.AdminServiceStub]:
-    async with grpc.aio.insecure_channel(replicated.gateway_target) as channel:
+async def admin(cluster: Cluster) -> AsyncIterator[admin_pb2_grpc.AdminServiceStub]:
+    async with grpc.aio.insecure_channel(cluster.gateway_target) as channel:
         yield admin_pb2_grpc.AdminServiceStub(channel)
 
 
@@ -149,7 +143,7 @@ def quota_failure(error: grpc.aio.AioRpcError) -> tuple[str, float]:
     ids=["missing", "basic", "empty-bearer", "not-a-key", "short", "huge", "unknown", "two-headers"],
 )
 async def test_every_chat_call_without_a_valid_key_is_unauthenticated_and_says_why(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], metadata: tuple, says: str
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], metadata: tuple, says: str
 ):
     stub = gateways[0]
     calls = [
@@ -166,11 +160,11 @@ async def test_every_chat_call_without_a_valid_key_is_unauthenticated_and_says_w
             await call
         assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert says in failure.value.details()
-    assert fast_model.sim_stats()["requests"] == 0
+    assert sim.sim_stats()["requests"] == 0
 
 
 async def test_a_header_beyond_the_metadata_limit_fails_cleanly_and_the_gateway_keeps_serving(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     _, key = await new_tenant(admin, "huge")
     with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -182,7 +176,7 @@ async def test_a_header_beyond_the_metadata_limit_fails_cleanly_and_the_gateway_
 
 
 async def test_a_key_answers_for_its_tenant_on_every_replica(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     tenant, key = await new_tenant(admin, "every")
     for stub in gateways:
@@ -193,7 +187,7 @@ async def test_a_key_answers_for_its_tenant_on_every_replica(
 
 
 async def test_a_key_revoked_during_traffic_fails_on_every_replica_within_two_seconds(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     _, key = await new_tenant(admin, "revoke")
     key_id = key.split("_")[1]
@@ -235,7 +229,7 @@ async def test_a_key_revoked_during_traffic_fails_on_every_replica_within_two_se
 
 
 async def test_another_tenants_conversation_is_not_found_for_every_call(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     _, owner = await new_tenant(admin, "owner")
     _, intruder = await new_tenant(admin, "intruder")
@@ -272,7 +266,7 @@ async def test_another_tenants_conversation_is_not_found_for_every_call(
 
 
 async def test_the_same_user_id_in_two_tenants_is_two_users(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     _, first_key = await new_tenant(admin, "first")
     _, second_key = await new_tenant(admin, "second")
@@ -293,7 +287,7 @@ async def test_the_same_user_id_in_two_tenants_is_two_users(
 
 
 async def test_the_answer_cache_never_answers_one_tenant_with_anothers_reply(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     _, first_key = await new_tenant(admin, "cache-a")
     _, second_key = await new_tenant(admin, "cache-b")
@@ -306,14 +300,14 @@ async def test_the_answer_cache_never_answers_one_tenant_with_anothers_reply(
 
     assert not answered.cached and not other_tenant.cached
     assert again.cached and again.text == answered.text
-    assert fast_model.sim_stats()["requests"] == 2
+    assert sim.sim_stats()["requests"] == 2
 
 
 # Limits.
 
 
 async def test_limits_hold_exactly_across_three_gateways_and_two_dialogues(
-    fast_model: Cluster,
+    sim: Cluster,
     gateways: list[chat_pb2_grpc.ChatServiceStub],
     admin: admin_pb2_grpc.AdminServiceStub,
     redis: Redis,
@@ -391,10 +385,10 @@ async def test_limits_hold_exactly_across_three_gateways_and_two_dialogues(
 
 
 async def test_concurrent_streams_are_limited_across_replicas_and_a_finished_one_frees_its_slot(
-    replicated: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    cluster: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
-    replicated.sim_reset()
-    replicated.sim_config(first_token_latency_seconds=0, token_delay_seconds=0.15, reply_tokens=10)
+    cluster.sim_reset()
+    cluster.sim_config(first_token_latency_seconds=0, token_delay_seconds=0.15, reply_tokens=10)
     try:
         _, key = await new_tenant(admin, "streams", concurrent_streams=3)
         streams = [gateways[index].StreamChat(question(), metadata=bearer(key)) for index in range(3)]
@@ -420,11 +414,11 @@ async def test_concurrent_streams_are_limited_across_replicas_and_a_finished_one
         for stream in (streams[0], streams[2]):
             stream.cancel()
     finally:
-        replicated.sim_reset()
+        cluster.sim_reset()
 
 
 async def test_a_refused_call_says_which_limit_and_when_to_retry_and_costs_nothing(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     await clear_of_a_minute_edge()
     _, key = await new_tenant(admin, "refused", requests_per_minute=1)
@@ -437,11 +431,11 @@ async def test_a_refused_call_says_which_limit_and_when_to_retry_and_costs_nothi
     assert limit == "requests_per_minute"
     assert 0 < retry <= 60
     assert failure.value.details().startswith("requests_per_minute exceeded: 1 of 1 used")
-    assert fast_model.sim_stats()["requests"] == 1
+    assert sim.sim_stats()["requests"] == 1
 
 
 async def test_a_reply_from_the_cache_costs_no_tokens_and_no_budget(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     await clear_of_a_minute_edge()
     _, key = await new_tenant(admin, "cached", tokens_per_minute=1000, monthly_budget_usd=1)
@@ -469,7 +463,7 @@ async def test_a_reply_from_the_cache_costs_no_tokens_and_no_budget(
 
 
 async def test_get_usage_reports_every_limit_with_its_use_and_reset(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     await clear_of_a_minute_edge()
     tenant, key = await new_tenant(admin, "usage", requests_per_minute=100, monthly_budget_usd=5)
@@ -500,7 +494,7 @@ async def test_get_usage_reports_every_limit_with_its_use_and_reset(
 
 
 async def test_the_admin_api_needs_the_admin_token_and_no_tenant_key_stands_in(
-    fast_model: Cluster, admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, admin: admin_pb2_grpc.AdminServiceStub
 ):
     _, key = await new_tenant(admin, "notadmin")
     for metadata in ((), bearer(key), (("authorization", "Bearer wrong"),)):
@@ -551,7 +545,7 @@ async def test_tenants_are_created_once_validated_and_updated_by_field(admin: ad
 
 
 async def test_keys_are_shown_once_listed_without_secrets_and_revoked_for_good(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     tenant, key = await new_tenant(admin, "keys")
     listed = await admin.ListKeys(admin_pb2.ListKeysRequest(tenant=tenant), metadata=ADMIN)
@@ -570,11 +564,11 @@ async def test_keys_are_shown_once_listed_without_secrets_and_revoked_for_good(
 
 
 async def test_a_cancelled_stream_is_settled_and_its_reservation_released(
-    replicated: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    cluster: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     await clear_of_a_minute_edge()
-    replicated.sim_reset()
-    replicated.sim_config(first_token_latency_seconds=0, token_delay_seconds=0.1, reply_tokens=30)
+    cluster.sim_reset()
+    cluster.sim_config(first_token_latency_seconds=0, token_delay_seconds=0.1, reply_tokens=30)
     try:
         _, key = await new_tenant(admin, "cancel", tokens_per_minute=10_000)
         stream = gateways[0].StreamChat(question(), metadata=bearer(key))
@@ -594,16 +588,16 @@ async def test_a_cancelled_stream_is_settled_and_its_reservation_released(
         assert 3 <= usage.month_output_tokens < 30 and usage.month_input_tokens > 0
         assert tokens.used == usage.month_input_tokens + usage.month_output_tokens
     finally:
-        replicated.sim_reset()
+        cluster.sim_reset()
 
 
 async def test_log_lines_name_the_tenant_and_never_the_key(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     tenant, key = await new_tenant(admin, "logged")
     reply = await gateways[0].Chat(question(), metadata=bearer(key))
     await asyncio.sleep(0.5)  # lines are written when calls end
-    logs = {name: process.log() for name, process in fast_model.processes.items()}
+    logs = {name: process.log() for name, process in sim.processes.items()}
 
     assert all(key not in text and key.split("_", 2)[2] not in text for text in logs.values())
     lines = [
@@ -622,7 +616,7 @@ async def test_log_lines_name_the_tenant_and_never_the_key(
 
 
 async def test_tenant_and_limit_metrics_are_exported(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     await clear_of_a_minute_edge()
     tenant, key = await new_tenant(admin, "metered", requests_per_minute=1)
@@ -634,7 +628,7 @@ async def test_tenant_and_limit_metrics_are_exported(
     await asyncio.sleep(0.5)
 
     def scrape(process: str) -> str:
-        port = fast_model.processes[process].metrics_port
+        port = sim.processes[process].metrics_port
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             return response.read().decode()
 
@@ -656,8 +650,8 @@ def chatmesh_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
     )
 
 
-def test_the_cli_creates_a_tenant_and_a_key_that_chats_and_revokes_it(fast_model: Cluster):
-    target = ("--target", fast_model.gateway_target)
+def test_the_cli_creates_a_tenant_and_a_key_that_chats_and_revokes_it(sim: Cluster):
+    target = ("--target", sim.gateway_target)
     admin_env = {"CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN}
     name = f"cli-{uuid.uuid4().hex[:8]}"
 
@@ -688,7 +682,7 @@ def test_the_cli_creates_a_tenant_and_a_key_that_chats_and_revokes_it(fast_model
 
 
 async def test_a_call_whose_worst_case_alone_passes_a_limit_says_what_to_change_and_not_to_wait(
-    fast_model: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
+    sim: Cluster, gateways: list[chat_pb2_grpc.ChatServiceStub], admin: admin_pb2_grpc.AdminServiceStub
 ):
     _, key = await new_tenant(admin, "oversized", tokens_per_minute=100)
     with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -698,5 +692,5 @@ async def test_a_call_whose_worst_case_alone_passes_a_limit_says_what_to_change_
     assert "is more than the whole limit (100 tokens); lower options.max_tokens" in failure.value.details()
     limit, retry = quota_failure(failure.value)
     assert limit == "tokens_per_minute" and math.isnan(retry)  # no RetryInfo: waiting cannot help
-    assert fast_model.sim_stats()["requests"] == 0
+    assert sim.sim_stats()["requests"] == 0
     assert (await gateways[0].Chat(question(max_tokens=20), metadata=bearer(key))).text
