@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from chatmesh.dialogue.coalesce import coalesce
 from chatmesh.dialogue.context_window import build_messages
 from chatmesh.dialogue.output_screen import OutputBlocked, SafetyUnavailable, screen_output
-from chatmesh.dialogue.spend import SpendLedger, SpendRefused, SpendScope
+from chatmesh.dialogue.spend import SpendLedger, SpendScope
 from chatmesh.dialogue.store import (
     ClaimState,
     CommittedTurn,
@@ -45,7 +45,7 @@ from chatmesh.runtime.model_client import (
     cost_usd,
 )
 from chatmesh.runtime.settings import Settings
-from chatmesh.runtime.status import abort, abort_with, invalid_argument, retry_later
+from chatmesh.runtime.status import Refused, abort, abort_with, invalid_argument, retry_later
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import LedgerUnavailable
 from chatmesh.tenancy.limits import Limits
@@ -205,7 +205,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             if reservation is not None and calls_model and replay is None:
                 try:
                     await reservation
-                except SpendRefused as refused:
+                except Refused as refused:
                     await abort_with(context, refused.status)
                 reservation_used = True
         finally:

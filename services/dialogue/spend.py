@@ -20,7 +20,7 @@ from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.model_client import ModelRequest, StreamProgress, cost_usd, price_family
 from chatmesh.runtime.settings import Settings
-from chatmesh.runtime.status import failure
+from chatmesh.runtime.status import Refused, failure
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import LedgerUnavailable, LimitExceeded, UsageLedger
 from chatmesh.tenancy.limits import NANO_USD_PER_USD, LimitName, Limits, cost_to_nano
@@ -37,14 +37,6 @@ _RESERVATION_MARGIN_SECONDS = 60.0
 # Settlement is idempotent, so a failed one is tried again a few times before it is given up (and logged).
 _SETTLE_ATTEMPTS = 3
 _SETTLE_RETRY_SECONDS = 0.5
-
-
-class SpendRefused(Exception):
-    """The call may not go to the model: the tenant is over a limit, or its limits cannot be checked."""
-
-    def __init__(self, status: grpc.Status) -> None:
-        super().__init__(status.details)
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +101,7 @@ class SpendLedger:
     ) -> asyncio.Task[bool] | None:
         """Starts reserving the call's worst case when the tenant has token or spend limits (None otherwise):
         as soon as `cache_lookup` (if any) misses, while the input is still being screened. A cached answer
-        costs no Redis round trip. Await the task before calling the model (it raises SpendRefused), or hand
+        costs no Redis round trip. Await the task before calling the model (it raises Refused), or hand
         it to `release_unused` when the model is not called."""
         if not scope.limits.limits_spend:
             return None
@@ -133,7 +125,7 @@ class SpendLedger:
         async def release() -> None:
             try:
                 reserved = await reservation
-            except (SpendRefused, asyncio.CancelledError):
+            except (Refused, asyncio.CancelledError):
                 return
             if reserved:
                 await self._settle(scope, request.model, 0, 0)
@@ -141,12 +133,12 @@ class SpendLedger:
         self._background.spawn(release(), "release_reservation")
 
     async def reserve(self, scope: SpendScope, request: ModelRequest, timeout_seconds: float) -> bool:
-        """Reserves the call's worst case; raises SpendRefused. Returns whether a reservation is held (not
+        """Reserves the call's worst case; raises Refused. Returns whether a reservation is held (not
         when Redis is down and the operator chose to fail open)."""
         limits = scope.limits
         has_budget = limits.daily_budget_usd is not None or limits.monthly_budget_usd is not None
         if has_budget and price_family(self._prices, request.model) is None:
-            raise SpendRefused(
+            raise Refused(
                 failure(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"options.model: {request.model!r} has no price in chatmesh's price table, so the tenant's "
@@ -160,7 +152,7 @@ class SpendLedger:
         beyond = _beyond_limit(limits, input_tokens + output_tokens, cost)
         if beyond is not None:
             metrics.limit_rejected(beyond[0].value)
-            raise SpendRefused(beyond_limit_status(scope.tenant, *beyond))
+            raise Refused(beyond_limit_status(scope.tenant, *beyond))
         try:
             await self._ledger.reserve(
                 scope.tenant,
@@ -173,12 +165,12 @@ class SpendLedger:
             )
         except LimitExceeded as refused:
             metrics.limit_rejected(refused.rejection.limit.value)
-            raise SpendRefused(rejection_status(scope.tenant, refused.rejection)) from refused
+            raise Refused(rejection_status(scope.tenant, refused.rejection)) from refused
         except LedgerUnavailable as error:
             metrics.ledger_error("reserve")
             log.error("ledger_unavailable", extra={"operation": "reserve", "fail_open": self._fail_open})
             if not self._fail_open:
-                raise SpendRefused(
+                raise Refused(
                     failure(
                         grpc.StatusCode.UNAVAILABLE,
                         "the tenant's token and spend limits cannot be checked right now; retry with backoff",

@@ -19,7 +19,7 @@ from chatmesh.gateway.auth import Caller
 from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
-from chatmesh.runtime.status import failure
+from chatmesh.runtime.status import Refused, failure
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import LedgerUnavailable, LimitExceeded, UsageLedger
 from chatmesh.tenancy.messages import rejection_status
@@ -30,12 +30,6 @@ log = get_logger(__name__)
 # that died mid-call cannot hold it forever).
 _LEASE_MARGIN_SECONDS = 30.0
 RELEASE_DELAY_SECONDS = 0.02
-
-
-class AdmissionRefused(Exception):
-    def __init__(self, status: grpc.Status) -> None:
-        super().__init__(status.details)
-        self.status = status
 
 
 class Admission:
@@ -50,7 +44,7 @@ class Admission:
 
     async def admit(self, caller: Caller, request_id: str, timeout_seconds: float) -> bool:
         """Counts the call and takes a stream slot when the tenant has a limit on them. Returns whether the
-        slot must be released (`release`) when the call ends; raises AdmissionRefused."""
+        slot must be released (`release`) when the call ends; raises Refused."""
         limits = caller.limits
         releasing = self._ended.pop(caller.tenant, ())
         try:
@@ -64,13 +58,13 @@ class Admission:
             )
         except LimitExceeded as refused:
             metrics.limit_rejected(refused.rejection.limit.value)
-            raise AdmissionRefused(rejection_status(caller.tenant, refused.rejection)) from refused
+            raise Refused(rejection_status(caller.tenant, refused.rejection)) from refused
         except LedgerUnavailable as error:
             self._defer_release(caller.tenant, releasing)
             metrics.ledger_error("admit")
             log.error("ledger_unavailable", extra={"operation": "admit", "fail_open": self._fail_open})
             if not self._fail_open:
-                raise AdmissionRefused(
+                raise Refused(
                     failure(
                         grpc.StatusCode.UNAVAILABLE,
                         "the tenant's request limits cannot be checked right now; retry with backoff",

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from chatmesh.gateway.admission import Admission, AdmissionRefused
+from chatmesh.gateway.admission import Admission
 from chatmesh.gateway.auth import Authenticator, AuthError, Caller, record_failure
 from chatmesh.gateway.usage import UsageReader, UsageUnavailable
 from chatmesh.gateway.validation import (
@@ -20,7 +20,7 @@ from chatmesh.runtime.access_log import ErrorKind
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import REQUEST_ID_KEY, annotate, get_logger
 from chatmesh.runtime.settings import Settings
-from chatmesh.runtime.status import abort, abort_with, invalid_argument, is_deliberate
+from chatmesh.runtime.status import Refused, abort, abort_with, invalid_argument, is_deliberate
 from chatmesh.v1 import chat_pb2, chat_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc
 
 log = get_logger(__name__)
@@ -71,7 +71,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         timeout = downstream_timeout(context, self._settings.default_deadline_seconds)
         try:
             holds_slot = await self._admission.admit(caller, request_id, timeout)
-        except AdmissionRefused as refused:
+        except Refused as refused:
             await _reply_headers(context, request_id)
             await abort_with(context, refused.status)
         # Creating the call sends it; the response headers go out while dialogue starts working.

@@ -16,6 +16,14 @@ from grpc_status import rpc_status
 from chatmesh.runtime.logs import REQUEST_ID_KEY, current_request
 
 
+class Refused(Exception):
+    """Raised by a step of a call that may not go on, with the status to end the call with (`abort_with`)."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        super().__init__(status.details)
+        self.status = status
+
+
 def retry_later(message: str, retry_after_seconds: float | None) -> grpc.Status:
     """RESOURCE_EXHAUSTED, with a RetryInfo detail when the wait is known."""
     details = [] if retry_after_seconds is None else [_retry_info(retry_after_seconds)]
