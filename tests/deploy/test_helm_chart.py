@@ -34,6 +34,7 @@ from chatmesh.runtime.settings import Settings
 CORE = ("gateway", "dialogue", "safety", "cache")
 INTERNAL = ("dialogue", "safety", "cache")
 DEFAULT_PORTS = {"gateway": 50051, "dialogue": 50052, "safety": 50053, "cache": 50054}
+HEALTH_PORTS = {"gateway": 50061, "dialogue": 50062, "safety": 50063, "cache": 50064}
 VALUE_SETS = {
     "defaults": lambda: None,
     "all-features": lambda: values_file("all-features.yaml"),
@@ -205,7 +206,7 @@ def test_processes_listen_on_the_ports_their_services_and_probes_use(defaults: R
 
 
 @pytest.mark.parametrize("label", VALUE_SETS)
-def test_native_grpc_probes_and_a_termination_grace_that_fits_the_drain(
+def test_native_grpc_probes_on_the_plaintext_health_port_and_a_termination_grace_that_fits_the_drain(
     rendered: dict[str, Rendered], label: str
 ) -> None:
     chart = rendered[label]
@@ -215,9 +216,13 @@ def test_native_grpc_probes_and_a_termination_grace_that_fits_the_drain(
     for process in CORE:
         deployment = deployments(chart)[process]
         main = container(deployment)
-        grpc_port = port_of(deployment, "grpc")
+        # The kubelet's gRPC probes cannot present a client certificate, so they ask the process's plaintext
+        # health port (grpc.health.v1 only), which the process serves where the settings say.
+        health_port = port_of(deployment, "health")
+        assert health_port == HEALTH_PORTS[process] == int(data[f"CHATMESH_{process.upper()}_HEALTH_PORT"])
+        assert health_port != port_of(deployment, "grpc")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert main[probe]["grpc"] == {"port": grpc_port}, (process, probe)
+            assert main[probe]["grpc"] == {"port": health_port}, (process, probe)
         grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
         assert grace > drain
         # Liveness keeps passing for longer than a whole drain, so the kubelet never cuts one short.
@@ -298,7 +303,17 @@ def test_network_policies_admit_only_each_process_callers(rendered: dict[str, Re
         assert metrics_rule["from"] == [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
         ]
-        assert len(_rules(policy, "ingress")) == 2
+        # The plaintext health port from networkPolicy.healthFrom: by default any source, since the kubelet's
+        # probes come from the node's addresses, which no pod or namespace selector matches.
+        (health_rule,) = _ingress_on(policy, "health")
+        assert health_rule.get("from", []) == chart_values_health_from(label)
+        assert [p["port"] for p in health_rule["ports"]] == ["health"]
+        assert len(_rules(policy, "ingress")) == 3
+
+
+def chart_values_health_from(label: str) -> list[dict[str, Any]]:
+    values = VALUE_SETS[label]() or {}
+    return values.get("networkPolicy", {}).get("healthFrom", [])
 
 
 def chart_values_gateway_from(label: str) -> list[dict[str, Any]]:
