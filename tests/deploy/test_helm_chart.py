@@ -12,6 +12,8 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from support.chart import (
     CHART,
     CRD_KINDS,
@@ -117,8 +119,12 @@ def test_default_install_runs_the_four_processes_a_bundled_redis_and_nothing_opt
     assert set(deployments(defaults)) == {*CORE, "redis"}
     for kind in ("ServiceMonitor", "PrometheusRule"):
         assert defaults.of_kind(kind) == [], kind
-    # The only Secret: the generated admin token and API key pepper.
-    assert [s["metadata"]["name"] for s in defaults.of_kind("Secret")] == [f"{RELEASE}-auth"]
+    # The only Secrets: the generated admin token and API key pepper, and the generated CA and certificate.
+    assert sorted(s["metadata"]["name"] for s in defaults.of_kind("Secret")) == [
+        f"{RELEASE}-auth",
+        f"{RELEASE}-ca",
+        f"{RELEASE}-tls",
+    ]
     assert defaults.find("ConfigMap", f"{RELEASE}-dashboards") is None
     assert {s["metadata"]["name"] for s in defaults.of_kind("Service")} == {name(p) for p in CORE} | {
         f"{RELEASE}-metrics",
@@ -557,6 +563,169 @@ def test_modelsim_and_bundled_redis_are_wired_when_enabled(full: Rendered) -> No
     assert container(modelsim)["readinessProbe"]["httpGet"]["port"] == "http"
 
 
+# TLS: every gRPC port, mutual TLS between the processes, certificates from a Secret, cert-manager or the chart.
+
+TLS_ENV = {
+    "CHATMESH_TLS_CERT_FILE": "tls.crt",
+    "CHATMESH_TLS_KEY_FILE": "tls.key",
+    "CHATMESH_TLS_CA_FILE": "ca.crt",
+}
+GATEWAY_TLS_ENV = {"CHATMESH_GATEWAY_TLS_CERT_FILE": "tls.crt", "CHATMESH_GATEWAY_TLS_KEY_FILE": "tls.key"}
+CA_LOOKUP = '(lookup "v1" "Secret" .Release.Namespace (include "chatmesh.caSecretName" .)).data'
+TLS_LOOKUP = 'lookup "v1" "Secret" .Release.Namespace (include "chatmesh.tlsSecretName" .)'
+
+
+def _secret_mounted_at(deployment: dict[str, Any], path: str) -> str:
+    """The Secret whose whole folder the container mounts at path, read-only (a subPath would never see renewals)."""
+    (mount,) = [m for m in container(deployment).get("volumeMounts", []) if m["mountPath"] == path]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == mount["name"])
+    return volume["secret"]["secretName"]
+
+
+def _tls_files(deployment: dict[str, Any], variables: dict[str, str]) -> str:
+    """The Secret that holds the files the variables name, checking that each is <its folder>/<its key>."""
+    env = env_of(deployment)
+    folders = {env[variable]["value"].rsplit("/", 1)[0] for variable in variables}
+    assert [env[variable]["value"].rsplit("/", 1)[1] for variable in variables] == list(variables.values())
+    (folder,) = folders
+    return _secret_mounted_at(deployment, folder)
+
+
+def _target_hosts(chart: Rendered) -> list[str]:
+    """The host names the channels dial (dns:///<host>:<port>), which the server certificate must carry."""
+    data = settings_data(chart)
+    return [data[f"CHATMESH_{p.upper()}_TARGET"].removeprefix("dns:///").rsplit(":", 1)[0] for p in INTERNAL]
+
+
+def _certificate(secret: dict[str, Any], key: str = "tls.crt") -> x509.Certificate:
+    return x509.load_pem_x509_certificate(base64.b64decode(secret["data"][key]))
+
+
+def _dns_names(certificate: x509.Certificate) -> list[str]:
+    return certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    )
+
+
+def test_the_default_install_serves_mutual_tls_with_a_generated_ca(defaults: Rendered) -> None:
+    secret = defaults.get("Secret", f"{RELEASE}-tls")
+    assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    for process in CORE:
+        deployment = deployments(defaults)[process]
+        assert _tls_files(deployment, TLS_ENV) == f"{RELEASE}-tls", process
+        # The public port has no certificate of its own by default: the internal one.
+        assert not set(GATEWAY_TLS_ENV) & set(env_of(deployment))
+    certificate, ca = _certificate(secret), _certificate(secret, "ca.crt")
+    certificate.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert _certificate(defaults.get("Secret", f"{RELEASE}-ca")) == ca
+    # One certificate for servers and, for mutual TLS, clients; with the names the channels dial.
+    usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usages)
+    assert set(_target_hosts(defaults)) <= set(_dns_names(certificate))
+    assert f"{name('gateway')}.{NAMESPACE}.svc.cluster.local" in _dns_names(certificate)
+    # The CA's key is in no pod.
+    for deployment in deployments(defaults).values():
+        volumes = pod_spec(deployment)["volumes"]
+        assert all(v.get("secret", {}).get("secretName") != f"{RELEASE}-ca" for v in volumes)
+
+
+def test_without_tls_nothing_tls_is_set() -> None:
+    chart = render({"tls": {"enabled": False, "gateway": {"existingSecret": "ignored"}}})
+    for deployment in deployments(chart).values():
+        assert not {*TLS_ENV, *GATEWAY_TLS_ENV} & set(env_of(deployment))
+        assert all("secret" not in volume for volume in pod_spec(deployment)["volumes"])
+    assert not any(variable.startswith("CHATMESH_TLS") for variable in settings_data(chart))
+    assert [s["metadata"]["name"] for s in chart.of_kind("Secret")] == [f"{RELEASE}-auth"]
+    assert chart.of_kind("Certificate") == []
+    # The health ports and probes stay as they are.
+    assert container(deployments(chart)["dialogue"])["readinessProbe"]["grpc"] == {"port": HEALTH_PORTS["dialogue"]}
+
+
+def test_certificates_from_existing_secrets(per_process: Rendered) -> None:
+    for process in CORE:
+        assert _tls_files(deployments(per_process)[process], TLS_ENV) == "chatmesh-internal-tls"
+    # The public port's own certificate, for the gateway only.
+    gateway = deployments(per_process)["gateway"]
+    assert _tls_files(gateway, GATEWAY_TLS_ENV) == "chatmesh-public-tls"
+    for process in INTERNAL:
+        assert not set(GATEWAY_TLS_ENV) & set(env_of(deployments(per_process)[process]))
+    assert per_process.of_kind("Secret") == [] and per_process.of_kind("Certificate") == []
+
+
+def test_certificates_from_cert_manager(full: Rendered) -> None:
+    certificates = {c["metadata"]["name"]: c for c in full.of_kind("Certificate")}
+    assert set(certificates) == {f"{RELEASE}-tls", f"{RELEASE}-gateway-tls"}
+    internal = certificates[f"{RELEASE}-tls"]
+    assert internal["apiVersion"] == "cert-manager.io/v1"
+    spec = internal["spec"]
+    assert spec["issuerRef"] == {"name": "chatmesh-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    assert {"server auth", "client auth"} <= set(spec["usages"])
+    assert set(_target_hosts(full)) <= set(spec["dnsNames"])
+    assert (spec["duration"], spec["renewBefore"]) == ("720h", "240h")
+    assert spec["privateKey"]["rotationPolicy"] == "Always"
+    for process in CORE:
+        assert _tls_files(deployments(full)[process], TLS_ENV) == spec["secretName"]
+    assert full.find("Secret", f"{RELEASE}-tls") is None and full.find("Secret", f"{RELEASE}-ca") is None
+    # The public certificate: server auth only, for the names callers use.
+    public = certificates[f"{RELEASE}-gateway-tls"]["spec"]
+    assert public["dnsNames"] == ["chat.example.com"] and "client auth" not in public["usages"]
+    assert public["issuerRef"] == {"name": "letsencrypt", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    assert _tls_files(deployments(full)["gateway"], GATEWAY_TLS_ENV) == public["secretName"]
+    # modelsim speaks HTTP inside the release: no certificate.
+    assert not set(TLS_ENV) & set(env_of(deployments(full)["modelsim"]))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"tls": {"certManager": {"enabled": True}}}, r"set tls\.certManager\.issuerRef\.name"),
+        (
+            {"tls": {"gateway": {"certManager": {"enabled": True, "issuerRef": {"name": "acme"}}}}},
+            r"set tls\.gateway\.certManager\.dnsNames",
+        ),
+    ],
+)
+def test_incomplete_cert_manager_values_fail_with_what_to_set(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        render(values)
+
+
+def _render_upgrade(chart_dir: Path, installed: Rendered, values: dict[str, Any] | None = None) -> Rendered:
+    """An upgrade of the release installed as `installed`: lookup answers with its TLS Secrets."""
+
+    def literal(secret: dict[str, Any]) -> str:
+        data = " ".join(f'"{key}" "{value}"' for key, value in secret["data"].items())
+        annotations = " ".join(f'"{k}" "{v}"' for k, v in secret["metadata"].get("annotations", {}).items())
+        return f'(dict "data" (dict {data}) "metadata" (dict "annotations" (dict {annotations})))'
+
+    helpers = chart_dir / "templates" / "_helpers.tpl"
+    text = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert text.count(CA_LOOKUP) == 1 and text.count(TLS_LOOKUP) == 1
+    ca, tls = installed.get("Secret", f"{RELEASE}-ca"), installed.get("Secret", f"{RELEASE}-tls")
+    text = text.replace(CA_LOOKUP, f"{literal(ca)}.data").replace(TLS_LOOKUP, literal(tls))
+    helpers.write_text(text)
+    return render(values, chart_dir=chart_dir)
+
+
+def test_the_generated_ca_and_certificate_are_kept_across_upgrades(defaults: Rendered, tmp_path: Path) -> None:
+    chart_dir = tmp_path / "chatmesh"
+    shutil.copytree(CHART, chart_dir)
+    upgraded = _render_upgrade(chart_dir, defaults)
+    for secret in (f"{RELEASE}-ca", f"{RELEASE}-tls"):
+        assert upgraded.get("Secret", secret)["data"] == defaults.get("Secret", secret)["data"]
+    # New names to carry (another cluster domain): the kept CA signs a new certificate, which every process
+    # already trusts.
+    renamed = _render_upgrade(chart_dir, defaults, {"clusterDomain": "example.internal"})
+    assert renamed.get("Secret", f"{RELEASE}-ca")["data"] == defaults.get("Secret", f"{RELEASE}-ca")["data"]
+    secret = renamed.get("Secret", f"{RELEASE}-tls")
+    assert secret["data"]["tls.crt"] != defaults.get("Secret", f"{RELEASE}-tls")["data"]["tls.crt"]
+    assert secret["data"]["ca.crt"] == defaults.get("Secret", f"{RELEASE}-tls")["data"]["ca.crt"]
+    _certificate(secret).verify_directly_issued_by(_certificate(secret, "ca.crt"))
+    assert set(_target_hosts(renamed)) <= set(_dns_names(_certificate(secret)))
+
+
 # Callers and tenants: API keys always required, the admin token and pepper for the gateway only, Redis for all.
 
 AUTH_SECRETS = ("CHATMESH_ADMIN_TOKEN", "CHATMESH_API_KEY_PEPPER")
@@ -853,7 +1022,11 @@ def test_notes_say_how_to_reach_the_gateway(defaults: Rendered, full: Rendered, 
     gateway = f"{name('gateway')}.{NAMESPACE}.svc.cluster.local:50051"
     assert gateway in defaults.notes
     assert f"kubectl -n {NAMESPACE} port-forward service/{name('gateway')} 50051:50051" in defaults.notes
-    assert "grpcurl -plaintext 127.0.0.1:50051 list" in defaults.notes
+    assert (
+        f"grpcurl -cacert ca.crt -servername {name('gateway')}.{NAMESPACE}.svc.cluster.local 127.0.0.1:50051 list"
+        in defaults.notes
+    )
+    assert "grpcurl -plaintext 127.0.0.1:50051 list" in render({"tls": {"enabled": False}}).notes
     assert "no model is configured" in defaults.notes and "bundled Redis is a single replica" in defaults.notes
     assert "load balancer" in full.notes and "no model is configured" not in full.notes
     assert "WARNING" not in per_process.notes

@@ -18,8 +18,8 @@ RELEASE = "chatmesh"
 NAMESPACE = "prod"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest whose schemas we have.
 KUBE_VERSIONS = ("1.30", kubernetes_validate.latest_version())
-# Custom resources of the Prometheus Operator: no schema in kubernetes-validate, checked by hand.
-CRD_KINDS = frozenset({"ServiceMonitor", "PrometheusRule"})
+# Custom resources of the Prometheus Operator and cert-manager: no schema in kubernetes-validate, checked by hand.
+CRD_KINDS = frozenset({"ServiceMonitor", "PrometheusRule", "Certificate"})
 WARNING = 2
 
 

@@ -218,6 +218,9 @@ without a cluster (helm template, --dry-run), and then new values are generated.
   value: "k8s.namespace.name=$(POD_NAMESPACE),k8s.pod.name=$(POD_NAME),k8s.deployment.name={{ include "chatmesh.componentName" . }}"
 {{- end }}
 {{- include "chatmesh.secretEnv" . }}
+{{- if ne $process "modelsim" }}
+{{- include "chatmesh.tlsEnv" . }}
+{{- end }}
 {{- if eq $process "safety" }}
 - name: CHATMESH_SAFETY_KEYWORDS
   value: /etc/chatmesh/keywords
@@ -227,4 +230,140 @@ without a cluster (helm template, --dry-run), and then new values are generated.
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* TLS: where the internal certificate (every gRPC port, the channels between processes, and the bundled Redises)
+comes from: "existing" (tls.existingSecret), "certManager" (a Certificate the chart creates) or "generated" (the
+chart's own CA, kept across upgrades); empty when tls.enabled is false. */}}
+{{- define "chatmesh.tlsSource" -}}
+{{- if .Values.tls.enabled }}
+{{- if .Values.tls.existingSecret }}existing
+{{- else if .Values.tls.certManager.enabled }}
+{{- if not .Values.tls.certManager.issuerRef.name }}
+{{- fail "tls.certManager.enabled: set tls.certManager.issuerRef.name to the cert-manager Issuer or ClusterIssuer that signs chatmesh's internal certificate" }}
+{{- end }}certManager
+{{- else }}generated
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret with the internal certificate: tls.crt, tls.key and ca.crt. */}}
+{{- define "chatmesh.tlsSecretName" -}}
+{{- if .Values.tls.existingSecret }}
+{{- .Values.tls.existingSecret }}
+{{- else }}
+{{- printf "%s-tls" (include "chatmesh.fullname" . | trunc 59 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret with the chart's generated CA (tls.crt, tls.key), never mounted: it signs the internal certificate
+again when the names it must carry change. */}}
+{{- define "chatmesh.caSecretName" -}}
+{{- printf "%s-ca" (include "chatmesh.fullname" . | trunc 60 | trimSuffix "-") }}
+{{- end }}
+
+{{/* Where the public gateway port's certificate comes from: "existing", "certManager", or empty (the internal one). */}}
+{{- define "chatmesh.gatewayTlsSource" -}}
+{{- if .Values.tls.enabled }}
+{{- $g := .Values.tls.gateway }}
+{{- if $g.existingSecret }}existing
+{{- else if $g.certManager.enabled }}
+{{- if not $g.certManager.issuerRef.name }}
+{{- fail "tls.gateway.certManager.enabled: set tls.gateway.certManager.issuerRef.name to the Issuer or ClusterIssuer of the gateway's public certificate" }}
+{{- end }}
+{{- if not $g.certManager.dnsNames }}
+{{- fail "tls.gateway.certManager.enabled: set tls.gateway.certManager.dnsNames to the names callers dial the gateway by" }}
+{{- end }}certManager
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "chatmesh.gatewayTlsSecretName" -}}
+{{- if .Values.tls.gateway.existingSecret }}
+{{- .Values.tls.gateway.existingSecret }}
+{{- else }}
+{{- printf "%s-gateway-tls" (include "chatmesh.fullname" . | trunc 51 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{/* A Service's DNS names, as clients dial them: dict "root" $ "name" "chatmesh-dialogue". */}}
+{{- define "chatmesh.serviceDnsNames" -}}
+{{- $ns := .root.Release.Namespace }}
+{{- toJson (list (printf "%s.%s.svc.%s" .name $ns .root.Values.clusterDomain) (printf "%s.%s.svc" .name $ns) (printf "%s.%s" .name $ns) .name) }}
+{{- end }}
+
+{{/* The DNS names the internal certificate carries: every chatmesh process's Service, and the bundled Redises'
+(which serve it too), as JSON. */}}
+{{- define "chatmesh.tlsDnsNames" -}}
+{{- $root := . }}
+{{- $names := list }}
+{{- range $process := list "gateway" "dialogue" "safety" "cache" }}
+{{- $names = concat $names (include "chatmesh.serviceDnsNames" (dict "root" $root "name" (include "chatmesh.componentName" (dict "root" $root "process" $process))) | fromJsonArray) }}
+{{- end }}
+{{- if eq (include "chatmesh.redisSource" .) "bundled" }}
+{{- $names = concat $names (include "chatmesh.serviceDnsNames" (dict "root" $root "name" (include "chatmesh.redisName" .)) | fromJsonArray) }}
+{{- end }}
+{{- if eq (include "chatmesh.cacheRedisSource" .) "bundled" }}
+{{- $names = concat $names (include "chatmesh.serviceDnsNames" (dict "root" $root "name" (include "chatmesh.cacheRedisName" .)) | fromJsonArray) }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/* The chart's generated CA and internal certificate, as JSON: "ca" {tls.crt, tls.key} and "tls" {tls.crt, tls.key,
+ca.crt}, base64, and "names", the digest of the DNS names the certificate was made for. The CA is kept across
+upgrades (lookup); so is the certificate, unless the names it must carry changed: then the kept CA signs a new one,
+which every process already trusts. lookup finds nothing offline (helm template), and then both are new. */}}
+{{- define "chatmesh.generatedTls" -}}
+{{- $days := int .Values.tls.generated.validityDays }}
+{{- $names := include "chatmesh.tlsDnsNames" . | fromJsonArray }}
+{{- $digest := $names | join "," | sha256sum | trunc 32 }}
+{{- $keptCa := (lookup "v1" "Secret" .Release.Namespace (include "chatmesh.caSecretName" .)).data | default dict }}
+{{- $keptTls := lookup "v1" "Secret" .Release.Namespace (include "chatmesh.tlsSecretName" .) | default dict }}
+{{- $ca := dict }}
+{{- $fresh := true }}
+{{- if and (index $keptCa "tls.crt") (index $keptCa "tls.key") }}
+{{- $ca = buildCustomCert (index $keptCa "tls.crt") (index $keptCa "tls.key") }}
+{{- $fresh = false }}
+{{- else }}
+{{- $ca = genCA (printf "%s-ca" (include "chatmesh.fullname" .)) $days }}
+{{- end }}
+{{- $caData := dict "tls.crt" ($ca.Cert | b64enc) "tls.key" ($ca.Key | b64enc) }}
+{{- $tlsData := dict }}
+{{- $keptData := get $keptTls "data" | default dict }}
+{{- $keptDigest := get ((get $keptTls "metadata" | default dict).annotations | default dict) "chatmesh.io/dns-names" }}
+{{- if and (not $fresh) (index $keptData "tls.crt") (eq $keptDigest $digest) (eq (index $keptData "ca.crt") (index $caData "tls.crt")) }}
+{{- $tlsData = $keptData }}
+{{- else }}
+{{- $cert := genSignedCert (include "chatmesh.fullname" .) nil $names $days $ca }}
+{{- $tlsData = dict "tls.crt" ($cert.Cert | b64enc) "tls.key" ($cert.Key | b64enc) "ca.crt" (index $caData "tls.crt") }}
+{{- end }}
+{{- toJson (dict "ca" $caData "tls" $tlsData "names" $digest) }}
+{{- end }}
+
+{{/* The TLS env entries of a chatmesh process (and the Redis CA when its Redis is the bundled one over TLS):
+dict "root" $ "process" "gateway". */}}
+{{- define "chatmesh.tlsEnv" -}}
+{{- $root := .root }}
+{{- if include "chatmesh.tlsSource" $root }}
+- name: CHATMESH_TLS_CERT_FILE
+  value: /etc/chatmesh/tls/tls.crt
+- name: CHATMESH_TLS_KEY_FILE
+  value: /etc/chatmesh/tls/tls.key
+- name: CHATMESH_TLS_CA_FILE
+  value: /etc/chatmesh/tls/ca.crt
+{{- if and (eq .process "gateway") (include "chatmesh.gatewayTlsSource" $root) }}
+- name: CHATMESH_GATEWAY_TLS_CERT_FILE
+  value: /etc/chatmesh/gateway-tls/tls.crt
+- name: CHATMESH_GATEWAY_TLS_KEY_FILE
+  value: /etc/chatmesh/gateway-tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Where the answer cache's Redis is: none separate yet (the data Redis). */}}
+{{- define "chatmesh.cacheRedisSource" -}}
+{{- end }}
+
+{{- define "chatmesh.cacheRedisName" -}}
+{{- printf "%s-cache-redis" (include "chatmesh.fullname" . | trunc 51 | trimSuffix "-") }}
 {{- end }}
