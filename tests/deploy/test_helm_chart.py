@@ -73,6 +73,14 @@ def deployments(chart: Rendered) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in chart.of_kind("Deployment")}
 
 
+def workloads(chart: Rendered) -> dict[str, dict[str, Any]]:
+    """Each Deployment and StatefulSet (the data Redis) by its component label."""
+    return {
+        w["metadata"]["labels"]["app.kubernetes.io/component"]: w
+        for w in chart.of_kind("Deployment") + chart.of_kind("StatefulSet")
+    }
+
+
 def settings_data(chart: Rendered) -> dict[str, str]:
     return chart.get("ConfigMap", f"{RELEASE}-settings")["data"]
 
@@ -114,29 +122,34 @@ def test_custom_resources_are_well_formed(full: Rendered) -> None:
     assert selected == set(CORE)
 
 
-def test_default_install_runs_the_four_processes_a_bundled_redis_and_nothing_optional(defaults: Rendered) -> None:
-    # Redis is required (tenants, keys and limits shared by every gateway), so the default is the bundled one.
-    assert set(deployments(defaults)) == {*CORE, "redis"}
-    for kind in ("ServiceMonitor", "PrometheusRule"):
+def test_default_install_runs_the_four_processes_two_bundled_redises_and_nothing_optional(defaults: Rendered) -> None:
+    # Redis is required (tenants, keys, limits and conversations shared by every replica), so the default is the
+    # bundled one, persistent (a StatefulSet), and a second one for the cache, which may evict.
+    assert set(deployments(defaults)) == {*CORE, "cache-redis"}
+    assert [s["metadata"]["name"] for s in defaults.of_kind("StatefulSet")] == [f"{RELEASE}-redis"]
+    for kind in ("ServiceMonitor", "PrometheusRule", "Certificate"):
         assert defaults.of_kind(kind) == [], kind
-    # The only Secrets: the generated admin token and API key pepper, and the generated CA and certificate.
+    # The only Secrets: the generated admin token and API key pepper, the generated CA and certificate, and the
+    # bundled Redises' generated password.
     assert sorted(s["metadata"]["name"] for s in defaults.of_kind("Secret")) == [
         f"{RELEASE}-auth",
         f"{RELEASE}-ca",
+        f"{RELEASE}-redis-auth",
         f"{RELEASE}-tls",
     ]
     assert defaults.find("ConfigMap", f"{RELEASE}-dashboards") is None
     assert {s["metadata"]["name"] for s in defaults.of_kind("Service")} == {name(p) for p in CORE} | {
         f"{RELEASE}-metrics",
         f"{RELEASE}-redis",
+        f"{RELEASE}-cache-redis",
     }
-    assert len(defaults.of_kind("NetworkPolicy")) == 5
+    assert len(defaults.of_kind("NetworkPolicy")) == 6
     assert len(defaults.of_kind("HorizontalPodAutoscaler")) == 4
     assert len(defaults.of_kind("PodDisruptionBudget")) == 4
 
 
 def test_all_features_adds_modelsim_redis_and_monitoring(full: Rendered) -> None:
-    assert set(deployments(full)) == {*CORE, "modelsim", "redis"}
+    assert set(workloads(full)) == {*CORE, "modelsim", "redis", "cache-redis"}
     assert full.of_kind("ServiceMonitor")
     # The rules and dashboards are the chart's copies of deploy/prometheus and deploy/grafana (see
     # test_chart_files.py); with none there yet, there is nothing to render.
@@ -251,7 +264,7 @@ def test_topology_spread_across_zones_and_nodes(rendered: dict[str, Rendered]) -
 
 @pytest.mark.parametrize("label", VALUE_SETS)
 def test_every_pod_is_hardened(rendered: dict[str, Rendered], label: str) -> None:
-    for process, deployment in deployments(rendered[label]).items():
+    for process, deployment in workloads(rendered[label]).items():
         spec = pod_spec(deployment)
         assert spec["automountServiceAccountToken"] is False, process
         pod_security = spec["securityContext"]
@@ -264,10 +277,12 @@ def test_every_pod_is_hardened(rendered: dict[str, Rendered], label: str) -> Non
             assert security["allowPrivilegeEscalation"] is False
             assert security["capabilities"] == {"drop": ["ALL"]}
             assert "privileged" not in security
-        # The only writable path is an emptyDir.
+        # The only writable paths are emptyDirs, and the data Redis's volume.
         volumes = {v["name"]: v for v in spec["volumes"]}
+        claims = {c["metadata"]["name"] for c in deployment["spec"].get("volumeClaimTemplates", [])}
         writable = [m for m in container(deployment)["volumeMounts"] if not m.get("readOnly")]
-        assert writable and all("emptyDir" in volumes[m["name"]] for m in writable)
+        assert writable and all(m["name"] in claims or "emptyDir" in volumes[m["name"]] for m in writable)
+        assert claims == ({"data"} if process == "redis" else set())
     for account in rendered[label].of_kind("ServiceAccount"):
         assert account["automountServiceAccountToken"] is False
 
@@ -338,14 +353,21 @@ def _egress_ports(policy: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
 
 def test_egress_is_only_what_each_process_calls(defaults: Rendered, full: Rendered, per_process: Rendered) -> None:
     by_process = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in defaults.of_kind("NetworkPolicy")}
-    # Default install: external model on 443 (public addresses), the bundled Redis, no tracing.
+    # Default install: external model on 443 (public addresses), the bundled Redises, no tracing.
     assert set(_egress_ports(by_process["gateway"])) == {53, 50052, 6379}
     assert set(_egress_ports(by_process["dialogue"])) == {53, 50053, 50054, 443, 6379}
     assert set(_egress_ports(by_process["safety"])) == {53, 443}
     assert set(_egress_ports(by_process["cache"])) == {53, 6379}
-    for process in ("gateway", "dialogue", "cache"):
+    # The gateway and dialogue reach the data Redis only; the cache its own Redis only.
+    for process, redis in (("gateway", "redis"), ("dialogue", "redis"), ("cache", "cache-redis")):
         redis_peers = _egress_ports(by_process[process])[6379]
-        assert {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in redis_peers} == {"redis"}
+        assert {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in redis_peers} == {redis}
+    # Each bundled Redis admits only its own clients, and calls nothing.
+    for redis, clients in (("redis", {"gateway", "dialogue"}), ("cache-redis", {"cache"})):
+        (rule,) = by_process[redis]["spec"]["ingress"]
+        assert _peer_components(rule, "from") == clients and rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+        assert by_process[redis]["spec"]["egress"] == []
+        assert by_process[redis]["spec"]["podSelector"]["matchLabels"] == selector_labels(redis)
     model_peers = _egress_ports(by_process["dialogue"])[443]
     assert model_peers[0]["ipBlock"]["cidr"] == "0.0.0.0/0" and "10.0.0.0/8" in model_peers[0]["ipBlock"]["except"]
     gateway_to = [rule for rule in _rules(by_process["gateway"], "egress") if rule["ports"][0]["port"] == 50052]
@@ -368,10 +390,18 @@ def test_egress_is_only_what_each_process_calls(defaults: Rendered, full: Render
     }
     assert 443 not in dialogue and {4317, 4318, 8443} <= set(dialogue)
     redis = by_process["redis"]
-    assert _peer_components(redis["spec"]["ingress"][0], "from") == {"gateway", "dialogue", "cache"}
+    assert _peer_components(redis["spec"]["ingress"][0], "from") == {"gateway", "dialogue"}
     assert redis["spec"]["egress"] == []
     modelsim = by_process["modelsim"]
     assert _peer_components(modelsim["spec"]["ingress"][0], "from") == {"dialogue", "safety"}
+    # Without a cache Redis of its own, the cache uses the data Redis, which then admits it too.
+    shared = render({"redis": {"cache": {"bundled": {"enabled": False}}}})
+    shared_policies = {
+        p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in shared.of_kind("NetworkPolicy")
+    }
+    assert "cache-redis" not in shared_policies
+    assert _peer_components(shared_policies["redis"]["spec"]["ingress"][0], "from") == {"gateway", "dialogue", "cache"}
+    assert _peer_components(_rules(shared_policies["cache"], "egress")[1], "to") == {"redis"}
 
 
 # Scaling.
@@ -383,7 +413,7 @@ def test_autoscalers_target_their_deployment_with_the_values_bounds(rendered: di
     values = render_values(label)
     autoscalers = {h["spec"]["scaleTargetRef"]["name"]: h for h in chart.of_kind("HorizontalPodAutoscaler")}
     for process, deployment in deployments(chart).items():
-        if process == "redis":
+        if process == "cache-redis":
             continue
         scaling = values[process]["autoscaling"]
         if scaling["enabled"]:
@@ -473,12 +503,21 @@ def test_existing_secrets_are_referenced_and_the_chart_makes_none(per_process: R
             "name": "openai",
             "key": "api-key",
         }
-    for process in ("gateway", "dialogue", "cache"):
-        assert env_of(chart[process])["CHATMESH_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+    for process in ("gateway", "dialogue"):
+        env = env_of(chart[process])
+        assert env["CHATMESH_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "chatmesh-redis", "key": "url"}
+        assert env["CHATMESH_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
             "name": "chatmesh-redis",
-            "key": "url",
+            "key": "password",
         }
-    assert "CHATMESH_REDIS_URL" not in env_of(chart["safety"])
+        assert "CHATMESH_CACHE_REDIS_URL" not in env
+    cache = env_of(chart["cache"])
+    assert cache["CHATMESH_CACHE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "chatmesh-cache-redis",
+        "key": "url",
+    }
+    assert "CHATMESH_REDIS_URL" not in cache and "CHATMESH_REDIS_PASSWORD" not in cache
+    assert not {"CHATMESH_REDIS_URL", "CHATMESH_CACHE_REDIS_URL"} & set(env_of(chart["safety"]))
     gateway = env_of(chart["gateway"])
     assert gateway["CHATMESH_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {
         "name": "chatmesh-admin",
@@ -496,11 +535,27 @@ def test_a_redis_url_given_as_a_value_is_kept_in_the_secret() -> None:
     secret = chart.get("Secret", RELEASE)
     assert base64.b64decode(secret["data"]["CHATMESH_REDIS_URL"]).decode() == "rediss://:hunter2@redis.example:6380/0"
     assert "OPENAI_API_KEY" not in secret["data"]
-    assert "redis" not in deployments(chart)
-    for process in ("gateway", "dialogue", "cache"):
+    assert "redis" not in workloads(chart)
+    for process in ("gateway", "dialogue"):
         env = env_of(deployments(chart)[process])
         assert env["CHATMESH_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": RELEASE, "key": "CHATMESH_REDIS_URL"}
     assert "hunter2" not in yaml.safe_dump(chart.get("ConfigMap", f"{RELEASE}-settings"))
+    # The cache's URL, likewise; without a cache Redis of any kind, the cache is given the data Redis's URL.
+    chart = render(
+        {"redis": {"url": "rediss://redis.example:6380/0", "cache": {"url": "redis://cache.example:6379/1"}}}
+    )
+    secret = chart.get("Secret", RELEASE)
+    assert base64.b64decode(secret["data"]["CHATMESH_CACHE_REDIS_URL"]).decode() == "redis://cache.example:6379/1"
+    assert env_of(deployments(chart)["cache"])["CHATMESH_CACHE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": RELEASE,
+        "key": "CHATMESH_CACHE_REDIS_URL",
+    }
+    assert workloads(chart).keys() == set(CORE)
+    chart = render({"redis": {"url": "rediss://redis.example:6380/0", "cache": {"bundled": {"enabled": False}}}})
+    assert env_of(deployments(chart)["cache"])["CHATMESH_CACHE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": RELEASE,
+        "key": "CHATMESH_REDIS_URL",
+    }
 
 
 def _config_checksums(chart: Rendered) -> dict[str, str]:
@@ -553,11 +608,14 @@ def test_safety_mounts_the_keyword_folder_it_reloads(defaults: Rendered) -> None
 def test_modelsim_and_bundled_redis_are_wired_when_enabled(full: Rendered) -> None:
     data = settings_data(full)
     assert data["OPENAI_BASE_URL"] == f"http://{name('modelsim')}.{NAMESPACE}.svc.cluster.local:8089/v1"
-    redis_url = f"redis://{RELEASE}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
-    for process in ("gateway", "dialogue", "cache"):
+    redis_url = f"rediss://{RELEASE}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    for process in ("gateway", "dialogue"):
         assert env_of(deployments(full)[process])["CHATMESH_REDIS_URL"]["value"] == redis_url
+    assert env_of(deployments(full)["cache"])["CHATMESH_CACHE_REDIS_URL"]["value"] == (
+        f"rediss://{RELEASE}-cache-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    )
     assert full.get("Service", f"{RELEASE}-redis")["spec"]["ports"][0]["port"] == 6379
-    redis = deployments(full)["redis"]
+    redis = workloads(full)["redis"]
     assert redis["spec"]["replicas"] == 1
     modelsim = deployments(full)["modelsim"]
     assert container(modelsim)["readinessProbe"]["httpGet"]["port"] == "http"
@@ -637,7 +695,10 @@ def test_without_tls_nothing_tls_is_set() -> None:
         assert not {*TLS_ENV, *GATEWAY_TLS_ENV} & set(env_of(deployment))
         assert all("secret" not in volume for volume in pod_spec(deployment)["volumes"])
     assert not any(variable.startswith("CHATMESH_TLS") for variable in settings_data(chart))
-    assert [s["metadata"]["name"] for s in chart.of_kind("Secret")] == [f"{RELEASE}-auth"]
+    assert sorted(s["metadata"]["name"] for s in chart.of_kind("Secret")) == [
+        f"{RELEASE}-auth",
+        f"{RELEASE}-redis-auth",
+    ]
     assert chart.of_kind("Certificate") == []
     # The health ports and probes stay as they are.
     assert container(deployments(chart)["dialogue"])["readinessProbe"]["grpc"] == {"port": HEALTH_PORTS["dialogue"]}
@@ -724,6 +785,138 @@ def test_the_generated_ca_and_certificate_are_kept_across_upgrades(defaults: Ren
     assert secret["data"]["ca.crt"] == defaults.get("Secret", f"{RELEASE}-tls")["data"]["ca.crt"]
     _certificate(secret).verify_directly_issued_by(_certificate(secret, "ca.crt"))
     assert set(_target_hosts(renamed)) <= set(_dns_names(_certificate(secret)))
+
+
+# Redis: a persistent data Redis that never evicts, a cache Redis that may, a password, TLS.
+
+REDIS_PASSWORD_LOOKUP = '(lookup "v1" "Secret" .Release.Namespace (include "chatmesh.redisPasswordSecretName" .)).data'
+
+
+def _args(workload: dict[str, Any]) -> dict[str, str]:
+    """A Redis container's `--flag value` arguments."""
+    args = container(workload)["args"]
+    assert len(args) % 2 == 0 and all(flag.startswith("--") for flag in args[::2])
+    return dict(zip(args[::2], args[1::2], strict=True))
+
+
+def test_the_data_redis_keeps_every_write_on_a_volume_and_never_evicts(defaults: Rendered, full: Rendered) -> None:
+    for chart, memory, size, storage_class in ((defaults, "256mb", "1Gi", None), (full, "512mb", "2Gi", "fast-ssd")):
+        redis = chart.get("StatefulSet", f"{RELEASE}-redis")
+        assert redis["spec"]["replicas"] == 1 and redis["spec"]["serviceName"] == f"{RELEASE}-redis"
+        args = _args(redis)
+        # Every write in the append-only file; a full store refuses writes instead of evicting conversations.
+        assert (args["--appendonly"], args["--appendfsync"], args["--dir"]) == ("yes", "everysec", "/data")
+        assert (args["--maxmemory"], args["--maxmemory-policy"]) == (memory, "noeviction")
+        (claim,) = redis["spec"]["volumeClaimTemplates"]
+        assert claim["spec"]["resources"]["requests"]["storage"] == size
+        assert claim["spec"].get("storageClassName") == storage_class
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        (data,) = [m for m in container(redis)["volumeMounts"] if m["mountPath"] == "/data"]
+        assert data["name"] == claim["metadata"]["name"]
+        assert redis["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+            "whenDeleted": "Retain",
+            "whenScaled": "Retain",
+        }
+        # Its memory limit leaves room for the fork of an AOF rewrite.
+        assert container(redis)["resources"]["limits"]["memory"]
+        assert chart.get("Service", f"{RELEASE}-redis")["spec"]["clusterIP"] == "None"
+
+
+def test_the_cache_redis_evicts_and_keeps_nothing(defaults: Rendered, full: Rendered) -> None:
+    for chart, memory in ((defaults, "128mb"), (full, "64mb")):
+        cache_redis = chart.get("Deployment", f"{RELEASE}-cache-redis")
+        args = _args(cache_redis)
+        assert (args["--maxmemory"], args["--maxmemory-policy"]) == (memory, "allkeys-lru")
+        assert (args["--appendonly"], args["--save"]) == ("no", "")
+        assert "volumeClaimTemplates" not in cache_redis["spec"]
+
+
+def test_the_bundled_redises_serve_tls_only_with_a_password_and_probes_that_use_both(defaults: Rendered) -> None:
+    password = defaults.get("Secret", f"{RELEASE}-redis-auth")
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", base64.b64decode(password["data"]["password"]).decode())
+    reference = {"name": f"{RELEASE}-redis-auth", "key": "password"}
+    for component in ("redis", "cache-redis"):
+        redis = workloads(defaults)[component]
+        env = env_of(redis)
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == reference
+        assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == reference
+        args = _args(redis)
+        assert args["--requirepass"] == "$(REDIS_PASSWORD)"
+        # TLS only, with the internal certificate, mounted as a whole Secret; clients need no certificate.
+        assert (args["--port"], args["--tls-port"], args["--tls-auth-clients"]) == ("0", "6379", "no")
+        assert _secret_mounted_at(redis, "/etc/redis/tls") == f"{RELEASE}-tls"
+        for flag, file in (
+            ("--tls-cert-file", "tls.crt"),
+            ("--tls-key-file", "tls.key"),
+            ("--tls-ca-cert-file", "ca.crt"),
+        ):
+            assert args[flag] == f"/etc/redis/tls/{file}"
+        probe = " ".join(container(redis)["readinessProbe"]["exec"]["command"])
+        assert "redis-cli -h 127.0.0.1 -p 6379 --tls --cacert /etc/redis/tls/ca.crt ping" in probe and "PONG" in probe
+    # The internal certificate carries the names chatmesh dials the Redises by.
+    names = _dns_names(_certificate(defaults.get("Secret", f"{RELEASE}-tls")))
+    for component in ("redis", "cache-redis"):
+        assert f"{RELEASE}-{component}.{NAMESPACE}.svc.cluster.local" in names
+    # chatmesh: rediss:// URLs, the password, and the CA to verify them with.
+    for process in ("gateway", "dialogue", "cache"):
+        env = env_of(deployments(defaults)[process])
+        url = env.get("CHATMESH_REDIS_URL", env.get("CHATMESH_CACHE_REDIS_URL"))["value"]
+        assert url.startswith("rediss://") and "@" not in url
+        assert env["CHATMESH_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == reference
+        assert env["CHATMESH_REDIS_TLS_CA_FILE"]["value"] == env["CHATMESH_TLS_CA_FILE"]["value"]
+    assert not {"CHATMESH_REDIS_PASSWORD", "CHATMESH_REDIS_TLS_CA_FILE"} & set(env_of(deployments(defaults)["safety"]))
+
+
+def test_without_tls_the_bundled_redises_are_plaintext_with_a_password() -> None:
+    chart = render({"tls": {"enabled": False}})
+    for component in ("redis", "cache-redis"):
+        redis = workloads(chart)[component]
+        args = _args(redis)
+        assert args["--port"] == "6379" and "--tls-port" not in args
+        assert args["--requirepass"] == "$(REDIS_PASSWORD)"
+        assert "--tls" not in " ".join(container(redis)["readinessProbe"]["exec"]["command"])
+        assert all("secret" not in volume for volume in pod_spec(redis)["volumes"])
+    env = env_of(deployments(chart)["dialogue"])
+    assert env["CHATMESH_REDIS_URL"]["value"] == f"redis://{RELEASE}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    assert "CHATMESH_REDIS_TLS_CA_FILE" not in env and "CHATMESH_REDIS_PASSWORD" in env
+
+
+def test_an_external_redis_over_tls_gets_its_ca_from_a_secret(per_process: Rendered) -> None:
+    for process in ("gateway", "dialogue", "cache"):
+        deployment = deployments(per_process)[process]
+        assert _tls_files(deployment, {"CHATMESH_REDIS_TLS_CA_FILE": "ca.crt"}) == "redis-ca"
+        assert "CHATMESH_REDIS_TLS_CERT_FILE" not in env_of(deployment)
+    assert "CHATMESH_REDIS_TLS_CA_FILE" not in env_of(deployments(per_process)["safety"])
+    # With a client certificate, for a Redis with tls-auth-clients.
+    chart = render(
+        {
+            "redis": {
+                "existingSecret": "chatmesh-redis",
+                "tls": {"existingSecret": "redis-ca", "clientCertificate": True},
+            }
+        }
+    )
+    files = {
+        "CHATMESH_REDIS_TLS_CA_FILE": "ca.crt",
+        "CHATMESH_REDIS_TLS_CERT_FILE": "tls.crt",
+        "CHATMESH_REDIS_TLS_KEY_FILE": "tls.key",
+    }
+    assert _tls_files(deployments(chart)["dialogue"], files) == "redis-ca"
+    # The bundled cache Redis still serves the internal certificate.
+    cache = env_of(deployments(chart)["cache"])
+    assert cache["CHATMESH_REDIS_TLS_CA_FILE"]["value"] == "/etc/chatmesh/tls/ca.crt"
+
+
+def test_the_generated_redis_password_is_kept_across_upgrades(defaults: Rendered, tmp_path: Path) -> None:
+    chart_dir = tmp_path / "chatmesh"
+    shutil.copytree(CHART, chart_dir)
+    helpers = chart_dir / "templates" / "_helpers.tpl"
+    assert helpers.read_text().count(REDIS_PASSWORD_LOOKUP) == 1
+    installed = defaults.get("Secret", f"{RELEASE}-redis-auth")["data"]["password"]
+    helpers.write_text(helpers.read_text().replace(REDIS_PASSWORD_LOOKUP, f'(dict "password" "{installed}")'))
+    assert render(chart_dir=chart_dir).get("Secret", f"{RELEASE}-redis-auth")["data"]["password"] == installed
+    # Offline, each render generates a new one.
+    assert render().get("Secret", f"{RELEASE}-redis-auth")["data"]["password"] != installed
 
 
 # Callers and tenants: API keys always required, the admin token and pepper for the gateway only, Redis for all.
@@ -866,7 +1059,9 @@ def test_limit_settings_reach_the_gateway_as_it_parses_them(
     assert settings.admin_token is not None
     assert settings.admin_token.get_secret_value() == _auth_data(defaults)["CHATMESH_ADMIN_TOKEN"]
     assert settings.api_key_pepper.get_secret_value() == _auth_data(defaults)["CHATMESH_API_KEY_PEPPER"]
-    assert settings.redis_url == f"redis://{RELEASE}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    assert settings.redis_url == f"rediss://{RELEASE}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    assert settings.redis_password is not None and len(settings.redis_password.get_secret_value()) == 48
+    assert settings.redis_tls_ca_file == settings.tls_ca_file == "/etc/chatmesh/tls/ca.crt"
     settings = _gateway_env(full, monkeypatch)
     assert (settings.auth_cache_seconds, settings.request_limits_fail_open, settings.spend_limits_fail_open) == (
         0.5,
@@ -897,21 +1092,49 @@ def test_bad_auth_values_are_rejected(values: dict[str, Any], message: str) -> N
 
 
 @pytest.mark.parametrize("label", VALUE_SETS)
-def test_the_gateway_reaches_the_same_redis_as_dialogue_and_cache(rendered: dict[str, Rendered], label: str) -> None:
+def test_the_gateway_reaches_the_same_redis_as_dialogue_and_the_cache_its_own(
+    rendered: dict[str, Rendered], label: str
+) -> None:
     chart = deployments(rendered[label])
-    urls = {process: env_of(chart[process])["CHATMESH_REDIS_URL"] for process in ("gateway", "dialogue", "cache")}
-    assert urls["gateway"] == urls["dialogue"] == urls["cache"]
-    policy = rendered[label].get("NetworkPolicy", name("gateway"))
-    assert 6379 in _egress_ports(policy)
+    assert env_of(chart["gateway"])["CHATMESH_REDIS_URL"] == env_of(chart["dialogue"])["CHATMESH_REDIS_URL"]
+    # The cache process is given only the cache Redis (CHATMESH_CACHE_REDIS_URL), which may evict.
+    cache = env_of(chart["cache"])
+    assert "CHATMESH_CACHE_REDIS_URL" in cache and "CHATMESH_REDIS_URL" not in cache
+    assert cache["CHATMESH_CACHE_REDIS_URL"] != env_of(chart["dialogue"])["CHATMESH_REDIS_URL"]
+    for process in ("gateway", "dialogue"):
+        assert "CHATMESH_CACHE_REDIS_URL" not in env_of(chart[process])
+        policy = rendered[label].get("NetworkPolicy", name(process))
+        assert 6379 in _egress_ports(policy)
 
 
-def test_a_release_without_redis_fails_with_a_clear_message() -> None:
-    with pytest.raises(helm.HelmError, match=r"chatmesh requires Redis .*set redis\.url or redis\.existingSecret"):
-        render({"redis": {"bundled": {"enabled": False}}})
-    # Any one source is enough.
+NO_REDIS = r"chatmesh requires Redis.*a second dialogue replica would not see the first one's conversations.*NOT_FOUND"
+
+
+def test_a_release_without_redis_fails_with_a_message_that_says_why() -> None:
+    # More than one dialogue replica (the default: an autoscaler from 2, or fixed replicas) without a shared Redis
+    # would lose conversations between turns: the render fails, saying so and what to set.
+    for dialogue in (
+        {},
+        {
+            "autoscaling": {
+                "enabled": False,
+                "minReplicas": 2,
+                "maxReplicas": 10,
+                "targetCPUUtilizationPercentage": 70,
+            },
+            "replicas": 3,
+        },
+    ):
+        with pytest.raises(helm.HelmError, match=NO_REDIS) as failed:
+            render({"redis": {"bundled": {"enabled": False}}, "dialogue": dialogue})
+        assert "Set redis.url or redis.existingSecret" in str(failed.value)
+    # A cache Redis alone is not enough: it may evict.
+    with pytest.raises(helm.HelmError, match=NO_REDIS):
+        render({"redis": {"bundled": {"enabled": False}, "cache": {"url": "redis://cache.example:6379/0"}}})
+    # Any one source of the data Redis is.
     for values in ({"url": "redis://redis.example:6379/0"}, {"existingSecret": "chatmesh-redis"}):
         chart = render({"redis": {"bundled": {"enabled": False}, **values}})
-        assert "redis" not in deployments(chart)
+        assert "redis" not in workloads(chart)
 
 
 # Observability.

@@ -86,15 +86,59 @@ app.kubernetes.io/component: {{ .process }}
 {{- if or .Values.model.existingSecret .Values.model.apiKey }}true{{ end }}
 {{- end }}
 
-{{/* Where CHATMESH_REDIS_URL comes from: "existing", "chart" or "bundled". Redis is required: the gateway keeps
-tenants, API keys and limits there, shared by every replica. */}}
+{{/* Where CHATMESH_REDIS_URL, the data Redis, comes from: "existing", "chart" or "bundled". Redis is required: the
+gateway keeps tenants, API keys and limits there, dialogue its conversations, shared by every replica. */}}
 {{- define "chatmesh.redisSource" -}}
 {{- if .Values.redis.existingSecret }}existing
 {{- else if .Values.redis.url }}chart
 {{- else if .Values.redis.bundled.enabled }}bundled
 {{- else }}
-{{- fail "redis: chatmesh requires Redis (the gateway keeps tenants, API keys and limits there, shared by every replica): set redis.url or redis.existingSecret to your Redis, or redis.bundled.enabled=true to try the chart" }}
+{{- fail "redis: chatmesh requires Redis: the gateway keeps tenants, API keys and limits there, and dialogue its conversations, so that every replica sees them. Without it, a second dialogue replica would not see the first one's conversations: turn 2 landing on another replica gets NOT_FOUND. Set redis.url or redis.existingSecret to your Redis, or redis.bundled.enabled=true (a persistent single-replica Redis)" }}
 {{- end }}
+{{- end }}
+
+{{/* Where CHATMESH_CACHE_REDIS_URL, the answer cache's Redis (which may evict), comes from: "existing", "chart",
+"bundled", or "data" when there is none of its own (the cache then uses the data Redis). */}}
+{{- define "chatmesh.cacheRedisSource" -}}
+{{- $c := .Values.redis.cache }}
+{{- if $c.existingSecret }}existing
+{{- else if $c.url }}chart
+{{- else if $c.bundled.enabled }}bundled
+{{- else }}data
+{{- end }}
+{{- end }}
+
+{{/* The Redis a process uses, as JSON: "url" (its variable), "key" (its key in the chart's Secret), "source" (as
+above), "values" (redis or redis.cache), and "name" and "component" (the bundled one's Service and pods); empty for processes without Redis: dict "root" $ "process" "cache". */}}
+{{- define "chatmesh.processRedis" -}}
+{{- $root := .root }}
+{{- if has .process (list "gateway" "dialogue") }}
+{{- toJson (dict "url" "CHATMESH_REDIS_URL" "key" "CHATMESH_REDIS_URL" "source" (include "chatmesh.redisSource" $root) "values" $root.Values.redis "name" (include "chatmesh.redisName" $root) "component" "redis") }}
+{{- else if eq .process "cache" }}
+{{- $source := include "chatmesh.cacheRedisSource" $root }}
+{{- if eq $source "data" }}
+{{- toJson (dict "url" "CHATMESH_CACHE_REDIS_URL" "key" "CHATMESH_REDIS_URL" "source" (include "chatmesh.redisSource" $root) "values" $root.Values.redis "name" (include "chatmesh.redisName" $root) "component" "redis") }}
+{{- else }}
+{{- toJson (dict "url" "CHATMESH_CACHE_REDIS_URL" "key" "CHATMESH_CACHE_REDIS_URL" "source" $source "values" $root.Values.redis.cache "name" (include "chatmesh.cacheRedisName" $root) "component" "cache-redis") }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret with the bundled Redises' password (key "password"). */}}
+{{- define "chatmesh.redisPasswordSecretName" -}}
+{{- printf "%s-redis-auth" (include "chatmesh.fullname" . | trunc 52 | trimSuffix "-") }}
+{{- end }}
+
+{{/* Whether a bundled Redis runs. */}}
+{{- define "chatmesh.anyBundledRedis" -}}
+{{- if or (eq (include "chatmesh.redisSource" .) "bundled") (eq (include "chatmesh.cacheRedisSource" .) "bundled") }}true{{ end }}
+{{- end }}
+
+{{/* The bundled Redises' password, base64: as the Secret already in the cluster holds it (kept across upgrades),
+else 48 random characters. */}}
+{{- define "chatmesh.redisPassword" -}}
+{{- $existing := (lookup "v1" "Secret" .Release.Namespace (include "chatmesh.redisPasswordSecretName" .)).data | default dict }}
+{{- index $existing "password" | default (randAlphaNum 48 | b64enc) }}
 {{- end }}
 
 {{/* The Secret with the admin token and the API key pepper: auth.existingSecret, or the chart's own. */}}
@@ -126,7 +170,7 @@ without a cluster (helm template, --dry-run), and then new values are generated.
 
 {{/* Whether the chart creates its Secret. */}}
 {{- define "chatmesh.createSecret" -}}
-{{- if or (and .Values.model.apiKey (not .Values.model.existingSecret)) (eq (include "chatmesh.redisSource" .) "chart") (and .Values.logging.userIdSalt (not .Values.logging.existingSecret)) }}true{{ end }}
+{{- if or (and .Values.model.apiKey (not .Values.model.existingSecret)) (eq (include "chatmesh.redisSource" .) "chart") (eq (include "chatmesh.cacheRedisSource" .) "chart") (and .Values.logging.userIdSalt (not .Values.logging.existingSecret)) }}true{{ end }}
 {{- end }}
 
 {{- define "chatmesh.redisName" -}}
@@ -178,23 +222,58 @@ without a cluster (helm template, --dry-run), and then new values are generated.
       name: {{ include "chatmesh.authSecretName" $root }}
       key: {{ ternary $root.Values.auth.existingSecretPepperKey "CHATMESH_API_KEY_PEPPER" (not (empty $root.Values.auth.existingSecret)) }}
 {{- end }}
-{{- if has .process (list "gateway" "dialogue" "cache") }}
-{{- $source := include "chatmesh.redisSource" $root }}
-{{- if eq $source "existing" }}
-- name: CHATMESH_REDIS_URL
+{{- with include "chatmesh.processRedis" . }}
+{{- $redis := fromJson . }}
+{{- $values := $redis.values }}
+{{- if eq $redis.source "existing" }}
+- name: {{ $redis.url }}
   valueFrom:
     secretKeyRef:
-      name: {{ $root.Values.redis.existingSecret }}
-      key: {{ $root.Values.redis.existingSecretKey }}
-{{- else if eq $source "chart" }}
-- name: CHATMESH_REDIS_URL
+      name: {{ $values.existingSecret }}
+      key: {{ $values.existingSecretKey }}
+{{- with $values.existingSecretUsernameKey }}
+- name: CHATMESH_REDIS_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $values.existingSecret }}
+      key: {{ . }}
+{{- end }}
+{{- with $values.existingSecretPasswordKey }}
+- name: CHATMESH_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $values.existingSecret }}
+      key: {{ . }}
+{{- end }}
+{{- else if eq $redis.source "chart" }}
+- name: {{ $redis.url }}
   valueFrom:
     secretKeyRef:
       name: {{ include "chatmesh.fullname" $root }}
-      key: CHATMESH_REDIS_URL
-{{- else if eq $source "bundled" }}
-- name: CHATMESH_REDIS_URL
-  value: {{ printf "redis://%s.%s.svc.%s:6379/0" (include "chatmesh.redisName" $root) $root.Release.Namespace $root.Values.clusterDomain | quote }}
+      key: {{ $redis.key }}
+{{- else if eq $redis.source "bundled" }}
+- name: {{ $redis.url }}
+  value: {{ printf "%s://%s.%s.svc.%s:6379/0" (ternary "rediss" "redis" (not (empty (include "chatmesh.tlsSource" $root)))) $redis.name $root.Release.Namespace $root.Values.clusterDomain | quote }}
+- name: CHATMESH_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chatmesh.redisPasswordSecretName" $root }}
+      key: password
+{{- if include "chatmesh.tlsSource" $root }}
+# The bundled Redis serves the internal certificate.
+- name: CHATMESH_REDIS_TLS_CA_FILE
+  value: /etc/chatmesh/tls/ca.crt
+{{- end }}
+{{- end }}
+{{- if include "chatmesh.externalRedisTls" $ }}
+- name: CHATMESH_REDIS_TLS_CA_FILE
+  value: /etc/chatmesh/redis-tls/ca.crt
+{{- if $root.Values.redis.tls.clientCertificate }}
+- name: CHATMESH_REDIS_TLS_CERT_FILE
+  value: /etc/chatmesh/redis-tls/tls.crt
+- name: CHATMESH_REDIS_TLS_KEY_FILE
+  value: /etc/chatmesh/redis-tls/tls.key
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -360,10 +439,14 @@ dict "root" $ "process" "gateway". */}}
 {{- end }}
 {{- end }}
 
-{{/* Where the answer cache's Redis is: none separate yet (the data Redis). */}}
-{{- define "chatmesh.cacheRedisSource" -}}
-{{- end }}
-
 {{- define "chatmesh.cacheRedisName" -}}
 {{- printf "%s-cache-redis" (include "chatmesh.fullname" . | trunc 51 | trimSuffix "-") }}
+{{- end }}
+
+{{/* Whether a process reaches an external Redis with the CA (and client certificate) of redis.tls.existingSecret:
+dict "root" $ "process" "cache". */}}
+{{- define "chatmesh.externalRedisTls" -}}
+{{- with include "chatmesh.processRedis" . }}
+{{- if and (ne (fromJson .).source "bundled") $.root.Values.redis.tls.existingSecret }}true{{ end }}
+{{- end }}
 {{- end }}
