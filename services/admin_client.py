@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 # The parser is built for every `chatmesh` command, gRPC processes included: gRPC and the generated code
 # are imported only when a command of this module runs.
 if TYPE_CHECKING:
+    import grpc
     from google.protobuf.message import Message
 
     from chatmesh.v1 import admin_pb2_grpc, chat_pb2
@@ -26,10 +27,32 @@ LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
 )
 
 
+def gateway_options(default_target: str) -> argparse.ArgumentParser:
+    """The flags of every command that calls the gateway: where it is, and how to trust its certificate."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--target", default=default_target, help="the gateway's host:port")
+    options.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the gateway's certificate to the system's CAs"
+    )
+    options.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA for the gateway")
+    return options
+
+
+def open_gateway_channel(args: argparse.Namespace) -> grpc.aio.Channel:
+    """A channel to `args.target`: TLS with `--tls` or `--tls-ca`, else plaintext (for `make run`)."""
+    import grpc
+
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as file:
+            return grpc.aio.secure_channel(args.target, grpc.ssl_channel_credentials(file.read()))
+    if args.tls:
+        return grpc.aio.secure_channel(args.target, grpc.ssl_channel_credentials())
+    return grpc.aio.insecure_channel(args.target)
+
+
 def add_commands(commands: Any, default_target: str) -> None:
     """Adds the `tenants`, `keys` and `usage` commands to the CLI's subparsers."""
-    admin = argparse.ArgumentParser(add_help=False)
-    admin.add_argument("--target", default=default_target, help="the gateway's host:port")
+    admin = argparse.ArgumentParser(add_help=False, parents=[gateway_options(default_target)])
     admin.add_argument(
         "--admin-token",
         default=os.environ.get("CHATMESH_ADMIN_TOKEN"),
@@ -71,17 +94,18 @@ def add_commands(commands: Any, default_target: str) -> None:
     revoke = key_commands.add_parser("revoke", parents=[admin], help="revoke a key for good")
     revoke.add_argument("key_id", help="the 16 hex digits after cmk_ in the key")
 
-    own = commands.add_parser("usage", help="the calling tenant's limits and what it has used (GetUsage)")
-    own.add_argument("--target", default=default_target, help="the gateway's host:port")
+    own = commands.add_parser(
+        "usage",
+        parents=[gateway_options(default_target)],
+        help="the calling tenant's limits and what it has used (GetUsage)",
+    )
     own.add_argument("--api-key", default=os.environ.get("CHATMESH_API_KEY"), help="default: $CHATMESH_API_KEY")
 
 
 async def run(args: argparse.Namespace) -> int:
-    import grpc
-
     from chatmesh.v1 import admin_pb2_grpc, chat_pb2, chat_pb2_grpc
 
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    async with open_gateway_channel(args) as channel:
         if args.command == "usage":
             stub = chat_pb2_grpc.ChatServiceStub(channel)
             return await _call(stub.GetUsage, chat_pb2.GetUsageRequest(), bearer_metadata(args.api_key))

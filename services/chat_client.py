@@ -6,14 +6,14 @@ import sys
 
 import grpc
 
-from chatmesh.admin_client import bearer_metadata
+from chatmesh.admin_client import bearer_metadata, open_gateway_channel
 from chatmesh.v1 import chat_pb2, chat_pb2_grpc
 
 _FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in chat_pb2.FinishReason.items()}
 
 
 async def run_chat(args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    async with open_gateway_channel(args) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         conversation_id = args.conversation
         if args.once is not None:

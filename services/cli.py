@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import grpc
+
     from chatmesh.runtime.settings import Settings
 
 # gRPC's C core logs to stderr in its own format; only errors from it belong among our JSON lines.
@@ -22,13 +24,18 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from chatmesh.admin_client import add_commands, gateway_options
+
     parser = argparse.ArgumentParser(prog="chatmesh", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("up", help="start every process, with the model simulator unless OPENAI_API_KEY is set")
     for name in PROCESSES:
         commands.add_parser(name, help=f"start the {name} process")
-    chat = commands.add_parser("chat", help="chat with a running gateway, printing tokens as they arrive")
-    chat.add_argument("--target", default=DEFAULT_TARGET, help="the gateway's host:port")
+    chat = commands.add_parser(
+        "chat",
+        parents=[gateway_options(DEFAULT_TARGET)],
+        help="chat with a running gateway, printing tokens as they arrive",
+    )
     chat.add_argument(
         "--api-key",
         default=os.environ.get("CHATMESH_API_KEY"),
@@ -39,8 +46,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     chat.add_argument("--user", default=_login_name(), help="the user id to chat as")
     chat.add_argument("--model", default="", help="the model (default: the server's)")
     chat.add_argument("--system", default="", help="a system prompt")
-    from chatmesh.admin_client import add_commands
-
     add_commands(commands, DEFAULT_TARGET)
     args = parser.parse_args(argv)
 
@@ -160,8 +165,7 @@ async def _announce_ready(settings: "Settings", names: list[str]) -> None:
     deadline = loop.time() + READY_SECONDS
     host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "::") else settings.bind_host
     for name in names:
-        target = f"{host}:{getattr(settings, f'{name}_port')}"
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _health_channel(settings, host, name) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
@@ -179,6 +183,23 @@ async def _announce_ready(settings: "Settings", names: list[str]) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def _health_channel(settings: "Settings", host: str, name: str) -> "grpc.aio.Channel":
+    """Where `up` asks a process whether it serves: its plaintext health port if it has one, else its gRPC
+    port (with the certificate its peers present, when TLS is on)."""
+    import grpc
+
+    from chatmesh.runtime import tls
+
+    health_port = getattr(settings, f"{name}_health_port")
+    if health_port:
+        return grpc.aio.insecure_channel(f"{host}:{health_port}")
+    target = f"{host}:{getattr(settings, f'{name}_port')}"
+    pair = tls.client_pair(settings)
+    if pair is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(pair))
 
 
 def _auth_banner(settings: "Settings") -> str:

@@ -14,6 +14,7 @@ async def main(settings: Settings) -> None:
     await serve(
         settings,
         port=settings.cache_port,
+        health_port=settings.cache_health_port,
         servicers=[
             Servicer(
                 cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name,

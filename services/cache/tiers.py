@@ -11,15 +11,15 @@ import enum
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from chatmesh.runtime import metrics
+from chatmesh.runtime import metrics, redis_connection
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 
@@ -123,7 +123,7 @@ class RedisTier(Tier):
         self._client = client
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_seconds: float) -> RedisTier:
+    def from_url(cls, url: str, *, timeout_seconds: float, options: Mapping[str, Any] | None = None) -> RedisTier:
         """A tier with its own connection pool to `url`.
 
         A cache must fail fast: connects and replies are bounded by `timeout_seconds`, and a failed
@@ -136,6 +136,7 @@ class RedisTier(Tier):
                 socket_timeout=timeout_seconds,
                 socket_connect_timeout=timeout_seconds,
                 retry=Retry(NoBackoff(), 1),
+                **(options or {}),
             )
         )
 
@@ -181,10 +182,16 @@ class AnswerCache:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AnswerCache:
-        """Redis when `CHATMESH_REDIS_URL` is set (and not empty), memory alone otherwise."""
+        """Redis when `CHATMESH_CACHE_REDIS_URL` (by default `CHATMESH_REDIS_URL`) is set and not empty,
+        memory alone otherwise."""
+        url = settings.cache_redis_url
         redis = (
-            RedisTier.from_url(settings.redis_url, timeout_seconds=settings.cache_redis_timeout_seconds)
-            if settings.redis_url
+            RedisTier.from_url(
+                url,
+                timeout_seconds=settings.cache_redis_timeout_seconds,
+                options=redis_connection.connection_options(settings, url),
+            )
+            if url
             else None
         )
         return cls(MemoryTier(settings.cache_memory_max_bytes), redis, settings.cache_ttl_seconds)

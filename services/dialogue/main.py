@@ -3,7 +3,7 @@
 from chatmesh.dialogue.service import DialogueServicer
 from chatmesh.dialogue.spend import SpendLedger
 from chatmesh.dialogue.store import create_conversation_store
-from chatmesh.runtime import metrics
+from chatmesh.runtime import metrics, redis_connection
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.model_client import ModelClient
@@ -14,14 +14,16 @@ from chatmesh.v1 import cache_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc, safety_
 
 
 async def main(settings: Settings) -> None:
+    redis_options = redis_connection.connection_options(settings, settings.redis_url or "")
     store = create_conversation_store(
         settings.redis_url,
         retention_seconds=settings.conversation_retention_seconds or None,
         max_conversations=settings.memory_store_max_conversations,
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+        options=redis_options,
     )
     model = ModelClient(settings)
-    ledger = create_usage_ledger(settings.redis_url)
+    ledger = create_usage_ledger(settings.redis_url, redis_options)
     background = BackgroundTasks()
     spend = SpendLedger(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants), background)
     safety_channel = open_channel(settings.safety_target, settings)
@@ -47,6 +49,7 @@ async def main(settings: Settings) -> None:
     await serve(
         settings,
         port=settings.dialogue_port,
+        health_port=settings.dialogue_health_port,
         servicers=[
             Servicer(
                 dialogue_pb2.DESCRIPTOR.services_by_name["DialogueService"].full_name,

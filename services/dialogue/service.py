@@ -31,7 +31,7 @@ from chatmesh.dialogue.store import (
     TurnAlreadyCommitted,
     TurnClaim,
 )
-from chatmesh.runtime import metrics
+from chatmesh.runtime import metrics, regions
 from chatmesh.runtime.access_log import ErrorKind
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import annotate, get_logger
@@ -110,7 +110,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         """Runs the turn. With an idempotency key, it is claimed while the input is screened and the cache
         asked, and before anything is sent: a committed turn is replayed, a running one is ABORTED; a claimed
         one that does not commit is released, for a retry to run it anew."""
-        scope = _TurnScope.of(request)
+        scope = _TurnScope.of(request, self._settings.region)
         annotate(request_id=request.request_id, tenant=scope.tenant, user_id=scope.user_id)
         timeout = downstream_timeout(context, self._settings.default_deadline_seconds)
         claim = asyncio.ensure_future(self._claim(scope, timeout)) if scope.key is not None else None
@@ -551,7 +551,7 @@ class _TurnScope:
     committed: bool = False
 
     @classmethod
-    def of(cls, request: dialogue_pb2.TurnRequest) -> _TurnScope:
+    def of(cls, request: dialogue_pb2.TurnRequest, region: str) -> _TurnScope:
         chat = request.request
         key = None
         conversation_id = chat.conversation_id
@@ -562,11 +562,11 @@ class _TurnScope:
             # the key (which the tenant's caller keeps unique), not from chance.
             if not conversation_id:
                 seed = f"{request.tenant}\x00{chat.idempotency_key}".encode()
-                conversation_id = hashlib.sha256(seed).hexdigest()[:32]
+                conversation_id = regions.conversation_id(region, hashlib.sha256(seed).hexdigest()[:32])
         return cls(
             tenant=request.tenant,
             user_id=chat.user_id,
-            conversation_id=conversation_id or uuid.uuid4().hex,
+            conversation_id=conversation_id or regions.conversation_id(region, uuid.uuid4().hex),
             new=not chat.conversation_id,
             key=key,
         )

@@ -21,10 +21,10 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 
@@ -386,10 +386,18 @@ class RedisConversationStore(ConversationStore):
 
     @classmethod
     def from_url(
-        cls, url: str, *, retention_seconds: float | None = None, idempotency_ttl_seconds: float = 86_400.0
+        cls,
+        url: str,
+        *,
+        retention_seconds: float | None = None,
+        idempotency_ttl_seconds: float = 86_400.0,
+        options: Mapping[str, Any] | None = None,
     ) -> RedisConversationStore:
-        """A store with its own connection pool to `url`, e.g. `redis://localhost:6379/0`."""
-        client = Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5)
+        """A store with its own connection pool to `url`, e.g. `redis://localhost:6379/0`; `options` are
+        more arguments of `Redis.from_url` (credentials, TLS files)."""
+        client = Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, **(options or {})
+        )
         return cls(client, retention_seconds=retention_seconds, idempotency_ttl_seconds=idempotency_ttl_seconds)
 
     @staticmethod
@@ -537,12 +545,16 @@ def create_conversation_store(
     retention_seconds: float | None = None,
     max_conversations: int | None = None,
     idempotency_ttl_seconds: float = 86_400.0,
+    options: Mapping[str, Any] | None = None,
 ) -> ConversationStore:
     """Redis when a URL is given (CHATMESH_REDIS_URL), the in-memory store otherwise (also for "").
     `max_conversations` bounds the in-memory store only; Redis is bounded by its own memory policy."""
     if redis_url:
         return RedisConversationStore.from_url(
-            redis_url, retention_seconds=retention_seconds, idempotency_ttl_seconds=idempotency_ttl_seconds
+            redis_url,
+            retention_seconds=retention_seconds,
+            idempotency_ttl_seconds=idempotency_ttl_seconds,
+            options=options,
         )
     return MemoryConversationStore(
         retention_seconds=retention_seconds,

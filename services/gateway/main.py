@@ -1,15 +1,13 @@
 """Starts the gateway process."""
 
-import ipaddress
-
 from chatmesh.gateway.admin import AdminServicer
 from chatmesh.gateway.admission import Admission
 from chatmesh.gateway.auth import Authenticator
 from chatmesh.gateway.service import ChatGateway
 from chatmesh.gateway.usage import UsageReader
-from chatmesh.runtime import metrics
+from chatmesh.runtime import metrics, redis_connection
 from chatmesh.runtime.channels import open_channel
-from chatmesh.runtime.grpc_server import Servicer, serve
+from chatmesh.runtime.grpc_server import Servicer, is_loopback, serve
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 from chatmesh.tenancy.directory import create_tenant_directory
@@ -18,15 +16,6 @@ from chatmesh.tenancy.ledger import create_usage_ledger
 from chatmesh.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc, dialogue_pb2_grpc
 
 log = get_logger(__name__)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_auth_settings(settings: Settings) -> None:
@@ -50,8 +39,9 @@ async def main(settings: Settings) -> None:
     )
     dialogue_channel = open_channel(settings.dialogue_target, settings)
     dialogue = dialogue_pb2_grpc.DialogueServiceStub(dialogue_channel)
-    directory = create_tenant_directory(settings.redis_url)
-    ledger = create_usage_ledger(settings.redis_url)
+    redis_options = redis_connection.connection_options(settings, settings.redis_url or "")
+    directory = create_tenant_directory(settings.redis_url, redis_options)
+    ledger = create_usage_ledger(settings.redis_url, redis_options)
     hasher = KeyHasher(settings.api_key_pepper.get_secret_value())
     usage = UsageReader(settings, ledger, dialogue)
     admission = Admission(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants))
@@ -67,6 +57,8 @@ async def main(settings: Settings) -> None:
     await serve(
         settings,
         port=settings.gateway_port,
+        health_port=settings.gateway_health_port,
+        public=True,
         servicers=[
             Servicer(
                 chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,

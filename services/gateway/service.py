@@ -16,6 +16,7 @@ from chatmesh.gateway.validation import (
     check_user_id,
     is_well_formed_id,
 )
+from chatmesh.runtime import regions
 from chatmesh.runtime.access_log import ErrorKind
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import REQUEST_ID_KEY, annotate, get_logger
@@ -68,6 +69,9 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         if violations:
             await _reply_headers(context, request_id)
             await abort_with(context, invalid_argument(violations))
+        if regions.foreign_home(request.conversation_id, self._settings.region) is not None:
+            await _reply_headers(context, request_id)
+            await self._refuse_other_regions(context, request.conversation_id)
         timeout = downstream_timeout(context, self._settings.default_deadline_seconds)
         try:
             holds_slot = await self._admission.admit(caller, request_id, timeout)
@@ -127,6 +131,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
             context,
             check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=True),
         )
+        await self._refuse_other_regions(context, request.conversation_id)
         try:
             return await self._dialogue.GetConversation(
                 dialogue_pb2.TenantGetConversationRequest(tenant=caller.tenant, request=request),
@@ -144,6 +149,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
             context,
             check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=True),
         )
+        await self._refuse_other_regions(context, request.conversation_id)
         try:
             return await self._dialogue.DeleteConversation(
                 dialogue_pb2.TenantDeleteConversationRequest(tenant=caller.tenant, request=request),
@@ -174,6 +180,17 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         if violations:
             await abort_with(context, invalid_argument(violations))
         return request_id, caller
+
+    async def _refuse_other_regions(self, context: grpc.aio.ServicerContext, conversation_id: str) -> None:
+        """Ends a call about a conversation that lives in another region (see chatmesh.runtime.regions)."""
+        home = regions.foreign_home(conversation_id, self._settings.region)
+        if home is not None:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"conversation {conversation_id} lives in region {home}, and this is region "
+                f"{self._settings.region}: send calls about it to {home}'s chatmesh endpoint",
+            )
 
     async def _authenticate(self, context: grpc.aio.ServicerContext, request_id: str) -> Caller:
         """The caller; ends the call with UNAUTHENTICATED or UNAVAILABLE when it cannot be identified.

@@ -8,6 +8,7 @@ import json
 
 import grpc
 
+from chatmesh.runtime import tls
 from chatmesh.runtime.grpc_server import transport_options
 from chatmesh.runtime.interceptors import client_interceptors, observed
 from chatmesh.runtime.metrics import metered_channel
@@ -44,12 +45,25 @@ _RECONNECT_OPTIONS = [
 
 
 def open_channel(target: str, settings: Settings) -> grpc.aio.Channel:
-    """The channel's stubs pass on the request id and trace context of the call being served."""
-    channel = grpc.aio.insecure_channel(
-        target,
-        options=[*transport_options(settings), *_RECONNECT_OPTIONS, ("grpc.service_config", _SERVICE_CONFIG)],
-        interceptors=client_interceptors(settings) or None,
-    )
+    """A channel to another chatmesh process: mutual TLS when the settings name certificates, else
+    plaintext. Its stubs pass on the request id and trace context of the call being served."""
+    options = [*transport_options(settings), *_RECONNECT_OPTIONS, ("grpc.service_config", _SERVICE_CONFIG)]
+    interceptors = client_interceptors(settings) or None
+    pair = tls.client_pair(settings)
+    channel: grpc.aio.Channel
+    if pair is None:
+        channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    else:
+
+        def open_secure(credentials: grpc.ChannelCredentials) -> grpc.aio.Channel:
+            return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+
+        channel = tls.ReloadingChannel(
+            pair,
+            open_secure,
+            reload_seconds=settings.tls_reload_seconds,
+            drain_seconds=settings.default_deadline_seconds,
+        )
     return PropagatingChannel(metered_channel(channel, observed), observed)
 
 

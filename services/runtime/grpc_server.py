@@ -1,6 +1,7 @@
 """The gRPC server every process runs: health, reflection, transport limits, and a graceful stop."""
 
 import asyncio
+import ipaddress
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chatmesh.runtime import tls
 from chatmesh.runtime.interceptors import server_interceptors
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.metrics import initialize_server_metrics
@@ -50,15 +52,32 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def _listen(server: grpc.aio.Server, settings: Settings, port: int, public: bool) -> str:
+    """Adds the port, with TLS when the settings name a certificate for it; returns how it is secured."""
+    address = f"{settings.bind_host}:{port}"
+    pair = tls.public_pair(settings) if public else tls.internal_pair(settings)
+    if pair is None:
+        server.add_insecure_port(address)
+        return "plaintext"
+    server.add_secure_port(address, tls.server_credentials(pair))
+    return "mutual_tls" if pair.ca_file else "tls"
+
+
 async def serve(
     settings: Settings,
     *,
     port: int,
+    health_port: int,
     servicers: Sequence[Servicer],
+    public: bool = False,
     on_stopped: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serves until SIGTERM or SIGINT, then drains: health NOT_SERVING, new calls refused, in-flight
-    calls given `shutdown_grace_seconds` to finish; then `on_stopped` releases the service's resources."""
+    calls given `shutdown_grace_seconds` to finish; then `on_stopped` releases the service's resources.
+
+    `public` is the gateway's port, with its own certificate and no client certificate asked for; every
+    other port asks for one when TLS is on. A `health_port` (0: none) serves grpc.health.v1 alone, in
+    plaintext, for probes that cannot present a certificate."""
     server = grpc.aio.server(options=server_options(settings), interceptors=server_interceptors(settings))
     for servicer in servicers:
         servicer.add_to_server(server)
@@ -69,12 +88,14 @@ async def serve(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    address = f"{settings.bind_host}:{port}"
-    server.add_insecure_port(address)
+    transport = _listen(server, settings, port, public)
     await server.start()
+    health_server = await _start_health_server(settings, health_port, health_servicer)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("listening", extra={"address": address})
+    log.info("listening", extra={"address": f"{settings.bind_host}:{port}", "transport": transport})
+    if transport == "plaintext" and not is_loopback(settings.bind_host):
+        log.warning("plaintext_beyond_loopback", extra={"address": f"{settings.bind_host}:{port}"})
 
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -87,8 +108,34 @@ async def serve(
     if settings.shutdown_delay_seconds > 0:
         await asyncio.sleep(settings.shutdown_delay_seconds)
     await server.stop(settings.shutdown_grace_seconds)
+    if health_server is not None:
+        await health_server.stop(None)
     if on_stopped is not None:
         await on_stopped()
     # The spans of the last calls are still queued for export: send them before the process exits.
     await asyncio.to_thread(shutdown_tracing)
     log.info("stopped")
+
+
+async def _start_health_server(
+    settings: Settings, port: int, health_servicer: health.aio.HealthServicer
+) -> grpc.aio.Server | None:
+    """A plaintext server with grpc.health.v1 only, sharing the main port's health states."""
+    if port == 0:
+        return None
+    server = grpc.aio.server(options=server_options(settings))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{settings.bind_host}:{port}"
+    server.add_insecure_port(address)
+    await server.start()
+    log.info("health_listening", extra={"address": address, "transport": "plaintext"})
+    return server
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -23,6 +23,35 @@ class Settings(BaseSettings):
     modelsim_port: int = 8089
     # Where the others find dialogue, safety and cache; unset means this machine at their ports.
     dialogue_target: str = ""
+    # A plaintext port per process with only grpc.health.v1 on it, for probes that cannot present a client
+    # certificate (the kubelet's); 0 serves none.
+    gateway_health_port: int = Field(default=0, ge=0, le=65535)
+    dialogue_health_port: int = Field(default=0, ge=0, le=65535)
+    safety_health_port: int = Field(default=0, ge=0, le=65535)
+    cache_health_port: int = Field(default=0, ge=0, le=65535)
+    # The region of this install (lowercase letters, digits and '-', e.g. "eu-west"). New conversation ids
+    # start with it ("eu-west.<id>"), and a call naming another region's conversation gets
+    # FAILED_PRECONDITION, naming that region. Empty: ids carry no region.
+    region: str = Field(default="", pattern=r"^([a-z][a-z0-9-]{0,30}[a-z0-9])?$")
+
+    # TLS on every gRPC port and channel; with none of these set, every hop is plaintext. PEM files,
+    # reloaded when they change (servers: on the next connection; channels: within tls_reload_seconds).
+    # The certificate and key of every process's gRPC port. With tls_ca_file, the port requires a client
+    # certificate that chains to it (mutual TLS), and channels to other chatmesh processes verify the
+    # server's certificate against it and present tls_client_cert_file.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    # The client certificate and key that channels present; empty means tls_cert_file and tls_key_file
+    # (a certificate for both server and client auth).
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
+    # The public gateway port's own certificate and key (empty: tls_cert_file and tls_key_file). The public
+    # port never asks for a client certificate: callers authenticate with API keys.
+    gateway_tls_cert_file: str = ""
+    gateway_tls_key_file: str = ""
+    # How often channels look for a changed client certificate, key or CA.
+    tls_reload_seconds: float = Field(default=5.0, gt=0)
 
     # gRPC transport, for servers and channels alike.
     grpc_max_message_bytes: int = 4 * 1024 * 1024
@@ -66,8 +95,19 @@ class Settings(BaseSettings):
     # Per-tenant metrics label at most this many tenants per process; the others count as "other".
     metrics_max_tenants: int = Field(default=100, ge=0)
 
-    # Dialogue, and the gateway's tenants, keys and limits.
+    # Dialogue, and the gateway's tenants, keys and limits: redis://, or rediss:// for TLS. This Redis must
+    # not evict keys (maxmemory-policy noeviction): it holds conversations and usage.
     redis_url: str | None = None
+    # The Redis of the answer cache, which may evict (allkeys-lru); unset means redis_url.
+    cache_redis_url: str | None = None
+    # Credentials for both Redis URLs, in place of any in the URL (ACL user, or only a password).
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    # For rediss:// URLs: the CA that the server's certificate must chain to (empty: the system's), and a
+    # client certificate and key, for a Redis that asks for one (tls-auth-clients).
+    redis_tls_ca_file: str = ""
+    redis_tls_cert_file: str = ""
+    redis_tls_key_file: str = ""
     context_window_messages: int = 10
     # Conversations are erased this long after their last turn; 0 keeps them until deleted.
     conversation_retention_seconds: float = 7 * 24 * 3600
@@ -149,7 +189,35 @@ class Settings(BaseSettings):
         for service in ("dialogue", "safety", "cache"):
             if not getattr(self, f"{service}_target"):
                 setattr(self, f"{service}_target", f"127.0.0.1:{getattr(self, f'{service}_port')}")
+        if self.cache_redis_url is None:
+            self.cache_redis_url = self.redis_url
         return self
+
+    @model_validator(mode="after")
+    def _tls_files_in_pairs(self) -> Self:
+        for cert, key in (
+            ("tls_cert_file", "tls_key_file"),
+            ("tls_client_cert_file", "tls_client_key_file"),
+            ("gateway_tls_cert_file", "gateway_tls_key_file"),
+            ("redis_tls_cert_file", "redis_tls_key_file"),
+        ):
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                raise ValueError(f"CHATMESH_{cert.upper()} and CHATMESH_{key.upper()} must be set together")
+        if self.tls_cert_file and not self.tls_ca_file:
+            raise ValueError(
+                "CHATMESH_TLS_CERT_FILE needs CHATMESH_TLS_CA_FILE: chatmesh's processes authenticate each other "
+                "with certificates from that CA (mutual TLS)"
+            )
+        if self.tls_ca_file and not self.tls_cert_file:
+            raise ValueError("CHATMESH_TLS_CA_FILE needs CHATMESH_TLS_CERT_FILE and CHATMESH_TLS_KEY_FILE")
+        if self.tls_client_cert_file and not self.tls_cert_file:
+            raise ValueError("CHATMESH_TLS_CLIENT_CERT_FILE needs CHATMESH_TLS_CERT_FILE and CHATMESH_TLS_CA_FILE")
+        return self
+
+    @property
+    def internal_tls(self) -> bool:
+        """Whether hops between chatmesh's processes use mutual TLS."""
+        return bool(self.tls_cert_file)
 
     def model_endpoint(self) -> tuple[str, str]:
         """The (base URL, API key) of the model provider: the configured one, else the simulator."""

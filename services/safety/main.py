@@ -45,6 +45,7 @@ async def main(settings: Settings) -> None:
         await serve(
             settings,
             port=settings.safety_port,
+            health_port=settings.safety_health_port,
             servicers=[
                 Servicer(
                     safety_pb2.DESCRIPTOR.services_by_name["SafetyService"].full_name,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import abc
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -194,8 +196,10 @@ class RedisTenantDirectory(TenantDirectory):
         self._resolve = client.register_script(_RESOLVE_LUA)
 
     @classmethod
-    def from_url(cls, url: str) -> RedisTenantDirectory:
-        return cls(Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=2))
+    def from_url(cls, url: str, options: Mapping[str, Any] | None = None) -> RedisTenantDirectory:
+        return cls(
+            Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=2, **(options or {}))
+        )
 
     @staticmethod
     def _tenant_key(name: str) -> str:
@@ -313,8 +317,8 @@ def _decode_key(key_id: str, fields: dict[str, str]) -> KeyRecord:
     )
 
 
-def create_tenant_directory(redis_url: str | None) -> TenantDirectory:
+def create_tenant_directory(redis_url: str | None, options: Mapping[str, Any] | None = None) -> TenantDirectory:
     """Redis when a URL is given (CHATMESH_REDIS_URL), memory otherwise."""
     if redis_url:
-        return RedisTenantDirectory.from_url(redis_url)
+        return RedisTenantDirectory.from_url(redis_url, options)
     return MemoryTenantDirectory()

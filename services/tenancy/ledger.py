@@ -20,8 +20,9 @@ from __future__ import annotations
 import abc
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -662,9 +663,11 @@ class RedisUsageLedger(UsageLedger):
         self._usage = client.register_script(_USAGE_LUA)
 
     @classmethod
-    def from_url(cls, url: str) -> RedisUsageLedger:
+    def from_url(cls, url: str, options: Mapping[str, Any] | None = None) -> RedisUsageLedger:
         """A ledger with its own connection pool to `url`, e.g. `redis://localhost:6379/0`."""
-        return cls(Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=2))
+        return cls(
+            Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=2, **(options or {}))
+        )
 
     @staticmethod
     def _prefix(tenant: str) -> str:
@@ -819,8 +822,8 @@ class RedisUsageLedger(UsageLedger):
         await self._client.aclose()
 
 
-def create_usage_ledger(redis_url: str | None) -> UsageLedger:
+def create_usage_ledger(redis_url: str | None, options: Mapping[str, Any] | None = None) -> UsageLedger:
     """Redis when a URL is given (CHATMESH_REDIS_URL), the in-memory ledger otherwise (also for "")."""
     if redis_url:
-        return RedisUsageLedger.from_url(redis_url)
+        return RedisUsageLedger.from_url(redis_url, options)
     return MemoryUsageLedger()

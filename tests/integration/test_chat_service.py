@@ -1,6 +1,7 @@
 """ChatService over real processes: gateway → dialogue → modelsim, on loopback."""
 
 import asyncio
+import json
 import uuid
 
 import grpc
@@ -354,3 +355,12 @@ async def test_a_failed_first_turn_leaves_no_conversation(sim: Cluster, chat: ch
             chat_pb2.GetConversationRequest(conversation_id=started[0].conversation_id, user_id=USER)
         )
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_without_tls_settings_every_port_is_plaintext_and_says_so(cluster: Cluster) -> None:
+    for name in ("gateway", "dialogue", "safety", "cache"):
+        lines = [json.loads(line) for line in cluster.processes[name].log().splitlines() if line.startswith("{")]
+        listening = [line for line in lines if line.get("event") == "listening"]
+        assert [line["transport"] for line in listening] == ["plaintext"], name
+        # On loopback, plaintext is expected: no warning.
+        assert not any(line.get("event") == "plaintext_beyond_loopback" for line in lines), name

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .certificates import TestPki
 from .ports import free_port
 
 STARTUP_SECONDS = 20.0
@@ -40,6 +41,8 @@ class ServiceProcess:
         self._process: subprocess.Popen[bytes] | None = None
         # Where the process serves /metrics (set by Cluster); None for modelsim.
         self.metrics_port: int | None = None
+        # Its plaintext health port, which readiness is checked on when set (with TLS on).
+        self.health_port: int | None = None
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -104,7 +107,7 @@ class ServiceProcess:
                     return True
             except OSError:
                 return False
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{self.health_port or self.port}") as channel:
             try:
                 response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
             except grpc.RpcError:
@@ -117,7 +120,8 @@ class Cluster:
 
     The simulator starts with no latency; tests change it through `sim_config`. `replicas` runs more than
     one gateway or dialogue (e.g. {"gateway": 3, "dialogue": 2}): replica 2 and on are `gateway-2`, …, each
-    on its own ports; every gateway spreads its calls over every dialogue (round robin).
+    on its own ports; every gateway spreads its calls over every dialogue (round robin). With `pki`, every
+    gRPC port uses TLS (mutual between the processes) and every process has a plaintext health port.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class Cluster:
         env: dict[str, str] | None = None,
         processes: Sequence[str] = START_ORDER,
         replicas: dict[str, int] | None = None,
+        pki: TestPki | None = None,
     ) -> None:
         self._log_dir = Path(tempfile.mkdtemp(prefix="chatmesh-cluster-"))
         ports = {name: free_port() for name in START_ORDER}
@@ -155,10 +160,15 @@ class Cluster:
         self.env.pop("CHATMESH_REDIS_URL", None)
         if redis_url is not None:
             self.env["CHATMESH_REDIS_URL"] = redis_url
+        health_ports = {name: free_port() for name in METRICS_PROCESSES} if pki is not None else {}
+        if pki is not None:
+            self.env.update(pki.env())
+            self.env.update({f"CHATMESH_{name.upper()}_HEALTH_PORT": str(port) for name, port in health_ports.items()})
         self.env.update(env or {})
         self.processes = {name: ServiceProcess(name, port, self.env, self._log_dir) for name, port in ports.items()}
         for name, port in self.metrics_ports.items():
             self.processes[name].metrics_port = port
+            self.processes[name].health_port = health_ports.get(name)
         extra = {
             f"{command}-{number}": command
             for command, count in (replicas or {}).items()
@@ -171,13 +181,16 @@ class Cluster:
         for name, command in extra.items():
             port = next(dialogue_ports) if command == "dialogue" else free_port()
             metrics_port = free_port()
+            health_port = free_port() if pki is not None else None
             replica_env = {
                 **self.env,
                 f"CHATMESH_{command.upper()}_PORT": str(port),
                 f"CHATMESH_{command.upper()}_METRICS_PORT": str(metrics_port),
+                f"CHATMESH_{command.upper()}_HEALTH_PORT": str(health_port or 0),
             }
             self.processes[name] = ServiceProcess(name, port, replica_env, self._log_dir, command)
             self.processes[name].metrics_port = metrics_port
+            self.processes[name].health_port = health_port
             self.metrics_ports[name] = metrics_port
         # Replicas start right after their first process.
         self._names = [
