@@ -919,6 +919,53 @@ def test_the_generated_redis_password_is_kept_across_upgrades(defaults: Rendered
     assert render().get("Secret", f"{RELEASE}-redis-auth")["data"]["password"] != installed
 
 
+# Regions: one install per region, each with its own Redises; region values files.
+
+REGION_FILES = sorted((CHART / "regions").glob("*.yaml"))
+
+
+def test_there_is_a_values_file_for_each_region_of_the_guide() -> None:
+    assert [path.stem for path in REGION_FILES] == ["apac", "eu-west", "us-east"]
+
+
+@pytest.mark.parametrize("path", REGION_FILES, ids=lambda path: path.stem)
+def test_each_region_file_lints_strictly_validates_and_sets_its_region(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert lint_findings(values) == []
+    chart = render(values)  # checked against values.schema.json
+    assert [error for obj in chart.objects if obj["kind"] not in CRD_KINDS for error in schema_errors(obj)] == []
+    # CHATMESH_REGION, which every process reads, is the file's region, and a valid one for the settings.
+    assert settings_data(chart)["CHATMESH_REGION"] == path.stem
+    for variable in list(os.environ):
+        if variable.startswith("CHATMESH_"):
+            monkeypatch.delenv(variable)
+    assert Settings(region=path.stem).region == path.stem
+    # The region's own Redises (nothing bundled, so nothing of a region's data lives elsewhere), over TLS.
+    assert set(workloads(chart)) == set(CORE)
+    dialogue, cache = env_of(deployments(chart)["dialogue"]), env_of(deployments(chart)["cache"])
+    assert dialogue["CHATMESH_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "chatmesh-redis"
+    assert cache["CHATMESH_CACHE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "chatmesh-cache-redis"
+    assert "CHATMESH_REDIS_TLS_CA_FILE" in dialogue and "CHATMESH_REDIS_TLS_CA_FILE" in cache
+    # TLS from cert-manager: the region's CA issuer, and a public certificate for the region's endpoint.
+    certificates = {c["metadata"]["name"]: c["spec"] for c in chart.of_kind("Certificate")}
+    assert certificates[f"{RELEASE}-tls"]["issuerRef"]["name"] == f"chatmesh-{path.stem}-ca"
+    assert all(n.startswith(f"{path.stem}.") for n in certificates[f"{RELEASE}-gateway-tls"]["dnsNames"])
+    # Pods in the region's nodes, spread over its zones.
+    for deployment in deployments(chart).values():
+        assert "topology.kubernetes.io/region" in pod_spec(deployment)["nodeSelector"]
+        zones = pod_spec(deployment)["topologySpreadConstraints"][0]
+        assert zones["topologyKey"] == "topology.kubernetes.io/zone"
+
+
+def test_the_region_is_a_value_checked_like_the_settings_check_it(defaults: Rendered) -> None:
+    assert "CHATMESH_REGION" not in settings_data(defaults)
+    for bad in ("EU-West", "eu_west", "-eu", "eu-"):
+        with pytest.raises(helm.HelmValuesError, match="at '/region'"):
+            render({"region": bad})
+
+
 # Callers and tenants: API keys always required, the admin token and pepper for the gateway only, Redis for all.
 
 AUTH_SECRETS = ("CHATMESH_ADMIN_TOKEN", "CHATMESH_API_KEY_PEPPER")
