@@ -1,8 +1,8 @@
 """The ways of getting a reply that the benchmark compares, one call at a time.
 
 - chatmesh: the gateway over grpc.aio, as a backend service calls it, with the tenant's API key in
-  `authorization` metadata on every call (chatmesh_open: the same client, without a key), and an
-  `idempotency_key` in the request when the case sends one;
+  `authorization` metadata on every call (chatmesh_open: the same client, without a key; chatmesh_tls: the
+  same client, over TLS), and an `idempotency_key` in the request when the case sends one;
 - floor: straight to the model with a lean aiohttp client and a minimal SSE parser, the least any
   caller can spend;
 - sdk: straight to the model with the openai SDK's `AsyncOpenAI` (stream=True, typed chunks), what a
@@ -48,12 +48,20 @@ def _meets(expect: Expect, finish_reason: int, cached: bool) -> bool:
     return finish_reason == chat_pb2.FINISH_REASON_STOP and not cached
 
 
-class ChatmeshClient:
-    """One channel to the gateway, reused by every call (as a service would). With `api_key`, every call
-    sends it as `authorization: Bearer <key>` metadata."""
+def _channel(target: str, root_certificates: bytes | None) -> grpc.aio.Channel:
+    """A channel to a gateway: over TLS, trusting the CA `root_certificates` (PEM), when given."""
+    if root_certificates is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
 
-    def __init__(self, target: str, api_key: str | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+
+class ChatmeshClient:
+    """One channel to the gateway, reused by every call (as a service would), so that a TLS handshake is made
+    once, when it connects. With `api_key`, every call sends it as `authorization: Bearer <key>` metadata; with
+    `root_certificates` (the PEM of the CA that the gateway's certificate chains to), the channel uses TLS."""
+
+    def __init__(self, target: str, api_key: str | None = None, root_certificates: bytes | None = None) -> None:
+        self._channel = _channel(target, root_certificates)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self._metadata = None if api_key is None else (("authorization", f"Bearer {api_key}"),)
 
@@ -182,8 +190,10 @@ class SdkClient:
 
 
 # The bench tenant's limits: every kind of limit is set, so that every check runs on every call, and each
-# is far above what a run can use, so that none refuses.
+# is far above what a run can use, so that none refuses. chatmesh_tls has a tenant of its own with the same
+# limits: the clusters share one Redis, and a tenant's cache entries would answer the other cluster's calls.
 BENCH_TENANT = "bench"
+BENCH_TLS_TENANT = "bench-tls"
 BENCH_LIMITS = chat_pb2.TenantLimits(
     requests_per_minute=10**9,
     tokens_per_minute=10**9,
@@ -193,18 +203,21 @@ BENCH_LIMITS = chat_pb2.TenantLimits(
 )
 
 
-async def create_bench_tenant(target: str, admin_token: str) -> str:
-    """Creates the bench tenant with BENCH_LIMITS through the gateway's AdminService; returns an API key of it."""
+async def create_bench_tenant(
+    target: str, admin_token: str, tenant: str = BENCH_TENANT, root_certificates: bytes | None = None
+) -> str:
+    """Creates `tenant` with BENCH_LIMITS through the AdminService of the gateway at `target` (over TLS with
+    `root_certificates`, as ChatmeshClient); returns an API key of it."""
     metadata = (("authorization", f"Bearer {admin_token}"),)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with _channel(target, root_certificates) as channel:
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         await admin.CreateTenant(
-            admin_pb2.CreateTenantRequest(name=BENCH_TENANT, limits=BENCH_LIMITS),
+            admin_pb2.CreateTenantRequest(name=tenant, limits=BENCH_LIMITS),
             metadata=metadata,
             timeout=CALL_TIMEOUT_SECONDS,
         )
         created = await admin.CreateKey(
-            admin_pb2.CreateKeyRequest(tenant=BENCH_TENANT, description="make bench"),
+            admin_pb2.CreateKeyRequest(tenant=tenant, description="make bench"),
             metadata=metadata,
             timeout=CALL_TIMEOUT_SECONDS,
         )

@@ -1,5 +1,5 @@
 """From measured segments to the report: statistics, the targets of issue 5 (and of authentication and
-limits, and of the idempotency key), markdown, and the plot."""
+limits, of the idempotency key, and of TLS), markdown, and the plot."""
 
 from __future__ import annotations
 
@@ -12,16 +12,21 @@ from typing import Any
 from bench.cases import Case
 from bench.loadgen import Segment
 
-# chatmesh: the chart's default (authentication and every limit on); chatmesh_open: the same without them.
-CHATMESH_TARGETS = ("chatmesh", "chatmesh_open")
-# A case that sends an idempotency key also runs, in every round, the same calls without one against each chatmesh
-# target's cluster, as a target of its own: what the key adds is the one minus the other.
-UNKEYED = {target: f"{target}_unkeyed" for target in CHATMESH_TARGETS}
+# chatmesh: the chart's configuration without TLS (authentication and every limit on); chatmesh_open: the same
+# without authentication and limits; chatmesh_tls: chatmesh plus TLS on every gRPC port. One cluster each.
+CHATMESH_TARGETS = ("chatmesh", "chatmesh_open", "chatmesh_tls")
+# What authentication and limits add is the first of each pair minus the second; what TLS adds likewise.
+AUTH_PAIR = ("chatmesh", "chatmesh_open")
+TLS_PAIR = ("chatmesh_tls", "chatmesh")
+# A case that sends an idempotency key also runs, in every round, the same calls without one against the chatmesh
+# and chatmesh_open clusters, as targets of their own: what the key adds is the one minus the other. (chatmesh_tls
+# sends the key in such a case too, as chatmesh does, but has no such twin.)
+UNKEYED = {target: f"{target}_unkeyed" for target in ("chatmesh", "chatmesh_open")}
 # The targets of the latency table, in its order; a case's `targets` has the unkeyed ones too (None but in a
 # case that sends a key).
 TABLE_TARGETS = (*CHATMESH_TARGETS, "floor", "sdk")
 TARGET_NAMES = (*TABLE_TARGETS, *UNKEYED.values())
-# The redis-server both chatmesh targets share: measured, reported apart from the chatmesh processes.
+# The redis-server every chatmesh target shares: measured, reported apart from the chatmesh processes.
 REDIS_PROCESS = "redis"
 
 
@@ -42,7 +47,8 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def target_stats(segments: Sequence[Segment], process_cpu_seconds: dict[str, float]) -> dict[str, Any]:
-    """The statistics of one target (chatmesh, chatmesh_open, floor or sdk) over every round of one case."""
+    """The statistics of one target (chatmesh, chatmesh_open, chatmesh_tls, floor, ...) over every round of one
+    case."""
     latencies = sorted(sample.latency for segment in segments for sample in segment.samples)
     ttfds = sorted(sample.ttfd for segment in segments for sample in segment.samples if sample.ttfd is not None)
     calls = len(latencies)
@@ -112,21 +118,22 @@ def added_over(chatmesh: dict[str, Any], baseline: dict[str, Any]) -> dict[str, 
     }
 
 
-def auth_and_limits(
-    chatmesh: dict[str, Any],
-    chatmesh_open: dict[str, Any],
+def cluster_difference(
+    target: dict[str, Any],
+    other: dict[str, Any],
     cpu: dict[str, float | None],
-    cpu_open: dict[str, float | None],
+    cpu_other: dict[str, float | None],
 ) -> dict[str, Any]:
-    """What authentication and limits add: chatmesh minus chatmesh_open, in latency (as `added_over`), in CPU
-    per call of each chatmesh process and their total, and in CPU per call of the Redis both share (not a
-    chatmesh process, so not in the total)."""
+    """What one chatmesh target adds over another in the same case: `target` minus `other`, in latency (as
+    `added_over`), in CPU per call of each chatmesh process (by kind: gateway, ...) and their total, and in CPU
+    per call of the Redis they share (not a chatmesh process, so not in the total). Authentication and limits:
+    chatmesh minus chatmesh_open; TLS: chatmesh_tls minus chatmesh."""
     return {
-        **added_over(chatmesh, chatmesh_open),
-        "cpu_ms_per_call": {name: _difference(value, cpu_open.get(name)) for name, value in cpu.items()},
+        **added_over(target, other),
+        "cpu_ms_per_call": {name: _difference(value, cpu_other.get(name)) for name, value in cpu.items()},
         "redis_cpu_ms_per_call": _difference(
-            chatmesh["process_cpu_ms_per_call"].get(REDIS_PROCESS),
-            chatmesh_open["process_cpu_ms_per_call"].get(REDIS_PROCESS),
+            target["process_cpu_ms_per_call"].get(REDIS_PROCESS),
+            other["process_cpu_ms_per_call"].get(REDIS_PROCESS),
         ),
     }
 
@@ -134,15 +141,14 @@ def auth_and_limits(
 def idempotency_key_added(
     targets: dict[str, dict[str, Any]], cpu: dict[str, dict[str, float | None]], expect: str
 ) -> dict[str, Any]:
-    """What an idempotency key adds in a case that sends one: for each chatmesh target, its calls with a key minus
-    the same calls without one (its UNKEYED target), measured in the same rounds of the same case (as
-    `auth_and_limits`, plus Redis commands and scripts per call, and the CPU per call without a key that the
+    """What an idempotency key adds in a case that sends one: for chatmesh and chatmesh_open, the calls with a key
+    minus the same calls without one (its UNKEYED target), measured in the same rounds of the same case (as
+    `cluster_difference`, plus Redis commands and scripts per call, and the CPU per call without a key that the
     difference is taken from); a target is None, with the reason, when either side's replies were not all as
     expected. `targets` and `cpu` are by target name, the unkeyed ones included."""
-    added: dict[str, Any] = {"reason": None, **dict.fromkeys(CHATMESH_TARGETS)}
+    added: dict[str, Any] = {"reason": None, **dict.fromkeys(UNKEYED)}
     reasons = []
-    for target in CHATMESH_TARGETS:
-        unkeyed = UNKEYED[target]
+    for target, unkeyed in UNKEYED.items():
         with_key, without = targets[target], targets[unkeyed]
         failed = [
             f"{stats['unexpected']} of {stats['calls']} {name} replies were not {expect}"
@@ -152,7 +158,7 @@ def idempotency_key_added(
         if failed:
             reasons += failed
             continue
-        difference = auth_and_limits(with_key, without, cpu[target], cpu[unkeyed])
+        difference = cluster_difference(with_key, without, cpu[target], cpu[unkeyed])
         for kind in ("commands", "scripts"):
             difference[f"redis_{kind}_per_call"] = _difference(
                 (with_key.get("redis_per_call") or {}).get(kind), (without.get("redis_per_call") or {}).get(kind)
@@ -170,9 +176,11 @@ def empty_case(case: Case) -> dict[str, Any]:
         "targets": dict.fromkeys(TARGET_NAMES),
         "added": {"floor": None, "sdk": None},
         "auth_and_limits": None,
+        "tls_added": None,
         "idempotency_key_added": None,
         "cpu_ms_per_call": None,
         "cpu_ms_per_call_open": None,
+        "cpu_ms_per_call_tls": None,
         "rss_mib": None,
         "turns": None,
         "other_load_cores": None,
@@ -198,7 +206,8 @@ def case_header(case: Case) -> dict[str, Any]:
     }
 
 
-# The targets of issue 5, read from the report (never asserted by a test).
+# The targets of issue 5 (and of authentication and limits, of the idempotency key, and of TLS), read from the
+# report (never asserted by a test).
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +294,7 @@ TARGETS = (
         lambda entry: entry["auth_and_limits"]["p50_ms"],
         0.5,
         "ms",
-        needs=CHATMESH_TARGETS,
+        needs=AUTH_PAIR,
     ),
     Target(
         "auth and limits: added CPU per call ≤ 0.5 ms",
@@ -305,7 +314,7 @@ TARGETS = (
         lambda entry: entry["auth_and_limits"]["cpu_ms_per_call"]["total"],
         0.5,
         "ms",
-        needs=CHATMESH_TARGETS,
+        needs=AUTH_PAIR,
     ),
     Target(
         "idempotency key: added p50 at c=1 ≤ 0.3 ms",
@@ -314,6 +323,14 @@ TARGETS = (
         0.3,
         "ms",
         reason=lambda entry: (entry["idempotency_key_added"] or {}).get("reason"),
+    ),
+    Target(
+        "TLS adds ≤ 0.3 ms p50 at c=1",
+        ("stream_c1_new",),
+        lambda entry: entry["tls_added"]["p50_ms"],
+        0.3,
+        "ms",
+        needs=TLS_PAIR,
     ),
 )
 RSS_LIMIT_MIB = 120.0
@@ -412,7 +429,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"modelsim with zero latency and {run['reply_tokens']}-token replies; "
         f"chatmesh processes measured: {', '.join(chatmesh_processes)}. "
         f"**chatmesh**: {auth.get('chatmesh', 'the default configuration')}; "
-        f"chatmesh_open: {auth.get('chatmesh_open', '-')}; both on the same Redis, measured apart. "
+        f"chatmesh_open: {auth.get('chatmesh_open', '-')}; "
+        f"chatmesh_tls: {auth.get('chatmesh_tls', '-')}. {run.get('tls', '')} "
+        "All three clusters on the same Redis, over plaintext, measured apart. "
         f"{run['cpus']} CPUs, Python {run['python']}, grpcio {run['grpcio']}; "
         f"load average {run['loadavg_before']} before, {run['loadavg_after']} after; {run['duration_seconds']:.0f} s. "
         f"modelsim served {run['modelsim_stats'].get('requests', 0)} chat and "
@@ -505,8 +524,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"**{_fmt(cpu.get('total'), signed=True)}**",
                 *(_fmt(cpu.get(name), signed=True) for name in chatmesh_processes),
                 _fmt(added.get("redis_cpu_ms_per_call"), signed=True),
-                " / ".join(_redis_calls(entry["targets"][target], "commands") for target in CHATMESH_TARGETS),
-                " / ".join(_redis_calls(entry["targets"][target], "scripts") for target in CHATMESH_TARGETS),
+                " / ".join(_redis_calls(entry["targets"][target], "commands") for target in AUTH_PAIR),
+                " / ".join(_redis_calls(entry["targets"][target], "scripts") for target in AUTH_PAIR),
             )
         )
     lines += _table(
@@ -533,6 +552,7 @@ def markdown(report: dict[str, Any]) -> str:
         "not in the chatmesh totals. Redis commands per call count those that Lua scripts run; 'of them scripts' "
         "counts the scripts (EVALSHA) themselves.",
     ]
+    lines += _tls_section(report)
     lines += _idempotency_key_section(report)
 
     lines += ["", "## CPU per call (ms) and memory (MiB) of chatmesh", ""]
@@ -582,7 +602,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "## Targets (issue 5; added = chatmesh minus the floor baseline of the same case; for auth and limits, "
-        "chatmesh minus chatmesh_open)",
+        "chatmesh minus chatmesh_open; for TLS, chatmesh_tls minus chatmesh)",
         "",
     ]
     rows = []
@@ -617,9 +637,59 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tls_section(report: dict[str, Any]) -> list[str]:
+    """What TLS adds: chatmesh_tls minus chatmesh in every case, in latency and CPU per call."""
+    chatmesh_processes = report["chatmesh_processes"]
+    lines = ["", "## What TLS adds (chatmesh_tls minus chatmesh, same case, same run)", ""]
+    rows = []
+    for entry in report["cases"]:
+        if not entry["available"]:
+            continue
+        added = entry["tls_added"] or {}
+        cpu = added.get("cpu_ms_per_call") or {}
+        rows.append(
+            (
+                entry["name"],
+                f"**{_fmt(added.get('p50_ms'), signed=True)}**",
+                _fmt(added.get("p99_ms"), signed=True),
+                _fmt(added.get("ttfd_p50_ms"), signed=True),
+                _ratio(added.get("rps_ratio")),
+                _fmt(entry["cpu_ms_per_call"]["total"]),
+                _fmt(entry["cpu_ms_per_call_tls"]["total"]),
+                f"**{_fmt(cpu.get('total'), signed=True)}**",
+                *(_fmt(cpu.get(name), signed=True) for name in chatmesh_processes),
+            )
+        )
+    lines += _table(
+        (
+            "case",
+            "p50",
+            "p99",
+            "TTFD p50",
+            "req/s ÷ chatmesh",
+            "chatmesh CPU",
+            "chatmesh_tls CPU",
+            "added CPU",
+            *(f"{name} CPU" for name in chatmesh_processes),
+        ),
+        rows,
+    )
+    lines += [
+        "",
+        "chatmesh_tls is chatmesh (same Redis, same modelsim, a tenant with the same limits, an API key on every "
+        "call) with "
+        "TLS on every gRPC port: the load generator to the gateway (the gateway's public certificate, no client "
+        "certificate) and mutual TLS between the chatmesh processes. Every channel is reused, so handshakes happen "
+        "in the warm-up; what is measured is encrypting and decrypting each call on every hop. Redis and modelsim "
+        "stay plaintext. Latencies and CPU in ms per call, CPU summed over each cluster's chatmesh processes (the "
+        "added CPU of each process next to it). The chatmesh_tls processes are reported as `tls-<name>`.",
+    ]
+    return lines
+
+
 def _idempotency_key_section(report: dict[str, Any]) -> list[str]:
     """What an idempotency key adds: in each keyed case, the calls with a key minus the same calls without one, on
-    both chatmesh targets."""
+    chatmesh and chatmesh_open."""
     keyed = [entry for entry in report["cases"] if entry.get("idempotency_key") and entry["available"]]
     if not keyed:
         return []
@@ -636,7 +706,7 @@ def _idempotency_key_section(report: dict[str, Any]) -> list[str]:
         added = entry["idempotency_key_added"] or {}
         if added.get("reason"):
             notes.append(f"{entry['name']}: {added['reason']}.")
-        for target in CHATMESH_TARGETS:
+        for target in UNKEYED:
             difference = added.get(target) or {}
             cpu = difference.get("cpu_ms_per_call") or {}
             rows.append(
@@ -711,6 +781,7 @@ def plot(report: dict[str, Any], samples: dict[str, dict[str, list[float]]], pat
     colors = {
         "chatmesh": "tab:blue",
         "chatmesh_open": "tab:green",
+        "chatmesh_tls": "tab:purple",
         "floor": "tab:gray",
         "sdk": "tab:orange",
         "chatmesh_unkeyed": "tab:cyan",

@@ -1,25 +1,31 @@
 """`make bench`: what chatmesh adds over calling the model directly, in latency, throughput, CPU and memory,
-and what authentication and tenant limits add to that.
+and what authentication and tenant limits, and TLS, add to that.
 
-It starts a real redis-server (tests/support/redis_server.py) and two clusters of the kind the integration
-tests start (tests/support/cluster.py: every chatmesh process, free loopback ports), both keeping
-conversations, cache entries, tenants and usage in that Redis:
+It starts a real redis-server (tests/support/redis_server.py) and three clusters of the kind the integration
+tests start (tests/support/cluster.py: every chatmesh process, free loopback ports), all keeping
+conversations, cache entries, tenants and usage in that Redis, over plaintext:
 
-- chatmesh: the Helm chart's default configuration: CHATMESH_AUTH=required, an admin token, and a tenant
+- chatmesh: the Helm chart's configuration without TLS: CHATMESH_AUTH=required, an admin token, and a tenant
   created through the AdminService with every kind of limit set (far above what the run uses, so that every
   check runs on every call and none refuses); every call sends the tenant's API key. It also runs modelsim,
   set to zero latency and a fixed reply length.
 - chatmesh_open: the same without them: CHATMESH_AUTH=off and no key, so calls act as the tenant `default`,
-  which has no limits. It calls the first cluster's modelsim.
+  which has no limits. It calls the first cluster's modelsim. Its processes are reported as `open-<name>`.
+- chatmesh_tls: chatmesh plus TLS, as the chart's default runs it (tests/support/certificates.py makes the
+  certificates): every gRPC port with TLS, mutual between the processes, the gateway's with a certificate of a
+  public CA and no client certificate asked. Its own admin token, and a tenant of its own (created through its
+  AdminService) with the same limits, since a tenant's cache entries would answer another cluster's calls; the
+  client calls it on one TLS channel that every call reuses. It calls the first cluster's modelsim. Its
+  processes are reported as `tls-<name>`.
 
-Each case of bench/cases.py runs against both, and against two baselines that call modelsim directly
+Each case of bench/cases.py runs against all three, and against two baselines that call modelsim directly
 (floor: lean aiohttp + minimal SSE parser; sdk: the openai SDK). The targets alternate within each of
 several short rounds, so that the machine's noise hits all of them alike. What chatmesh adds is measured
-against the baselines; what authentication and limits add is chatmesh minus chatmesh_open. What an idempotency
-key adds is measured within a keyed case (stream_c1_new_keyed: a fresh key on every call, on both chatmesh
-targets, no baselines): in each of its rounds, each chatmesh target also runs the same calls without a key against
-the same cluster (chatmesh_unkeyed, chatmesh_open_unkeyed), and the key's cost is the one minus the other; every
-other case sends no key.
+against the baselines; what authentication and limits add is chatmesh minus chatmesh_open; what TLS adds is
+chatmesh_tls minus chatmesh. What an idempotency key adds is measured within a keyed case (stream_c1_new_keyed: a
+fresh key on every call, on every chatmesh target, no baselines): in each of its rounds, chatmesh and
+chatmesh_open also run the same calls without a key against the same cluster (chatmesh_unkeyed,
+chatmesh_open_unkeyed), and the key's cost is the one minus the other; every other case sends no key.
 
 Usage: python -m bench [--mode full|quick|tiny] [--rounds N] [--reply-tokens N] [--cases a,b] [--out-dir DIR]
        [--profile SECONDS [--profile-case NAME]]
@@ -52,6 +58,7 @@ from bench.cases import CASES, Case, Expect, Message, preparation_message, quest
 from bench.clients import (
     BENCH_LIMITS,
     BENCH_TENANT,
+    BENCH_TLS_TENANT,
     ChatmeshClient,
     FloorClient,
     Sample,
@@ -67,8 +74,8 @@ from bench.report import (
     TARGET_NAMES,
     UNKEYED,
     added_over,
-    auth_and_limits,
     case_header,
+    cluster_difference,
     empty_case,
     evaluate_targets,
     idempotency_key_added,
@@ -82,12 +89,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # Processes of the cluster that are not chatmesh: measured, but not counted as chatmesh's cost.
 MODEL_PROCESSES = frozenset({"modelsim"})
-# The chatmesh_open cluster's processes are named `open-<process>` in the report.
-OPEN_PREFIX = "open-"
+# How each cluster's processes are named in the report: chatmesh_open's `open-<process>`, chatmesh_tls's
+# `tls-<process>`.
+PROCESS_PREFIX = {"chatmesh": "", "chatmesh_open": "open-", "chatmesh_tls": "tls-"}
 # The cluster each target that calls chatmesh calls (an unkeyed target calls its keyed target's).
-CLUSTER_OF = {**{target: target for target in CHATMESH_TARGETS}, **{UNKEYED[t]: t for t in CHATMESH_TARGETS}}
-# The order of those targets in a round (of those a case runs); reversed every other round.
-CHATMESH_ORDER = ("chatmesh", UNKEYED["chatmesh"], "chatmesh_open", UNKEYED["chatmesh_open"])
+CLUSTER_OF = {**{target: target for target in CHATMESH_TARGETS}, **{unkeyed: t for t, unkeyed in UNKEYED.items()}}
+# The order of those targets in a round (of those a case runs); reversed every other round. chatmesh runs right
+# next to chatmesh_tls in every case: what TLS adds has the tightest target (0.3 ms).
+CHATMESH_ORDER = ("chatmesh_open", UNKEYED["chatmesh_open"], UNKEYED["chatmesh"], "chatmesh", "chatmesh_tls")
 PREPARATION_CONCURRENCY = 32
 # After each segment, the meters keep running this long: work a call leaves behind once its caller has the
 # reply (releasing its stream slot, settling its usage) counts for its target, not for the next one.
@@ -119,11 +128,11 @@ class Mode:
 
 
 MODES = {
-    # About 6 minutes on 2 cores (more on a busy machine), half of it preparing the conversations of the
-    # turn-10 cases, once for each chatmesh target (conversations belong to a tenant).
+    # About 8 minutes on 2 cores (more on a busy machine; 6 before chatmesh_tls), over half of it preparing the
+    # conversations of the turn-10 cases, once for each chatmesh target (conversations belong to a tenant).
     "full": Mode(5, 1.0, 1.6, 400, 2000, 40, 80, 200),
-    # 70 to 80 seconds; its c=32 turn-10 throughput comes from too few calls to mean much, and its differences
-    # between chatmesh and chatmesh_open (the turn-10 cases' above all) are within the machine's noise.
+    # About 95 seconds; its c=32 turn-10 throughput comes from too few calls to mean much, and its differences
+    # between the chatmesh targets (the turn-10 cases' above all) are within the machine's noise.
     "quick": Mode(2, 0.4, 0.6, 120, 480, 10, 40, 32),
     # A few calls per case: for tests of the harness itself; its numbers mean nothing.
     "tiny": Mode(1, 2.0, 4.0, 4, 32, 3, 32, 4),
@@ -142,6 +151,7 @@ def _support() -> Any:
     not ours."""
     if str(ROOT / "tests") not in sys.path:
         sys.path.insert(0, str(ROOT / "tests"))
+    import support.certificates
     import support.cluster
     import support.redis_server
 
@@ -149,6 +159,7 @@ def _support() -> Any:
         Cluster=support.cluster.Cluster,
         START_ORDER=support.cluster.START_ORDER,
         RedisServer=support.redis_server.RedisServer,
+        TestPki=support.certificates.TestPki,
     )
 
 
@@ -192,9 +203,9 @@ def _loadavg() -> str:
 
 def _round_order(names: list[str], round_index: int) -> list[str]:
     """The order of the targets in a round: rotated by one each round, so that none always goes first; the
-    two chatmesh targets run back to back (which of them first alternates), so that what sets them apart is
-    measured under the same conditions. In a keyed case, each one's calls without a key run right after or
-    before its keyed calls (alternating likewise), for the same reason."""
+    chatmesh targets run back to back (in CHATMESH_ORDER, reversed every other round), so that what sets them
+    apart is measured under the same conditions. In a keyed case, chatmesh's and chatmesh_open's calls without a
+    key run right after or before their keyed calls (alternating likewise), for the same reason."""
     chatmesh = [name for name in CHATMESH_ORDER if name in names]
     units: list[list[str]] = [chatmesh] + [[name] for name in names if name not in CLUSTER_OF]
     if round_index % 2:
@@ -205,20 +216,25 @@ def _round_order(names: list[str], round_index: int) -> list[str]:
 
 class Bench:
     def __init__(
-        self, clusters: dict[str, Any], redis_commands: RedisCommands, api_key: str, mode: Mode, reply_tokens: int
+        self,
+        clusters: dict[str, Any],
+        redis_commands: RedisCommands,
+        clients: dict[str, ChatmeshClient],
+        mode: Mode,
+        reply_tokens: int,
     ) -> None:
         # The chatmesh cluster runs the modelsim that every target calls.
         self.cluster = clusters["chatmesh"]
         self.mode = mode
         self.reply_tokens = reply_tokens
         # Every process the launchers started (the ones they only know of have no pid): the chatmesh
-        # cluster's under their own names, chatmesh_open's as open-<name>, and the shared redis-server.
+        # cluster's under their own names, the others' with their PROCESS_PREFIX, and the shared redis-server.
         self.pids: dict[str, int] = {}
         # Which processes are each chatmesh target's own, and the process each one is (gateway, ...).
         self.processes_of: dict[str, list[str]] = {}
         self.process_kind: dict[str, str] = {}
         for target, cluster in clusters.items():
-            prefix = "" if target == "chatmesh" else OPEN_PREFIX
+            prefix = PROCESS_PREFIX[target]
             self.processes_of[target] = []
             for name, process in cluster.processes.items():
                 if process.pid is None:
@@ -232,10 +248,8 @@ class Bench:
         self.chatmesh_processes = self.processes_of["chatmesh"]
         self.rss = RssMonitor(self.pids)
         self.rss_at_start = self.rss.current_mib()
-        self.clients = {
-            "chatmesh": ChatmeshClient(clusters["chatmesh"].gateway_target, api_key),
-            "chatmesh_open": ChatmeshClient(clusters["chatmesh_open"].gateway_target),
-        }
+        # One client per chatmesh target's cluster (CHATMESH_TARGETS), each on one channel that every call reuses.
+        self.clients = clients
         self.chatmesh = self.clients["chatmesh"]
         base_url, model_key = self.cluster.env["OPENAI_BASE_URL"], self.cluster.env["OPENAI_API_KEY"]
         self.floor = FloorClient(base_url, model_key)
@@ -346,7 +360,7 @@ class Bench:
         if not case.available:
             return empty_case(case)
         count, seconds = self.mode.bounds(case)
-        # The targets that call chatmesh: in a keyed case, each chatmesh target's calls without a key too.
+        # The targets that call chatmesh: in a keyed case, the calls without a key (UNKEYED) too.
         chatmesh_targets = [*CHATMESH_TARGETS, *(UNKEYED.values() if case.idempotency_key else ())]
         pools: dict[str, list[tuple[str, str]] | None] = dict.fromkeys(chatmesh_targets)
         window = None
@@ -405,7 +419,7 @@ class Bench:
             }
         chatmesh = targets["chatmesh"]
         cpus = {target: self._cpu(target, targets[target]) for target in chatmesh_targets}
-        cpu, cpu_open = cpus["chatmesh"], cpus["chatmesh_open"]
+        cpu, cpu_open, cpu_tls = cpus["chatmesh"], cpus["chatmesh_open"], cpus["chatmesh_tls"]
         self.samples[case.name] = {
             name: [sample.latency for segment in segments[name] for sample in segment.samples] for name in sends
         }
@@ -419,12 +433,14 @@ class Bench:
         entry.update(
             targets={name: targets.get(name) for name in TARGET_NAMES},
             added={name: added_over(chatmesh, targets[name]) if name in targets else None for name in ("floor", "sdk")},
-            auth_and_limits=auth_and_limits(chatmesh, targets["chatmesh_open"], cpu, cpu_open),
+            auth_and_limits=cluster_difference(chatmesh, targets["chatmesh_open"], cpu, cpu_open),
+            tls_added=cluster_difference(targets["chatmesh_tls"], chatmesh, cpu_tls, cpu),
             idempotency_key_added=idempotency_key_added(targets, cpus, case.expect.value)
             if case.idempotency_key
             else None,
             cpu_ms_per_call=cpu,
             cpu_ms_per_call_open=cpu_open,
+            cpu_ms_per_call_tls=cpu_tls,
             rss_mib={name: {"idle": idle[name], "peak": peak[name]} for name in self.pids},
             turns=None if window is None else {"measured_turn": case.turn, "model_messages": len(window)},
             other_load_cores=None if other_load is None else round(max(0.0, other_load), 2),
@@ -486,11 +502,13 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
     # The simulator's own key, as `make run` uses it: the default configuration, where moderation ("auto") is
     # off because the simulator stands in for the provider.
     common = {"CHATMESH_MODELSIM_REPLY_TOKENS": str(args.reply_tokens), "OPENAI_API_KEY": MODELSIM_API_KEY}
-    admin_token = secrets.token_urlsafe(32)
+    admin_token, tls_admin_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    pki = support.TestPki()
     clusters: dict[str, Any] = {}
+    clients: dict[str, ChatmeshClient] = {}
     bench = None
     try:
-        # The chart's default: authentication required, tenants and limits in Redis.
+        # The chart's configuration without TLS: authentication required, tenants and limits in Redis.
         clusters["chatmesh"] = support.Cluster(
             redis_url=redis_server.url,
             env={**common, "CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": admin_token},
@@ -502,9 +520,26 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
             env={**common, "CHATMESH_AUTH": "off", "OPENAI_BASE_URL": cluster.env["OPENAI_BASE_URL"]},
             processes=[name for name in support.START_ORDER if name not in MODEL_PROCESSES],
         ).start()
+        # chatmesh plus TLS on every gRPC port (Redis and modelsim stay plaintext), with its own admin token.
+        clusters["chatmesh_tls"] = support.Cluster(
+            redis_url=redis_server.url,
+            env={
+                **common,
+                "CHATMESH_AUTH": "required",
+                "CHATMESH_ADMIN_TOKEN": tls_admin_token,
+                "OPENAI_BASE_URL": cluster.env["OPENAI_BASE_URL"],
+            },
+            processes=[name for name in support.START_ORDER if name not in MODEL_PROCESSES],
+            pki=pki,
+        ).start()
+        tls_target = clusters["chatmesh_tls"].gateway_target
         cluster.sim_config(reply_tokens=args.reply_tokens, first_token_latency_seconds=0, token_delay_seconds=0)
         api_key = await create_bench_tenant(cluster.gateway_target, admin_token)
-        bench = Bench(clusters, RedisCommands(redis_server.url), api_key, mode, args.reply_tokens)
+        tls_api_key = await create_bench_tenant(tls_target, tls_admin_token, BENCH_TLS_TENANT, pki.public_ca_pem())
+        clients["chatmesh"] = ChatmeshClient(cluster.gateway_target, api_key)
+        clients["chatmesh_open"] = ChatmeshClient(clusters["chatmesh_open"].gateway_target)
+        clients["chatmesh_tls"] = ChatmeshClient(tls_target, tls_api_key, pki.public_ca_pem())
+        bench = Bench(clusters, RedisCommands(redis_server.url), clients, mode, args.reply_tokens)
         bench.rss.start()
         await bench.warm_up()
         gc.collect()
@@ -522,6 +557,8 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
     finally:
         if bench is not None:
             await bench.close()
+        else:
+            await asyncio.gather(*(client.close() for client in clients.values()))
         for running in reversed(clusters.values()):
             running.stop()
         redis_server.stop()
@@ -543,7 +580,10 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         # 3: the keyed case (stream_c1_new_keyed), idempotency_key and idempotency_key_added in every case.
         # 4: the keyed case's targets chatmesh_unkeyed and chatmesh_open_unkeyed (None in every other case), which
         # idempotency_key_added subtracts (with cpu_ms_per_call_without_key); no unkeyed_case any more.
-        "schema": 4,
+        # 5: the chatmesh_tls target (chatmesh plus TLS; processes tls-<name>, chatmesh_tls_processes), tls_added
+        # and cpu_ms_per_call_tls in every case, run.tls; chatmesh_tls sends the key in the keyed case but has no
+        # unkeyed twin, so idempotency_key_added still covers chatmesh and chatmesh_open only.
+        "schema": 5,
         "run": {
             "date": now.strftime("%Y-%m-%d"),
             "finished_at": now.isoformat(timespec="seconds"),
@@ -563,12 +603,19 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
             "auth": {
                 "chatmesh": f"CHATMESH_AUTH=required, tenant {BENCH_TENANT} with every limit, an API key on every call",
                 "chatmesh_open": "CHATMESH_AUTH=off, no key: tenant default, without limits",
+                "chatmesh_tls": f"as chatmesh (its own admin token, tenant {BENCH_TLS_TENANT} with the same limits), "
+                "plus TLS",
             },
+            "tls": "chatmesh_tls has TLS on every gRPC port: the gateway's with a certificate of a public CA and no "
+            "client certificate asked, mutual TLS between its processes (an internal CA); the load generator calls "
+            "it on one TLS channel that every call reuses (the handshake is made in the warm-up). Redis and modelsim "
+            "are plaintext for every cluster.",
             "bench_tenant_limits": {field.name: value for field, value in BENCH_LIMITS.ListFields()},
             "profile": profile,
         },
         "chatmesh_processes": bench.chatmesh_processes,
         "chatmesh_open_processes": bench.processes_of["chatmesh_open"],
+        "chatmesh_tls_processes": bench.processes_of["chatmesh_tls"],
         "processes": processes,
         "cases": entries,
         "targets": evaluate_targets(entries, processes),

@@ -1,7 +1,8 @@
 """`make bench`'s harness, run in its tiny mode: it writes a report with every case of issue 5, measured on
-chatmesh as the chart configures it (authentication and every limit on) and on chatmesh_open (without them),
-and with what an idempotency key adds (in a keyed case, the calls with a key minus the same calls without one,
-alternating with them within each round).
+chatmesh as the chart configures it without TLS (authentication and every limit on), on chatmesh_open (without
+authentication and limits) and on chatmesh_tls (chatmesh with TLS on every gRPC port), with what TLS adds
+(chatmesh_tls minus chatmesh), and with what an idempotency key adds (in a keyed case, the calls with a key minus
+the same calls without one, alternating with them within each round).
 
 Timings are not checked here: the targets are read from the report, never asserted by a test.
 """
@@ -37,10 +38,12 @@ CASE_KEYS = {
     "targets",
     "added",
     "auth_and_limits",
+    "tls_added",
     "idempotency_key",
     "idempotency_key_added",
     "cpu_ms_per_call",
     "cpu_ms_per_call_open",
+    "cpu_ms_per_call_tls",
     "rss_mib",
 }
 STATS_KEYS = {
@@ -54,10 +57,12 @@ STATS_KEYS = {
     "process_cpu_ms_per_call",
 }
 ADDED_KEYS = {"p50_ms", "p99_ms", "ttfd_p50_ms", "ttfd_p99_ms", "rps_ratio"}
-CHATMESH_TARGETS = ("chatmesh", "chatmesh_open")
+CHATMESH_TARGETS = ("chatmesh", "chatmesh_open", "chatmesh_tls")
 AUTH_P50_TARGET = "auth and limits: added p50 at c=1 ≤ 0.5 ms"
 AUTH_CPU_TARGET = "auth and limits: added CPU per call ≤ 0.5 ms"
 KEY_P50_TARGET = "idempotency key: added p50 at c=1 ≤ 0.3 ms"
+TLS_P50_TARGET = "TLS adds ≤ 0.3 ms p50 at c=1"
+TLS_SECTION = "## What TLS adds (chatmesh_tls minus chatmesh, same case, same run)"
 
 
 def test_the_tiny_run_reports_every_case(tmp_path: Path):
@@ -66,7 +71,7 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=240,
     )
     assert finished.returncode == 0, finished.stderr[-4000:]
 
@@ -80,24 +85,25 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
     assert "modelsim" not in report["chatmesh_processes"]
     # The cluster without authentication and limits: the same processes, measured apart from the first's.
     assert report["chatmesh_open_processes"] == [f"open-{name}" for name in report["chatmesh_processes"]]
+    # The cluster with TLS likewise.
+    assert report["chatmesh_tls_processes"] == [f"tls-{name}" for name in report["chatmesh_processes"]]
     assert set(report["processes"]) == {
         *report["chatmesh_processes"],
         *report["chatmesh_open_processes"],
+        *report["chatmesh_tls_processes"],
         "modelsim",
         "redis",
     }
     for name, process in report["processes"].items():
         assert process["rss_idle_mib"] > 0 and process["rss_peak_mib"] >= process["rss_idle_mib"], name
         assert process["chatmesh"] == (name in report["chatmesh_processes"]), name
-        expected_target = (
-            "chatmesh"
-            if name in report["chatmesh_processes"]
-            else "chatmesh_open"
-            if name in report["chatmesh_open_processes"]
-            else None
+        expected_target = next(
+            (target for target in CHATMESH_TARGETS if name in report[f"{target}_processes"]),
+            None,
         )
         assert process["target"] == expected_target, name
     assert set(report["run"]["auth"]) == set(CHATMESH_TARGETS)
+    assert "Redis and modelsim are plaintext" in report["run"]["tls"]
     assert set(report["run"]["bench_tenant_limits"]) == {
         "requests_per_minute",
         "tokens_per_minute",
@@ -139,6 +145,16 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
         assert added["cpu_ms_per_call"]["total"] == round(
             entry["cpu_ms_per_call"]["total"] - entry["cpu_ms_per_call_open"]["total"], 3
         ), name
+        assert set(entry["cpu_ms_per_call_tls"]) == {*report["chatmesh_processes"], "total"}
+        assert entry["cpu_ms_per_call_tls"]["total"] > 0, name
+        # What TLS adds: chatmesh_tls minus chatmesh, as auth_and_limits is chatmesh minus chatmesh_open.
+        tls_added = entry["tls_added"]
+        assert set(tls_added) == {*ADDED_KEYS, "cpu_ms_per_call", "redis_cpu_ms_per_call"}, name
+        tls, chatmesh = entry["targets"]["chatmesh_tls"], entry["targets"]["chatmesh"]
+        assert tls_added["p50_ms"] == round(tls["latency_ms"]["p50"] - chatmesh["latency_ms"]["p50"], 3), name
+        assert tls_added["cpu_ms_per_call"]["total"] == round(
+            entry["cpu_ms_per_call_tls"]["total"] - entry["cpu_ms_per_call"]["total"], 3
+        ), name
         assert set(entry["rss_mib"]) == set(report["processes"])
         if name not in KEYED_CASES:
             assert entry["idempotency_key_added"] is None, name
@@ -148,10 +164,13 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
         for target in CHATMESH_TARGETS:
             assert (cases[name]["targets"][target]["ttfd_ms"] is not None) == streamed, (name, target)
         assert (cases[name]["auth_and_limits"]["ttfd_p50_ms"] is not None) == streamed, name
+        assert (cases[name]["tls_added"]["ttfd_p50_ms"] is not None) == streamed, name
         # Every limit is checked on every call: chatmesh does more in Redis per call than chatmesh_open.
         redis_calls = {target: cases[name]["targets"][target]["redis_per_call"] for target in CHATMESH_TARGETS}
         assert redis_calls["chatmesh"]["commands"] > redis_calls["chatmesh_open"]["commands"], (name, redis_calls)
         assert redis_calls["chatmesh"]["scripts"] >= redis_calls["chatmesh_open"]["scripts"] > 0, (name, redis_calls)
+        # chatmesh_tls is chatmesh's configuration, tenant limits included.
+        assert redis_calls["chatmesh_tls"]["commands"] > redis_calls["chatmesh_open"]["commands"], (name, redis_calls)
         if name.endswith("turn10"):
             assert cases[name]["turns"]["measured_turn"] == 10
             assert cases[name]["turns"]["model_messages"] > 1
@@ -170,7 +189,7 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
         )
         assert keyed["baselines"] == [] and keyed["targets"]["floor"] is None and keyed["targets"]["sdk"] is None
         added = keyed["idempotency_key_added"]
-        assert set(added) == {"reason", *CHATMESH_TARGETS} and added["reason"] is None, added
+        assert set(added) == {"reason", *UNKEYED} and added["reason"] is None, added
         for target, cpu in (("chatmesh", "cpu_ms_per_call"), ("chatmesh_open", "cpu_ms_per_call_open")):
             difference = added[target]
             assert set(difference) == {
@@ -211,6 +230,9 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
         row = rows[KEY_P50_TARGET, name]
         assert row["status"] in {"met", "not met"}, row
         assert row["measured"] == cases[name]["idempotency_key_added"]["chatmesh"]["p50_ms"], row
+    row = rows[TLS_P50_TARGET, "stream_c1_new"]
+    assert row["status"] in {"met", "not met"}, row
+    assert row["measured"] == cases["stream_c1_new"]["tls_added"]["p50_ms"], row
     markdown = json_path.with_suffix(".md").read_text()
     assert "## What authentication and limits add" in markdown
     assert AUTH_P50_TARGET in markdown and AUTH_CPU_TARGET in markdown
@@ -219,3 +241,5 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
     assert "one after the other" not in markdown
     assert "Nothing is added when no key is sent" in markdown
     assert KEY_P50_TARGET in markdown
+    assert TLS_SECTION in markdown and TLS_P50_TARGET in markdown
+    assert "| chatmesh_tls |" in markdown  # a row of the latency table
