@@ -819,7 +819,8 @@ def test_the_data_redis_keeps_every_write_on_a_volume_and_never_evicts(defaults:
         }
         # Its memory limit leaves room for the fork of an AOF rewrite.
         assert container(redis)["resources"]["limits"]["memory"]
-        assert chart.get("Service", f"{RELEASE}-redis")["spec"]["clusterIP"] == "None"
+        # The Service stays a ClusterIP one, as it was before: an upgrade cannot change a Service's clusterIP.
+        assert "clusterIP" not in chart.get("Service", f"{RELEASE}-redis")["spec"]
 
 
 def test_the_cache_redis_evicts_and_keeps_nothing(defaults: Rendered, full: Rendered) -> None:
@@ -1036,7 +1037,7 @@ def test_only_the_gateway_gets_the_admin_token_and_pepper_from_a_secret(defaults
 
 
 def test_secrets_are_refused_in_config() -> None:
-    for variable in AUTH_SECRETS:
+    for variable in (*AUTH_SECRETS, "CHATMESH_REDIS_PASSWORD"):
         with pytest.raises(helm.HelmValuesError, match=f"invalid propertyName '{variable}'"):
             render({"config": {variable: "x"}})
 
