@@ -9,6 +9,7 @@ Text normalization decides which requests share an answer, so it is deliberately
 - Case is kept: "US" and "us", "Turkey" and "turkey" are different questions, and a wrong hit
   costs more than a miss.
 - Stop sequences, tenant and model are compared exactly: a stop sequence of "\\n\\n" is not " ".
+  So is a response format's JSON schema, as text.
 
 Every message keeps its role and its place in the window, so a follow-up question after a
 different history never shares a key with it. Tenant and model also appear, percent-encoded,
@@ -26,12 +27,19 @@ KEY_PREFIX = "chatmesh:cache:"
 
 # Part of what is hashed: bump it when the encoding or the normalization changes, so that old
 # entries are never read under the new rules (they expire with their TTL).
-_ENCODING_VERSION = 1
+_ENCODING_VERSION = 2
 
 
 def normalize_text(text: str) -> str:
     """NFKC, whitespace runs collapsed to one space, stripped; case kept."""
     return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def _response_format(context: cache_pb2.AnswerContext) -> list[object] | None:
+    if not context.HasField("response_format"):
+        return None
+    response_format = context.response_format
+    return [response_format.type, response_format.name, response_format.json_schema, response_format.strict]
 
 
 def answer_key(context: cache_pb2.AnswerContext) -> str:
@@ -48,6 +56,10 @@ def answer_key(context: cache_pb2.AnswerContext) -> str:
         list(context.stop),
         context.seed if context.HasField("seed") else None,
         [[message.role, normalize_text(message.content)] for message in context.messages],
+        context.presence_penalty if context.HasField("presence_penalty") else None,
+        context.frequency_penalty if context.HasField("frequency_penalty") else None,
+        sorted(context.logit_bias.items()),
+        _response_format(context),
     ]
     encoded = json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()
     digest = hashlib.sha256(encoded).hexdigest()

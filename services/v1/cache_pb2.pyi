@@ -18,7 +18,14 @@ CACHE_TIER_MEMORY: CacheTier
 CACHE_TIER_REDIS: CacheTier
 
 class AnswerContext(_message.Message):
-    __slots__ = ("tenant", "model", "system_prompt", "temperature", "top_p", "max_tokens", "stop", "seed", "messages")
+    __slots__ = ("tenant", "model", "system_prompt", "temperature", "top_p", "max_tokens", "stop", "seed", "messages", "presence_penalty", "frequency_penalty", "logit_bias", "response_format")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +35,10 @@ class AnswerContext(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model: str
     system_prompt: str
@@ -37,7 +48,11 @@ class AnswerContext(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     seed: int
     messages: _containers.RepeatedCompositeFieldContainer[ContextMessage]
-    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ContextMessage, _Mapping]]] = ...) -> None: ...
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: _containers.ScalarMap[int, int]
+    response_format: _chat_pb2.ResponseFormat
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ContextMessage, _Mapping]]] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, int]] = ..., response_format: _Optional[_Union[_chat_pb2.ResponseFormat, _Mapping]] = ...) -> None: ...
 
 class ContextMessage(_message.Message):
     __slots__ = ("role", "content")

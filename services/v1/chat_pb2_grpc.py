@@ -90,7 +90,7 @@ class ChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetConversation(self, request, context):
-        """Returns a conversation's stored messages.
+        """Returns a conversation's stored messages, a page at a time, and its summary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

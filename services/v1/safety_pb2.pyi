@@ -1,3 +1,4 @@
+from chatmesh.v1 import chat_pb2 as _chat_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -27,12 +28,14 @@ class Verdict(_message.Message):
     def __init__(self, blocked: _Optional[bool] = ..., categories: _Optional[_Iterable[str]] = ..., source: _Optional[_Union[ScreenSource, str]] = ...) -> None: ...
 
 class ScreenInputRequest(_message.Message):
-    __slots__ = ("text", "request_id")
+    __slots__ = ("text", "request_id", "images")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     text: str
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_chat_pb2.Image]
+    def __init__(self, text: _Optional[str] = ..., request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_chat_pb2.Image, _Mapping]]] = ...) -> None: ...
 
 class ScreenInputResponse(_message.Message):
     __slots__ = ("verdict",)

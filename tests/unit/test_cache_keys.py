@@ -43,6 +43,15 @@ def test_separators_and_wildcards_in_tenant_or_model_are_percent_encoded() -> No
 
 
 FOLLOW_UP = (USER, "And its population?")
+JSON_OBJECT = chat_pb2.ResponseFormat(type=chat_pb2.ResponseFormat.TYPE_JSON_OBJECT)
+
+
+def schema_format(
+    name: str = "answer", schema: str = '{"type":"object"}', strict: bool = True
+) -> chat_pb2.ResponseFormat:
+    return chat_pb2.ResponseFormat(
+        type=chat_pb2.ResponseFormat.TYPE_JSON_SCHEMA, name=name, json_schema=schema, strict=strict
+    )
 
 
 @pytest.mark.parametrize(
@@ -75,6 +84,18 @@ FOLLOW_UP = (USER, "And its population?")
         (context(stop=["\n\n"]), context(stop=[" "])),
         (context(), context(seed=0)),
         (context(seed=1), context(seed=2)),
+        (context(), context(presence_penalty=0)),
+        (context(presence_penalty=0.5), context(presence_penalty=-0.5)),
+        (context(), context(frequency_penalty=0)),
+        (context(presence_penalty=1), context(frequency_penalty=1)),
+        (context(), context(logit_bias={50256: -100})),
+        (context(logit_bias={1: 5}), context(logit_bias={1: 6})),
+        (context(logit_bias={1: 5}), context(logit_bias={2: 5})),
+        (context(), context(response_format=JSON_OBJECT)),
+        (context(response_format=JSON_OBJECT), context(response_format=schema_format())),
+        (context(response_format=schema_format()), context(response_format=schema_format(name="other"))),
+        (context(response_format=schema_format()), context(response_format=schema_format(strict=False))),
+        (context(response_format=schema_format()), context(response_format=schema_format(schema='{"type":"array"}'))),
         # Case is kept.
         (context((USER, "What is US?")), context((USER, "What is us?"))),
     ],
@@ -98,6 +119,10 @@ def test_every_field_of_the_context_is_in_the_key() -> None:
         "stop": lambda c: c.stop.append("x"),
         "seed": lambda c: setattr(c, "seed", 0),
         "messages": lambda c: c.messages.add(role=USER, content="more"),
+        "presence_penalty": lambda c: setattr(c, "presence_penalty", 0.0),
+        "frequency_penalty": lambda c: setattr(c, "frequency_penalty", 0.0),
+        "logit_bias": lambda c: c.logit_bias.update({1: 1}),
+        "response_format": lambda c: c.response_format.CopyFrom(JSON_OBJECT),
     }
     assert set(changed) == {field.name for field in cache_pb2.AnswerContext.DESCRIPTOR.fields}
     for name, change in changed.items():
@@ -122,6 +147,16 @@ def test_every_field_of_the_context_is_in_the_key() -> None:
 def test_whitespace_and_nfkc_equivalent_text_gives_the_same_key(first: str, second: str) -> None:
     assert answer_key(context((USER, first))) == answer_key(context((USER, second)))
     assert answer_key(context(system_prompt=first)) == answer_key(context(system_prompt=second))
+
+
+def test_the_order_of_logit_bias_entries_does_not_change_the_key() -> None:
+    first = context()
+    first.logit_bias[1] = 5
+    first.logit_bias[2] = -5
+    second = context()
+    second.logit_bias[2] = -5
+    second.logit_bias[1] = 5
+    assert answer_key(first) == answer_key(second)
 
 
 def test_normalization_keeps_case_and_inner_text() -> None:
