@@ -1,6 +1,12 @@
 """The checks on what a caller sends, each naming the field it is about."""
 
+import json
 import re
+from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
+
+import jsonschema
+import jsonschema.validators
 
 from chatmesh.runtime.settings import Settings
 from chatmesh.v1 import chat_pb2
@@ -10,6 +16,17 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 MAX_MODEL_CHARS = 128
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_JSON_SCHEMA_CHARS = 32_000
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_IMAGE_URL_CHARS = 8192
+# The image types a model reads, and how their bytes begin.
+IMAGE_SIGNATURES: dict[str, tuple[bytes, ...]] = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+    "image/webp": (b"RIFF",),  # then 4 bytes of length, then b"WEBP"
+}
 
 Violations = list[tuple[str, str]]
 
@@ -40,10 +57,60 @@ def check_chat_request(request: chat_pb2.ChatRequest, settings: Settings) -> Vio
     if request.idempotency_key and not is_well_formed_id(request.idempotency_key):
         violations.append(("idempotency_key", f"must be 1 to {MAX_ID_CHARS} characters of A-Z a-z 0-9 _ . : @ -"))
     if not request.message.strip():
-        violations.append(("message", "must not be empty"))
+        if not request.images:
+            violations.append(("message", "must not be empty without images"))
     elif len(request.message) > settings.max_message_chars:
         violations.append(("message", f"must be at most {settings.max_message_chars} characters"))
-    return violations + _check_options(request.options, settings)
+    return violations + check_images(request.images, settings) + _check_options(request.options, settings)
+
+
+def check_images(images: Sequence[chat_pb2.Image], settings: Settings) -> Violations:
+    """At most max_images_per_message; each an https URL, or inline bytes of at most max_image_bytes of a PNG,
+    JPEG, WebP or GIF that begin as that type's do."""
+    if len(images) > settings.max_images_per_message:
+        return [("images", f"must be at most {settings.max_images_per_message} images")]
+    violations: Violations = []
+    for index, image in enumerate(images):
+        field = f"images[{index}]"
+        source = image.WhichOneof("source")
+        if source == "url":
+            violations.extend(_check_image_url(f"{field}.url", image.url))
+        elif source == "inline":
+            violations.extend(_check_inline_image(f"{field}.inline", image.inline, settings.max_image_bytes))
+        else:
+            violations.append((field, "needs a url or inline data"))
+        if image.detail not in chat_pb2.ImageDetail.values():
+            violations.append((f"{field}.detail", "must be one of IMAGE_DETAIL_AUTO, _LOW or _HIGH"))
+    return violations
+
+
+def _check_image_url(field: str, url: str) -> Violations:
+    if len(url) > MAX_IMAGE_URL_CHARS:
+        return [(field, f"must be at most {MAX_IMAGE_URL_CHARS} characters")]
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return [(field, "must be a valid https URL")]
+    if parts.scheme.lower() != "https":
+        return [(field, "must be an https URL")]
+    if not host or any(character.isspace() or ord(character) < 0x20 for character in url):
+        return [(field, "must be a valid https URL")]
+    return []
+
+
+def _check_inline_image(field: str, image: chat_pb2.InlineImage, max_bytes: int) -> Violations:
+    signatures = IMAGE_SIGNATURES.get(image.mime_type)
+    if signatures is None:
+        return [(f"{field}.mime_type", f"must be one of {', '.join(IMAGE_SIGNATURES)}")]
+    data = image.data
+    if not data:
+        return [(f"{field}.data", "is required")]
+    if len(data) > max_bytes:
+        return [(f"{field}.data", f"must be at most {max_bytes} bytes")]
+    if not data.startswith(signatures) or (image.mime_type == "image/webp" and data[8:12] != b"WEBP"):
+        return [(f"{field}.data", f"is not an {image.mime_type} image (its first bytes are not that type's)")]
+    return []
 
 
 def _check_options(options: chat_pb2.ChatOptions, settings: Settings) -> Violations:
@@ -62,4 +129,78 @@ def _check_options(options: chat_pb2.ChatOptions, settings: Settings) -> Violati
         violations.append(("options.stop", f"must have at most {MAX_STOP_SEQUENCES} sequences"))
     elif any(not sequence or len(sequence) > MAX_STOP_CHARS for sequence in options.stop):
         violations.append(("options.stop", f"sequences must be 1 to {MAX_STOP_CHARS} characters"))
+    violations.extend(_check_logit_bias(options.logit_bias))
+    for name in ("presence_penalty", "frequency_penalty"):
+        if options.HasField(name) and not -2 <= getattr(options, name) <= 2:
+            violations.append((f"options.{name}", "must be between -2 and 2"))
+    if options.HasField("response_format"):
+        violations.extend(_check_response_format(options.response_format))
     return violations
+
+
+def _check_logit_bias(logit_bias: Mapping[int, int]) -> Violations:
+    if len(logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+        return [("options.logit_bias", f"must have at most {MAX_LOGIT_BIAS_ENTRIES} entries")]
+    violations: Violations = []
+    negative = sorted(token for token in logit_bias if token < 0)
+    if negative:
+        violations.append(("options.logit_bias", f"token ids must be at least 0 (not {negative[0]})"))
+    out_of_range = sorted(token for token, bias in logit_bias.items() if not -100 <= bias <= 100)
+    if out_of_range:
+        token = out_of_range[0]
+        violations.append(
+            ("options.logit_bias", f"biases must be between -100 and 100 (not {logit_bias[token]} for token {token})")
+        )
+    return violations
+
+
+def _check_response_format(response_format: chat_pb2.ResponseFormat) -> Violations:
+    field = "options.response_format"
+    kind = response_format.type
+    if kind not in chat_pb2.ResponseFormat.Type.values():
+        return [(f"{field}.type", "must be one of TYPE_TEXT, TYPE_JSON_OBJECT or TYPE_JSON_SCHEMA")]
+    if kind != chat_pb2.ResponseFormat.TYPE_JSON_SCHEMA:
+        return [
+            (f"{field}.{name}", "is only for TYPE_JSON_SCHEMA")
+            for name, value in (
+                ("name", response_format.name),
+                ("json_schema", response_format.json_schema),
+                ("strict", response_format.strict),
+            )
+            if value
+        ]
+    violations: Violations = []
+    if not _SCHEMA_NAME.fullmatch(response_format.name):
+        violations.append((f"{field}.name", "must be 1 to 64 characters of a-z A-Z 0-9 _ -"))
+    problem = _json_schema_problem(response_format.json_schema)
+    if problem:
+        violations.append((f"{field}.json_schema", problem))
+    return violations
+
+
+def _json_schema_problem(text: str) -> str | None:
+    """Why `text` is not a JSON Schema as a JSON object, or None when it is one."""
+    if not text:
+        return "is required for TYPE_JSON_SCHEMA"
+    if len(text) > MAX_JSON_SCHEMA_CHARS:
+        return f"must be at most {MAX_JSON_SCHEMA_CHARS} characters"
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError):
+        return "is not valid JSON"
+    if not isinstance(schema, dict):
+        return "must be a JSON object"
+    if not isinstance(schema.get("$schema", ""), str):
+        return "is not a valid JSON Schema: its $schema must be a string"
+    try:
+        validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as error:
+        return f"is not a valid JSON Schema: {_short(error.message)}"
+    except RecursionError:
+        return "is nested too deeply"
+    return None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

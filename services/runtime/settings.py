@@ -11,6 +11,9 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODELSIM_API_KEY = "modelsim"
+# What a request's images leave of grpc_max_message_bytes for the rest of it: its text, system prompt and
+# options (2 x 32,000 characters of up to 4 UTF-8 bytes each, and then some).
+IMAGE_HEADROOM_BYTES = 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -53,8 +56,9 @@ class Settings(BaseSettings):
     # How often channels look for a changed client certificate, key or CA.
     tls_reload_seconds: float = Field(default=5.0, gt=0)
 
-    # gRPC transport, for servers and channels alike.
-    grpc_max_message_bytes: int = 4 * 1024 * 1024
+    # gRPC transport, for servers and channels alike. A ChatRequest with its inline images must fit in one
+    # message (see max_image_bytes): 4 images of 5 MiB and the longest text take about 20.3 MiB.
+    grpc_max_message_bytes: int = 24 * 1024 * 1024
     grpc_keepalive_time_ms: int = 30_000
     grpc_keepalive_timeout_ms: int = 10_000
     # Servers close connections older than this, so clients re-resolve and new replicas get traffic.
@@ -66,6 +70,12 @@ class Settings(BaseSettings):
 
     # Gateway: limits on what a caller may send, and the deadline of a call that sets none.
     max_message_chars: int = 32_000
+    # Images that go with a message: at most this many, and each inline image at most this many bytes.
+    # Every image of a request crosses each gRPC hop in one message, so max_images_per_message x
+    # max_image_bytes must stay below grpc_max_message_bytes by at least IMAGE_HEADROOM_BYTES (checked at
+    # start).
+    max_images_per_message: int = Field(default=4, ge=0)
+    max_image_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
     max_system_prompt_chars: int = 32_000
     max_output_tokens: int = 16_384
     default_deadline_seconds: float = 120.0
@@ -212,6 +222,16 @@ class Settings(BaseSettings):
             raise ValueError("CHATMESH_TLS_CA_FILE needs CHATMESH_TLS_CERT_FILE and CHATMESH_TLS_KEY_FILE")
         if self.tls_client_cert_file and not self.tls_cert_file:
             raise ValueError("CHATMESH_TLS_CLIENT_CERT_FILE needs CHATMESH_TLS_CERT_FILE and CHATMESH_TLS_CA_FILE")
+        return self
+
+    @model_validator(mode="after")
+    def _images_fit_in_a_message(self) -> Self:
+        if self.max_images_per_message * self.max_image_bytes + IMAGE_HEADROOM_BYTES > self.grpc_max_message_bytes:
+            raise ValueError(
+                "CHATMESH_MAX_IMAGES_PER_MESSAGE x CHATMESH_MAX_IMAGE_BYTES must be at least "
+                f"{IMAGE_HEADROOM_BYTES} bytes below CHATMESH_GRPC_MAX_MESSAGE_BYTES: a request with every "
+                "image it may carry must fit in one gRPC message"
+            )
         return self
 
     @property
