@@ -1,16 +1,24 @@
 """modelsim's HTTP server: OpenAI's chat completions (JSON and SSE), moderations and models, plus /sim/ controls.
 
+Requests are checked as OpenAI checks them (a malformed one is a 400 in OpenAI's error shape), including image
+content parts (https URLs, which are not fetched, or base64 data: URLs of PNG, JPEG, WebP or GIF), logit_bias,
+the penalties, response_format and user. Images are billed in prompt_tokens by OpenAI's image rule at the model
+family's rates (chatmesh.dialogue.tokens): an inline image by its size, an https one as the most its detail costs.
+
 A reply is a deterministic function of (model, messages, seed): `reply_tokens` words from a fixed
 vocabulary, picked by a hash of the request. Streams are written from prebuilt byte templates, so a
 zero-latency stream costs little more than one write.
 """
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -22,10 +30,16 @@ from typing import Any, Self
 import uvloop
 from aiohttp import web
 
+from chatmesh.dialogue.content import image_size
+from chatmesh.dialogue.tokens import TokenCounter
 from chatmesh.runtime.settings import Settings, get_settings
 
 MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "modelsim-1")
 REQUEST_LOG_SIZE = 256
+# The largest request body modelsim reads (OpenAI takes up to 50 MB of images in one request).
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# The request log keeps a data: URL longer than this as its beginning and a summary, not its bytes.
+LOGGED_DATA_URL_CHARS = 1024
 
 # 64 words, so each byte of the request's hash picks one uniformly.
 _WORDS = (
@@ -133,6 +147,8 @@ class ChatRequest:
     max_tokens: int | None
     stop: tuple[str, ...]
     seed: int | None
+    # The prompt's image parts, as (image_url object, (width, height) or None when modelsim cannot tell).
+    images: list[tuple[dict[str, Any], tuple[int, int] | None]] = field(default_factory=list)
 
     @classmethod
     def parse(cls, body: Any) -> Self:
@@ -170,6 +186,9 @@ class ChatRequest:
         seed = body.get("seed")
         if seed is not None and not _is_int(seed):
             raise InvalidRequestError("Invalid 'seed': expected an integer.", "seed")
+        _check_sampling_options(body)
+        images = [image for index, message in enumerate(messages) for image in _message_images(index, message)]
+        _check_response_format(body.get("response_format"), messages)
         return cls(
             model=model,
             messages=messages,
@@ -178,7 +197,134 @@ class ChatRequest:
             max_tokens=max_tokens,
             stop=tuple(s for s in stops if s),
             seed=seed,
+            images=images,
         )
+
+
+_IMAGE_DETAILS = ("auto", "low", "high")
+_CONTENT_PART_TYPES = ("text", "image_url")
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_DATA_URL = re.compile(r"data:(image/(?:png|jpeg|webp|gif));base64,(.*)", re.DOTALL)
+
+
+def _check_sampling_options(body: dict[str, Any]) -> None:
+    """logit_bias, presence_penalty, frequency_penalty and user, as OpenAI checks them."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = body.get(name)
+        if value is not None and not (_is_number(value) and -2 <= value <= 2):
+            raise InvalidRequestError(f"Invalid '{name}': expected a number in [-2.0, 2.0].", name)
+    logit_bias = body.get("logit_bias")
+    if logit_bias is not None:
+        if not isinstance(logit_bias, dict) or len(logit_bias) > 300:
+            raise InvalidRequestError("Invalid 'logit_bias': expected an object of at most 300 entries.", "logit_bias")
+        for token, bias in logit_bias.items():
+            if not token.isdigit():
+                raise InvalidRequestError(
+                    f"Invalid key in 'logit_bias': {token}. Keys must be token ids (integers, as strings).",
+                    "logit_bias",
+                )
+            if not (_is_number(bias) and -100 <= bias <= 100):
+                raise InvalidRequestError(
+                    f"Invalid value for 'logit_bias': {bias!r}. Values must be in [-100, 100].", "logit_bias"
+                )
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequestError("Invalid 'user': expected a string.", "user")
+
+
+def _check_response_format(response_format: Any, messages: list[dict[str, Any]]) -> None:
+    if response_format is None:
+        return
+    param = "response_format"
+    if not isinstance(response_format, dict):
+        raise InvalidRequestError("Invalid 'response_format': expected an object.", param)
+    kind = response_format.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise InvalidRequestError(
+            f"Invalid value: {kind!r}. Supported values are: 'text', 'json_object', and 'json_schema'.",
+            "response_format.type",
+            "invalid_value",
+        )
+    if kind == "json_object" and "json" not in json.dumps(messages).lower():
+        raise InvalidRequestError(
+            "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'.",
+            "messages",
+        )
+    if kind == "json_schema":
+        schema = response_format.get("json_schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("Missing required parameter: 'response_format.json_schema'.", param)
+        name = schema.get("name")
+        if not (isinstance(name, str) and _SCHEMA_NAME.fullmatch(name)):
+            raise InvalidRequestError(
+                "Invalid 'response_format.json_schema.name': expected 1 to 64 of a-z, A-Z, 0-9, '_' and '-'.",
+                "response_format.json_schema.name",
+            )
+        if not isinstance(schema.get("schema", {}), dict) or not isinstance(schema.get("strict", False), bool):
+            raise InvalidRequestError("Invalid 'response_format.json_schema'.", "response_format.json_schema")
+
+
+def _message_images(index: int, message: dict[str, Any]) -> list[tuple[dict[str, Any], tuple[int, int] | None]]:
+    """The image parts of a message's content, checked as OpenAI checks them: content is a string or a non-empty
+    array of parts; only a user's message may hold image_url parts."""
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return []
+    param = f"messages[{index}].content"
+    if not isinstance(content, list) or not content:
+        raise InvalidRequestError(f"Invalid '{param}': expected a string or a non-empty array of content parts.", param)
+    images = []
+    for number, part in enumerate(content):
+        where = f"{param}[{number}]"
+        if not isinstance(part, dict):
+            raise InvalidRequestError(f"Invalid '{where}': expected an object.", where)
+        kind = part.get("type")
+        allowed = _CONTENT_PART_TYPES if message.get("role") == "user" else ("text",)
+        if kind not in allowed:
+            supported = ", ".join(f"'{name}'" for name in allowed)
+            raise InvalidRequestError(
+                f"Invalid value: {kind!r}. Supported values are: {supported}.", f"{where}.type", "invalid_value"
+            )
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequestError(f"Missing required parameter: '{where}.text'.", f"{where}.text")
+            continue
+        image_url = part.get("image_url")
+        if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
+            raise InvalidRequestError(f"Missing required parameter: '{where}.image_url.url'.", f"{where}.image_url")
+        detail = image_url.get("detail", "auto")
+        if detail not in _IMAGE_DETAILS:
+            raise InvalidRequestError(
+                f"Invalid value: {detail!r}. Supported values are: 'auto', 'low', and 'high'.",
+                f"{where}.image_url.detail",
+                "invalid_value",
+            )
+        images.append((image_url, _image_size(image_url["url"], f"{where}.image_url.url")))
+    return images
+
+
+def _image_size(url: str, param: str) -> tuple[int, int] | None:
+    """An inline image's (width, height); None for an https URL, which modelsim does not fetch. Other URLs, and
+    data: URLs that are not base64 of a PNG, JPEG, WebP or GIF of that type, are refused as OpenAI does."""
+    if url.startswith("https://") and len(url) > len("https://"):
+        return None
+    match = _DATA_URL.fullmatch(url)
+    if match is None:
+        raise InvalidRequestError(
+            "Invalid image URL: expected an https URL or a base64 data URL of a PNG, JPEG, WebP or GIF image.",
+            param,
+            "invalid_image_url",
+        )
+    try:
+        data = base64.b64decode(match.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError("Invalid base64 image_url.", param, "invalid_image_url") from None
+    size = image_size(data, match.group(1))
+    if size is None:
+        raise InvalidRequestError(
+            "You uploaded an unsupported image. Please make sure your image is valid.", param, "invalid_image_format"
+        )
+    return size
 
 
 class Simulator:
@@ -188,6 +334,10 @@ class Simulator:
         self.config = config
         self.stats = SimStats()
         self.request_log: deque[Any] = deque(maxlen=REQUEST_LOG_SIZE)
+        # The bodies of recent /v1/moderations requests.
+        self.moderation_log: deque[Any] = deque(maxlen=REQUEST_LOG_SIZE)
+        # Images are billed by OpenAI's rule at the model family's rates; no encoding is loaded.
+        self._image_rates = TokenCounter()
         # The W3C `traceparent` header of recent chat requests, as a tracing provider would see it.
         self.traceparents: deque[str] = deque(maxlen=REQUEST_LOG_SIZE)
         self.faults: deque[tuple[int, float]] = deque()
@@ -202,7 +352,7 @@ class Simulator:
             body = json.loads(await request.read())
         except ValueError:
             return _error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
-        self.request_log.append(body)
+        self.request_log.append(_loggable(body))
         self.traceparents.append(request.headers.get("traceparent", ""))
         try:
             chat = ChatRequest.parse(body)
@@ -214,7 +364,8 @@ class Simulator:
 
         tokens, finish_reason = self._reply(chat)
         usage = {
-            "prompt_tokens": _prompt_tokens(chat.messages),
+            "prompt_tokens": _prompt_tokens(chat.messages)
+            + sum(self._image_rates.image_part_tokens(chat.model, url, size) for url, size in chat.images),
             "completion_tokens": len(tokens),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -363,8 +514,9 @@ class Simulator:
             body = json.loads(await request.read())
         except ValueError:
             return _error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
-        texts = _moderation_texts(body)
-        if texts is None:
+        self.moderation_log.append(_loggable(body))
+        inputs = _moderation_inputs(body)
+        if inputs is None:
             return _error(
                 400,
                 "invalid_request_error",
@@ -376,7 +528,7 @@ class Simulator:
             return _fault_response(*self.moderation_faults.popleft())
         words = [word.casefold() for word in self.config.moderation_flag_words if word]
         results = []
-        for text in texts:
+        for text, input_types in inputs:
             flagged = any(word in text.casefold() for word in words)
             results.append(
                 {
@@ -388,7 +540,7 @@ class Simulator:
                         name: 0.97 if flagged and name == SIM_MODERATION_CATEGORY else 0.0001
                         for name in _MODERATION_CATEGORIES
                     },
-                    "category_applied_input_types": {name: ["text"] for name in _MODERATION_CATEGORIES},
+                    "category_applied_input_types": {name: input_types for name in _MODERATION_CATEGORIES},
                 }
             )
         model = body.get("model") or _MODERATION_MODEL
@@ -414,6 +566,10 @@ class Simulator:
             return web.json_response({"error": "limit must be a non-negative integer"}, status=400)
         start = max(len(self.request_log) - limit, 0)
         return web.json_response({"requests": list(islice(self.request_log, start, None))})
+
+    async def get_moderations(self, request: web.Request) -> web.Response:
+        """The bodies of recent /v1/moderations requests, oldest first (long data: URLs summarized)."""
+        return web.json_response({"requests": list(self.moderation_log)})
 
     async def get_traceparents(self, request: web.Request) -> web.Response:
         """The `traceparent` header of each recent chat request ("" when it had none), oldest first."""
@@ -462,28 +618,54 @@ class Simulator:
     async def reset(self, request: web.Request) -> web.Response:
         self.stats = SimStats(streams_open=self.stats.streams_open)
         self.request_log.clear()
+        self.moderation_log.clear()
         self.traceparents.clear()
         self.faults.clear()
         self.moderation_faults.clear()
         return web.json_response(asdict(self.stats))
 
 
-def _moderation_texts(body: Any) -> list[str] | None:
-    """The texts to judge, one per result, or None when `input` is malformed."""
+def _moderation_inputs(body: Any) -> list[tuple[str, list[str]]] | None:
+    """What to judge, one per result: the text (an image counts as its URL, so that a flag word in the URL
+    flags it) and the input types it holds; None when `input` is malformed. A multi-modal array is one input
+    of text and image_url parts, each well formed."""
     if not isinstance(body, dict):
         return None
     value = body.get("input")
     if isinstance(value, str):
-        return [value]
+        return [(value, ["text"])]
     if not isinstance(value, list) or not value:
         return None
     if all(isinstance(item, str) for item in value):
-        return value
-    if all(isinstance(item, dict) for item in value):
-        return [
-            " ".join(item["text"] for item in value if item.get("type") == "text" and isinstance(item.get("text"), str))
-        ]
-    return None
+        return [(text, ["text"]) for text in value]
+    if not all(isinstance(item, dict) for item in value):
+        return None
+    texts, types = [], []
+    for item in value:
+        if item.get("type") == "text" and isinstance(item.get("text"), str):
+            texts.append(item["text"])
+            kind = "text"
+        elif item.get("type") == "image_url" and isinstance((item.get("image_url") or {}).get("url"), str):
+            texts.append(item["image_url"]["url"])
+            kind = "image"
+        else:
+            return None
+        if kind not in types:
+            types.append(kind)
+    return [(" ".join(texts), types)]
+
+
+def _loggable(body: Any) -> Any:
+    """`body` as the request logs keep it: a data: URL longer than LOGGED_DATA_URL_CHARS becomes its beginning
+    and its length and SHA-256, so that the logs do not hold megabytes of images."""
+    if isinstance(body, dict):
+        return {key: _loggable(value) for key, value in body.items()}
+    if isinstance(body, list):
+        return [_loggable(value) for value in body]
+    if isinstance(body, str) and body.startswith("data:") and len(body) > LOGGED_DATA_URL_CHARS:
+        digest = hashlib.sha256(body.encode()).hexdigest()[:16]
+        return f"{body[:64]}…[{len(body)} characters, sha256 {digest}]"
+    return body
 
 
 _FAULT_STATUSES = frozenset({401, 404, 429, 500})
@@ -515,13 +697,14 @@ def _fault_response(status: int, retry_after: float) -> web.Response:
 def build_app(config: SimConfig) -> web.Application:
     """The modelsim application; `config` stays live, so changing it changes the app's behaviour."""
     simulator = Simulator(config)
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.router.add_post("/v1/chat/completions", simulator.chat_completions)
     app.router.add_get("/v1/models", simulator.models)
     app.router.add_post("/v1/moderations", simulator.moderations)
     app.router.add_get("/sim/stats", simulator.get_stats)
     app.router.add_get("/sim/requests", simulator.get_requests)
     app.router.add_get("/sim/traceparents", simulator.get_traceparents)
+    app.router.add_get("/sim/moderations", simulator.get_moderations)
     app.router.add_post("/sim/config", simulator.set_config)
     app.router.add_post("/sim/faults", simulator.queue_faults)
     app.router.add_post("/sim/reset", simulator.reset)
@@ -593,7 +776,7 @@ async def _json_object(request: web.Request) -> dict[str, Any] | None:
 
 
 def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """Words in the messages' text, plus 4 per message."""
+    """Words in the messages' text, plus 4 per message; image parts are billed apart (OpenAI's image rule)."""
     total = 0
     for message in messages:
         content = message.get("content")

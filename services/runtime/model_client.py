@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -59,13 +59,24 @@ class ModelError(Exception):
 
 @dataclass(slots=True)
 class ModelRequest:
+    """A chat completion request. A message's `content` is a string, or a list of OpenAI content parts (text
+    and image_url). Options left None (or empty) are not sent, so the provider's defaults apply."""
+
     model: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # Token id to a bias from -100 to 100.
+    logit_bias: dict[int, int] = field(default_factory=dict)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # OpenAI's `response_format` object: {"type": "json_object"}, or {"type": "json_schema", "json_schema": {...}}.
+    response_format: dict[str, Any] | None = None
+    # A stable, opaque id of the end user, for the provider's abuse monitoring (never the caller's own id).
+    user: str | None = None
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"model": self.model, "messages": self.messages}
@@ -75,6 +86,12 @@ class ModelRequest:
             "max_tokens": self.max_tokens,
             "seed": self.seed,
             "stop": self.stop or None,
+            # JSON object keys are strings: the API takes token ids as "50256".
+            "logit_bias": {str(token): bias for token, bias in self.logit_bias.items()} or None,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "response_format": self.response_format,
+            "user": self.user,
         }
         params.update((name, value) for name, value in optional.items() if value is not None)
         return params
@@ -217,20 +234,26 @@ class ModelClient:
             ("gen_ai.request.top_p", request.top_p),
             ("gen_ai.request.max_tokens", request.max_tokens),
             ("gen_ai.request.seed", request.seed),
+            ("gen_ai.request.presence_penalty", request.presence_penalty),
+            ("gen_ai.request.frequency_penalty", request.frequency_penalty),
         ):
             if value is not None:
                 attributes[name] = value
         return tracing.start_client_span(f"chat {request.model}", attributes)
 
-    async def moderate(self, text: str, *, deadline: float | None = None) -> tuple[bool, list[str]]:
-        """Asks the provider's /v1/moderations whether `text` is flagged, and for which categories.
+    async def moderate(
+        self, text: str, *, deadline: float | None = None, image_urls: Sequence[str] = ()
+    ) -> tuple[bool, list[str]]:
+        """Asks the provider's /v1/moderations whether `text` is flagged, and for which categories. With
+        `image_urls` (https or `data:` URLs), the text and the images are judged together, as one multi-modal
+        input of text and image_url parts (omni-moderation reads both).
 
         Retried like `stream_chat` (429, 5xx and connection errors, with backoff, within `deadline`
         in `loop.time()` terms, default `default_deadline_seconds` from now); raises ModelError.
         """
         metered = self._metrics.call("moderation", price_family(self._prices, self._moderation_model))
         try:
-            verdict = await self._moderate(text, deadline)
+            verdict = await self._moderate(moderation_input(text, image_urls), deadline)
         except ModelError as error:
             metered.failed(error.kind.value)
             raise
@@ -240,7 +263,7 @@ class ModelClient:
         metered.completed()
         return verdict
 
-    async def _moderate(self, text: str, deadline: float | None) -> tuple[bool, list[str]]:
+    async def _moderate(self, moderation: str | list[dict[str, Any]], deadline: float | None) -> tuple[bool, list[str]]:
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self._default_deadline_seconds
@@ -252,7 +275,7 @@ class ModelClient:
                 raise ModelError(ModelErrorKind.TIMEOUT, "the deadline passed before the moderation endpoint answered")
             try:
                 response = await self._client.moderations.create(
-                    input=text, model=self._moderation_model, timeout=remaining
+                    input=moderation, model=self._moderation_model, timeout=remaining
                 )
                 return _moderation_verdict(response)
             except openai.APIError as error:
@@ -287,6 +310,16 @@ class ModelClient:
         if span is not None:
             span.add_event("gen_ai.retry", {"attempt": attempt, "error.type": failure.kind.value, "delay_s": delay})
         await asyncio.sleep(delay)
+
+
+def moderation_input(text: str, image_urls: Sequence[str] = ()) -> str | list[dict[str, Any]]:
+    """The moderation endpoint's `input`: the text alone; with images, a text part (unless the text is empty)
+    and an image_url part per image."""
+    if not image_urls:
+        return text
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    parts.extend({"type": "image_url", "image_url": {"url": url}} for url in image_urls)
+    return parts
 
 
 def _end_chat_span(span: Any, last: object, error_type: str) -> None:

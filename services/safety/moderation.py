@@ -1,5 +1,6 @@
 """The moderation screen: the model provider's /v1/moderations, through ModelClient, with a failure policy."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chatmesh.runtime.logs import get_logger
@@ -34,10 +35,10 @@ class ModerationScreen:
         self._model = model
         self._fail_open = fail_open
 
-    async def screen(self, text: str, deadline: float) -> ModerationVerdict:
-        """`deadline` is in `loop.time()` terms."""
+    async def screen(self, text: str, deadline: float, image_urls: Sequence[str] = ()) -> ModerationVerdict:
+        """`deadline` is in `loop.time()` terms; the images (https or `data:` URLs) are judged with the text."""
         try:
-            flagged, categories = await self._model.moderate(text, deadline=deadline)
+            flagged, categories = await self._model.moderate(text, deadline=deadline, image_urls=image_urls)
         except ModelError as error:
             log.warning("moderation_failed", extra={"kind": error.kind.value, "fail_open": self._fail_open})
             if self._fail_open:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from chatmesh.dialogue.content import image_url
 from chatmesh.runtime import metrics
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import get_logger
@@ -31,13 +32,15 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
     async def ScreenInput(
         self, request: safety_pb2.ScreenInputRequest, context: grpc.aio.ServicerContext
     ) -> safety_pb2.ScreenInputResponse:
+        # The keyword lists read only the text; the moderation endpoint sees the images too.
         categories = self._keywords.screen(request.text)
         if categories:
             return self._blocked_input(request.request_id, categories, safety_pb2.SCREEN_SOURCE_KEYWORD)
-        if self._moderation is not None and request.text.strip():
+        if self._moderation is not None and (request.text.strip() or request.images):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + downstream_timeout(context, self._settings.default_deadline_seconds)
-            verdict = await self._moderation.screen(request.text, deadline)
+            image_urls = [image_url(image) for image in request.images]
+            verdict = await self._moderation.screen(request.text, deadline, image_urls)
             if verdict.blocked:
                 return self._blocked_input(
                     request.request_id, list(verdict.categories), safety_pb2.SCREEN_SOURCE_MODERATION

@@ -1,6 +1,7 @@
 """modelsim, served in-process on a free port and spoken to with the real openai SDK."""
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from support.images import gif, jpeg, png
 
 from chatmesh.modelsim.server import SimConfig, build_app
 
@@ -291,3 +293,142 @@ async def test_main_logs_listening_and_exits_0_on_sigterm() -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+
+
+def data_url(data: bytes, mime_type: str = "image/png") -> str:
+    return f"data:{mime_type};base64,{base64.b64encode(data).decode()}"
+
+
+def image_message(*urls: str, detail: str = "auto") -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": url, "detail": detail}} for url in urls]
+    return [{"role": "user", "content": [{"type": "text", "text": "Tell me about the weather today"}, *parts]}]
+
+
+async def test_images_are_billed_by_openais_rule(sim: Sim) -> None:
+    text_only = await sim.client.chat.completions.create(model="gpt-4o", messages=image_message())
+    base = text_only.usage.prompt_tokens
+
+    async def prompt_tokens(*urls: str, detail: str = "auto", model: str = "gpt-4o") -> int:
+        reply = await sim.client.chat.completions.create(model=model, messages=image_message(*urls, detail=detail))
+        return reply.usage.prompt_tokens
+
+    # 1024 x 1024 at high detail: scaled to 768 x 768, 4 tiles: 85 + 4 x 170.
+    assert await prompt_tokens(data_url(png(1024, 1024))) == base + 765
+    assert await prompt_tokens(data_url(png(1024, 1024)), detail="low") == base + 85
+    assert await prompt_tokens(data_url(gif(2048, 4096), "image/gif")) == base + 1105
+    assert await prompt_tokens(data_url(png(10, 10)), data_url(png(10, 10))) == base + 2 * 255
+    # gpt-4o-mini's rates; an https image, not fetched, as the most a high-detail image costs (8 tiles).
+    assert await prompt_tokens(data_url(png(10, 10)), model="gpt-4o-mini") == base + 2833 + 5667
+    assert await prompt_tokens("https://example.com/a.png") == base + 85 + 8 * 170
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        ([], "messages[0].content"),
+        ([{"type": "audio"}], "messages[0].content[0].type"),
+        ([{"type": "text"}], "messages[0].content[0].text"),
+        ([{"type": "image_url"}], "messages[0].content[0].image_url"),
+        (
+            [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}],
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}],
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [{"type": "image_url", "image_url": {"url": "data:image/bmp;base64,AAAA"}}],
+            "messages[0].content[0].image_url.url",
+        ),
+        ([{"type": "image_url", "image_url": {"url": data_url(jpeg())}}], "messages[0].content[0].image_url.url"),
+        (
+            [{"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "max"}}],
+            "messages[0].content[0].image_url.detail",
+        ),
+    ],
+)
+async def test_a_malformed_content_part_is_400_in_openai_shape(sim: Sim, content: list, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sim.client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": content}])
+
+    assert raised.value.body["param"] == param
+    assert raised.value.body["type"] == "invalid_request_error"
+
+
+async def test_only_a_user_message_may_hold_images(sim: Sim) -> None:
+    content = [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sim.client.chat.completions.create(model="gpt-4o", messages=[{"role": "system", "content": content}])
+
+    assert raised.value.body["param"] == "messages[0].content[0].type"
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_object"}}, "messages"),  # no "json" in the messages
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+            "response_format.json_schema.name",
+        ),
+        ({"user": 5}, "user"),
+    ],
+)
+async def test_bad_options_are_400(sim: Sim, options: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sim.client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **options)
+
+    assert raised.value.body["param"] == param
+
+
+async def test_the_new_options_are_accepted_and_logged_with_long_images_summarized(sim: Sim) -> None:
+    big = png(400, 400) + bytes(4000)
+    options = {
+        "logit_bias": {"50256": -100},
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}, "strict": True}},
+        "user": "0123456789abcdef",
+    }
+    await sim.client.chat.completions.create(
+        model="gpt-4o", messages=image_message(data_url(png()), data_url(big)), **options
+    )
+
+    logged = (await sim.get("/sim/requests?limit=1"))["requests"][-1]
+    assert {name: logged[name] for name in options} == options
+    small, summarized = (part["image_url"]["url"] for part in logged["messages"][0]["content"][1:])
+    assert small == data_url(png())
+    assert summarized.startswith(data_url(big)[:64]) and f"[{len(data_url(big))} characters, sha256 " in summarized
+
+
+async def test_moderation_judges_text_and_image_parts_together(sim: Sim) -> None:
+    clean = await sim.client.moderations.create(
+        input=[
+            {"type": "text", "text": "hello"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        ]
+    )
+    flagged = await sim.client.moderations.create(
+        input=[{"type": "image_url", "image_url": {"url": "https://example.com/simflag.png"}}]
+    )
+
+    assert len(clean.results) == 1 and not clean.results[0].flagged
+    assert clean.results[0].category_applied_input_types.harassment == ["text", "image"]
+    assert flagged.results[0].flagged
+    logged = (await sim.get("/sim/moderations"))["requests"]
+    assert [body["input"][-1]["image_url"]["url"] for body in logged] == [
+        "https://example.com/cat.png",
+        "https://example.com/simflag.png",
+    ]
+    async with sim.http.post(
+        f"{sim.base_url}/v1/moderations",
+        json={"input": [{"type": "image_url", "image_url": {}}]},
+        headers={"Authorization": "Bearer x"},
+    ) as response:
+        assert response.status == 400
