@@ -9,14 +9,17 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from chatmesh.dialogue.coalesce import coalesce
+from chatmesh.dialogue.content import user_content
 from chatmesh.dialogue.context_window import build_messages
+from chatmesh.dialogue.model_options import model_options, provider_user, response_format_param
 from chatmesh.dialogue.output_screen import OutputBlocked, SafetyUnavailable, screen_output
 from chatmesh.dialogue.spend import SpendLedger, SpendScope
 from chatmesh.dialogue.store import (
@@ -183,14 +186,14 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         started_at = time.time()
 
         spend = SpendScope(tenant=tenant, limits=Limits.from_proto(request.limits), request_id=request_id)
-        model_request = self._model_request(chat, model, window, spend.limits)
+        model_request = self._model_request(chat, model, window, spend.limits, tenant)
         # Screening runs with the cache lookup and, once it misses, the reservation under the tenant's limits.
         lookup = asyncio.ensure_future(self._lookup(answer_context, deadline)) if answer_context else None
         reservation = self._spend.start_reservation(spend, model_request, timeout, lookup)
         reservation_used = False
         try:
             try:
-                verdict = await self._screen_input(chat.message, request_id, deadline)
+                verdict = await self._screen_input(chat.message, request_id, deadline, chat.images)
             except SafetyUnavailable:
                 if lookup is not None:
                     lookup.cancel()
@@ -318,12 +321,14 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             )
             self._background.spawn(self._store_answer(answer_context, cached_reply), "cache_store")
 
-    async def _screen_input(self, text: str, request_id: str, deadline: float) -> safety_pb2.Verdict | None:
+    async def _screen_input(
+        self, text: str, request_id: str, deadline: float, images: Sequence[chat_pb2.Image] = ()
+    ) -> safety_pb2.Verdict | None:
         """The input's verdict; None when safety cannot be reached and the operator chose fail-open, in
         which case the whole turn goes unscreened. Raises SafetyUnavailable otherwise."""
         try:
             response = await self._safety.ScreenInput(
-                safety_pb2.ScreenInputRequest(text=text, request_id=request_id),
+                safety_pb2.ScreenInputRequest(text=text, request_id=request_id, images=images),
                 timeout=deadline - asyncio.get_running_loop().time(),
             )
         except grpc.aio.AioRpcError as error:
@@ -334,27 +339,32 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         return response.verdict
 
     def _model_request(
-        self, chat: chat_pb2.ChatRequest, model: str, window: list[StoredMessage], limits: Limits
+        self, chat: chat_pb2.ChatRequest, model: str, window: list[StoredMessage], limits: Limits, tenant: str
     ) -> ModelRequest:
         options = chat.options
+        messages: list[dict[str, Any]] = list(build_messages(options.system_prompt, window, chat.message))
+        if chat.images:
+            # The new message, last, goes as content parts: its text, then its images.
+            messages[-1] = {"role": "user", "content": user_content(chat.message, chat.images)}
         return ModelRequest(
             model=model,
-            messages=build_messages(options.system_prompt, window, chat.message),
-            temperature=options.temperature if options.HasField("temperature") else None,
-            top_p=options.top_p if options.HasField("top_p") else None,
+            messages=messages,
             max_tokens=self._spend.bounded_max_tokens(
                 limits, options.max_tokens if options.HasField("max_tokens") else None
             ),
-            stop=list(options.stop),
-            seed=options.seed if options.HasField("seed") else None,
+            user=provider_user(self._settings.log_user_id_salt.get_secret_value(), tenant, chat.user_id),
+            **model_options(options),
         )
 
     def _answer_context(
         self, tenant: str, chat: chat_pb2.ChatRequest, model: str, window: list[StoredMessage]
     ) -> cache_pb2.AnswerContext | None:
-        """What the cache keys an answer by; None when this request's answer may not be cached."""
+        """What the cache keys an answer by; None when this request's answer may not be cached: a temperature
+        above the cache's bound, or images (a turn with images is never looked up nor stored)."""
         options = chat.options
-        if options.HasField("temperature") and options.temperature > self._settings.cache_max_temperature:
+        if chat.images or (
+            options.HasField("temperature") and options.temperature > self._settings.cache_max_temperature
+        ):
             metrics.dialogue_cache_lookup("skipped")
             return None
         context = cache_pb2.AnswerContext(
@@ -367,9 +377,13 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 cache_pb2.ContextMessage(role=chat_pb2.ROLE_USER, content=chat.message),
             ],
         )
-        for name in ("temperature", "top_p", "max_tokens", "seed"):
+        for name in ("temperature", "top_p", "max_tokens", "seed", "presence_penalty", "frequency_penalty"):
             if options.HasField(name):
                 setattr(context, name, getattr(options, name))
+        context.logit_bias.update(options.logit_bias)
+        # Plain text, however it is said (unset, TYPE_UNSPECIFIED, TYPE_TEXT), is one context.
+        if response_format_param(options.response_format) is not None:
+            context.response_format.CopyFrom(options.response_format)
         return context
 
     async def _lookup(self, answer_context: cache_pb2.AnswerContext, deadline: float) -> cache_pb2.CachedReply | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from chatmesh.dialogue.tokens import TokenCounter
 from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.model_client import ModelRequest, StreamProgress, cost_usd, price_family
@@ -61,10 +62,26 @@ def _beyond_limit(limits: Limits, tokens: int, cost_nano_usd: int) -> tuple[Limi
     return None
 
 
-def prompt_token_bound(messages: list[dict[str, str]]) -> int:
-    """At least as many tokens as any OpenAI encoding makes of these messages."""
-    text_bytes = sum(len(message["content"].encode()) for message in messages)
-    return text_bytes + _TOKENS_PER_MESSAGE * len(messages) + _TOKENS_PER_REPLY
+def prompt_token_bound(messages: list[dict[str, Any]], model: str) -> int:
+    """At least as many tokens as any OpenAI encoding makes of these messages. A message's content is a string
+    or content parts; an image part counts the most an image of its detail costs `model` (OpenAI's image rule,
+    its size unknown)."""
+    total = _TOKENS_PER_MESSAGE * len(messages) + _TOKENS_PER_REPLY
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            total += len(content.encode())
+            continue
+        for part in content:
+            if part.get("type") == "image_url":
+                total += _IMAGE_RATES.image_part_tokens(model, part["image_url"])
+            else:
+                total += len(str(part.get("text") or "").encode())
+    return total
+
+
+# Only its image rates are used: no encoding is loaded.
+_IMAGE_RATES = TokenCounter()
 
 
 class SpendLedger:
@@ -146,7 +163,7 @@ class SpendLedger:
                     "CHATMESH_MODEL_PRICES_USD_PER_MILLION",
                 )
             )
-        input_tokens = prompt_token_bound(request.messages)
+        input_tokens = prompt_token_bound(request.messages, request.model)
         output_tokens = request.max_tokens or 0
         cost = cost_to_nano(cost_usd(self._prices, request.model, input_tokens, output_tokens))
         beyond = _beyond_limit(limits, input_tokens + output_tokens, cost)
@@ -186,7 +203,7 @@ class SpendLedger:
         if outcome is not None:
             input_tokens, output_tokens = outcome.input_tokens, outcome.output_tokens
         elif progress.chunks:
-            input_tokens, output_tokens = prompt_token_bound(request.messages), progress.chunks
+            input_tokens, output_tokens = prompt_token_bound(request.messages, request.model), progress.chunks
         else:
             # Nothing was streamed: the provider answered with an error, or never answered, and bills nothing.
             input_tokens = output_tokens = 0
