@@ -1,8 +1,12 @@
 """Starts the dialogue process."""
 
+import asyncio
+
 from chatmesh.dialogue.service import DialogueServicer
 from chatmesh.dialogue.spend import SpendLedger
 from chatmesh.dialogue.store import create_conversation_store
+from chatmesh.dialogue.summary import Summarizer
+from chatmesh.dialogue.tokens import DEFAULT_MODEL_ENCODINGS, TokenCounter
 from chatmesh.runtime import metrics, redis_connection
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
@@ -19,10 +23,14 @@ async def main(settings: Settings) -> None:
         settings.redis_url,
         retention_seconds=settings.conversation_retention_seconds or None,
         max_conversations=settings.memory_store_max_conversations,
+        max_messages=settings.conversation_max_messages,
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
         options=redis_options,
     )
     model = ModelClient(settings)
+    tokens = TokenCounter({**DEFAULT_MODEL_ENCODINGS, **settings.model_encodings})
+    # Loading an encoding takes about half a second: before the first call, not during it.
+    await asyncio.to_thread(tokens.preload)
     ledger = create_usage_ledger(settings.redis_url, redis_options)
     background = BackgroundTasks()
     spend = SpendLedger(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants), background)
@@ -35,6 +43,8 @@ async def main(settings: Settings) -> None:
         safety_pb2_grpc.SafetyServiceStub(safety_channel),
         cache_pb2_grpc.CacheServiceStub(cache_channel),
         spend,
+        tokens,
+        Summarizer(settings, store, model),
         background,
     )
 

@@ -9,16 +9,22 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from chatmesh.dialogue.coalesce import coalesce
-from chatmesh.dialogue.content import user_content
-from chatmesh.dialogue.context_window import build_messages
+from chatmesh.dialogue.context_window import (
+    Budget,
+    MessageTooLong,
+    Window,
+    build_window,
+    counted,
+    image_proto,
+    stored_image,
+)
 from chatmesh.dialogue.model_options import model_options, provider_user, response_format_param
 from chatmesh.dialogue.output_screen import OutputBlocked, SafetyUnavailable, screen_output
 from chatmesh.dialogue.spend import SpendLedger, SpendScope
@@ -33,7 +39,11 @@ from chatmesh.dialogue.store import (
     StoreUnavailable,
     TurnAlreadyCommitted,
     TurnClaim,
+    TurnHistory,
+    TurnInProgress,
 )
+from chatmesh.dialogue.summary import Summarizer
+from chatmesh.dialogue.tokens import OFF_LOOP_TEXT_CHARS, TokenCounter
 from chatmesh.runtime import metrics, regions
 from chatmesh.runtime.access_log import ErrorKind
 from chatmesh.runtime.channels import downstream_timeout
@@ -96,6 +106,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         safety: safety_pb2_grpc.SafetyServiceStub,
         cache: cache_pb2_grpc.CacheServiceStub,
         spend: SpendLedger,
+        tokens: TokenCounter,
+        summaries: Summarizer,
         background: BackgroundTasks,
     ) -> None:
         self._settings = settings
@@ -104,15 +116,25 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         self._model = model
         self._safety = safety
         self._cache = cache
-        # Cache stores run after the caller has its reply.
+        self._tokens = tokens
+        self._summaries = summaries
+        # The context size of each model asked for so far (a lookup in the settings' prefix table).
+        self._context_tokens: dict[str, int] = {}
+        # Cache stores and summaries run after the caller has its reply.
         self._background = background
 
     async def Turn(
         self, request: dialogue_pb2.TurnRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        """Runs the turn. With an idempotency key, it is claimed while the input is screened and the cache
-        asked, and before anything is sent: a committed turn is replayed, a running one is ABORTED; a claimed
-        one that does not commit is released, for a retry to run it anew."""
+        """Runs the turn as named steps: `_open` (the conversation's history, under its turn lock, and the
+        window the model will see), `_gate` (the input screened while the cache is asked and the tenant's
+        worst case reserved; with an idempotency key, its claim), then one of `_refuse_input`,
+        `_answer_from_cache` and `_answer_from_model`, each of which commits the turn; after the caller has
+        its reply, `_after_reply` stores the answer in the cache and summarizes what no longer fits.
+
+        With an idempotency key, a committed turn is replayed, a running one is ABORTED; a claimed one that
+        does not commit is released, for a retry to run it anew. A turn that does not commit releases the
+        conversation's turn lock."""
         scope = _TurnScope.of(request, self._settings.region)
         annotate(request_id=request.request_id, tenant=scope.tenant, user_id=scope.user_id)
         timeout = downstream_timeout(context, self._settings.default_deadline_seconds)
@@ -126,6 +148,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             if scope.key is not None and scope.claimed and not scope.committed:
                 self._background.spawn(
                     self._store.release_turn(scope.tenant, scope.conversation_id, scope.key), "release_turn"
+                )
+            if scope.lock is not None and not scope.committed:
+                self._background.spawn(
+                    self._store.abandon_turn(scope.tenant, scope.conversation_id, scope.lock), "abandon_turn"
                 )
 
     async def _claim(self, scope: _TurnScope, seconds_left: float) -> TurnClaim:
@@ -163,37 +189,156 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         seconds_left: float,
         claim: asyncio.Future[TurnClaim] | None,
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        """Screen the input while looking in the cache; answer from the cache, or reserve the model call's
-        worst case under the tenant's limits and stream from the model through the output screen; commit
-        the turn; settle the model's usage and store a cacheable reply once the caller has it."""
-        timeout = seconds_left
-        deadline = asyncio.get_running_loop().time() + timeout
+        turn = await self._open(request, context, scope, seconds_left)
+        gate = await self._gate(context, turn, claim)
+        if gate.replay is not None:
+            for event in _replay(gate.replay, turn.request_id):
+                yield event
+            return
+        try:
+            yield chat_pb2.ChatEvent(
+                started=chat_pb2.Started(
+                    conversation_id=scope.conversation_id, request_id=turn.request_id, model=turn.model
+                )
+            )
+        except BaseException:
+            # The caller went away before the model was called: release the reservation now, not at its expiry.
+            if gate.calls_model:
+                self._spend.settle_later(turn.spend, turn.model, 0, 0)
+            raise
+        if gate.verdict is not None and gate.verdict.blocked:
+            yield await self._refuse_input(context, turn, gate.verdict)
+            return
+        if gate.cached is not None:
+            async for event in self._answer_from_cache(context, turn, gate.cached):
+                yield event
+            return
+        async for event in self._answer_from_model(context, turn, screened=gate.verdict is not None):
+            yield event
+
+    async def _open(
+        self,
+        request: dialogue_pb2.TurnRequest,
+        context: grpc.aio.ServicerContext,
+        scope: _TurnScope,
+        seconds_left: float,
+    ) -> _Turn:
+        """The step `window`: opens an existing conversation under its turn lock (ABORTED while another turn
+        holds it), and builds the window the model will see (INVALID_ARGUMENT when the message cannot fit)."""
         chat = request.request
-        request_id = request.request_id
-        tenant = scope.tenant
         model = chat.options.model or self._settings.default_model
         annotate(model=model)
-        new = scope.new
-        conversation_id = scope.conversation_id
-        history: list[StoredMessage] = []
-        if not new:
-            async with _store_errors(context, conversation_id):
-                history = await self._store.recent_messages(
-                    tenant, conversation_id, chat.user_id, self._settings.context_window_messages
+        history = None
+        if not scope.new:
+            async with _store_errors(context, scope.conversation_id):
+                history = await self._store.open_turn(
+                    scope.tenant,
+                    scope.conversation_id,
+                    chat.user_id,
+                    limit=self._settings.window_max_messages,
+                    lease_seconds=seconds_left + _LEASE_MARGIN_SECONDS,
                 )
-        window = [message for message in history if not message.refused]
-        answer_context = self._answer_context(tenant, chat, model, window)
-        started_at = time.time()
+            scope.lock = history.lock
+        limits = Limits.from_proto(request.limits)
+        max_tokens = self._spend.bounded_max_tokens(
+            limits, chat.options.max_tokens if chat.options.HasField("max_tokens") else None
+        )
+        budget = self._budget(model, max_tokens)
+        if budget.prompt_tokens <= 0:
+            await abort_with(
+                context,
+                invalid_argument(
+                    [("options.max_tokens", f"leaves no room for a prompt in {model}'s {budget.context_tokens} tokens")]
+                ),
+            )
+        new_message = StoredMessage(
+            role="user",
+            content=chat.message,
+            created_at=time.time(),
+            images=tuple(stored_image(image) for image in chat.images),
+        )
+        try:
+            new_message, window = await self._window(model, budget, chat, history, new_message)
+        except MessageTooLong as too_long:
+            await abort_with(
+                context,
+                invalid_argument(
+                    [
+                        (
+                            "message",
+                            f"is {too_long.tokens} tokens, and {model}'s context has room for {too_long.available} "
+                            f"beside the system prompt and a reply of {budget.reply_tokens}",
+                        )
+                    ]
+                ),
+            )
+            raise
+        spend = SpendScope(tenant=scope.tenant, limits=limits, request_id=request.request_id)
+        return _Turn(
+            scope=scope,
+            chat=chat,
+            request_id=request.request_id,
+            model=model,
+            deadline=asyncio.get_running_loop().time() + seconds_left,
+            timeout=seconds_left,
+            history=history,
+            new_message=new_message,
+            window=window,
+            model_request=self._model_request(chat, model, window, max_tokens, scope.tenant),
+            spend=spend,
+            answer_context=self._answer_context(scope.tenant, chat, model, window),
+        )
 
-        spend = SpendScope(tenant=tenant, limits=Limits.from_proto(request.limits), request_id=request_id)
-        model_request = self._model_request(chat, model, window, spend.limits, tenant)
-        # Screening runs with the cache lookup and, once it misses, the reservation under the tenant's limits.
-        lookup = asyncio.ensure_future(self._lookup(answer_context, deadline)) if answer_context else None
-        reservation = self._spend.start_reservation(spend, model_request, timeout, lookup)
+    def _budget(self, model: str, max_tokens: int | None) -> Budget:
+        context_tokens = self._context_tokens.get(model)
+        if context_tokens is None:
+            context_tokens = _longest_prefix(self._settings.model_context_tokens, model)
+            context_tokens = context_tokens or self._settings.default_context_tokens
+            self._context_tokens[model] = context_tokens
+        reply_tokens = max_tokens or min(self._settings.window_reply_tokens, context_tokens // 2)
+        return Budget(context_tokens, reply_tokens, self._settings.window_margin_tokens)
+
+    async def _window(
+        self,
+        model: str,
+        budget: Budget,
+        chat: chat_pb2.ChatRequest,
+        history: TurnHistory | None,
+        new_message: StoredMessage,
+    ) -> tuple[StoredMessage, Window]:
+        """The new message with its tokens, and the window; counted in a worker thread when the text to count
+        is long. Raises MessageTooLong."""
+
+        def build() -> tuple[StoredMessage, Window]:
+            counted_message = counted(self._tokens, model, new_message)
+            window = build_window(
+                self._tokens,
+                model,
+                budget,
+                system_prompt=chat.options.system_prompt,
+                summary=history.summary if history is not None else None,
+                history=history.messages if history is not None else [],
+                new_message=counted_message,
+            )
+            return counted_message, window
+
+        if len(chat.message) + len(chat.options.system_prompt) > OFF_LOOP_TEXT_CHARS:
+            return await asyncio.to_thread(build)
+        return build()
+
+    async def _gate(
+        self, context: grpc.aio.ServicerContext, turn: _Turn, claim: asyncio.Future[TurnClaim] | None
+    ) -> _Gate:
+        """The steps `screen` and `cache`: screens the input while the cache is asked and, once it misses, the
+        tenant's worst case is reserved; then waits for the idempotency claim."""
+        lookup = (
+            asyncio.ensure_future(self._lookup(turn.answer_context, turn.deadline)) if turn.answer_context else None
+        )
+        reservation = self._spend.start_reservation(turn.spend, turn.model_request, turn.timeout, lookup)
         reservation_used = False
         try:
             try:
-                verdict = await self._screen_input(chat.message, request_id, deadline, chat.images)
+                verdict = await self._screen_input(turn.chat.message, turn.request_id, turn.deadline, turn.chat.images)
             except SafetyUnavailable:
                 if lookup is not None:
                     lookup.cancel()
@@ -201,10 +346,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 await abort(
                     context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff"
                 )
+                raise
             cached = await lookup if lookup is not None else None
-            blocked_input = verdict is not None and verdict.blocked
-            calls_model = not blocked_input and cached is None
-            replay = None if claim is None else await self._replay_of(context, scope, claim)
+            calls_model = not (verdict is not None and verdict.blocked) and cached is None
+            replay = None if claim is None else await self._replay_of(context, turn.scope, claim)
             if reservation is not None and calls_model and replay is None:
                 try:
                     await reservation
@@ -215,52 +360,49 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             # A reservation the model call will not use (cached answer, refused input, failure, cancel) is
             # released once made.
             if reservation is not None and not reservation_used:
-                self._spend.release_unused(spend, model_request, reservation)
-        if replay is not None:
-            for event in _replay(replay, request_id):
-                yield event
-            return
-        try:
-            yield chat_pb2.ChatEvent(
-                started=chat_pb2.Started(conversation_id=conversation_id, request_id=request_id, model=model)
-            )
-        except BaseException:
-            # The caller went away before the model was called: release the reservation now, not at its expiry.
-            if calls_model:
-                self._spend.settle_later(spend, model_request, StreamProgress())
-            raise
+                self._spend.release_unused(turn.spend, turn.model_request, reservation)
+        return _Gate(verdict=verdict, cached=cached, replay=replay, calls_model=calls_model and replay is None)
 
-        user_message = StoredMessage(role="user", content=chat.message, created_at=started_at)
-        if blocked_input:
-            assert verdict is not None
-            refused = StoredMessage(role="user", content="", created_at=started_at, refused=True)
-            completed = _content_filtered(chat_pb2.ContentFilter.STAGE_INPUT, verdict.categories)
-            await self._commit(context, scope, model, refused, _refused_reply(), completed)
-            annotate(input_tokens=0, output_tokens=0)
-            yield completed
-            return
-        if cached is not None:
-            yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=cached.text))
-            reply = StoredMessage(role="assistant", content=cached.text, created_at=time.time())
-            completed = chat_pb2.ChatEvent(
-                completed=chat_pb2.Completed(
-                    finish_reason=cached.finish_reason, usage=chat_pb2.Usage(), cost_usd=0.0, cached=True
-                )
-            )
-            await self._commit(context, scope, model, user_message, reply, completed)
-            annotate(input_tokens=0, output_tokens=0)
-            yield completed
-            return
+    async def _refuse_input(
+        self, context: grpc.aio.ServicerContext, turn: _Turn, verdict: safety_pb2.Verdict
+    ) -> chat_pb2.ChatEvent:
+        """A refused input is committed as refused (its text not kept), and the model is not called."""
+        refused = StoredMessage(role="user", content="", created_at=turn.new_message.created_at, refused=True)
+        completed = _content_filtered(chat_pb2.ContentFilter.STAGE_INPUT, verdict.categories, chat_pb2.Usage())
+        await self._commit(context, turn, refused, _refused_reply(), completed)
+        annotate(input_tokens=0, output_tokens=0)
+        return completed
 
+    async def _answer_from_cache(
+        self, context: grpc.aio.ServicerContext, turn: _Turn, cached: cache_pb2.CachedReply
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=cached.text))
+        reply = counted(self._tokens, turn.model, StoredMessage("assistant", cached.text, time.time()))
+        completed = chat_pb2.ChatEvent(
+            completed=chat_pb2.Completed(
+                finish_reason=cached.finish_reason, usage=chat_pb2.Usage(), cost_usd=0.0, cached=True
+            )
+        )
+        await self._commit(context, turn, turn.new_message, reply, completed)
+        annotate(input_tokens=0, output_tokens=0)
+        yield completed
+        self._after_reply(turn, cached_reply=None)
+
+    async def _answer_from_model(
+        self, context: grpc.aio.ServicerContext, turn: _Turn, *, screened: bool
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """The step `model`: streams the reply through the output screen (unless the turn goes unscreened),
+        then commits it. However the stream ends (finished, blocked, failed, cancelled by the caller), its
+        tokens are counted: the provider's usage when it came, else counted over what was sent and received."""
         progress = StreamProgress()
-        model_stream = self._model.stream_chat(model_request, deadline, progress)
+        model_stream = self._model.stream_chat(turn.model_request, turn.deadline, progress)
         relayed = (
-            coalesce(model_stream)
-            if verdict is None
-            else screen_output(model_stream, self._safety, request_id, deadline)
+            screen_output(model_stream, self._safety, turn.request_id, turn.deadline)
+            if screened
+            else coalesce(model_stream)
         )
         reply_parts: list[str] = []
-        outcome = ModelOutcome()
+        outcome: ModelOutcome | None = None
         blocked: OutputBlocked | None = None
         try:
             async for item in relayed:
@@ -272,54 +414,89 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 else:
                     outcome = item
         except ModelError as error:
-            log.warning("model_failed", extra={"request_id": request_id, "kind": error.kind.value})
+            log.warning("model_failed", extra={"request_id": turn.request_id, "kind": error.kind.value})
             annotate(error=_MODEL_ERROR_KINDS[error.kind])
             if error.kind is ModelErrorKind.RATE_LIMITED:
                 await abort_with(context, retry_later(str(error), error.retry_after))
             if error.kind is ModelErrorKind.REJECTED:
-                await abort(context, *_rejection(error.http_status, model))
+                await abort(context, *_rejection(error.http_status, turn.model))
             await abort(context, _MODEL_ERROR_CODES[error.kind], str(error))
         except SafetyUnavailable:
-            log.warning("output_screen_failed", extra={"request_id": request_id})
+            log.warning("output_screen_failed", extra={"request_id": turn.request_id})
             annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
         finally:
-            # However the stream ended (finished, blocked, failed, or cancelled by the caller), the tokens
-            # the model produced are settled against the tenant.
-            self._spend.settle_later(spend, model_request, progress)
-
+            input_tokens, output_tokens = self._spent(turn, progress)
+            self._spend.settle_later(turn.spend, turn.model, input_tokens, output_tokens)
+            if progress.outcome is None and (input_tokens or output_tokens):
+                # No Completed commits these: they count for the model's metrics and the conversation here.
+                self._model.record_unfinished(turn.model, input_tokens, output_tokens)
+                if turn.history is not None and blocked is None:
+                    self._background.spawn(
+                        self._store.add_usage(
+                            turn.scope.tenant, turn.scope.conversation_id, input_tokens, output_tokens
+                        ),
+                        "add_usage",
+                    )
+        usage = chat_pb2.Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+        usage.total_tokens = input_tokens + output_tokens
+        cost = cost_usd(self._settings.model_prices_usd_per_million, turn.model, input_tokens, output_tokens)
         if blocked is not None:
-            completed = _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories)
-            await self._commit(context, scope, model, user_message, _refused_reply(), completed)
-            annotate(input_tokens=0, output_tokens=0)
+            completed = _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories, usage, cost)
+            await self._commit(context, turn, turn.new_message, _refused_reply(), completed)
+            annotate(input_tokens=input_tokens, output_tokens=output_tokens)
             yield completed
             return
+        assert outcome is not None
         reply_text = "".join(reply_parts)
-        reply = StoredMessage(role="assistant", content=reply_text, created_at=time.time())
+        reply = counted(self._tokens, turn.model, StoredMessage("assistant", reply_text, time.time()))
         finish_reason = _FINISH_REASONS.get(outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
         completed = chat_pb2.ChatEvent(
-            completed=chat_pb2.Completed(
-                finish_reason=finish_reason,
-                usage=chat_pb2.Usage(
-                    input_tokens=outcome.input_tokens,
-                    output_tokens=outcome.output_tokens,
-                    total_tokens=outcome.input_tokens + outcome.output_tokens,
-                ),
-                cost_usd=self._cost_usd(model, outcome),
-            )
+            completed=chat_pb2.Completed(finish_reason=finish_reason, usage=usage, cost_usd=cost)
         )
-        await self._commit(
-            context, scope, model, user_message, reply, completed, outcome.input_tokens, outcome.output_tokens
-        )
-        annotate(input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens)
+        await self._commit(context, turn, turn.new_message, reply, completed)
+        annotate(input_tokens=input_tokens, output_tokens=output_tokens)
         yield completed
-        # Runs once the caller has the Completed event: off the reply's path. A reply that went out
-        # unscreened (safety down, fail-open) is not kept for callers that safety would screen.
-        if answer_context is not None and verdict is not None and finish_reason == chat_pb2.FINISH_REASON_STOP:
-            cached_reply = cache_pb2.CachedReply(
-                text=reply_text, finish_reason=finish_reason, output_tokens=outcome.output_tokens
+        # A reply that went out unscreened (safety down, fail-open) is not kept for callers that safety would
+        # screen.
+        cacheable = screened and finish_reason == chat_pb2.FINISH_REASON_STOP
+        self._after_reply(
+            turn,
+            cached_reply=cache_pb2.CachedReply(
+                text=reply_text, finish_reason=finish_reason, output_tokens=output_tokens
             )
-            self._background.spawn(self._store_answer(answer_context, cached_reply), "cache_store")
+            if cacheable
+            else None,
+        )
+
+    def _spent(self, turn: _Turn, progress: StreamProgress) -> tuple[int, int]:
+        """The (input, output) tokens of a model call: the provider's usage when it came; else, when text was
+        streamed, the window's tokens and those of the text received; else none (the provider answered with
+        an error, or never answered, and bills nothing)."""
+        if progress.outcome is not None:
+            return progress.outcome.input_tokens, progress.outcome.output_tokens
+        if progress.chunks:
+            return turn.window.prompt_tokens, self._tokens.count_text(turn.model, "".join(progress.text))
+        return 0, 0
+
+    def _after_reply(self, turn: _Turn, *, cached_reply: cache_pb2.CachedReply | None) -> None:
+        """Runs once the caller has the Completed event, off the reply's path: the steps `cache` (store the
+        answer) and `summary` (when what no longer fits the window has grown past the trigger)."""
+        if cached_reply is not None and turn.answer_context is not None:
+            self._background.spawn(self._store_answer(turn.answer_context, cached_reply), "cache_store")
+        if self._summaries.due(turn.history, turn.window):
+            assert turn.history is not None
+            self._background.spawn(
+                self._summaries.summarize(
+                    turn.scope.tenant,
+                    turn.scope.conversation_id,
+                    turn.chat.user_id,
+                    turn.history,
+                    turn.window,
+                    turn.model,
+                ),
+                "summarize",
+            )
 
     async def _screen_input(
         self, text: str, request_id: str, deadline: float, images: Sequence[chat_pb2.Image] = ()
@@ -339,31 +516,29 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         return response.verdict
 
     def _model_request(
-        self, chat: chat_pb2.ChatRequest, model: str, window: list[StoredMessage], limits: Limits, tenant: str
+        self, chat: chat_pb2.ChatRequest, model: str, window: Window, max_tokens: int | None, tenant: str
     ) -> ModelRequest:
-        options = chat.options
-        messages: list[dict[str, Any]] = list(build_messages(options.system_prompt, window, chat.message))
-        if chat.images:
-            # The new message, last, goes as content parts: its text, then its images.
-            messages[-1] = {"role": "user", "content": user_content(chat.message, chat.images)}
         return ModelRequest(
             model=model,
-            messages=messages,
-            max_tokens=self._spend.bounded_max_tokens(
-                limits, options.max_tokens if options.HasField("max_tokens") else None
-            ),
+            messages=window.messages,
+            max_tokens=max_tokens,
             user=provider_user(self._settings.log_user_id_salt.get_secret_value(), tenant, chat.user_id),
-            **model_options(options),
+            prompt_tokens=window.prompt_tokens,
+            **model_options(chat.options),
         )
 
     def _answer_context(
-        self, tenant: str, chat: chat_pb2.ChatRequest, model: str, window: list[StoredMessage]
+        self, tenant: str, chat: chat_pb2.ChatRequest, model: str, window: Window
     ) -> cache_pb2.AnswerContext | None:
         """What the cache keys an answer by; None when this request's answer may not be cached: a temperature
-        above the cache's bound, or images (a turn with images is never looked up nor stored)."""
+        above the cache's bound, images in the turn or its window (never looked up nor stored), or a summary
+        in the window."""
         options = chat.options
-        if chat.images or (
-            options.HasField("temperature") and options.temperature > self._settings.cache_max_temperature
+        if (
+            chat.images
+            or window.with_summary
+            or any(message.images for message in window.history)
+            or (options.HasField("temperature") and options.temperature > self._settings.cache_max_temperature)
         ):
             metrics.dialogue_cache_lookup("skipped")
             return None
@@ -373,7 +548,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             system_prompt=options.system_prompt,
             stop=options.stop,
             messages=[
-                *(cache_pb2.ContextMessage(role=_ROLES[m.role], content=m.content) for m in window),
+                *(cache_pb2.ContextMessage(role=_ROLES[m.role], content=m.content) for m in window.history),
                 cache_pb2.ContextMessage(role=chat_pb2.ROLE_USER, content=chat.message),
             ],
         )
@@ -410,26 +585,35 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def _commit(
         self,
         context: grpc.aio.ServicerContext,
-        scope: _TurnScope,
-        model: str,
+        turn: _Turn,
         user_message: StoredMessage,
         reply: StoredMessage,
         completed: chat_pb2.ChatEvent,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
     ) -> None:
-        """Commits the turn; with an idempotency key, together with what a retry is to be answered."""
-        turn = CommittedTurn(
-            user_message=user_message, reply=reply, input_tokens=input_tokens, output_tokens=output_tokens
+        """The step `commit`: appends the turn (with the usage of its Completed) and releases the conversation;
+        with an idempotency key, together with what a retry is to be answered."""
+        scope = turn.scope
+        usage = completed.completed.usage
+        committed = CommittedTurn(
+            user_message=user_message,
+            reply=reply,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
         )
         idempotency = None
         if scope.key is not None:
-            replay = _replay_record(scope.conversation_id, model, "" if reply.refused else reply.content, completed)
-            idempotency = replace(scope.key, replay=replay)
+            text = "" if reply.refused else reply.content
+            idempotency = replace(scope.key, replay=_replay_record(scope.conversation_id, turn.model, text, completed))
         async with _store_errors(context, scope.conversation_id, "was deleted while the turn ran"):
             try:
                 await self._store.commit_turn(
-                    scope.tenant, scope.conversation_id, scope.user_id, turn, new=scope.new, idempotency=idempotency
+                    scope.tenant,
+                    scope.conversation_id,
+                    scope.user_id,
+                    committed,
+                    new=scope.new,
+                    lock=scope.lock,
+                    idempotency=idempotency,
                 )
             except TurnAlreadyCommitted:
                 await abort(
@@ -444,9 +628,22 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     ) -> chat_pb2.GetConversationResponse:
         request = scoped.request
         annotate(tenant=scoped.tenant, user_id=request.user_id)
+        start = _page_start(request.page_token)
+        if start is None:
+            await abort_with(
+                context, invalid_argument([("page_token", "is not one that GetConversation returned; omit it")])
+            )
+            raise AssertionError("unreachable")
         async with _store_errors(context, request.conversation_id):
-            conversation = await self._store.get(scoped.tenant, request.conversation_id, request.user_id)
-        return chat_pb2.GetConversationResponse(conversation=_to_proto(conversation))
+            conversation = await self._store.get(
+                scoped.tenant,
+                request.conversation_id,
+                request.user_id,
+                start=start,
+                limit=request.page_size or _DEFAULT_PAGE_SIZE,
+            )
+        next_token = "" if conversation.next_index is None else _page_token(conversation.next_index)
+        return chat_pb2.GetConversationResponse(conversation=_to_proto(conversation), next_page_token=next_token)
 
     async def DeleteConversation(
         self, scoped: dialogue_pb2.TenantDeleteConversationRequest, context: grpc.aio.ServicerContext
@@ -467,12 +664,6 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             await abort(context, grpc.StatusCode.UNAVAILABLE, "usage cannot be read right now; retry with backoff")
             raise
 
-    def _cost_usd(self, model: str, outcome: ModelOutcome) -> float:
-        """Priced by the longest entry of the price table that the model name starts with, so that
-        dated snapshots ("gpt-4o-mini-2024-07-18") take their family's price; unknown models cost 0.
-        The same function prices `chatmesh_model_cost_usd_total` (chatmesh.runtime.model_client)."""
-        return cost_usd(self._settings.model_prices_usd_per_million, model, outcome.input_tokens, outcome.output_tokens)
-
 
 @contextlib.asynccontextmanager
 async def _store_errors(
@@ -483,6 +674,12 @@ async def _store_errors(
         yield
     except ConversationNotFound:
         await abort(context, grpc.StatusCode.NOT_FOUND, f"conversation {conversation_id} {not_found}")
+    except TurnInProgress:
+        await abort(
+            context,
+            grpc.StatusCode.ABORTED,
+            f"another turn on conversation {conversation_id} is in progress; retry once it has ended",
+        )
     except StoreUnavailable:
         log.error("store_unavailable", extra={"conversation_id": conversation_id})
         annotate(error=ErrorKind.STORE_UNAVAILABLE)
@@ -495,7 +692,30 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+# GetConversation's pages: 50 messages unless the caller asks for another size (at most 200, which the
+# gateway checks); a page token is the number of the next page's first message.
+_DEFAULT_PAGE_SIZE = 50
+_PAGE_TOKEN_PREFIX = "p"
+
+
+def _page_token(index: int) -> str:
+    return base64.urlsafe_b64encode(f"{_PAGE_TOKEN_PREFIX}{index}".encode()).decode().rstrip("=")
+
+
+def _page_start(token: str) -> int | None:
+    """The first message of the page `token` names (0 for none), or None for a token this service never gave."""
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    number = text.removeprefix(_PAGE_TOKEN_PREFIX)
+    return int(number) if text.startswith(_PAGE_TOKEN_PREFIX) and number.isdecimal() else None
+
+
 def _to_proto(conversation: Conversation) -> chat_pb2.Conversation:
+    summary = conversation.summary
     return chat_pb2.Conversation(
         conversation_id=conversation.conversation_id,
         user_id=conversation.user_id,
@@ -505,9 +725,15 @@ def _to_proto(conversation: Conversation) -> chat_pb2.Conversation:
                 content=message.content,
                 create_time=_timestamp(message.created_at),
                 refused=message.refused,
+                images=[image_proto(image) for image in message.images],
             )
             for message in conversation.messages
         ],
+        summary=None
+        if summary is None
+        else chat_pb2.Summary(
+            text=summary.text, message_count=summary.message_count, update_time=_timestamp(summary.updated_at)
+        ),
         create_time=_timestamp(conversation.created_at),
         update_time=_timestamp(conversation.updated_at),
         usage=chat_pb2.Usage(
@@ -536,11 +762,14 @@ def _refused_reply() -> StoredMessage:
     return StoredMessage(role="assistant", content="", created_at=time.time(), refused=True)
 
 
-def _content_filtered(stage: chat_pb2.ContentFilter.Stage, categories: list[str]) -> chat_pb2.ChatEvent:
+def _content_filtered(
+    stage: chat_pb2.ContentFilter.Stage, categories: Sequence[str], usage: chat_pb2.Usage, cost: float = 0.0
+) -> chat_pb2.ChatEvent:
     return chat_pb2.ChatEvent(
         completed=chat_pb2.Completed(
             finish_reason=chat_pb2.FINISH_REASON_CONTENT_FILTER,
-            usage=chat_pb2.Usage(),
+            usage=usage,
+            cost_usd=cost,
             content_filter=chat_pb2.ContentFilter(stage=stage, categories=categories),
         )
     )
@@ -563,6 +792,8 @@ class _TurnScope:
     key: IdempotencyKey | None
     claimed: bool = False
     committed: bool = False
+    # The conversation's turn lock, once an existing conversation is opened.
+    lock: str | None = None
 
     @classmethod
     def of(cls, request: dialogue_pb2.TurnRequest, region: str) -> _TurnScope:
@@ -584,6 +815,40 @@ class _TurnScope:
             new=not chat.conversation_id,
             key=key,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    """A turn once its conversation is opened and its window built: what every later step works from."""
+
+    scope: _TurnScope
+    chat: chat_pb2.ChatRequest
+    request_id: str
+    model: str
+    deadline: float  # loop.time()
+    timeout: float  # seconds
+    history: TurnHistory | None  # None for a new conversation
+    new_message: StoredMessage
+    window: Window
+    model_request: ModelRequest
+    spend: SpendScope
+    answer_context: cache_pb2.AnswerContext | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Gate:
+    """What the input's screen, the cache and the idempotency claim decided: `verdict` None means the turn
+    goes unscreened (safety down, fail-open); `calls_model` whether the model answers."""
+
+    verdict: safety_pb2.Verdict | None
+    cached: cache_pb2.CachedReply | None
+    replay: str | None
+    calls_model: bool
+
+
+def _longest_prefix(table: Mapping[str, int], model: str) -> int | None:
+    matches = [prefix for prefix in table if model.startswith(prefix)]
+    return table[max(matches, key=len)] if matches else None
 
 
 def _replay_record(conversation_id: str, model: str, text: str, completed: chat_pb2.ChatEvent) -> str:

@@ -1,10 +1,10 @@
 """A model call's tokens and spend, under its tenant's limits: reserved before the call, settled after.
 
-The reservation is the call's worst case: an upper bound of its prompt's tokens (byte-level BPE never
-makes more tokens than the text has UTF-8 bytes, plus a few per message for the chat format) plus its
-max_tokens, priced at the model's price. Settlement replaces it with what the provider reported; for a
-stream that did not finish (cancelled, blocked, broken off), with the prompt's bound and one token per
-streamed chunk, since the provider bills what it produced before the connection closed.
+The reservation is the call's worst case: its prompt's tokens as the window counted them (else an upper
+bound: byte-level BPE never makes more tokens than the text has UTF-8 bytes, plus a few per message for the
+chat format) plus its max_tokens, priced at the model's price. Settlement replaces it with what the provider
+reported; for a stream that did not finish (cancelled, blocked, broken off), with the prompt's count and the
+tokens of the text received, since the provider bills what it produced before the connection closed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import grpc
 from chatmesh.dialogue.tokens import TokenCounter
 from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.model_client import ModelRequest, StreamProgress, cost_usd, price_family
+from chatmesh.runtime.model_client import ModelRequest, cost_usd, price_family
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import Refused, failure
 from chatmesh.runtime.tasks import BackgroundTasks
@@ -163,7 +163,11 @@ class SpendLedger:
                     "CHATMESH_MODEL_PRICES_USD_PER_MILLION",
                 )
             )
-        input_tokens = prompt_token_bound(request.messages, request.model)
+        input_tokens = (
+            request.prompt_tokens
+            if request.prompt_tokens is not None
+            else prompt_token_bound(request.messages, request.model)
+        )
         output_tokens = request.max_tokens or 0
         cost = cost_to_nano(cost_usd(self._prices, request.model, input_tokens, output_tokens))
         beyond = _beyond_limit(limits, input_tokens + output_tokens, cost)
@@ -196,18 +200,10 @@ class SpendLedger:
             return False
         return True
 
-    def settle_later(self, scope: SpendScope, request: ModelRequest, progress: StreamProgress) -> None:
-        """Settles the call off the reply's path, with the provider's usage or, for a stream that did not
-        finish, the estimate of the module's doc."""
-        outcome = progress.outcome
-        if outcome is not None:
-            input_tokens, output_tokens = outcome.input_tokens, outcome.output_tokens
-        elif progress.chunks:
-            input_tokens, output_tokens = prompt_token_bound(request.messages, request.model), progress.chunks
-        else:
-            # Nothing was streamed: the provider answered with an error, or never answered, and bills nothing.
-            input_tokens = output_tokens = 0
-        self._background.spawn(self._settle(scope, request.model, input_tokens, output_tokens), "settlement")
+    def settle_later(self, scope: SpendScope, model: str, input_tokens: int, output_tokens: int) -> None:
+        """Settles the call off the reply's path with its tokens: the provider's usage, or for a stream that
+        did not finish, its caller's count of what was sent and received."""
+        self._background.spawn(self._settle(scope, model, input_tokens, output_tokens), "settlement")
 
     async def _settle(self, scope: SpendScope, model: str, input_tokens: int, output_tokens: int) -> None:
         cost = cost_usd(self._prices, model, input_tokens, output_tokens)

@@ -5,7 +5,16 @@ user id, and a conversation of another tenant or of another user is reported exa
 does not exist. Conversation ids are scoped by tenant: the same id in two tenants names two
 independent conversations, and the same user id in two tenants names two different users.
 A conversation comes into being with its first committed turn, so a turn that fails leaves nothing.
-With a retention period, a conversation is erased that long after its last committed turn.
+
+One turn at a time: a turn on an existing conversation opens it (`open_turn`), which takes the
+conversation's turn lock for the turn's deadline and returns what the window is built from; a second
+turn that arrives meanwhile gets TurnInProgress. `commit_turn` appends the turn's two messages and
+releases the lock, in one atomic step; `abandon_turn` releases it for a turn that does not commit.
+
+Messages are numbered from 0 in the order they were written. With a retention period, every message
+is erased that long after it was written, whatever came after it (and the conversation with its last
+message); past `max_messages`, the oldest messages go first. A summary of the first `message_count`
+messages stands in for them in the window; it is kept as long as the newest message it covers.
 
 A turn sent with an idempotency key is claimed first (`claim_turn`): the claim says whether this attempt
 runs it, another attempt still does, or it was committed, and then what the caller was answered, which
@@ -17,12 +26,14 @@ runs it, another attempt still does, or it was committed, and then what the call
 from __future__ import annotations
 
 import abc
+import base64
 import json
 import math
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -45,6 +56,20 @@ class StoreUnavailable(Exception):
     """The store could not be reached or did not answer; nothing was written."""
 
 
+class TurnInProgress(Exception):
+    """Another turn holds the conversation (or this turn's hold lapsed); nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """An image that came with a user's message: an https URL, or inline bytes and their MIME type."""
+
+    url: str = ""
+    mime_type: str = ""
+    data: bytes = b""
+    detail: str = "auto"
+
+
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     role: Role
@@ -52,6 +77,31 @@ class StoredMessage:
     created_at: float  # Unix seconds
     # Refused by safety policy: the content is not kept, and the model never sees the message.
     refused: bool = False
+    # Its tokens in `encoding`, counted once when it was committed ("" when not counted).
+    tokens: int = 0
+    encoding: str = ""
+    images: tuple[StoredImage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A model's summary of the conversation's first `message_count` messages."""
+
+    text: str
+    message_count: int
+    updated_at: float  # Unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class TurnHistory:
+    """What a turn on an existing conversation starts from: the newest messages after the summary (at most
+    the `limit` asked for, oldest first; `first_index` is the number of messages[0]), the summary, and the
+    token of the turn lock that `commit_turn` and `abandon_turn` take."""
+
+    messages: list[StoredMessage]
+    first_index: int
+    summary: Summary | None
+    lock: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +139,9 @@ class IdempotencyKey:
 
 @dataclass(slots=True)
 class Conversation:
+    """A conversation with one page of its messages: `messages` are numbered from `first_index`, and
+    `next_index` is where the next page starts (None after the last)."""
+
     tenant: str
     conversation_id: str
     user_id: str
@@ -97,12 +150,23 @@ class Conversation:
     messages: list[StoredMessage] = field(default_factory=list)
     input_tokens: int = 0
     output_tokens: int = 0
+    summary: Summary | None = None
+    first_index: int = 0
+    next_index: int | None = None
 
 
 class ConversationStore(abc.ABC):
     @abc.abstractmethod
-    async def recent_messages(self, tenant: str, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
-        """The last `limit` messages, oldest first. Raises ConversationNotFound."""
+    async def open_turn(
+        self, tenant: str, conversation_id: str, user_id: str, *, limit: int, lease_seconds: float
+    ) -> TurnHistory:
+        """Takes the conversation's turn lock for `lease_seconds` and returns the newest `limit` messages
+        that the summary does not cover. Raises ConversationNotFound, or TurnInProgress while another
+        turn holds the lock."""
+
+    @abc.abstractmethod
+    async def abandon_turn(self, tenant: str, conversation_id: str, lock: str) -> None:
+        """Releases the turn lock of a turn that will not commit, if it still holds it."""
 
     @abc.abstractmethod
     async def claim_turn(
@@ -124,10 +188,13 @@ class ConversationStore(abc.ABC):
         turn: CommittedTurn,
         *,
         new: bool,
+        lock: str | None = None,
         idempotency: IdempotencyKey | None = None,
     ) -> None:
-        """Appends both messages of a turn and adds its usage, all or nothing; with `idempotency`, keeps its
-        replay under the key in the same step (raises TurnAlreadyCommitted if another attempt committed it).
+        """Appends both messages of a turn, adds its usage and releases its turn lock, all or nothing; with
+        `idempotency`, keeps its replay under the key in the same step (raises TurnAlreadyCommitted if
+        another attempt committed it). Raises TurnInProgress if another turn holds the lock (`lock` is the
+        one `open_turn` gave this turn; without one, no turn may hold it).
 
         With `new`, creates the conversation owned by `user_id` of `tenant` (raises ConversationNotFound
         if the id is already taken within `tenant`; the same id in another tenant does not count).
@@ -136,8 +203,25 @@ class ConversationStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def get(self, tenant: str, conversation_id: str, user_id: str) -> Conversation:
-        """The whole conversation. Raises ConversationNotFound."""
+    async def add_usage(self, tenant: str, conversation_id: str, input_tokens: int, output_tokens: int) -> None:
+        """Adds tokens spent outside a committed turn (a cancelled stream, a summary) to the conversation's usage;
+        nothing if the conversation is gone."""
+
+    @abc.abstractmethod
+    async def get(
+        self, tenant: str, conversation_id: str, user_id: str, *, start: int = 0, limit: int | None = None
+    ) -> Conversation:
+        """The conversation with at most `limit` (None: all) of its messages from number `start` on, the
+        expired and dropped ones skipped. Raises ConversationNotFound."""
+
+    @abc.abstractmethod
+    async def commit_summary(
+        self, tenant: str, conversation_id: str, summary: Summary, *, replaces: int, covered_until: float
+    ) -> bool:
+        """Stores `summary` if the current one still covers `replaces` messages (0: none), so that of two
+        summaries written at once only one lands; it is kept until `covered_until` (Unix seconds, when the
+        newest message it covers expires). False if another summary landed first or the conversation
+        is gone."""
 
     @abc.abstractmethod
     async def delete(self, tenant: str, conversation_id: str, user_id: str) -> None:
@@ -147,12 +231,33 @@ class ConversationStore(abc.ABC):
         """Releases connections."""
 
 
+@dataclass(slots=True)
+class _MemoryConversation:
+    """A conversation in the memory store: its messages from number `first_index` on, each with the clock
+    reading when it expires."""
+
+    tenant: str
+    user_id: str
+    created_at: float
+    updated_at: float
+    messages: list[tuple[StoredMessage, float]] = field(default_factory=list)
+    first_index: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    summary: tuple[Summary, float] | None = None
+    lock: tuple[str, float] | None = None
+
+    @property
+    def next_index(self) -> int:
+        return self.first_index + len(self.messages)
+
+
 class MemoryConversationStore(ConversationStore):
     """Conversations in a dict, for one process. Never awaits, so every method is atomic on the event loop.
 
     Keyed by (tenant, conversation_id). Bounded: past `max_conversations` (over all tenants together),
     the least recently used conversation is dropped, so that a long-running process without Redis does
-    not grow without end.
+    not grow without end. Expired messages are dropped whenever their conversation is used.
     """
 
     def __init__(
@@ -160,32 +265,48 @@ class MemoryConversationStore(ConversationStore):
         *,
         retention_seconds: float | None = None,
         max_conversations: int | None = None,
+        max_messages: int | None = None,
         idempotency_ttl_seconds: float = 86_400.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._conversations: OrderedDict[tuple[str, str], Conversation] = OrderedDict()
-        self._expires_at: dict[tuple[str, str], float] = {}
+        self._conversations: OrderedDict[tuple[str, str], _MemoryConversation] = OrderedDict()
         # By conversation, then key: (state "R" or "C", fingerprint, lease end or replay, forgotten at).
         self._turns: dict[tuple[str, str], dict[str, tuple[str, str, float | str, float]]] = {}
         self._idempotency_ttl = _idempotency_ttl(idempotency_ttl_seconds, retention_seconds)
         self._retention_seconds = retention_seconds
         self._max_conversations = max_conversations
+        self._max_messages = max_messages
         self._clock = clock
 
-    def _owned(self, tenant: str, conversation_id: str, user_id: str) -> Conversation:
+    def _expiry(self) -> float:
+        return math.inf if self._retention_seconds is None else self._clock() + self._retention_seconds
+
+    def _owned(self, tenant: str, conversation_id: str, user_id: str) -> _MemoryConversation:
         key = (tenant, conversation_id)
         conversation = self._conversations.get(key)
-        if conversation is not None and self._clock() >= self._expires_at.get(key, math.inf):
-            self._forget(key)
-            conversation = None
+        if conversation is not None:
+            self._drop_expired(key, conversation)
+            conversation = self._conversations.get(key)
         if conversation is None or conversation.tenant != tenant or conversation.user_id != user_id:
             raise ConversationNotFound(conversation_id)
         self._conversations.move_to_end(key)
         return conversation
 
+    def _drop_expired(self, key: tuple[str, str], conversation: _MemoryConversation) -> None:
+        now = self._clock()
+        expired = 0
+        while expired < len(conversation.messages) and conversation.messages[expired][1] <= now:
+            expired += 1
+        if expired:
+            del conversation.messages[:expired]
+            conversation.first_index += expired
+        if conversation.summary is not None and conversation.summary[1] <= now:
+            conversation.summary = None
+        if not conversation.messages:
+            self._forget(key)
+
     def _forget(self, key: tuple[str, str]) -> None:
         del self._conversations[key]
-        self._expires_at.pop(key, None)
         self._turns.pop(key, None)
 
     def _turn_records(self, conversation: tuple[str, str]) -> dict[str, tuple[str, str, float | str, float]]:
@@ -220,9 +341,28 @@ class MemoryConversationStore(ConversationStore):
         if not records:
             self._turns.pop((tenant, conversation_id), None)
 
-    async def recent_messages(self, tenant: str, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
-        messages = self._owned(tenant, conversation_id, user_id).messages
-        return messages[-limit:] if limit > 0 else []
+    def _lock_holder(self, conversation: _MemoryConversation) -> str | None:
+        if conversation.lock is None or conversation.lock[1] <= self._clock():
+            return None
+        return conversation.lock[0]
+
+    async def open_turn(
+        self, tenant: str, conversation_id: str, user_id: str, *, limit: int, lease_seconds: float
+    ) -> TurnHistory:
+        conversation = self._owned(tenant, conversation_id, user_id)
+        if self._lock_holder(conversation) is not None:
+            raise TurnInProgress(conversation_id)
+        token = uuid.uuid4().hex
+        conversation.lock = (token, self._clock() + lease_seconds)
+        summary = conversation.summary[0] if conversation.summary is not None else None
+        start = max(conversation.first_index, summary.message_count if summary else 0, conversation.next_index - limit)
+        messages = [message for message, _ in conversation.messages[start - conversation.first_index :]]
+        return TurnHistory(messages=messages, first_index=start, summary=summary, lock=token)
+
+    async def abandon_turn(self, tenant: str, conversation_id: str, lock: str) -> None:
+        conversation = self._conversations.get((tenant, conversation_id))
+        if conversation is not None and conversation.lock is not None and conversation.lock[0] == lock:
+            conversation.lock = None
 
     async def commit_turn(
         self,
@@ -232,6 +372,7 @@ class MemoryConversationStore(ConversationStore):
         turn: CommittedTurn,
         *,
         new: bool,
+        lock: str | None = None,
         idempotency: IdempotencyKey | None = None,
     ) -> None:
         key = (tenant, conversation_id)
@@ -244,9 +385,8 @@ class MemoryConversationStore(ConversationStore):
                 raise ConversationNotFound(conversation_id)
             if self._max_conversations is not None and len(self._conversations) >= self._max_conversations:
                 self._forget(next(iter(self._conversations)))
-            conversation = Conversation(
+            conversation = _MemoryConversation(
                 tenant=tenant,
-                conversation_id=conversation_id,
                 user_id=user_id,
                 created_at=turn.user_message.created_at,
                 updated_at=turn.reply.created_at,
@@ -254,12 +394,18 @@ class MemoryConversationStore(ConversationStore):
             self._conversations[key] = conversation
         else:
             conversation = self._owned(tenant, conversation_id, user_id)
-        conversation.messages += (turn.user_message, turn.reply)
+            if self._lock_holder(conversation) != lock:
+                raise TurnInProgress(conversation_id)
+            conversation.lock = None
+        expires_at = self._expiry()
+        conversation.messages += ((turn.user_message, expires_at), (turn.reply, expires_at))
+        if self._max_messages is not None and len(conversation.messages) > self._max_messages:
+            dropped = len(conversation.messages) - self._max_messages
+            del conversation.messages[:dropped]
+            conversation.first_index += dropped
         conversation.input_tokens += turn.input_tokens
         conversation.output_tokens += turn.output_tokens
         conversation.updated_at = turn.reply.created_at
-        if self._retention_seconds is not None:
-            self._expires_at[key] = self._clock() + self._retention_seconds
         if idempotency is not None:
             self._turn_records(key)[idempotency.key] = (
                 "C",
@@ -268,10 +414,46 @@ class MemoryConversationStore(ConversationStore):
                 self._clock() + self._idempotency_ttl,
             )
 
-    async def get(self, tenant: str, conversation_id: str, user_id: str) -> Conversation:
-        # StoredMessage is frozen, so copying the list is enough to keep callers off the stored state.
+    async def commit_summary(
+        self, tenant: str, conversation_id: str, summary: Summary, *, replaces: int, covered_until: float
+    ) -> bool:
+        conversation = self._conversations.get((tenant, conversation_id))
+        if conversation is None or conversation.tenant != tenant:
+            return False
+        current = conversation.summary[0].message_count if conversation.summary is not None else 0
+        if current != replaces:
+            return False
+        keep = math.inf if self._retention_seconds is None else self._clock() + (covered_until - time.time())
+        conversation.summary = (summary, keep)
+        return True
+
+    async def add_usage(self, tenant: str, conversation_id: str, input_tokens: int, output_tokens: int) -> None:
+        conversation = self._conversations.get((tenant, conversation_id))
+        if conversation is not None and conversation.tenant == tenant:
+            conversation.input_tokens += input_tokens
+            conversation.output_tokens += output_tokens
+
+    async def get(
+        self, tenant: str, conversation_id: str, user_id: str, *, start: int = 0, limit: int | None = None
+    ) -> Conversation:
         conversation = self._owned(tenant, conversation_id, user_id)
-        return replace(conversation, messages=list(conversation.messages))
+        first = max(start, conversation.first_index)
+        end = conversation.next_index if limit is None else min(conversation.next_index, first + limit)
+        offset = conversation.first_index
+        # StoredMessage is frozen, so a new list is enough to keep callers off the stored state.
+        return Conversation(
+            tenant=tenant,
+            conversation_id=conversation_id,
+            user_id=user_id,
+            created_at=conversation.created_at,
+            updated_at=conversation.updated_at,
+            messages=[message for message, _ in conversation.messages[first - offset : end - offset]],
+            input_tokens=conversation.input_tokens,
+            output_tokens=conversation.output_tokens,
+            summary=conversation.summary[0] if conversation.summary is not None else None,
+            first_index=first,
+            next_index=end if end < conversation.next_index else None,
+        )
 
     async def delete(self, tenant: str, conversation_id: str, user_id: str) -> None:
         self._owned(tenant, conversation_id, user_id)
@@ -313,45 +495,152 @@ end
 return 1
 """
 
-# KEYS: meta, messages, the key's record, the turns set. ARGV: tenant, user_id, new ("1" or "0"), created_at,
-# updated_at, input_tokens, output_tokens, user message, reply, retention in ms ("0": kept until deleted);
-# then, for an idempotent turn, key, fingerprint, replay, TTL ms, now ms. Returns 1 when committed, 0 when
-# the id is taken (new) or the owner check failed, 2 when another attempt committed the key's turn.
+# A conversation's keys, all under the hash tag `{tenant/id}` (prefix P): the hash P:meta (tenant, user_id,
+# created_at, updated_at, input_tokens, output_tokens, `first` and `next`, the numbers of the oldest kept
+# message and of the next one), a string P:m:<n> per message, each with the retention as its TTL, the
+# summary P:summary (JSON: text, count, at), and the turn lock P:lock (a token, with the turn's lease as TTL).
+# Messages expire oldest first, so the messages that are left are always a run that ends at `next`.
+
+# KEYS: meta, lock. ARGV: tenant, user_id, limit, lease ms, lock token, prefix P: (with the colon).
+# Returns {0} when the owner check fails, {1} when another turn holds the lock, else
+# {2, summary JSON or "", n1, message1, n2, message2, …} (the newest `limit` messages after the summary).
+_OPEN_TURN_LUA = """
+local meta = redis.call("HMGET", KEYS[1], "tenant", "user_id", "first", "next")
+if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] then return {0} end
+if not redis.call("SET", KEYS[2], ARGV[5], "NX", "PX", ARGV[4]) then return {1} end
+local summary = redis.call("GET", ARGV[6] .. "summary") or ""
+local covered = 0
+if summary ~= "" then covered = cjson.decode(summary)["count"] end
+local last = (tonumber(meta[4]) or 0) - 1
+local start = math.max(tonumber(meta[3]) or 0, covered, last + 1 - tonumber(ARGV[3]))
+local result = {2, summary}
+if start <= last then
+  local keys = {}
+  for n = start, last do keys[#keys + 1] = ARGV[6] .. "m:" .. n end
+  local values = redis.call("MGET", unpack(keys))
+  for i = 1, #values do
+    if values[i] then
+      result[#result + 1] = start + i - 1
+      result[#result + 1] = values[i]
+    end
+  end
+end
+return result
+"""
+
+# KEYS: meta, lock, the key's record, the turns set. ARGV: tenant, user_id, new ("1" or "0"), created_at,
+# updated_at, input_tokens, output_tokens, user message, reply, retention in ms ("0": kept until deleted),
+# the most messages kept ("0": no bound), the lock token ("": none), prefix P:; then, for an idempotent turn,
+# key, fingerprint, replay, TTL ms, now ms. Returns 1 when committed, 0 when the id is taken (new) or the
+# owner check failed, 2 when another attempt committed the key's turn, 3 when another turn holds the lock.
 _COMMIT_TURN_LUA = """
-if ARGV[11] and string.sub(redis.call("GET", KEYS[3]) or "", 1, 2) == "C|" then return 2 end
+if ARGV[14] and string.sub(redis.call("GET", KEYS[3]) or "", 1, 2) == "C|" then return 2 end
 if ARGV[3] == "1" then
   if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
   redis.call("HSET", KEYS[1], "tenant", ARGV[1], "user_id", ARGV[2], "created_at", ARGV[4],
-    "input_tokens", 0, "output_tokens", 0)
+    "input_tokens", 0, "output_tokens", 0, "first", 0, "next", 0)
 else
   local owner = redis.call("HMGET", KEYS[1], "tenant", "user_id")
   if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then return 0 end
+  if (redis.call("GET", KEYS[2]) or "") ~= ARGV[12] then return 3 end
+  redis.call("DEL", KEYS[2])
 end
-redis.call("RPUSH", KEYS[2], ARGV[8], ARGV[9])
+local first = tonumber(redis.call("HGET", KEYS[1], "first")) or 0
+local next = tonumber(redis.call("HGET", KEYS[1], "next")) or 0
+for _, message in ipairs({ARGV[8], ARGV[9]}) do
+  if ARGV[10] ~= "0" then
+    redis.call("SET", ARGV[13] .. "m:" .. next, message, "PX", ARGV[10])
+  else
+    redis.call("SET", ARGV[13] .. "m:" .. next, message)
+  end
+  next = next + 1
+end
+local bound = tonumber(ARGV[11])
+while bound > 0 and next - first > bound do
+  redis.call("DEL", ARGV[13] .. "m:" .. first)
+  first = first + 1
+end
+redis.call("HSET", KEYS[1], "first", first, "next", next, "updated_at", ARGV[5])
 redis.call("HINCRBY", KEYS[1], "input_tokens", ARGV[6])
 redis.call("HINCRBY", KEYS[1], "output_tokens", ARGV[7])
-redis.call("HSET", KEYS[1], "updated_at", ARGV[5])
-if ARGV[10] ~= "0" then
-  redis.call("PEXPIRE", KEYS[1], ARGV[10])
-  redis.call("PEXPIRE", KEYS[2], ARGV[10])
-end
-if ARGV[11] then
-  redis.call("SET", KEYS[3], "C|" .. ARGV[12] .. "|" .. ARGV[13], "PX", ARGV[14])
-  redis.call("ZADD", KEYS[4], tonumber(ARGV[15]) + tonumber(ARGV[14]), ARGV[11])
-  redis.call("PEXPIRE", KEYS[4], ARGV[14])
+if ARGV[10] ~= "0" then redis.call("PEXPIRE", KEYS[1], ARGV[10]) end
+if ARGV[14] then
+  redis.call("SET", KEYS[3], "C|" .. ARGV[15] .. "|" .. ARGV[16], "PX", ARGV[17])
+  redis.call("ZADD", KEYS[4], tonumber(ARGV[18]) + tonumber(ARGV[17]), ARGV[14])
+  redis.call("PEXPIRE", KEYS[4], ARGV[17])
 end
 return 1
 """
 
-# KEYS: meta, messages, the turns set. ARGV: tenant, user_id, the prefix of the keys' records. Returns 1 when
-# deleted (with every idempotency record), 0 when the owner check failed.
-_DELETE_LUA = """
-local owner = redis.call("HMGET", KEYS[1], "tenant", "user_id")
-if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then return 0 end
-for _, key in ipairs(redis.call("ZRANGE", KEYS[3], 0, -1)) do
-  redis.call("DEL", ARGV[3] .. key)
+# KEYS: lock. ARGV: lock token. Releases the lock if this token holds it.
+_ABANDON_TURN_LUA = """
+if redis.call("GET", KEYS[1]) == ARGV[1] then redis.call("DEL", KEYS[1]) end
+return 1
+"""
+
+# KEYS: meta, summary. ARGV: tenant, the count of the summary it replaces (0: none), the summary JSON, its
+# TTL ms ("0": kept until deleted). Returns 1 when stored.
+_COMMIT_SUMMARY_LUA = """
+if redis.call("HGET", KEYS[1], "tenant") ~= ARGV[1] then return 0 end
+local current = redis.call("GET", KEYS[2])
+local count = 0
+if current then count = cjson.decode(current)["count"] end
+if count ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[4] ~= "0" then
+  redis.call("SET", KEYS[2], ARGV[3], "PX", ARGV[4])
+else
+  redis.call("SET", KEYS[2], ARGV[3])
 end
-redis.call("DEL", KEYS[1], KEYS[2], KEYS[3])
+return 1
+"""
+
+# KEYS: meta. ARGV: tenant, input tokens, output tokens. Adds them if the conversation is there.
+_ADD_USAGE_LUA = """
+if redis.call("HGET", KEYS[1], "tenant") ~= ARGV[1] then return 0 end
+redis.call("HINCRBY", KEYS[1], "input_tokens", ARGV[2])
+redis.call("HINCRBY", KEYS[1], "output_tokens", ARGV[3])
+return 1
+"""
+
+# KEYS: meta, summary. ARGV: tenant, user_id, start, limit ("-1": all), prefix P:. Returns {0} when the owner
+# check fails, else {1, meta as a flat list, summary JSON or "", end, next, n1, message1, …}: the messages
+# numbered start to end - 1 that are left.
+_GET_LUA = """
+local meta = redis.call("HGETALL", KEYS[1])
+local fields = {}
+for i = 1, #meta, 2 do fields[meta[i]] = meta[i + 1] end
+if fields["tenant"] ~= ARGV[1] or fields["user_id"] ~= ARGV[2] then return {0} end
+local next = tonumber(fields["next"]) or 0
+local start = math.max(tonumber(ARGV[3]), tonumber(fields["first"]) or 0)
+local stop = next
+if ARGV[4] ~= "-1" then stop = math.min(next, start + tonumber(ARGV[4])) end
+local result = {1, meta, redis.call("GET", KEYS[2]) or "", stop, next}
+if start < stop then
+  local keys = {}
+  for n = start, stop - 1 do keys[#keys + 1] = ARGV[5] .. "m:" .. n end
+  local values = redis.call("MGET", unpack(keys))
+  for i = 1, #values do
+    if values[i] then
+      result[#result + 1] = start + i - 1
+      result[#result + 1] = values[i]
+    end
+  end
+end
+return result
+"""
+
+# KEYS: meta, the turns set, lock, summary. ARGV: tenant, user_id, prefix P:. Returns 1 when deleted (with every
+# message and idempotency record), 0 when the owner check failed.
+_DELETE_LUA = """
+local meta = redis.call("HMGET", KEYS[1], "tenant", "user_id", "first", "next")
+if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] then return 0 end
+for _, key in ipairs(redis.call("ZRANGE", KEYS[2], 0, -1)) do
+  redis.call("DEL", ARGV[3] .. "turn:" .. key)
+end
+for n = tonumber(meta[3]) or 0, (tonumber(meta[4]) or 0) - 1 do
+  redis.call("DEL", ARGV[3] .. "m:" .. n)
+end
+redis.call("DEL", KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return 1
 """
 
@@ -360,28 +649,39 @@ _unavailable_on_redis_error = unavailable_on_redis_error(StoreUnavailable)
 
 
 class RedisConversationStore(ConversationStore):
-    """Conversations in Redis: a hash `chatmesh:conv:{tenant/id}:meta` (tenant, user_id, created_at,
-    updated_at, input_tokens, output_tokens) and a list `chatmesh:conv:{tenant/id}:messages`.
+    """Conversations in Redis, under keys `chatmesh:conv:{tenant/id}:…` (see the scripts above).
 
-    The `{tenant/id}` hash tag covers both the tenant and the id, so both keys of a conversation sit
-    in one Redis Cluster slot and the Lua scripts that check the owner and write may touch both
+    The `{tenant/id}` hash tag covers both the tenant and the id, so every key of a conversation sits in
+    one Redis Cluster slot and the Lua scripts that check the owner and write may touch them all
     atomically. Tenant names (`[a-z0-9][a-z0-9-]*`) hold no '/', so the first '/' always ends the tenant.
     """
 
     def __init__(
-        self, client: Redis, *, retention_seconds: float | None = None, idempotency_ttl_seconds: float = 86_400.0
+        self,
+        client: Redis,
+        *,
+        retention_seconds: float | None = None,
+        max_messages: int | None = None,
+        idempotency_ttl_seconds: float = 86_400.0,
     ) -> None:
         """Takes ownership of `client` (closed by `close`), which must decode responses; see `from_url`."""
         if not client.get_encoder().decode_responses:
             raise ValueError("RedisConversationStore needs a client created with decode_responses=True")
         self._client = client
+        self._retention_seconds = retention_seconds
         self._retention_ms = "0" if retention_seconds is None else str(max(1, round(retention_seconds * 1000)))
+        self._max_messages = str(max_messages or 0)
         self._idempotency_ttl_ms = str(
             max(1, round(_idempotency_ttl(idempotency_ttl_seconds, retention_seconds) * 1000))
         )
         self._claim_turn = client.register_script(_CLAIM_TURN_LUA)
         self._release_turn = client.register_script(_RELEASE_TURN_LUA)
+        self._open_turn = client.register_script(_OPEN_TURN_LUA)
+        self._abandon_turn = client.register_script(_ABANDON_TURN_LUA)
         self._commit_turn = client.register_script(_COMMIT_TURN_LUA)
+        self._commit_summary = client.register_script(_COMMIT_SUMMARY_LUA)
+        self._add_usage = client.register_script(_ADD_USAGE_LUA)
+        self._get = client.register_script(_GET_LUA)
         self._delete = client.register_script(_DELETE_LUA)
 
     @classmethod
@@ -390,6 +690,7 @@ class RedisConversationStore(ConversationStore):
         url: str,
         *,
         retention_seconds: float | None = None,
+        max_messages: int | None = None,
         idempotency_ttl_seconds: float = 86_400.0,
         options: Mapping[str, Any] | None = None,
     ) -> RedisConversationStore:
@@ -398,21 +699,21 @@ class RedisConversationStore(ConversationStore):
         client = Redis.from_url(
             url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, **(options or {})
         )
-        return cls(client, retention_seconds=retention_seconds, idempotency_ttl_seconds=idempotency_ttl_seconds)
+        return cls(
+            client,
+            retention_seconds=retention_seconds,
+            max_messages=max_messages,
+            idempotency_ttl_seconds=idempotency_ttl_seconds,
+        )
 
     @staticmethod
     def _prefix(tenant: str, conversation_id: str) -> str:
-        return f"chatmesh:conv:{{{tenant}/{conversation_id}}}"
+        return f"chatmesh:conv:{{{tenant}/{conversation_id}}}:"
 
     @classmethod
-    def _keys(cls, tenant: str, conversation_id: str) -> tuple[str, str]:
+    def _keys(cls, tenant: str, conversation_id: str, *names: str) -> list[str]:
         prefix = cls._prefix(tenant, conversation_id)
-        return f"{prefix}:meta", f"{prefix}:messages"
-
-    @classmethod
-    def _turn_keys(cls, tenant: str, conversation_id: str, key: str) -> tuple[str, str]:
-        prefix = cls._prefix(tenant, conversation_id)
-        return f"{prefix}:turn:{key}", f"{prefix}:turns"
+        return [prefix + name for name in names]
 
     @_unavailable_on_redis_error
     async def claim_turn(
@@ -420,7 +721,7 @@ class RedisConversationStore(ConversationStore):
     ) -> TurnClaim:
         now_ms = math.floor(time.time() * 1000)
         state, replay = await self._claim_turn(
-            keys=self._turn_keys(tenant, conversation_id, key.key),
+            keys=self._keys(tenant, conversation_id, f"turn:{key.key}", "turns"),
             args=(key.key, key.fingerprint, now_ms, now_ms + math.ceil(lease_seconds * 1000), self._idempotency_ttl_ms),
         )
         return TurnClaim(ClaimState(state), replay)
@@ -428,20 +729,39 @@ class RedisConversationStore(ConversationStore):
     @_unavailable_on_redis_error
     async def release_turn(self, tenant: str, conversation_id: str, key: IdempotencyKey) -> None:
         await self._release_turn(
-            keys=self._turn_keys(tenant, conversation_id, key.key), args=(key.key, key.fingerprint)
+            keys=self._keys(tenant, conversation_id, f"turn:{key.key}", "turns"), args=(key.key, key.fingerprint)
         )
 
     @_unavailable_on_redis_error
-    async def recent_messages(self, tenant: str, conversation_id: str, user_id: str, limit: int) -> list[StoredMessage]:
-        meta_key, messages_key = self._keys(tenant, conversation_id)
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.hmget(meta_key, "tenant", "user_id")
-            if limit > 0:  # LRANGE -0 -1 would return the whole list
-                pipe.lrange(messages_key, -limit, -1)
-            results = await pipe.execute()
-        if results[0] != [tenant, user_id]:
+    async def open_turn(
+        self, tenant: str, conversation_id: str, user_id: str, *, limit: int, lease_seconds: float
+    ) -> TurnHistory:
+        token = uuid.uuid4().hex
+        result = await self._open_turn(
+            keys=self._keys(tenant, conversation_id, "meta", "lock"),
+            args=(
+                tenant,
+                user_id,
+                max(0, limit),
+                max(1, math.ceil(lease_seconds * 1000)),
+                token,
+                self._prefix(tenant, conversation_id),
+            ),
+        )
+        if result[0] == 0:
             raise ConversationNotFound(conversation_id)
-        return [_decode_message(raw) for raw in results[1]] if limit > 0 else []
+        if result[0] == 1:
+            raise TurnInProgress(conversation_id)
+        numbered = result[2:]
+        summary = _decode_summary(result[1])
+        first = int(numbered[0]) if numbered else (summary.message_count if summary else 0)
+        return TurnHistory(
+            messages=[_decode_message(raw) for raw in numbered[1::2]], first_index=first, summary=summary, lock=token
+        )
+
+    @_unavailable_on_redis_error
+    async def abandon_turn(self, tenant: str, conversation_id: str, lock: str) -> None:
+        await self._abandon_turn(keys=self._keys(tenant, conversation_id, "lock"), args=(lock,))
 
     @_unavailable_on_redis_error
     async def commit_turn(
@@ -452,10 +772,10 @@ class RedisConversationStore(ConversationStore):
         turn: CommittedTurn,
         *,
         new: bool,
+        lock: str | None = None,
         idempotency: IdempotencyKey | None = None,
     ) -> None:
         idempotent: tuple[str | int, ...] = ()
-        turn_keys = self._turn_keys(tenant, conversation_id, idempotency.key if idempotency else "")
         if idempotency is not None:
             idempotent = (
                 idempotency.key,
@@ -464,8 +784,9 @@ class RedisConversationStore(ConversationStore):
                 self._idempotency_ttl_ms,
                 math.floor(time.time() * 1000),
             )
+        record = f"turn:{idempotency.key}" if idempotency else "turn:"
         committed = await self._commit_turn(
-            keys=(*self._keys(tenant, conversation_id), *turn_keys),
+            keys=self._keys(tenant, conversation_id, "meta", "lock", record, "turns"),
             args=(
                 tenant,
                 user_id,
@@ -477,39 +798,79 @@ class RedisConversationStore(ConversationStore):
                 _encode_message(turn.user_message),
                 _encode_message(turn.reply),
                 self._retention_ms,
+                self._max_messages,
+                lock or "",
+                self._prefix(tenant, conversation_id),
                 *idempotent,
             ),
         )
         if committed == 2:
             raise TurnAlreadyCommitted(idempotency.key if idempotency else "")
+        if committed == 3:
+            raise TurnInProgress(conversation_id)
         if not committed:
             raise ConversationNotFound(conversation_id)
 
     @_unavailable_on_redis_error
-    async def get(self, tenant: str, conversation_id: str, user_id: str) -> Conversation:
-        meta_key, messages_key = self._keys(tenant, conversation_id)
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(meta_key)
-            pipe.lrange(messages_key, 0, -1)
-            meta, raw_messages = await pipe.execute()
-        if meta.get("tenant") != tenant or meta.get("user_id") != user_id:
+    async def commit_summary(
+        self, tenant: str, conversation_id: str, summary: Summary, *, replaces: int, covered_until: float
+    ) -> bool:
+        ttl_ms = "0"
+        if self._retention_seconds is not None:
+            remaining = math.floor((covered_until - time.time()) * 1000)
+            if remaining <= 0:
+                return False
+            ttl_ms = str(remaining)
+        return bool(
+            await self._commit_summary(
+                keys=self._keys(tenant, conversation_id, "meta", "summary"),
+                args=(tenant, replaces, _encode_summary(summary), ttl_ms),
+            )
+        )
+
+    @_unavailable_on_redis_error
+    async def add_usage(self, tenant: str, conversation_id: str, input_tokens: int, output_tokens: int) -> None:
+        await self._add_usage(
+            keys=self._keys(tenant, conversation_id, "meta"), args=(tenant, input_tokens, output_tokens)
+        )
+
+    @_unavailable_on_redis_error
+    async def get(
+        self, tenant: str, conversation_id: str, user_id: str, *, start: int = 0, limit: int | None = None
+    ) -> Conversation:
+        result = await self._get(
+            keys=self._keys(tenant, conversation_id, "meta", "summary"),
+            args=(
+                tenant,
+                user_id,
+                start,
+                -1 if limit is None else max(0, limit),
+                self._prefix(tenant, conversation_id),
+            ),
+        )
+        if result[0] == 0:
             raise ConversationNotFound(conversation_id)
+        _, flat_meta, raw_summary, stop, next_index, *numbered = result
+        meta = dict(zip(flat_meta[::2], flat_meta[1::2], strict=True))
         return Conversation(
             tenant=tenant,
             conversation_id=conversation_id,
             user_id=user_id,
             created_at=float(meta["created_at"]),
             updated_at=float(meta["updated_at"]),
-            messages=[_decode_message(raw) for raw in raw_messages],
+            messages=[_decode_message(raw) for raw in numbered[1::2]],
             input_tokens=int(meta["input_tokens"]),
             output_tokens=int(meta["output_tokens"]),
+            summary=_decode_summary(raw_summary),
+            first_index=int(numbered[0]) if numbered else int(stop),
+            next_index=int(stop) if int(stop) < int(next_index) else None,
         )
 
     @_unavailable_on_redis_error
     async def delete(self, tenant: str, conversation_id: str, user_id: str) -> None:
-        prefix = self._prefix(tenant, conversation_id)
         if not await self._delete(
-            keys=(*self._keys(tenant, conversation_id), f"{prefix}:turns"), args=(tenant, user_id, f"{prefix}:turn:")
+            keys=self._keys(tenant, conversation_id, "meta", "turns", "lock", "summary"),
+            args=(tenant, user_id, self._prefix(tenant, conversation_id)),
         ):
             raise ConversationNotFound(conversation_id)
 
@@ -521,6 +882,19 @@ def _encode_message(message: StoredMessage) -> str:
     data: dict[str, object] = {"role": message.role, "content": message.content, "created_at": message.created_at}
     if message.refused:
         data["refused"] = True
+    if message.encoding:
+        data["tokens"] = message.tokens
+        data["encoding"] = message.encoding
+    if message.images:
+        data["images"] = [
+            {
+                "url": image.url,
+                "mime_type": image.mime_type,
+                "data": base64.b64encode(image.data).decode("ascii"),
+                "detail": image.detail,
+            }
+            for image in message.images
+        ]
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -531,7 +905,33 @@ def _decode_message(raw: str) -> StoredMessage:
         content=data["content"],
         created_at=float(data["created_at"]),
         refused=data.get("refused", False),
+        tokens=data.get("tokens", 0),
+        encoding=data.get("encoding", ""),
+        images=tuple(
+            StoredImage(
+                url=image["url"],
+                mime_type=image["mime_type"],
+                data=base64.b64decode(image["data"]),
+                detail=image["detail"],
+            )
+            for image in data.get("images", ())
+        ),
     )
+
+
+def _encode_summary(summary: Summary) -> str:
+    return json.dumps(
+        {"text": summary.text, "count": summary.message_count, "at": summary.updated_at},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def _decode_summary(raw: str) -> Summary | None:
+    if not raw:
+        return None
+    data = json.loads(raw)
+    return Summary(text=data["text"], message_count=int(data["count"]), updated_at=float(data["at"]))
 
 
 def _idempotency_ttl(ttl_seconds: float, retention_seconds: float | None) -> float:
@@ -544,20 +944,24 @@ def create_conversation_store(
     *,
     retention_seconds: float | None = None,
     max_conversations: int | None = None,
+    max_messages: int | None = None,
     idempotency_ttl_seconds: float = 86_400.0,
     options: Mapping[str, Any] | None = None,
 ) -> ConversationStore:
     """Redis when a URL is given (CHATMESH_REDIS_URL), the in-memory store otherwise (also for "").
-    `max_conversations` bounds the in-memory store only; Redis is bounded by its own memory policy."""
+    `max_conversations` bounds the in-memory store only; Redis is bounded by its own memory policy.
+    `max_messages` bounds every conversation: past it, the oldest messages go first."""
     if redis_url:
         return RedisConversationStore.from_url(
             redis_url,
             retention_seconds=retention_seconds,
+            max_messages=max_messages,
             idempotency_ttl_seconds=idempotency_ttl_seconds,
             options=options,
         )
     return MemoryConversationStore(
         retention_seconds=retention_seconds,
         max_conversations=max_conversations,
+        max_messages=max_messages,
         idempotency_ttl_seconds=idempotency_ttl_seconds,
     )

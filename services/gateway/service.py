@@ -13,6 +13,7 @@ from chatmesh.gateway.validation import (
     Violations,
     check_chat_request,
     check_conversation_id,
+    check_page,
     check_user_id,
     is_well_formed_id,
 )
@@ -129,7 +130,9 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         annotate(user_id=request.user_id)
         request_id, caller = await self._start(
             context,
-            check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=True),
+            check_user_id(request.user_id)
+            + check_conversation_id(request.conversation_id, required=True)
+            + check_page(request),
         )
         await self._refuse_other_regions(context, request.conversation_id)
         try:

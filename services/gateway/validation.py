@@ -52,6 +52,19 @@ def check_conversation_id(conversation_id: str, *, required: bool) -> Violations
     return []
 
 
+MAX_PAGE_SIZE = 200
+MAX_PAGE_TOKEN_CHARS = 64
+
+
+def check_page(request: chat_pb2.GetConversationRequest) -> Violations:
+    violations: Violations = []
+    if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+        violations.append(("page_size", f"must be between 0 (the default, 50) and {MAX_PAGE_SIZE}"))
+    if len(request.page_token) > MAX_PAGE_TOKEN_CHARS:
+        violations.append(("page_token", "is not one that GetConversation returned; omit it"))
+    return violations
+
+
 def check_chat_request(request: chat_pb2.ChatRequest, settings: Settings) -> Violations:
     violations = check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=False)
     if request.idempotency_key and not is_well_formed_id(request.idempotency_key):

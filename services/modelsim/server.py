@@ -100,6 +100,12 @@ class SimConfig:
     retry_after_seconds: float = 1.0
     # POST /v1/moderations flags a text that contains one of these (ignoring case) as harassment.
     moderation_flag_words: list[str] = field(default_factory=lambda: ["simflag"])
+    # Each model's context in tokens (longest model-name prefix), as chatmesh's settings give them: a request
+    # whose prompt and max_tokens pass it is refused as OpenAI refuses it (context_length_exceeded).
+    context_tokens: dict[str, int] = field(
+        default_factory=lambda: dict(Settings.model_fields["model_context_tokens"].default)
+    )
+    default_context_tokens: int = Settings.model_fields["default_context_tokens"].default
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
@@ -110,6 +116,8 @@ class SimConfig:
             error_429_rate=settings.modelsim_error_429_rate,
             error_500_rate=settings.modelsim_error_500_rate,
             retry_after_seconds=settings.modelsim_retry_after_seconds,
+            context_tokens=dict(settings.model_context_tokens),
+            default_context_tokens=settings.default_context_tokens,
         )
 
 
@@ -336,8 +344,8 @@ class Simulator:
         self.request_log: deque[Any] = deque(maxlen=REQUEST_LOG_SIZE)
         # The bodies of recent /v1/moderations requests.
         self.moderation_log: deque[Any] = deque(maxlen=REQUEST_LOG_SIZE)
-        # Images are billed by OpenAI's rule at the model family's rates; no encoding is loaded.
-        self._image_rates = TokenCounter()
+        # Prompts are counted with the model's encoding (loaded on first use), images by OpenAI's rule.
+        self._tokens = TokenCounter()
         # The W3C `traceparent` header of recent chat requests, as a tracing provider would see it.
         self.traceparents: deque[str] = deque(maxlen=REQUEST_LOG_SIZE)
         self.faults: deque[tuple[int, float]] = deque()
@@ -362,12 +370,21 @@ class Simulator:
         if fault is not None:
             return fault
 
+        sizes = {image_url["url"]: size for image_url, size in chat.images if size is not None}
+        prompt_tokens = self._tokens.count_messages(chat.model, chat.messages, sizes)
+        context = self._context_tokens(chat.model)
+        if prompt_tokens + (chat.max_tokens or 0) > context:
+            return _error(
+                400,
+                "invalid_request_error",
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt_tokens + (chat.max_tokens or 0)} tokens ({prompt_tokens} in the messages, "
+                f"{chat.max_tokens or 0} in the completion). Please reduce the length of the messages or completion.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         tokens, finish_reason = self._reply(chat)
-        usage = {
-            "prompt_tokens": _prompt_tokens(chat.messages)
-            + sum(self._image_rates.image_part_tokens(chat.model, url, size) for url, size in chat.images),
-            "completion_tokens": len(tokens),
-        }
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         completion_id = f"chatcmpl-{os.urandom(12).hex()}"
         if chat.stream:
@@ -486,6 +503,10 @@ class Simulator:
                 await asyncio.sleep(delay)
             pending += piece
         await response.write(pending + tail)
+
+    def _context_tokens(self, model: str) -> int:
+        matches = [prefix for prefix in self.config.context_tokens if model.startswith(prefix)]
+        return self.config.context_tokens[max(matches, key=len)] if matches else self.config.default_context_tokens
 
     def _injected_fault(self) -> web.Response | None:
         if self.faults:
@@ -773,17 +794,6 @@ async def _json_object(request: web.Request) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
-
-
-def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """Words in the messages' text, plus 4 per message; image parts are billed apart (OpenAI's image rule)."""
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = " ".join(part.get("text") or "" for part in content if isinstance(part, dict))
-        total += 4 + (len(content.split()) if isinstance(content, str) else 0)
-    return total
 
 
 def _cut_tokens(tokens: list[str], cut: int) -> list[str]:

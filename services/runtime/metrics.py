@@ -549,6 +549,14 @@ class ModelCall:
 
     def completed(self, input_tokens: int = 0, output_tokens: int = 0, cost_usd: float = 0.0) -> None:
         """The call ended with the provider's answer (and, for a chat, its usage and what it cost)."""
+        self.tokens(input_tokens, output_tokens, cost_usd)
+        children = self._children
+        children.outcomes["ok"].inc()
+        children.duration.observe(time.perf_counter() - self._started_at)
+
+    def tokens(self, input_tokens: int, output_tokens: int, cost_usd: float) -> None:
+        """Tokens the call spent and what they cost; for a call that ended without the provider's usage, as
+        chatmesh counted them (ModelClient.record_unfinished)."""
         children = self._children
         if input_tokens:
             children.input_tokens.inc(input_tokens)
@@ -556,8 +564,6 @@ class ModelCall:
             children.output_tokens.inc(output_tokens)
         if cost_usd:
             children.cost.inc(cost_usd)
-        children.outcomes["ok"].inc()
-        children.duration.observe(time.perf_counter() - self._started_at)
 
     def failed(self, outcome: str) -> None:
         """The call ended without an answer: "cancelled" (its caller went away), a ModelErrorKind value, or

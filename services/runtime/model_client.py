@@ -77,6 +77,9 @@ class ModelRequest:
     response_format: dict[str, Any] | None = None
     # A stable, opaque id of the end user, for the provider's abuse monitoring (never the caller's own id).
     user: str | None = None
+    # The prompt's tokens as chatmesh counted them (not sent): what a call that ends without the provider's
+    # usage is accounted with, and the worst case reserved against a tenant's limits.
+    prompt_tokens: int | None = None
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"model": self.model, "messages": self.messages}
@@ -112,6 +115,7 @@ class StreamProgress:
     provider streams about one token per chunk), and its outcome once reported."""
 
     chunks: int = 0
+    text: list[str] = field(default_factory=list)
     outcome: ModelOutcome | None = None
 
 
@@ -182,6 +186,7 @@ class ModelClient:
                             if progress is not None:
                                 if item.__class__ is str:
                                     progress.chunks += 1
+                                    progress.text.append(item)
                                 else:
                                     progress.outcome = item
                             if not text_sent:
@@ -218,6 +223,14 @@ class ModelClient:
                 metered.failed(error_type)
             if span is not None:
                 _end_chat_span(span, item, error_type)
+
+    def record_unfinished(self, model: str, input_tokens: int, output_tokens: int) -> None:
+        """Counts the tokens and cost of a chat call that ended without the provider's usage (cancelled by the
+        caller, cut by its deadline, or blocked by the output screen), as its caller counted them."""
+        family = price_family(self._prices, model)
+        self._metrics.call("chat", family).tokens(
+            input_tokens, output_tokens, cost_usd(self._prices, model, input_tokens, output_tokens)
+        )
 
     def _start_chat_span(self, request: ModelRequest) -> Any:
         """The GenAI CLIENT span of a chat call, or None when tracing is off."""

@@ -118,8 +118,38 @@ class Settings(BaseSettings):
     redis_tls_ca_file: str = ""
     redis_tls_cert_file: str = ""
     redis_tls_key_file: str = ""
-    context_window_messages: int = 10
-    # Conversations are erased this long after their last turn; 0 keeps them until deleted.
+    # The window a turn sends the model: the system prompt, the summary, then as many of the newest messages as
+    # fit the model's context (model_context_tokens, by longest model-name prefix; default_context_tokens for
+    # others) minus the reply's max_tokens (window_reply_tokens when the request sets none) and a margin. At
+    # most window_max_messages stored messages are read for it. Tokens are counted with the model's encoding:
+    # model_encodings adds prefixes (to cl100k_base or o200k_base) to, or overrides, the table of
+    # chatmesh.dialogue.tokens; models that none matches are counted by an estimate.
+    window_max_messages: int = Field(default=100, ge=1, le=1000)
+    window_reply_tokens: int = Field(default=4096, ge=1)
+    window_margin_tokens: int = Field(default=128, ge=0)
+    model_context_tokens: dict[str, int] = {
+        "gpt-4o": 128_000,
+        "chatgpt-4o": 128_000,
+        "gpt-4.1": 1_047_576,
+        "gpt-4.5": 128_000,
+        "o1": 200_000,
+        "o3": 200_000,
+        "o4": 200_000,
+        "gpt-4-turbo": 128_000,
+        "gpt-4": 8_192,
+        "gpt-3.5-turbo": 16_385,
+    }
+    default_context_tokens: int = Field(default=8_192, ge=256)
+    model_encodings: dict[str, str] = {}
+    # When the stored messages that no longer fit the window hold this many tokens beyond the summary, dialogue
+    # asks summary_model (empty: the conversation's own model) for a summary of them, after the reply, in at
+    # most summary_max_tokens; the summary then stands in for them.
+    summary_trigger_tokens: int = Field(default=2_000, ge=1)
+    summary_model: str = ""
+    summary_max_tokens: int = Field(default=512, ge=16)
+    # The most messages a conversation keeps: past it, the oldest go first (the summary covers them).
+    conversation_max_messages: int = Field(default=1_000, ge=2)
+    # Every message is erased this long after it was written; 0 keeps them until the conversation is deleted.
     conversation_retention_seconds: float = 7 * 24 * 3600
     # How long a turn's idempotency key (and the reply a retry is given) is remembered; never longer than
     # the conversation's retention.

@@ -85,16 +85,18 @@ async def test_the_system_prompt_comes_first(sim: Cluster, chat: chat_pb2_grpc.C
     assert sim.sim_requests(limit=1)[-1]["messages"][0] == {"role": "system", "content": "answer in French"}
 
 
-async def test_the_model_sees_a_sliding_window_of_recent_messages(sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
+async def test_the_model_sees_the_whole_conversation_while_it_fits_its_context(
+    sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub
+):
     conversation_id = ""
     for turn in range(7):
         events = await collect(chat, request(f"message {turn}", conversation_id=conversation_id))
         conversation_id = events[0].started.conversation_id
 
     sent = sim.sim_requests(limit=1)[-1]["messages"]
-    # Six turns are stored (12 messages); the default window is the last 10, plus the new message.
-    assert len(sent) == 11
-    assert sent[0] == {"role": "user", "content": "message 1"}
+    # Six turns are stored (12 messages), far within gpt-4o-mini's context: all of them, then the new message.
+    assert len(sent) == 13
+    assert sent[0] == {"role": "user", "content": "message 0"}
     assert sent[-1] == {"role": "user", "content": "message 6"}
 
 
@@ -281,6 +283,17 @@ async def test_a_caller_that_cancels_closes_the_model_stream_and_commits_nothing
         chat_pb2.GetConversationRequest(conversation_id=first.conversation_id, user_id=USER)
     )
     assert [message.content for message in history.conversation.messages] == ["before", first.text]
+    # The tokens the cancelled stream spent count for the conversation: its prompt and the text streamed.
+    for _ in range(100):  # written after the stream closed: at most 100 polls of 20 ms
+        usage = history.conversation.usage
+        if usage.output_tokens > first.usage.output_tokens:
+            break
+        await asyncio.sleep(0.02)
+        history = await chat.GetConversation(
+            chat_pb2.GetConversationRequest(conversation_id=first.conversation_id, user_id=USER)
+        )
+    assert usage.input_tokens > first.usage.input_tokens
+    assert usage.output_tokens > first.usage.output_tokens
 
 
 async def test_a_rate_limit_with_retry_after_is_retried_and_the_caller_gets_its_reply(

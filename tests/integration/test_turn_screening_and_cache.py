@@ -120,6 +120,10 @@ async def test_a_blocked_term_split_across_deltas_never_reaches_the_caller(
         received = text_of(events)
         assert events[-1].completed.content_filter.stage == chat_pb2.ContentFilter.STAGE_OUTPUT
         assert list(events[-1].completed.content_filter.categories) == ["secret"]
+        # What the blocked reply cost is in its Completed: the window's tokens and those produced.
+        usage = events[-1].completed.usage
+        assert usage.input_tokens > 0 and usage.output_tokens > 0
+        assert usage.total_tokens == usage.input_tokens + usage.output_tokens
         assert reply.startswith(received)
         assert len(received) <= reply.index(term)
         # Not even the term's first word (words[4]) got out; it may also occur earlier in the reply, so count words.

@@ -1,6 +1,7 @@
 """The ConversationStore contract, which every implementation must meet (memory and Redis alike)."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
@@ -16,9 +17,12 @@ from chatmesh.dialogue.store import (
     IdempotencyKey,
     MemoryConversationStore,
     RedisConversationStore,
+    StoredImage,
     StoredMessage,
+    Summary,
     TurnAlreadyCommitted,
     TurnClaim,
+    TurnInProgress,
     create_conversation_store,
 )
 
@@ -27,6 +31,7 @@ OTHER_TENANT = "globex"
 ALICE = "alice"
 MALLORY = "mallory"
 CONVERSATION = "conv-1"
+LEASE = 30.0
 
 
 def make_turn(n: int, *, question: str | None = None, answer: str | None = None) -> CommittedTurn:
@@ -75,17 +80,36 @@ async def test_a_new_conversation_is_created_by_its_first_committed_turn(store: 
     assert (conversation.input_tokens, conversation.output_tokens) == (10, 1)
 
 
-async def test_recent_messages_are_the_last_n_oldest_first_across_turns(store: ConversationStore) -> None:
-    turns = [make_turn(n) for n in (1, 2, 3)]
-    await store.commit_turn(TENANT, CONVERSATION, ALICE, turns[0], new=True)
+async def recent(store: ConversationStore, limit: int, conversation_id: str = CONVERSATION) -> list[StoredMessage]:
+    """The newest `limit` messages that a turn would start from (the turn is then abandoned)."""
+    history = await store.open_turn(TENANT, conversation_id, ALICE, limit=limit, lease_seconds=LEASE)
+    await store.abandon_turn(TENANT, conversation_id, history.lock)
+    return history.messages
+
+
+async def committed(store: ConversationStore, *turns: CommittedTurn, conversation_id: str = CONVERSATION) -> None:
+    """Commits `turns` one after the other, as turns that open the conversation first."""
+    await store.commit_turn(TENANT, conversation_id, ALICE, turns[0], new=True)
     for turn in turns[1:]:
-        await store.commit_turn(TENANT, CONVERSATION, ALICE, turn, new=False)
+        await committed_next(store, turn, conversation_id=conversation_id)
+
+
+async def committed_next(store: ConversationStore, turn: CommittedTurn, *, conversation_id: str = CONVERSATION) -> None:
+    history = await store.open_turn(TENANT, conversation_id, ALICE, limit=0, lease_seconds=LEASE)
+    await store.commit_turn(TENANT, conversation_id, ALICE, turn, new=False, lock=history.lock)
+
+
+async def test_a_turn_starts_from_the_last_n_messages_oldest_first(store: ConversationStore) -> None:
+    turns = [make_turn(n) for n in (1, 2, 3)]
+    await committed(store, *turns)
     await store.commit_turn(TENANT, "conv-2", ALICE, make_turn(9), new=True)
 
     everything = messages_of(*turns)
-    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 3) == everything[-3:]
-    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 1) == [turns[-1].reply]
-    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 100) == everything
+    assert await recent(store, 3) == everything[-3:]
+    assert await recent(store, 1) == [turns[-1].reply]
+    assert await recent(store, 100) == everything
+    history = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=3, lease_seconds=LEASE)
+    assert history.first_index == 3 and history.summary is None
     assert (await store.get(TENANT, CONVERSATION, ALICE)).updated_at == turns[-1].reply.created_at
 
 
@@ -95,18 +119,18 @@ async def test_a_limit_below_one_returns_nothing_but_still_checks_the_owner(
 ) -> None:
     await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
 
-    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, limit) == []
+    assert await recent(store, limit) == []
     with pytest.raises(ConversationNotFound):
-        await store.recent_messages(TENANT, CONVERSATION, MALLORY, limit)
+        await store.open_turn(TENANT, CONVERSATION, MALLORY, limit=limit, lease_seconds=LEASE)
     with pytest.raises(ConversationNotFound):
-        await store.recent_messages(TENANT, "unknown", ALICE, limit)
+        await store.open_turn(TENANT, "unknown", ALICE, limit=limit, lease_seconds=LEASE)
 
 
 Operation = Callable[[ConversationStore, str, str, str], Awaitable[object]]
 
 OPERATIONS: dict[str, Operation] = {
-    "recent_messages": lambda store, tenant, conversation_id, user_id: store.recent_messages(
-        tenant, conversation_id, user_id, 10
+    "open_turn": lambda store, tenant, conversation_id, user_id: store.open_turn(
+        tenant, conversation_id, user_id, limit=10, lease_seconds=LEASE
     ),
     "get": lambda store, tenant, conversation_id, user_id: store.get(tenant, conversation_id, user_id),
     "delete": lambda store, tenant, conversation_id, user_id: store.delete(tenant, conversation_id, user_id),
@@ -177,8 +201,9 @@ async def test_the_same_id_in_two_tenants_names_two_independent_conversations(
     assert theirs.messages == messages_of(make_turn(5), make_turn(6))
     assert (theirs.input_tokens, theirs.output_tokens) == (110, 11)
     assert theirs.created_at == make_turn(5).user_message.created_at
-    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 1) == [make_turn(2).reply]
-    assert await store.recent_messages(OTHER_TENANT, CONVERSATION, other_user, 1) == [make_turn(6).reply]
+    assert await recent(store, 1) == [make_turn(2).reply]
+    theirs_history = await store.open_turn(OTHER_TENANT, CONVERSATION, other_user, limit=1, lease_seconds=LEASE)
+    assert theirs_history.messages == [make_turn(6).reply]
 
 
 async def test_deleting_in_one_tenant_leaves_the_same_id_in_another_untouched(store: ConversationStore) -> None:
@@ -232,7 +257,7 @@ async def test_a_deleted_conversation_is_not_resurrected_by_a_late_commit(store:
     with pytest.raises(ConversationNotFound):
         await store.get(TENANT, CONVERSATION, ALICE)
     with pytest.raises(ConversationNotFound):
-        await store.recent_messages(TENANT, CONVERSATION, ALICE, 10)
+        await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=LEASE)
 
 
 async def test_delete_erases_the_conversation_at_once(store: ConversationStore) -> None:
@@ -244,7 +269,7 @@ async def test_delete_erases_the_conversation_at_once(store: ConversationStore) 
     with pytest.raises(ConversationNotFound):
         await store.get(TENANT, CONVERSATION, ALICE)
     with pytest.raises(ConversationNotFound):
-        await store.recent_messages(TENANT, CONVERSATION, ALICE, 10)
+        await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=LEASE)
     with pytest.raises(ConversationNotFound):
         await store.delete(TENANT, CONVERSATION, ALICE)
     assert (await store.get(TENANT, "conv-2", ALICE)).messages == messages_of(make_turn(2))
@@ -271,7 +296,9 @@ async def test_unicode_content_round_trips(store: ConversationStore) -> None:
 
     await store.commit_turn(TENANT, conversation_id, "用户", turn, new=True)
 
-    assert await store.recent_messages(TENANT, conversation_id, "用户", 2) == messages_of(turn)
+    assert (
+        await store.open_turn(TENANT, conversation_id, "用户", limit=2, lease_seconds=LEASE)
+    ).messages == messages_of(turn)
     assert (await store.get(TENANT, conversation_id, "用户")).messages == messages_of(turn)
 
 
@@ -285,7 +312,7 @@ async def test_a_refused_turn_keeps_its_refusal_and_not_its_text(store: Conversa
 
     await store.commit_turn(TENANT, CONVERSATION, ALICE, refused, new=True)
 
-    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 2) == messages_of(refused)
+    assert await recent(store, 2) == messages_of(refused)
     assert [message.refused for message in (await store.get(TENANT, CONVERSATION, ALICE)).messages] == [True, True]
 
 
@@ -298,11 +325,11 @@ async def test_returned_objects_are_copies(store: ConversationStore) -> None:
     conversation.input_tokens = 999
     conversation.user_id = MALLORY
     conversation.tenant = OTHER_TENANT
-    recent = await store.recent_messages(TENANT, CONVERSATION, ALICE, 10)
-    recent.clear()
+    newest = await recent(store, 10)
+    newest.clear()
 
     assert await store.get(TENANT, CONVERSATION, ALICE) == before
-    assert await store.recent_messages(TENANT, CONVERSATION, ALICE, 10) == before.messages
+    assert await recent(store, 10) == before.messages
 
 
 async def test_the_factory_uses_redis_for_a_url_and_memory_otherwise(redis_url: str) -> None:
@@ -324,17 +351,21 @@ async def test_the_redis_store_refuses_a_client_that_returns_bytes(redis_url: st
         await client.aclose()
 
 
-async def test_a_redis_conversation_keeps_both_keys_under_one_tenant_scoped_hash_tag(redis_url: str) -> None:
+async def test_a_redis_conversation_keeps_every_key_under_one_tenant_scoped_hash_tag(redis_url: str) -> None:
     store = create_conversation_store(redis_url)
     client = Redis.from_url(redis_url, decode_responses=True)
     try:
         await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
-        meta_key = f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:meta"
-        messages_key = f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:messages"
+        history = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=LEASE)
+        summary = Summary("they said hello", 2, 1_700_000_010.0)
+        assert await store.commit_summary(TENANT, CONVERSATION, summary, replaces=0, covered_until=time.time() + 60)
+        prefix = f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:"
+        keys = [prefix + name for name in ("meta", "m:0", "m:1", "lock", "summary")]
 
-        assert sorted(await client.keys("*")) == sorted([meta_key, messages_key])
-        assert key_slot(meta_key.encode()) == key_slot(messages_key.encode())
-        assert await client.hmget(meta_key, "tenant", "user_id") == [TENANT, ALICE]
+        assert sorted(await client.keys("*")) == sorted(keys)
+        assert len({key_slot(key.encode()) for key in keys}) == 1
+        assert await client.hmget(prefix + "meta", "tenant", "user_id") == [TENANT, ALICE]
+        await store.abandon_turn(TENANT, CONVERSATION, history.lock)
     finally:
         await client.aclose()
         await store.close()
@@ -371,15 +402,17 @@ class FakeClock:
         return self.now
 
 
-async def test_a_memory_conversation_is_erased_after_its_retention_period_from_the_last_turn() -> None:
+async def test_a_memory_conversation_erases_each_message_at_its_own_age_then_itself() -> None:
     clock = FakeClock()
     store = MemoryConversationStore(retention_seconds=100, clock=clock)
     await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
     clock.now += 60
     await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(2), new=False)
-    clock.now += 60  # 120 s after the first turn, 60 s after the last
+    clock.now += 60  # 120 s after the first turn, 60 s after the last: the first turn is gone
 
-    assert len(await store.recent_messages(TENANT, CONVERSATION, ALICE, 10)) == 4
+    assert await recent(store, 10) == messages_of(make_turn(2))
+    page = await store.get(TENANT, CONVERSATION, ALICE)
+    assert (page.messages, page.first_index) == (messages_of(make_turn(2)), 2)
 
     clock.now += 40
     with pytest.raises(ConversationNotFound):
@@ -388,13 +421,28 @@ async def test_a_memory_conversation_is_erased_after_its_retention_period_from_t
         await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(3), new=False)
 
 
+async def test_a_redis_conversation_erases_each_message_at_its_own_age(redis_url: str) -> None:
+    store = create_conversation_store(redis_url, retention_seconds=1.0)
+    try:
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+        await asyncio.sleep(0.6)
+        await committed_next(store, make_turn(2))
+        await asyncio.sleep(0.6)  # 1.2 s after the first turn, 0.6 s after the second
+
+        assert await recent(store, 10) == messages_of(make_turn(2))
+        page = await store.get(TENANT, CONVERSATION, ALICE)
+        assert (page.messages, page.first_index) == (messages_of(make_turn(2)), 2)
+    finally:
+        await store.close()
+
+
 async def test_a_redis_conversation_is_erased_after_its_retention_period(redis_url: str) -> None:
     store = create_conversation_store(redis_url, retention_seconds=0.3)
     client = Redis.from_url(redis_url)
     try:
         await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
         keys = await client.keys(f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:*")
-        assert len(keys) == 2
+        assert len(keys) == 3
         assert all(0 < ttl <= 300 for ttl in [await client.pttl(key) for key in keys])
         for _ in range(100):  # Redis expires the keys itself; at most 100 polls of 20 ms
             if not await client.exists(*keys):
@@ -500,3 +548,187 @@ async def test_keys_are_remembered_no_longer_than_conversations(redis_url: str) 
     finally:
         await client.aclose()
         await store.close()
+
+
+# One turn at a time.
+
+
+async def test_a_second_turn_cannot_open_a_conversation_while_one_holds_it(store: ConversationStore) -> None:
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    first = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=LEASE)
+
+    with pytest.raises(TurnInProgress):
+        await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=LEASE)
+    with pytest.raises(TurnInProgress):  # nor commit without holding it
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(9), new=False)
+
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(2), new=False, lock=first.lock)
+    second = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=LEASE)
+    assert second.messages == messages_of(make_turn(1), make_turn(2))
+
+
+async def test_an_abandoned_turn_frees_the_conversation_and_a_stale_lock_commits_nothing(
+    store: ConversationStore,
+) -> None:
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    abandoned = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=LEASE)
+    await store.abandon_turn(TENANT, CONVERSATION, abandoned.lock)
+    current = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=LEASE)
+
+    await store.abandon_turn(TENANT, CONVERSATION, abandoned.lock)  # not its lock any more: no effect
+    with pytest.raises(TurnInProgress):
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(9), new=False, lock=abandoned.lock)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(2), new=False, lock=current.lock)
+
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == messages_of(make_turn(1), make_turn(2))
+
+
+async def test_a_lock_lapses_with_its_lease(store: ConversationStore) -> None:
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    crashed = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=0.05)
+    await asyncio.sleep(0.1)  # the memory store's default clock is the real one too
+
+    history = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=LEASE)
+    with pytest.raises(TurnInProgress):
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(9), new=False, lock=crashed.lock)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(2), new=False, lock=history.lock)
+
+
+async def test_concurrent_turns_on_one_conversation_commit_one_at_a_time_and_none_is_lost(
+    store: ConversationStore,
+) -> None:
+    """Ten turns race, each retrying (at most 200 times) while another holds the conversation: every turn is
+    committed exactly once, whole, and each saw every turn committed before it."""
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(0), new=True)
+    seen: dict[int, int] = {}
+
+    async def run(n: int) -> None:
+        for _ in range(200):
+            try:
+                history = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=100, lease_seconds=LEASE)
+            except TurnInProgress:
+                await asyncio.sleep(0.002)
+                continue
+            seen[n] = len(history.messages)
+            await asyncio.sleep(0)  # let the others try while this turn runs
+            await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(n), new=False, lock=history.lock)
+            return
+        raise AssertionError(f"turn {n} never got the conversation")
+
+    await asyncio.gather(*(run(n) for n in range(1, 11)))
+
+    messages = (await store.get(TENANT, CONVERSATION, ALICE)).messages
+    assert len(messages) == 22
+    pairs = list(zip(messages[::2], messages[1::2], strict=True))
+    assert all(question.content.split()[-1] == answer.content.split()[-1] for question, answer in pairs)
+    assert sorted(int(question.content.split()[-1]) for question, _ in pairs) == list(range(11))
+    assert sorted(seen.values()) == list(range(2, 22, 2))
+
+
+# Length, pages and summaries.
+
+
+async def test_past_its_bound_a_conversation_drops_its_oldest_messages(store_url: str | None) -> None:
+    store = create_conversation_store(store_url, max_messages=4)
+    try:
+        await committed(store, *(make_turn(n) for n in range(1, 5)))
+
+        conversation = await store.get(TENANT, CONVERSATION, ALICE)
+        assert conversation.messages == messages_of(make_turn(3), make_turn(4))
+        assert conversation.first_index == 4
+        assert await recent(store, 10) == messages_of(make_turn(3), make_turn(4))
+        assert (conversation.input_tokens, conversation.output_tokens) == (100, 10)  # usage stays whole
+    finally:
+        await store.close()
+
+
+async def test_messages_come_in_pages_oldest_first(store: ConversationStore) -> None:
+    turns = [make_turn(n) for n in range(1, 6)]
+    await committed(store, *turns)
+    everything = messages_of(*turns)
+
+    pages, start = [], 0
+    for _ in range(10):
+        page = await store.get(TENANT, CONVERSATION, ALICE, start=start, limit=4)
+        pages.append((page.first_index, page.messages))
+        if page.next_index is None:
+            break
+        start = page.next_index
+    assert pages == [(0, everything[0:4]), (4, everything[4:8]), (8, everything[8:10])]
+    assert (await store.get(TENANT, CONVERSATION, ALICE, start=10, limit=4)).messages == []
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).next_index is None
+
+
+async def test_a_summary_stands_in_for_the_messages_it_covers(store: ConversationStore) -> None:
+    await committed(store, *(make_turn(n) for n in range(1, 4)))
+    summary = Summary("turns one and two", 4, 1_700_000_100.0)
+
+    assert await store.commit_summary(TENANT, CONVERSATION, summary, replaces=0, covered_until=time.time() + 60)
+
+    history = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=100, lease_seconds=LEASE)
+    assert (history.summary, history.first_index, history.messages) == (summary, 4, messages_of(make_turn(3)))
+    await store.abandon_turn(TENANT, CONVERSATION, history.lock)
+    conversation = await store.get(TENANT, CONVERSATION, ALICE)
+    assert conversation.summary == summary and len(conversation.messages) == 6  # still listed until they expire
+
+
+async def test_of_two_summaries_written_at_once_only_one_lands(store: ConversationStore) -> None:
+    await committed(store, *(make_turn(n) for n in range(1, 4)))
+    until = time.time() + 60
+    first = Summary("first", 2, 1.0)
+    assert await store.commit_summary(TENANT, CONVERSATION, first, replaces=0, covered_until=until)
+
+    assert not await store.commit_summary(
+        TENANT, CONVERSATION, Summary("stale", 2, 2.0), replaces=0, covered_until=until
+    )
+    assert await store.commit_summary(TENANT, CONVERSATION, Summary("next", 4, 3.0), replaces=2, covered_until=until)
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).summary == Summary("next", 4, 3.0)
+
+
+async def test_a_summary_never_resurrects_a_deleted_conversation(store: ConversationStore) -> None:
+    await committed(store, make_turn(1))
+    await store.delete(TENANT, CONVERSATION, ALICE)
+
+    assert not await store.commit_summary(
+        TENANT, CONVERSATION, Summary("late", 2, 1.0), replaces=0, covered_until=time.time() + 60
+    )
+    with pytest.raises(ConversationNotFound):
+        await store.get(TENANT, CONVERSATION, ALICE)
+
+
+async def test_a_summary_expires_with_the_newest_message_it_covers(redis_url: str) -> None:
+    store = create_conversation_store(redis_url, retention_seconds=60)
+    try:
+        await committed(store, make_turn(1), make_turn(2))
+        summary = Summary("turn one", 2, 1.0)
+        assert await store.commit_summary(TENANT, CONVERSATION, summary, replaces=0, covered_until=time.time() + 0.2)
+        await asyncio.sleep(0.4)
+
+        assert (await store.get(TENANT, CONVERSATION, ALICE)).summary is None
+    finally:
+        await store.close()
+
+
+async def test_token_counts_and_images_round_trip(store: ConversationStore) -> None:
+    image = StoredImage(mime_type="image/png", data=b"\x89PNG\r\n\x1a\n", detail="low")
+    turn = CommittedTurn(
+        user_message=StoredMessage("user", "what is this?", 1.0, tokens=4, encoding="o200k_base", images=(image,)),
+        reply=StoredMessage("assistant", "a picture", 2.0, tokens=2, encoding="o200k_base"),
+        input_tokens=100,
+        output_tokens=2,
+    )
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, turn, new=True)
+
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == [turn.user_message, turn.reply]
+
+
+async def test_tokens_spent_outside_a_turn_add_to_the_conversations_usage(store: ConversationStore) -> None:
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+
+    await store.add_usage(TENANT, CONVERSATION, 7, 3)
+    await store.add_usage(OTHER_TENANT, CONVERSATION, 100, 100)  # no such conversation there: nothing
+
+    conversation = await store.get(TENANT, CONVERSATION, ALICE)
+    assert (conversation.input_tokens, conversation.output_tokens) == (17, 4)
+    with pytest.raises(ConversationNotFound):
+        await store.get(OTHER_TENANT, CONVERSATION, ALICE)

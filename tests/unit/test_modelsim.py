@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from support.images import gif, jpeg, png
 
+from chatmesh.dialogue.tokens import TokenCounter
 from chatmesh.modelsim.server import SimConfig, build_app
 
 MESSAGES = [
@@ -78,10 +79,10 @@ async def test_non_stream_reply_and_usage(sim: Sim) -> None:
     assert choice.message.role == "assistant"
     words = choice.message.content.split(" ")
     assert words[0] == "" and len(words) == 51
-    # 3 + 6 words, plus 4 per message.
-    assert completion.usage.prompt_tokens == 17
+    # Counted as chatmesh counts a window: gpt-4o-mini's encoding (o200k_base), by the cookbook's chat rule.
+    assert completion.usage.prompt_tokens == TokenCounter().count_messages("gpt-4o-mini", MESSAGES) == 21
     assert completion.usage.completion_tokens == 50
-    assert completion.usage.total_tokens == 67
+    assert completion.usage.total_tokens == 71
 
 
 async def test_stream_matches_non_stream_and_ends_with_usage(sim: Sim) -> None:
