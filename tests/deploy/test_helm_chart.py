@@ -569,8 +569,8 @@ def _config_checksums(chart: Rendered) -> dict[str, str]:
 def test_pods_roll_when_a_setting_changes_but_not_when_keywords_change(defaults: Rendered) -> None:
     before = _config_checksums(defaults)
     assert len(set(before.values())) == 1 and re.fullmatch(r"[0-9a-f]{64}", next(iter(before.values())))
-    changed = render({"config": {"CHATMESH_CONTEXT_WINDOW_MESSAGES": "20"}})
-    assert settings_data(changed)["CHATMESH_CONTEXT_WINDOW_MESSAGES"] == "20"
+    changed = render({"config": {"CHATMESH_CACHE_TTL_SECONDS": "600"}})
+    assert settings_data(changed)["CHATMESH_CACHE_TTL_SECONDS"] == "600"
     after = _config_checksums(changed)
     assert all(after[process] != before[process] for process in before)
     # Keyword lists reload in place: a new list changes the ConfigMap, not the pods.
@@ -1318,3 +1318,32 @@ def test_notes_say_how_to_get_the_admin_token_and_make_a_tenant_and_a_key(defaul
     chart = render({"auth": {"existingSecret": "ours", "existingSecretAdminTokenKey": "admin.token"}})
     assert "get secret ours -o jsonpath='{.data.admin\\.token}'" in chart.notes
     assert "invalidates every API key" not in chart.notes
+
+
+def test_conversation_and_image_values_reach_the_processes_as_they_parse_them(
+    defaults: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built_in = Settings.model_fields
+    parsed = _gateway_env(defaults, monkeypatch)
+    for field in ("conversation_max_messages", "window_max_messages", "window_reply_tokens", "summary_trigger_tokens"):
+        assert getattr(parsed, field) == built_in[field].default
+    assert parsed.model_context_tokens == built_in["model_context_tokens"].default
+    assert (parsed.max_images_per_message, parsed.max_image_bytes) == (4, 5 * 1024 * 1024)
+
+    chart = render(
+        {
+            "conversations": {
+                "retentionSeconds": 3600,
+                "contextTokens": {"llama-3": 32768},
+                "modelEncodings": {"llama-3": "cl100k_base"},
+                "summary": {"model": "gpt-4o-mini", "triggerTokens": 500},
+            },
+            "images": {"maxPerMessage": 2},
+        }
+    )
+    parsed = _gateway_env(chart, monkeypatch)
+    assert parsed.conversation_retention_seconds == 3600
+    assert parsed.model_context_tokens == {"llama-3": 32768}
+    assert parsed.model_encodings == {"llama-3": "cl100k_base"}
+    assert (parsed.summary_model, parsed.summary_trigger_tokens) == ("gpt-4o-mini", 500)
+    assert parsed.max_images_per_message == 2
