@@ -54,6 +54,7 @@ import grpc
 import redis
 import uvloop
 
+from bench import window as window_cost
 from bench.cases import CASES, Case, Expect, Message, preparation_message, question
 from bench.clients import (
     BENCH_LIMITS,
@@ -619,6 +620,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         "processes": processes,
         "cases": entries,
         "targets": evaluate_targets(entries, processes),
+        "window": window_cost.measure(),
     }
     return report, bench.samples, bench
 
