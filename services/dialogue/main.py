@@ -29,8 +29,9 @@ async def main(settings: Settings) -> None:
     )
     model = ModelClient(settings)
     tokens = TokenCounter({**DEFAULT_MODEL_ENCODINGS, **settings.model_encodings})
-    # Loading an encoding takes about half a second: before the first call, not during it.
-    await asyncio.to_thread(tokens.preload)
+    # Loading an encoding takes about half a second and 40 to 80 MB: the default model's before the first call;
+    # another model's when a turn first needs it, off the event loop (DialogueServicer._window).
+    await asyncio.to_thread(tokens.preload, [settings.default_model, settings.summary_model or settings.default_model])
     ledger = create_usage_ledger(settings.redis_url, redis_options)
     background = BackgroundTasks()
     spend = SpendLedger(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants), background)

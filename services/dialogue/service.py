@@ -307,7 +307,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         new_message: StoredMessage,
     ) -> tuple[StoredMessage, Window]:
         """The new message with its tokens, and the window; counted in a worker thread when the text to count
-        is long. Raises MessageTooLong."""
+        is long, or the model's encoding is still to be loaded. Raises MessageTooLong."""
 
         def build() -> tuple[StoredMessage, Window]:
             counted_message = counted(self._tokens, model, new_message)
@@ -322,7 +322,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             )
             return counted_message, window
 
-        if len(chat.message) + len(chat.options.system_prompt) > OFF_LOOP_TEXT_CHARS:
+        if not self._tokens.loaded(model) or len(chat.message) + len(chat.options.system_prompt) > OFF_LOOP_TEXT_CHARS:
             return await asyncio.to_thread(build)
         return build()
 

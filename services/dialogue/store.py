@@ -501,10 +501,28 @@ return 1
 # summary P:summary (JSON: text, count, at), and the turn lock P:lock (a token, with the turn's lease as TTL).
 # Messages expire oldest first, so the messages that are left are always a run that ends at `next`.
 
+# Appends to `result` the messages numbered first to last that are left, each as its number and its JSON.
+_APPEND_MESSAGES_LUA = """
+local function append_messages(result, prefix, first, last)
+  if first > last then return end
+  local keys = {}
+  for n = first, last do keys[#keys + 1] = prefix .. "m:" .. n end
+  local values = redis.call("MGET", unpack(keys))
+  for i = 1, #values do
+    if values[i] then
+      result[#result + 1] = first + i - 1
+      result[#result + 1] = values[i]
+    end
+  end
+end
+"""
+
 # KEYS: meta, lock. ARGV: tenant, user_id, limit, lease ms, lock token, prefix P: (with the colon).
 # Returns {0} when the owner check fails, {1} when another turn holds the lock, else
 # {2, summary JSON or "", n1, message1, n2, message2, …} (the newest `limit` messages after the summary).
-_OPEN_TURN_LUA = """
+_OPEN_TURN_LUA = (
+    _APPEND_MESSAGES_LUA
+    + """
 local meta = redis.call("HMGET", KEYS[1], "tenant", "user_id", "first", "next")
 if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] then return {0} end
 if not redis.call("SET", KEYS[2], ARGV[5], "NX", "PX", ARGV[4]) then return {1} end
@@ -514,19 +532,10 @@ if summary ~= "" then covered = cjson.decode(summary)["count"] end
 local last = (tonumber(meta[4]) or 0) - 1
 local start = math.max(tonumber(meta[3]) or 0, covered, last + 1 - tonumber(ARGV[3]))
 local result = {2, summary}
-if start <= last then
-  local keys = {}
-  for n = start, last do keys[#keys + 1] = ARGV[6] .. "m:" .. n end
-  local values = redis.call("MGET", unpack(keys))
-  for i = 1, #values do
-    if values[i] then
-      result[#result + 1] = start + i - 1
-      result[#result + 1] = values[i]
-    end
-  end
-end
+append_messages(result, ARGV[6], start, last)
 return result
 """
+)
 
 # KEYS: meta, lock, the key's record, the turns set. ARGV: tenant, user_id, new ("1" or "0"), created_at,
 # updated_at, input_tokens, output_tokens, user message, reply, retention in ms ("0": kept until deleted),
@@ -605,7 +614,9 @@ return 1
 # KEYS: meta, summary. ARGV: tenant, user_id, start, limit ("-1": all), prefix P:. Returns {0} when the owner
 # check fails, else {1, meta as a flat list, summary JSON or "", end, next, n1, message1, …}: the messages
 # numbered start to end - 1 that are left.
-_GET_LUA = """
+_GET_LUA = (
+    _APPEND_MESSAGES_LUA
+    + """
 local meta = redis.call("HGETALL", KEYS[1])
 local fields = {}
 for i = 1, #meta, 2 do fields[meta[i]] = meta[i + 1] end
@@ -615,19 +626,10 @@ local start = math.max(tonumber(ARGV[3]), tonumber(fields["first"]) or 0)
 local stop = next
 if ARGV[4] ~= "-1" then stop = math.min(next, start + tonumber(ARGV[4])) end
 local result = {1, meta, redis.call("GET", KEYS[2]) or "", stop, next}
-if start < stop then
-  local keys = {}
-  for n = start, stop - 1 do keys[#keys + 1] = ARGV[5] .. "m:" .. n end
-  local values = redis.call("MGET", unpack(keys))
-  for i = 1, #values do
-    if values[i] then
-      result[#result + 1] = start + i - 1
-      result[#result + 1] = values[i]
-    end
-  end
-end
+append_messages(result, ARGV[5], start, stop - 1)
 return result
 """
+)
 
 # KEYS: meta, the turns set, lock, summary. ARGV: tenant, user_id, prefix P:. Returns 1 when deleted (with every
 # message and idempotency record), 0 when the owner check failed.

@@ -273,10 +273,17 @@ class TokenCounter:
                     self._encodings[name] = encoding
         return encoding
 
-    def preload(self) -> None:
-        """Loads every encoding the table names now (about a second), so that no request waits for it."""
-        for name in sorted({name for _, name in self._model_encodings}):
+    def preload(self, models: Sequence[str] | None = None) -> None:
+        """Loads the encodings of `models` (None: every encoding the table names) now, about half a second
+        each, so that no request waits for them. Each takes 40 to 80 MB of memory."""
+        names = {name for _, name in self._model_encodings} if models is None else set(map(self.encoding_for, models))
+        for name in sorted(name for name in names if name is not None):
             self.encoding(name)
+
+    def loaded(self, model: str) -> bool:
+        """Whether counting for `model` needs no encoding to be loaded first."""
+        name = self.encoding_for(model)
+        return name is None or name in self._encodings
 
     def count_text(self, model: str, text: str) -> int:
         """The tokens of `text` for `model`; special-token strings in it count as ordinary text. The estimate

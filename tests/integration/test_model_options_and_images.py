@@ -186,6 +186,25 @@ async def test_an_inline_image_goes_as_a_data_url(sim: Cluster, chat: chat_pb2_g
     assert response.usage.input_tokens == plain.usage.input_tokens + 85 + SMALL_IMAGE_TOKENS
 
 
+async def test_an_image_stays_with_its_message_for_later_turns_and_in_the_history(
+    sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub
+):
+    data = png(10, 10)
+    first = await chat.Chat(request("what is in this picture?", [inline(data, detail=chat_pb2.IMAGE_DETAIL_LOW)]))
+    await chat.Chat(request("and what colour is it?", conversation_id=first.conversation_id))
+
+    earlier = sim.sim_requests(limit=1)[-1]["messages"][0]
+    assert earlier["content"] == [
+        {"type": "text", "text": "what is in this picture?"},
+        {"type": "image_url", "image_url": {"url": data_url(data), "detail": "low"}},
+    ]
+    history = await chat.GetConversation(
+        chat_pb2.GetConversationRequest(conversation_id=first.conversation_id, user_id="alice")
+    )
+    assert list(history.conversation.messages[0].images) == [inline(data, detail=chat_pb2.IMAGE_DETAIL_LOW)]
+    assert not history.conversation.messages[2].images
+
+
 async def test_a_message_may_be_only_an_image(sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
     events = [event async for event in chat.StreamChat(request("", [chat_pb2.Image(url=CAT)]))]
 

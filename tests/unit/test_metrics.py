@@ -10,7 +10,8 @@ from prometheus_client import REGISTRY
 
 from chatmesh.runtime import metrics
 from chatmesh.runtime.interceptors import observed
-from chatmesh.runtime.model_client import cost_usd, price_family
+from chatmesh.runtime.model_client import ModelClient, cost_usd, price_family
+from chatmesh.runtime.settings import Settings
 from chatmesh.v1 import cache_pb2, chat_pb2, dialogue_pb2, dialogue_pb2_grpc, safety_pb2, safety_pb2_grpc
 
 PRICES = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00)}
@@ -188,6 +189,26 @@ def test_an_unexpected_failure_kind_is_counted_as_error():
     before = REGISTRY.get_sample_value("chatmesh_model_requests_total", labels)
     model_metrics.call("chat", "gpt-4o").failed("KeyError")
     assert REGISTRY.get_sample_value("chatmesh_model_requests_total", labels) == before + 1
+
+
+async def test_a_call_that_ended_without_usage_counts_its_tokens_and_cost_but_no_request():
+    """A stream blocked at output, cancelled, or cut by its deadline: ModelClient.record_unfinished."""
+    client = ModelClient(Settings(model_prices_usd_per_million=PRICES))
+    tokens = {"model": "gpt-4o-mini", "kind": "output"}
+    ok = {"operation": "chat", "model": "gpt-4o-mini", "outcome": "ok"}
+    before = (
+        REGISTRY.get_sample_value("chatmesh_model_tokens_total", tokens),
+        REGISTRY.get_sample_value("chatmesh_model_cost_usd_total", {"model": "gpt-4o-mini"}),
+        REGISTRY.get_sample_value("chatmesh_model_requests_total", ok),
+    )
+
+    client.record_unfinished("gpt-4o-mini-2024-07-18", 1_000_000, 1_000_000)
+    await client.close()
+
+    assert REGISTRY.get_sample_value("chatmesh_model_tokens_total", tokens) == before[0] + 1_000_000
+    cost = REGISTRY.get_sample_value("chatmesh_model_cost_usd_total", {"model": "gpt-4o-mini"})
+    assert cost == pytest.approx(before[1] + 0.75)
+    assert REGISTRY.get_sample_value("chatmesh_model_requests_total", ok) == before[2]
 
 
 def test_safety_categories_are_capped():
