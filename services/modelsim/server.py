@@ -8,6 +8,12 @@ family's rates (chatmesh.dialogue.tokens): an inline image by its size, an https
 A reply is a deterministic function of (model, messages, seed): `reply_tokens` words from a fixed
 vocabulary, picked by a hash of the request. Streams are written from prebuilt byte templates, so a
 zero-latency stream costs little more than one write.
+
+One process can serve several independent deployments (CHATMESH_MODELSIM_DEPLOYMENTS), each a Simulator on its
+own port with its own config, faults, stats and /sim/ endpoints, so that a router over several upstreams can be
+tested on one machine. Faults are OpenAI's: 429 (with retry-after and x-ratelimit-reset-requests), 500, 401 for
+a key named in `unauthorized_keys`, and hangs (no response at all). Faults queued through POST /sim/faults may
+target one API key.
 """
 
 import asyncio
@@ -32,7 +38,7 @@ from aiohttp import web
 
 from chatmesh.dialogue.content import image_size
 from chatmesh.dialogue.tokens import TokenCounter
-from chatmesh.runtime.settings import Settings, get_settings
+from chatmesh.runtime.settings import ModelsimDeployment, Settings, get_settings
 
 MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "modelsim-1")
 REQUEST_LOG_SIZE = 256
@@ -40,6 +46,10 @@ REQUEST_LOG_SIZE = 256
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # The request log keeps a data: URL longer than this as its beginning and a summary, not its bytes.
 LOGGED_DATA_URL_CHARS = 1024
+# How often a hanging request looks whether its client has gone away.
+HANG_POLL_SECONDS = 0.05
+# The status that a queued or drawn fault has when it is a hang (POST /sim/faults {"status": "hang"}).
+HANG = 0
 
 # 64 words, so each byte of the request's hash picks one uniformly.
 _WORDS = (
@@ -98,6 +108,13 @@ class SimConfig:
     error_429_rate: float = 0.0
     error_500_rate: float = 0.0
     retry_after_seconds: float = 1.0
+    # The share of chat requests that hang: no response, not even headers, until the client goes away or
+    # hang_seconds pass (then the connection is closed without a response). One draw decides a request's fault:
+    # error_429_rate, then error_500_rate, then hang_rate.
+    hang_rate: float = 0.0
+    hang_seconds: float = 300.0
+    # API keys refused with 401 (invalid_api_key) on every /v1/ endpoint, before anything else.
+    unauthorized_keys: list[str] = field(default_factory=list)
     # POST /v1/moderations flags a text that contains one of these (ignoring case) as harassment.
     moderation_flag_words: list[str] = field(default_factory=lambda: ["simflag"])
     # Each model's context in tokens (longest model-name prefix), as chatmesh's settings give them: a request
@@ -108,17 +125,24 @@ class SimConfig:
     default_context_tokens: int = Settings.model_fields["default_context_tokens"].default
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Self:
-        return cls(
+    def from_settings(cls, settings: Settings, deployment: ModelsimDeployment | None = None) -> Self:
+        """The modelsim_* settings, with what `deployment` (an entry of modelsim_deployments) sets instead."""
+        config = cls(
             reply_tokens=settings.modelsim_reply_tokens,
             first_token_latency_seconds=settings.modelsim_first_token_latency_seconds,
             token_delay_seconds=settings.modelsim_token_delay_seconds,
             error_429_rate=settings.modelsim_error_429_rate,
             error_500_rate=settings.modelsim_error_500_rate,
             retry_after_seconds=settings.modelsim_retry_after_seconds,
+            hang_rate=settings.modelsim_hang_rate,
+            hang_seconds=settings.modelsim_hang_seconds,
             context_tokens=dict(settings.model_context_tokens),
             default_context_tokens=settings.default_context_tokens,
         )
+        if deployment is not None:
+            for name, value in deployment.model_dump(exclude={"port"}, exclude_none=True).items():
+                setattr(config, name, value)
+        return config
 
 
 @dataclass
@@ -133,6 +157,35 @@ class SimStats:
     # /v1/moderations calls, apart from `requests` (chat completions).
     moderation_requests: int = 0
     moderation_errors_injected: int = 0
+    # Chat requests that hung (drawn by hang_rate or queued), and those still hanging (a gauge).
+    hangs: int = 0
+    hangs_open: int = 0
+    # Chat requests by their bearer API key (those without one are in `requests` only).
+    requests_by_key: dict[str, int] = field(default_factory=dict)
+
+
+class FaultQueue:
+    """Faults queued through POST /sim/faults, as (status, retry_after): those for one API key, which only
+    requests with that key get (first), and those for any request."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str | None, deque[tuple[int, float]]] = {}
+
+    def add(self, key: str | None, status: int, retry_after: float, count: int) -> int:
+        """Queues `count` faults (for requests with `key`, or any when None); returns that queue's length."""
+        queue = self._queues.setdefault(key, deque())
+        queue.extend([(status, retry_after)] * count)
+        return len(queue)
+
+    def pop(self, key: str) -> tuple[int, float] | None:
+        for queue_key in (key, None):
+            queue = self._queues.get(queue_key)
+            if queue:
+                return queue.popleft()
+        return None
+
+    def clear(self) -> None:
+        self._queues.clear()
 
 
 class InvalidRequestError(ValueError):
@@ -348,14 +401,39 @@ class Simulator:
         self._tokens = TokenCounter()
         # The W3C `traceparent` header of recent chat requests, as a tracing provider would see it.
         self.traceparents: deque[str] = deque(maxlen=REQUEST_LOG_SIZE)
-        self.faults: deque[tuple[int, float]] = deque()
-        self.moderation_faults: deque[tuple[int, float]] = deque()
+        self.faults = FaultQueue()
+        self.moderation_faults = FaultQueue()
         self._rng = random.Random()
+        # Set at shutdown: hanging requests then end at once.
+        self._closing = asyncio.Event()
+
+    async def release_hangs(self, app: web.Application | None = None) -> None:
+        """Ends every hang (their connections close without a response); the app's on_shutdown."""
+        self._closing.set()
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """401 for a request without a bearer key, or with one of config.unauthorized_keys."""
+        key = _bearer_key(request)
+        if not key:
+            return _unauthorized()
+        if key in self.config.unauthorized_keys:
+            return _error(
+                401,
+                "invalid_request_error",
+                "Incorrect API key provided (simulated). You can find your API key at "
+                "https://platform.openai.com/account/api-keys.",
+                code="invalid_api_key",
+            )
+        return None
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
-        if not _authorized(request):
-            return _unauthorized()
+        key = _bearer_key(request)
+        if key:
+            self.stats.requests_by_key[key] = self.stats.requests_by_key.get(key, 0) + 1
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         try:
             body = json.loads(await request.read())
         except ValueError:
@@ -366,9 +444,13 @@ class Simulator:
             chat = ChatRequest.parse(body)
         except InvalidRequestError as exc:
             return _error(400, "invalid_request_error", str(exc), param=exc.param, code=exc.code)
-        fault = self._injected_fault()
+        fault = self._fault(key)
         if fault is not None:
-            return fault
+            status, retry_after = fault
+            if status == HANG:
+                return await self._hang(request)
+            self.stats.errors_injected += 1
+            return _fault_response(status, retry_after)
 
         sizes = {image_url["url"]: size for image_url, size in chat.images if size is not None}
         prompt_tokens = self._tokens.count_messages(chat.model, chat.messages, sizes)
@@ -508,29 +590,50 @@ class Simulator:
         matches = [prefix for prefix in self.config.context_tokens if model.startswith(prefix)]
         return self.config.context_tokens[max(matches, key=len)] if matches else self.config.default_context_tokens
 
-    def _injected_fault(self) -> web.Response | None:
-        if self.faults:
-            status, retry_after = self.faults.popleft()
-        else:
-            config = self.config
-            if config.error_429_rate <= 0 and config.error_500_rate <= 0:
-                return None
-            draw = self._rng.random()
-            if draw < config.error_429_rate:
-                status = 429
-            elif draw < config.error_429_rate + config.error_500_rate:
-                status = 500
-            else:
-                return None
-            retry_after = config.retry_after_seconds
-        self.stats.errors_injected += 1
-        return _fault_response(status, retry_after)
+    def _fault(self, key: str) -> tuple[int, float] | None:
+        """The (status, retry_after) of the fault this chat request gets, HANG for a hang: a fault queued for
+        its key, else one queued for any request, else one drawn by the config's rates; None for none."""
+        queued = self.faults.pop(key)
+        if queued is not None:
+            return queued
+        config = self.config
+        if config.error_429_rate <= 0 and config.error_500_rate <= 0 and config.hang_rate <= 0:
+            return None
+        draw = self._rng.random()
+        for status, rate in ((429, config.error_429_rate), (500, config.error_500_rate), (HANG, config.hang_rate)):
+            if draw < rate:
+                return status, config.retry_after_seconds
+            draw -= rate
+        return None
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        """Sends nothing until the client goes away, hang_seconds pass or modelsim shuts down; then closes the
+        connection without a response."""
+        self.stats.hangs += 1
+        self.stats.hangs_open += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.hang_seconds
+        try:
+            while not self._closing.is_set():
+                transport = request.transport
+                remaining = deadline - loop.time()
+                if transport is None or transport.is_closing() or remaining <= 0:
+                    break
+                await asyncio.sleep(min(HANG_POLL_SECONDS, remaining))
+        finally:
+            self.stats.hangs_open -= 1
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        # Never sent: the connection is closed.
+        return web.Response(status=504)
 
     async def moderations(self, request: web.Request) -> web.Response:
         """OpenAI's POST /v1/moderations: one result per input string (one for a multi-modal list)."""
         self.stats.moderation_requests += 1
-        if not _authorized(request):
-            return _unauthorized()
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         try:
             body = json.loads(await request.read())
         except ValueError:
@@ -544,9 +647,10 @@ class Simulator:
                 "Invalid 'input': expected a string, an array of strings, or an array of input objects.",
                 param="input",
             )
-        if self.moderation_faults:
+        fault = self.moderation_faults.pop(_bearer_key(request))
+        if fault is not None:
             self.stats.moderation_errors_injected += 1
-            return _fault_response(*self.moderation_faults.popleft())
+            return _fault_response(*fault)
         words = [word.casefold() for word in self.config.moderation_flag_words if word]
         results = []
         for text, input_types in inputs:
@@ -568,8 +672,9 @@ class Simulator:
         return web.json_response({"id": f"modr-{os.urandom(12).hex()}", "model": model, "results": results})
 
     async def models(self, request: web.Request) -> web.Response:
-        if not _authorized(request):
-            return _unauthorized()
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         data = [
             {"id": model, "object": "model", "created": _MODELS_CREATED, "owned_by": "modelsim"} for model in MODEL_IDS
         ]
@@ -624,20 +729,28 @@ class Simulator:
         retry_after = spec.get("retry_after", self.config.retry_after_seconds)
         # Which endpoint the faults are for: "chat" (the default) or "moderations".
         endpoint = spec.get("endpoint", "chat")
+        # Only requests with this bearer API key get them; without one, any request does.
+        key = spec.get("key")
         if endpoint not in ("chat", "moderations"):
             return web.json_response({"error": 'endpoint must be "chat" or "moderations"'}, status=400)
-        if status not in _FAULT_STATUSES or not _is_int(count) or count < 0:
+        if status == "hang" and endpoint == "chat":
+            status = HANG
+        elif status not in _FAULT_STATUSES or status == HANG:
+            status = None
+        if status is None or not _is_int(count) or count < 0:
             return web.json_response(
-                {"error": f"expected a status of {sorted(_FAULT_STATUSES)} and a count >= 0"}, status=400
+                {"error": f'expected a status of {sorted(_FAULT_STATUSES)} (or "hang", for chat) and a count >= 0'},
+                status=400,
             )
         if not _is_number(retry_after) or retry_after < 0:
             return web.json_response({"error": "retry_after must be a number >= 0"}, status=400)
+        if key is not None and not (isinstance(key, str) and key):
+            return web.json_response({"error": "key must be a non-empty string"}, status=400)
         queue = self.faults if endpoint == "chat" else self.moderation_faults
-        queue.extend([(status, retry_after)] * count)
-        return web.json_response({"queued": len(queue)})
+        return web.json_response({"queued": queue.add(key, status, retry_after, count)})
 
     async def reset(self, request: web.Request) -> web.Response:
-        self.stats = SimStats(streams_open=self.stats.streams_open)
+        self.stats = SimStats(streams_open=self.stats.streams_open, hangs_open=self.stats.hangs_open)
         self.request_log.clear()
         self.moderation_log.clear()
         self.traceparents.clear()
@@ -693,8 +806,8 @@ _FAULT_STATUSES = frozenset({401, 404, 429, 500})
 
 
 def _fault_response(status: int, retry_after: float) -> web.Response:
-    """An injected error as OpenAI sends it: 401 (a bad key), 404 (an unknown model), 429 (with
-    Retry-After) or 500."""
+    """An injected error as OpenAI sends it: 401 (a bad key), 404 (an unknown model), 429 (with retry-after,
+    retry-after-ms and x-ratelimit-reset-requests) or 500."""
     if status == 401:
         return _error(401, "invalid_request_error", "Incorrect API key provided (simulated).", code="invalid_api_key")
     if status == 404:
@@ -710,15 +823,27 @@ def _fault_response(status: int, retry_after: float) -> web.Response:
             headers={
                 "retry-after": str(math.ceil(retry_after)),
                 "retry-after-ms": str(round(retry_after * 1000)),
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": _duration(retry_after),
             },
         )
     return _error(500, "server_error", "The server had an error while processing your request (simulated).")
+
+
+def _duration(seconds: float) -> str:
+    """A time as OpenAI's x-ratelimit-reset-* headers give it: "20ms", "1s", "1.5s", "6m0s"."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest_text = f"{round(rest, 3):g}s"
+    return f"{int(minutes)}m{rest_text}" if minutes else rest_text
 
 
 def build_app(config: SimConfig) -> web.Application:
     """The modelsim application; `config` stays live, so changing it changes the app's behaviour."""
     simulator = Simulator(config)
     app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app.on_shutdown.append(simulator.release_hangs)
     app.router.add_post("/v1/chat/completions", simulator.chat_completions)
     app.router.add_get("/v1/models", simulator.models)
     app.router.add_post("/v1/moderations", simulator.moderations)
@@ -733,7 +858,8 @@ def build_app(config: SimConfig) -> web.Application:
 
 
 def main() -> None:
-    """Run modelsim on settings.bind_host:settings.modelsim_port until SIGTERM or SIGINT."""
+    """Run modelsim until SIGTERM or SIGINT: on settings.bind_host:settings.modelsim_port, or as each of
+    settings.modelsim_deployments on its own port."""
     uvloop.run(_serve(get_settings()))
 
 
@@ -742,27 +868,33 @@ async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(
-        build_app(SimConfig.from_settings(settings)),
-        access_log=None,
-        shutdown_timeout=settings.shutdown_grace_seconds,
-    )
-    await runner.setup()
+    deployments: list[ModelsimDeployment | None] = list(settings.modelsim_deployments) or [None]
+    runners: list[web.AppRunner] = []
     try:
-        await web.TCPSite(runner, settings.bind_host, settings.modelsim_port).start()
-        port = runner.addresses[0][1]
-        sys.stderr.write(
-            json.dumps({"service": "modelsim", "event": "listening", "port": port}, separators=(",", ":")) + "\n"
-        )
-        sys.stderr.flush()
+        for index, deployment in enumerate(deployments):
+            runner = web.AppRunner(
+                build_app(SimConfig.from_settings(settings, deployment)),
+                access_log=None,
+                shutdown_timeout=settings.shutdown_grace_seconds,
+            )
+            runners.append(runner)
+            await runner.setup()
+            port = settings.modelsim_port if deployment is None else deployment.port
+            await web.TCPSite(runner, settings.bind_host, port).start()
+            event: dict[str, Any] = {"service": "modelsim", "event": "listening", "port": runner.addresses[0][1]}
+            if deployment is not None:
+                event["deployment"] = index
+            sys.stderr.write(json.dumps(event, separators=(",", ":")) + "\n")
+            sys.stderr.flush()
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await asyncio.gather(*(runner.cleanup() for runner in runners))
 
 
-def _authorized(request: web.Request) -> bool:
+def _bearer_key(request: web.Request) -> str:
+    """The request's bearer API key; "" when it has none."""
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and bool(key.strip())
+    return key.strip() if scheme.lower() == "bearer" else ""
 
 
 def _unauthorized() -> web.Response:

@@ -40,6 +40,14 @@ Model calls, cache and safety (label values from closed sets only, never an id o
     chatmesh_model_cost_usd_total{model}                           from `model_prices_usd_per_million`
     chatmesh_model_retries_total{operation, kind}                  attempts retried, by why
     chatmesh_model_upstream_errors_total{operation, kind}          failed attempts, by kind
+    chatmesh_model_deployment_attempts_total{deployment, outcome}  chat attempts by deployment (runtime.deployments);
+                                                                   outcome: ok, rate_limited, unauthorized,
+                                                                   server_error, connection_error, timeout,
+                                                                   first_token_timeout, rejected
+    chatmesh_model_breaker_state{deployment}                       0 closed, 1 half-open (a probe is due), 2 open
+    chatmesh_model_key_state{deployment, key}                      key: its index; 0 usable, 1 cooling, 2 retired
+    chatmesh_model_healthy_deployments{model}                      deployments of a model entry whose breaker is
+                                                                   not open and that have a key not retired
     chatmesh_cache_lookups_total{tier}                             tier: memory, redis, miss (cache)
     chatmesh_cache_redis_errors_total{operation}                   (cache)
     chatmesh_dialogue_cache_lookups_total{outcome}                 hit, miss, error, skipped (dialogue)
@@ -71,7 +79,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
-from prometheus_client import Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
@@ -598,6 +606,72 @@ class ModelMetrics:
     def _bind(self, operation: str, model: str) -> _ModelChildren:
         children = self._children[operation, model] = _ModelChildren(operation, model)
         return children
+
+
+# The model router (chatmesh.runtime.router): deployments, their key pools and breakers. Labels are the names
+# of the deployments file (bounded by it); the gauges are read from the router when scraped.
+
+_DEPLOYMENT_ATTEMPTS = Counter(
+    "chatmesh_model_deployment_attempts_total",
+    "Chat attempts at a model deployment, by outcome.",
+    ("deployment", "outcome"),
+)
+_BREAKER_STATE = Gauge(
+    "chatmesh_model_breaker_state",
+    "A deployment's circuit breaker: 0 closed, 1 half-open (a probe is due), 2 open.",
+    ("deployment",),
+)
+_KEY_STATE = Gauge(
+    "chatmesh_model_key_state",
+    "A deployment's API key, by its index in the deployments file: 0 usable, 1 cooling down (429), 2 retired "
+    "(401 or 403).",
+    ("deployment", "key"),
+)
+_HEALTHY_DEPLOYMENTS = Gauge(
+    "chatmesh_model_healthy_deployments",
+    "Deployments of a model entry whose breaker is not open and that have a key not retired.",
+    ("model",),
+)
+DEPLOYMENT_ATTEMPT_OUTCOMES = (
+    "ok",
+    "rate_limited",
+    "unauthorized",
+    "server_error",
+    "connection_error",
+    "timeout",
+    "first_token_timeout",
+    "rejected",
+)
+
+
+class DeploymentAttempts:
+    """The attempt counters of one deployment, bound once."""
+
+    __slots__ = ("_children",)
+
+    def __init__(self, deployment: str) -> None:
+        self._children = {
+            outcome: _DEPLOYMENT_ATTEMPTS.labels(deployment, outcome) for outcome in DEPLOYMENT_ATTEMPT_OUTCOMES
+        }
+
+    def attempt(self, outcome: str) -> None:
+        self._children[outcome].inc()
+
+
+def watch_model_router(router: Any) -> None:
+    """Serves the breaker, key and health gauges of `router` (a chatmesh.runtime.router.Router) from its state
+    at each scrape; the latest router of a process wins."""
+    for route in router.deployments.models.values():
+        _HEALTHY_DEPLOYMENTS.labels(route.name).set_function(functools.partial(router.healthy_count, route))
+    for name, breaker in router.breakers.items():
+        _BREAKER_STATE.labels(name).set_function(lambda breaker=breaker: int(breaker.state))
+        pool = router.pools[name]
+        for index in range(len(pool)):
+            _KEY_STATE.labels(name, str(index)).set_function(functools.partial(_key_state, pool, index))
+
+
+def _key_state(pool: Any, index: int) -> int:
+    return int(pool.state(index))
 
 
 # Cache (the cache process) and the dialogue's view of it.

@@ -9,6 +9,7 @@ because they must stop at the caller's deadline and never repeat a stream that h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -22,7 +23,9 @@ import httpx2
 import openai
 
 from chatmesh.runtime import metrics, tracing
+from chatmesh.runtime.deployments import ANY_MODEL, Deployment, Deployments, ModelRoute, load_deployments
 from chatmesh.runtime.logs import get_logger
+from chatmesh.runtime.router import Router, parse_reset
 from chatmesh.runtime.settings import Settings
 
 log = get_logger(__name__)
@@ -107,6 +110,10 @@ class ModelOutcome:
     finish_reason: str = "stop"
     input_tokens: int = 0
     output_tokens: int = 0
+    # Who answered: the model entry, by the name callers use (a fallback model's when it answered; the
+    # caller's own name for the "*" entry), and the deployment's name ("default" without a deployments file).
+    model: str = ""
+    deployment: str = ""
 
 
 @dataclass(slots=True)
@@ -117,99 +124,125 @@ class StreamProgress:
     chunks: int = 0
     text: list[str] = field(default_factory=list)
     outcome: ModelOutcome | None = None
+    # Who is answering (see ModelOutcome), set when the first item arrives.
+    model: str = ""
+    deployment: str = ""
 
 
 class ModelClient:
-    """One per process: one SDK client, one connection pool."""
+    """One per process: the deployments of the model (chatmesh.runtime.deployments), one SDK client and
+    connection pool per deployment, and the router that keeps each deployment's key pool and breaker."""
 
-    def __init__(self, settings: Settings) -> None:
-        base_url, api_key = settings.model_endpoint()
-        self._client = openai.AsyncOpenAI(
-            base_url=base_url,
-            api_key=api_key,
-            max_retries=0,
-            http_client=openai.DefaultAioHttpClient(),
-        )
+    def __init__(self, settings: Settings, deployments: Deployments | None = None) -> None:
+        self._deployments = deployments or load_deployments(settings)
+        self._router = Router(self._deployments)
+        self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self._attempt_metrics: dict[str, metrics.DeploymentAttempts] = {}
+        self._server_attributes: dict[str, dict[str, Any]] = {}
+        for deployment in self._deployments.deployments():
+            # The key goes in each request's Authorization header (the key pool picks it); the client's own is
+            # the deployment's first, used by moderation.
+            self._clients[deployment.name] = openai.AsyncOpenAI(
+                base_url=deployment.base_url,
+                api_key=deployment.keys[0],
+                max_retries=0,
+                http_client=openai.DefaultAioHttpClient(),
+            )
+            self._attempt_metrics[deployment.name] = metrics.DeploymentAttempts(deployment.name)
+            endpoint = urlsplit(deployment.base_url)
+            attributes: dict[str, Any] = {"server.address": endpoint.hostname or ""}
+            if endpoint.port is not None:
+                attributes["server.port"] = endpoint.port
+            self._server_attributes[deployment.name] = attributes
+        # Moderation goes to one endpoint, without routing: the default deployment, or with a deployments file
+        # the first deployment of its "*" entry (else of its first entry), with that deployment's first key.
+        moderation = self._deployments.moderation_deployment()
+        self._client = self._clients[moderation.name]
         self._max_attempts = settings.model_max_attempts
         self._backoff_initial = settings.model_backoff_initial_seconds
         self._backoff_max = settings.model_backoff_max_seconds
         self._moderation_model = settings.safety_moderation_model
         self._default_deadline_seconds = settings.default_deadline_seconds
         self._prices = settings.model_prices_usd_per_million
+        self._deployment_prices = {
+            deployment.name: deployment.price_usd_per_million for deployment in self._deployments.deployments()
+        }
         self._metrics = metrics.ModelMetrics(self._prices)
-        endpoint = urlsplit(base_url)
-        self._server_attributes: dict[str, Any] = {"server.address": endpoint.hostname or ""}
-        if endpoint.port is not None:
-            self._server_attributes["server.port"] = endpoint.port
+
+    @property
+    def router(self) -> Router:
+        return self._router
 
     async def close(self) -> None:
-        await self._client.close()
+        for client in self._clients.values():
+            await client.close()
+
+    def cost_usd(self, model: str, input_tokens: int, output_tokens: int, deployment: str = "") -> float:
+        """What the tokens of a call cost in USD: by the deployment's price when the deployments file gives it
+        one, else by the price table for `model`."""
+        price = self._deployment_prices.get(deployment)
+        if price is not None:
+            return (input_tokens * price[0] + output_tokens * price[1]) / 1_000_000
+        return cost_usd(self._prices, model, input_tokens, output_tokens)
 
     async def stream_chat(
         self, request: ModelRequest, deadline: float, progress: StreamProgress | None = None
     ) -> AsyncIterator[str | ModelOutcome]:
         """Yields the reply's text deltas as they arrive, then one ModelOutcome; `progress` follows along.
 
-        `deadline` is in `loop.time()` terms. Failures before the first delta are retried with
-        exponential backoff and jitter, honouring Retry-After, while the deadline allows; once text
-        has been yielded nothing is retried. Closing the iterator closes the HTTP stream.
+        `deadline` is in `loop.time()` terms. The model's deployments are tried in turn (see `_round`), then its
+        fallback models'; when every one was tried and failed, the next round follows exponential backoff with
+        jitter (or Retry-After), while the deadline and `model_max_attempts` rounds allow. Once text has been
+        yielded nothing is retried or switched: the failure is raised. Closing the iterator closes the HTTP
+        stream. A model no entry serves is REJECTED with http_status 404, before any call.
 
         With tracing on, the whole call (every attempt, and the waits between them) is one CLIENT span
         `chat {model}` under the GenAI semantic conventions; retries are its events, and each attempt's
         HTTP request carries the span's `traceparent`. Nothing is done per delta.
         """
         loop = asyncio.get_running_loop()
-        body = {**request.params(), "stream": True, "stream_options": {"include_usage": True}}
-        attempt = 0
-        text_sent = False
+        routes = self._router.chain(request.model)
+        if routes is None:
+            raise ModelError(
+                ModelErrorKind.REJECTED,
+                f"the model provider has no model {request.model!r}",
+                http_status=404,
+            )
+        params = request.params()
+        state = _CallState()
         family = price_family(self._prices, request.model)
         metered = self._metrics.call("chat", family)
-        span = self._start_chat_span(request)
+        span = self._start_chat_span(request, routes[0].deployments[0].name)
         headers = _STREAM_HEADERS if span is None else {**_STREAM_HEADERS, **tracing.inject_headers(span)}
-        item: str | ModelOutcome | None = None
         error_type = "cancelled"
+        rounds = 0
         try:
             while True:
-                attempt += 1
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise ModelError(ModelErrorKind.TIMEOUT, "the deadline passed before the model answered")
-                try:
-                    response = await self._client.post(
-                        "/chat/completions",
-                        cast_to=httpx2.Response,
-                        body=body,
-                        options={"timeout": remaining, "headers": headers},
+                rounds += 1
+                if deadline - loop.time() <= 0:
+                    raise state.failure or ModelError(
+                        ModelErrorKind.TIMEOUT, "the deadline passed before the model answered"
                     )
-                    try:
-                        async for item in _parse_sse(response.aiter_bytes()):
-                            if progress is not None:
-                                if item.__class__ is str:
-                                    progress.chunks += 1
-                                    progress.text.append(item)
-                                else:
-                                    progress.outcome = item
-                            if not text_sent:
-                                text_sent = True
-                                if item.__class__ is str:
-                                    metered.first_token()
-                                if span is not None:
-                                    span.add_event("gen_ai.first_chunk")
-                            yield item
-                        return
-                    finally:
-                        await response.aclose()
-                except openai.APIError as error:
-                    failure = _classify(error)
-                except (httpx2.HTTPError, aiohttp.ClientError):
-                    failure = ModelError(ModelErrorKind.UNAVAILABLE, "the model stream broke off")
-                except ModelError as error:  # the stream's own data: malformed, or an error event
-                    metrics.model_attempt_failed("chat", error.kind.value, retried=False)
-                    raise
-                if text_sent:
-                    metrics.model_attempt_failed("chat", failure.kind.value, retried=False)
-                    raise failure
-                await self._wait_to_retry(failure, attempt, deadline, "chat", span)
+                attempted = False
+                for route in routes:
+                    for deployment in self._router.order(route):
+                        attempts = self._deployment_attempts(
+                            route, deployment, request, params, headers, deadline, progress, state, metered, span
+                        )
+                        async with contextlib.aclosing(attempts):
+                            async for item in attempts:
+                                yield item
+                        if state.done:
+                            return
+                        attempted = attempted or state.attempted
+                failure = state.failure
+                if not attempted:
+                    failure, wait = self._nothing_usable(routes, failure)
+                    if not wait:
+                        metrics.model_attempt_failed("chat", failure.kind.value, retried=False)
+                        raise failure
+                assert failure is not None
+                await self._wait_to_retry(failure, rounds, deadline, "chat", span)
         except ModelError as error:
             error_type = error.kind.value
             raise
@@ -217,22 +250,178 @@ class ModelClient:
             error_type = type(error).__qualname__
             raise
         finally:
+            item = state.last
             if isinstance(item, ModelOutcome):
-                metered.completed(item.input_tokens, item.output_tokens, _cost_usd(self._prices, family, item))
+                cost = self.cost_usd(request.model, item.input_tokens, item.output_tokens, item.deployment)
+                metered.completed(item.input_tokens, item.output_tokens, cost)
             else:
                 metered.failed(error_type)
             if span is not None:
                 _end_chat_span(span, item, error_type)
 
-    def record_unfinished(self, model: str, input_tokens: int, output_tokens: int) -> None:
+    async def _deployment_attempts(
+        self,
+        route: ModelRoute,
+        deployment: Deployment,
+        request: ModelRequest,
+        params: dict[str, Any],
+        headers: Mapping[str, str],
+        deadline: float,
+        progress: StreamProgress | None,
+        state: _CallState,
+        metered: metrics.ModelCall,
+        span: Any,
+    ) -> AsyncIterator[str | ModelOutcome]:
+        """The attempts of one round at one deployment: with its next usable key, and again with the next one
+        after a 429 (the key cools down) or a 401/403 (the key is retired, with a deployments file). Skipped when
+        its breaker is open or no key is usable. Sets `state`: done, attempted, and the last failure."""
+        loop = asyncio.get_running_loop()
+        router = self._router
+        breaker = router.breakers[deployment.name]
+        pool = router.pools[deployment.name]
+        counted = self._attempt_metrics[deployment.name]
+        client = self._clients[deployment.name]
+        answering = request.model if route.name == ANY_MODEL else route.name
+        body = {
+            **params,
+            "model": deployment.upstream_model or request.model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        tried_keys: set[int] = set()
+        state.attempted = False
+        while True:
+            if not breaker.allows():
+                return
+            key_index = pool.pick(tried_keys)
+            if key_index is None:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            tried_keys.add(key_index)
+            state.attempted = True
+            probe = breaker.begin()
+            verdict = False
+            first_token_timeout = False
+            response = None
+            limit = deployment.first_token_timeout_seconds
+            first_by = None if limit is None or limit >= remaining else loop.time() + limit
+            options = {
+                "timeout": remaining,
+                "headers": {**headers, "Authorization": f"Bearer {pool.key(key_index)}"},
+            }
+            try:
+                try:
+                    async with asyncio.timeout_at(first_by):
+                        response = await client.post(
+                            "/chat/completions", cast_to=httpx2.Response, body=body, options=options
+                        )
+                        items = _parse_sse(response.aiter_bytes())
+                        item = await anext(items)
+                    if progress is not None:
+                        progress.model = answering
+                        progress.deployment = deployment.name
+                    while True:
+                        if item.__class__ is str:
+                            if progress is not None:
+                                progress.chunks += 1
+                                progress.text.append(item)
+                            if not state.text_sent:
+                                metered.first_token()
+                                if span is not None:
+                                    span.add_event("gen_ai.first_chunk", {"deployment": deployment.name})
+                        else:
+                            item.model = answering
+                            item.deployment = deployment.name
+                            if progress is not None:
+                                progress.outcome = item
+                            verdict = True
+                            breaker.success(probe)
+                            counted.attempt("ok")
+                            state.done = True
+                        state.text_sent = True
+                        state.last = item
+                        yield item
+                        if state.done:
+                            return
+                        item = await anext(items)
+                except TimeoutError:
+                    if first_by is None or loop.time() >= deadline:
+                        raise
+                    first_token_timeout = True
+                    failure = ModelError(
+                        ModelErrorKind.TIMEOUT, "the model deployment sent nothing within its first-token timeout"
+                    )
+                except StopAsyncIteration:  # cannot happen: the parser ends with an outcome or raises
+                    failure = ModelError(ModelErrorKind.UNAVAILABLE, "the model stream ended early")
+                except openai.APIError as error:
+                    failure = _classify(error)
+                except (httpx2.HTTPError, aiohttp.ClientError):
+                    failure = ModelError(ModelErrorKind.UNAVAILABLE, "the model stream broke off")
+                except ModelError as error:  # the stream's own data: malformed, or an error event
+                    failure = error
+            finally:
+                if response is not None:
+                    await response.aclose()
+                if not verdict and not state.done:
+                    breaker.release(probe)  # cancelled, or about to be judged below
+            outcome = _attempt_outcome(failure, first_token_timeout)
+            counted.attempt(outcome)
+            state.failure = failure
+            if outcome == "rate_limited":
+                pool.cool(key_index, failure.retry_after)
+                breaker.release(probe)
+            elif outcome == "unauthorized" and self._deployments.from_file:
+                router.retire_key(deployment, key_index, failure.http_status)
+                breaker.release(probe)
+            elif outcome in ("rejected", "unauthorized"):
+                breaker.success(probe)  # the deployment answered: the request (or, without a file, the key) is wrong
+                metrics.model_attempt_failed("chat", failure.kind.value, retried=False)
+                raise failure
+            else:
+                breaker.failure(probe)
+            if state.text_sent:
+                metrics.model_attempt_failed("chat", failure.kind.value, retried=False)
+                raise failure
+            log.warning(
+                "model_attempt_failed",
+                extra={"deployment": deployment.name, "key_index": key_index, "outcome": outcome},
+            )
+            if outcome not in ("rate_limited", "unauthorized"):
+                return  # a deployment failure: the next deployment, not the next key
+
+    def _nothing_usable(self, routes: list[ModelRoute], failure: ModelError | None) -> tuple[ModelError, bool]:
+        """When a round found no deployment it could try: (the failure, whether to wait and try again). Keys that
+        cool down are waited for (the wait is the next round's); when every breaker is open or every key retired,
+        the call fails at once, with this call's last failure, or else REJECTED (401) when every key was refused,
+        or UNAVAILABLE saying when a probe is due."""
+        router = self._router
+        now = router.now()
+        cooling = router.cooling_until(routes)
+        if cooling is not None:
+            detail = "every key of the model's deployments is cooling down after a rate limit"
+            return ModelError(ModelErrorKind.RATE_LIMITED, detail, max(cooling - now, 0.0)), True
+        if failure is not None:
+            return failure, False
+        pools = [router.pools[deployment.name] for route in routes for deployment in route.deployments]
+        if all(pool.all_retired() for pool in pools):
+            detail = "the model provider refused every API key of the model's deployments"
+            return ModelError(ModelErrorKind.REJECTED, detail, http_status=401), False
+        probe_at = router.open_until(routes)
+        retry_after = None if probe_at is None else max(probe_at - now, 0.0)
+        detail = f"no healthy deployment of model {routes[0].name!r} (every circuit breaker is open)"
+        return ModelError(ModelErrorKind.UNAVAILABLE, detail, retry_after), False
+
+    def record_unfinished(self, model: str, input_tokens: int, output_tokens: int, deployment: str = "") -> None:
         """Counts the tokens and cost of a chat call that ended without the provider's usage (cancelled by the
         caller, cut by its deadline, or blocked by the output screen), as its caller counted them."""
         family = price_family(self._prices, model)
         self._metrics.call("chat", family).tokens(
-            input_tokens, output_tokens, cost_usd(self._prices, model, input_tokens, output_tokens)
+            input_tokens, output_tokens, self.cost_usd(model, input_tokens, output_tokens, deployment)
         )
 
-    def _start_chat_span(self, request: ModelRequest) -> Any:
+    def _start_chat_span(self, request: ModelRequest, deployment: str) -> Any:
         """The GenAI CLIENT span of a chat call, or None when tracing is off."""
         if not tracing.tracing_enabled():
             return None
@@ -240,7 +429,7 @@ class ModelClient:
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": "openai",
             "gen_ai.request.model": request.model,
-            **self._server_attributes,
+            **self._server_attributes[deployment],
         }
         for name, value in (
             ("gen_ai.request.temperature", request.temperature),
@@ -385,14 +574,25 @@ def _classify(error: openai.APIError) -> ModelError:
         return ModelError(ModelErrorKind.UNAVAILABLE, "the model provider cannot be reached")
     if isinstance(error, openai.RateLimitError):
         return ModelError(
-            ModelErrorKind.RATE_LIMITED, "the model provider is rate limiting", _retry_after(error.response)
+            ModelErrorKind.RATE_LIMITED,
+            "the model provider is rate limiting",
+            _rate_limit_reset(error.response),
+            http_status=429,
         )
     if isinstance(error, openai.APIStatusError):
+        if error.status_code in (408, 409):  # retried, as the SDK retries them
+            return ModelError(
+                ModelErrorKind.UNAVAILABLE,
+                f"the model provider answered HTTP {error.status_code}",
+                _retry_after(error.response),
+                http_status=error.status_code,
+            )
         if error.status_code >= 500:
             return ModelError(
                 ModelErrorKind.UNAVAILABLE,
                 f"the model provider failed with HTTP {error.status_code}",
                 _retry_after(error.response),
+                http_status=error.status_code,
             )
         return ModelError(
             ModelErrorKind.REJECTED,
@@ -400,6 +600,30 @@ def _classify(error: openai.APIError) -> ModelError:
             http_status=error.status_code,
         )
     return ModelError(ModelErrorKind.UNAVAILABLE, "the model stream failed")
+
+
+@dataclass(slots=True)
+class _CallState:
+    """What the attempts of one stream_chat call share."""
+
+    done: bool = False
+    attempted: bool = False
+    text_sent: bool = False
+    failure: ModelError | None = None
+    last: str | ModelOutcome | None = None
+
+
+def _attempt_outcome(failure: ModelError, first_token_timeout: bool) -> str:
+    """The `outcome` label of a failed attempt (metrics.DEPLOYMENT_ATTEMPT_OUTCOMES)."""
+    if first_token_timeout:
+        return "first_token_timeout"
+    if failure.kind is ModelErrorKind.RATE_LIMITED:
+        return "rate_limited"
+    if failure.kind is ModelErrorKind.REJECTED:
+        return "unauthorized" if failure.http_status in (401, 403) else "rejected"
+    if failure.kind is ModelErrorKind.TIMEOUT:
+        return "timeout"
+    return "server_error" if failure.http_status is not None else "connection_error"
 
 
 def _never_connected(error: BaseException) -> bool:
@@ -443,6 +667,17 @@ def _retry_after(response: Any) -> float | None:
         if 0 <= seconds <= 600:
             return seconds
     return None
+
+
+def _rate_limit_reset(response: Any) -> float | None:
+    """When a rate-limited key may be used again: Retry-After, else the later of OpenAI's
+    `x-ratelimit-reset-requests` and `x-ratelimit-reset-tokens` ("1s", "6m0s", "20ms")."""
+    seconds = _retry_after(response)
+    if seconds is not None:
+        return seconds
+    resets = [parse_reset(response.headers.get(f"x-ratelimit-reset-{kind}")) for kind in ("requests", "tokens")]
+    known = [reset for reset in resets if reset is not None and reset <= 600]
+    return max(known) if known else None
 
 
 async def _parse_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[str | ModelOutcome]:

@@ -5,15 +5,45 @@ OpenAI SDK's own `OPENAI_API_KEY` and `OPENAI_BASE_URL`.
 """
 
 from functools import lru_cache
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODELSIM_API_KEY = "modelsim"
 # What a request's images leave of grpc_max_message_bytes for the rest of it: its text, system prompt and
 # options (2 x 32,000 characters of up to 4 UTF-8 bytes each, and then some).
 IMAGE_HEADROOM_BYTES = 1024 * 1024
+
+
+class ModelsimDeployment(BaseModel):
+    """One simulated upstream of modelsim's, on its own port (an entry of CHATMESH_MODELSIM_DEPLOYMENTS). A field
+    left out takes the modelsim_* setting of the same name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(ge=0, le=65535)
+    reply_tokens: int | None = Field(default=None, ge=0)
+    first_token_latency_seconds: float | None = Field(default=None, ge=0)
+    token_delay_seconds: float | None = Field(default=None, ge=0)
+    error_429_rate: float | None = Field(default=None, ge=0, le=1)
+    error_500_rate: float | None = Field(default=None, ge=0, le=1)
+    retry_after_seconds: float | None = Field(default=None, ge=0)
+    hang_rate: float | None = Field(default=None, ge=0, le=1)
+    hang_seconds: float | None = Field(default=None, ge=0)
+    unauthorized_keys: list[str] | None = None
+
+
+def _distinct_ports(deployments: list[ModelsimDeployment]) -> list[ModelsimDeployment]:
+    seen: dict[int, int] = {}
+    for index, deployment in enumerate(deployments):
+        if deployment.port and deployment.port in seen:
+            raise ValueError(
+                f"entry {index} has port {deployment.port}, the port of entry {seen[deployment.port]}: "
+                "each deployment needs its own port"
+            )
+        seen[deployment.port] = index
+    return deployments
 
 
 class Settings(BaseSettings):
@@ -160,6 +190,13 @@ class Settings(BaseSettings):
     model_max_attempts: int = 4
     model_backoff_initial_seconds: float = 0.25
     model_backoff_max_seconds: float = 8.0
+    # Model deployments (chatmesh.runtime.deployments): a YAML file mapping each model name callers use to its
+    # deployments (base URL, keys from the environment or files, upstream name, price, weight), key pools and
+    # circuit breakers; checked at start. Empty: one deployment from OPENAI_API_KEY / OPENAI_BASE_URL.
+    model_deployments_file: str = ""
+    # The longest wait for a deployment's first streamed item before the attempt is abandoned (a hung
+    # upstream) and the next deployment is tried; a deployment of the file may set its own.
+    model_first_token_timeout_seconds: float = Field(default=15.0, gt=0)
     # USD per million tokens, (input, output), by model name.
     model_prices_usd_per_million: dict[str, tuple[float, float]] = {
         "gpt-4o-mini": (0.15, 0.60),
@@ -210,6 +247,16 @@ class Settings(BaseSettings):
     modelsim_error_429_rate: float = 0.0
     modelsim_error_500_rate: float = 0.0
     modelsim_retry_after_seconds: float = 1.0
+    # The share of chat requests that hang: no response, not even headers, until the client goes away or
+    # modelsim_hang_seconds pass (then the connection is closed).
+    modelsim_hang_rate: float = Field(default=0.0, ge=0, le=1)
+    modelsim_hang_seconds: float = Field(default=300.0, ge=0)
+    # Several independent simulated upstreams in one process, each on its own port with its own faults, latency,
+    # stats and /sim/ endpoints: a JSON list of objects, each a `port` and any of reply_tokens,
+    # first_token_latency_seconds, token_delay_seconds, error_429_rate, error_500_rate, retry_after_seconds,
+    # hang_rate, hang_seconds and unauthorized_keys (the other modelsim_* settings stand for those left out).
+    # Empty: one upstream on modelsim_port.
+    modelsim_deployments: Annotated[list[ModelsimDeployment], AfterValidator(_distinct_ports)] = []
 
     log_level: str = "INFO"
 

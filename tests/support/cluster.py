@@ -43,6 +43,8 @@ class ServiceProcess:
         self.metrics_port: int | None = None
         # Its plaintext health port, which readiness is checked on when set (with TLS on).
         self.health_port: int | None = None
+        # modelsim's ports when it serves several deployments (readiness is checked on each); None for `port`.
+        self.sim_ports: list[int] | None = None
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -103,10 +105,12 @@ class ServiceProcess:
     def _ready(self) -> bool:
         if self.command == "modelsim":
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/sim/stats", timeout=1):
-                    return True
+                for port in self.sim_ports or [self.port]:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/stats", timeout=1):
+                        pass
             except OSError:
                 return False
+            return True
         with grpc.insecure_channel(f"127.0.0.1:{self.health_port or self.port}") as channel:
             try:
                 response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -122,6 +126,12 @@ class Cluster:
     one gateway or dialogue (e.g. {"gateway": 3, "dialogue": 2}): replica 2 and on are `gateway-2`, …, each
     on its own ports; every gateway spreads its calls over every dialogue (round robin). With `pki`, every
     gRPC port uses TLS (mutual between the processes) and every process has a plaintext health port.
+
+    `modelsim_deployments` runs modelsim as several independent simulated upstreams (CHATMESH_MODELSIM_DEPLOYMENTS):
+    each entry holds any of a deployment's settings but its port (reply_tokens, error_429_rate, hang_rate,
+    unauthorized_keys, …), and gets a free port, listed in `modelsim_ports` in the same order. Deployment 0 is on
+    CHATMESH_MODELSIM_PORT, where OPENAI_BASE_URL points and where `sim`, `sim_stats`, … go; the `sim_*_at(index)`
+    helpers address one deployment. Without it, modelsim is one deployment, `modelsim_ports[0]`.
     """
 
     def __init__(
@@ -132,9 +142,12 @@ class Cluster:
         processes: Sequence[str] = START_ORDER,
         replicas: dict[str, int] | None = None,
         pki: TestPki | None = None,
+        modelsim_deployments: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         self._log_dir = Path(tempfile.mkdtemp(prefix="chatmesh-cluster-"))
         ports = {name: free_port() for name in START_ORDER}
+        # The port of each modelsim deployment (one, on CHATMESH_MODELSIM_PORT, without modelsim_deployments).
+        self.modelsim_ports = [ports["modelsim"]] + [free_port() for _ in list(modelsim_deployments or ())[1:]]
         # Where each process serves /metrics: `metrics_ports[name]`, also `processes[name].metrics_port`.
         self.metrics_ports = {name: free_port() for name in METRICS_PROCESSES}
         self.env = {
@@ -164,8 +177,17 @@ class Cluster:
         if pki is not None:
             self.env.update(pki.env())
             self.env.update({f"CHATMESH_{name.upper()}_HEALTH_PORT": str(port) for name, port in health_ports.items()})
+        if modelsim_deployments:
+            self.env["CHATMESH_MODELSIM_DEPLOYMENTS"] = json.dumps(
+                [
+                    {**deployment, "port": port}
+                    for deployment, port in zip(modelsim_deployments, self.modelsim_ports, strict=True)
+                ]
+            )
         self.env.update(env or {})
         self.processes = {name: ServiceProcess(name, port, self.env, self._log_dir) for name, port in ports.items()}
+        if modelsim_deployments:
+            self.processes["modelsim"].sim_ports = list(self.modelsim_ports)
         for name, port in self.metrics_ports.items():
             self.processes[name].metrics_port = port
             self.processes[name].health_port = health_ports.get(name)
@@ -228,8 +250,13 @@ class Cluster:
     # The simulator's control endpoints.
 
     def sim(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """A call to the simulator's (deployment 0's) control endpoints."""
+        return self.sim_at(0, method, path, body)
+
+    def sim_at(self, index: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """A call to the control endpoints of modelsim deployment `index`."""
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.processes['modelsim'].port}{path}",
+            f"http://127.0.0.1:{self.modelsim_ports[index]}{path}",
             method=method,
             data=None if body is None else json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
@@ -247,11 +274,42 @@ class Cluster:
     def sim_config(self, **fields: Any) -> None:
         self.sim("POST", "/sim/config", fields)
 
-    def sim_faults(self, status: int, count: int, retry_after: float = 0.0, endpoint: str = "chat") -> None:
-        """Queues `count` faults for the chat endpoint, or for "moderations"."""
-        self.sim(
-            "POST", "/sim/faults", {"status": status, "count": count, "retry_after": retry_after, "endpoint": endpoint}
-        )
+    def sim_faults(
+        self, status: int | str, count: int, retry_after: float = 0.0, endpoint: str = "chat", key: str | None = None
+    ) -> None:
+        """Queues `count` faults for the chat endpoint, or for "moderations"; with `key`, for that API key only."""
+        self.sim_faults_at(0, status, count, retry_after, endpoint, key)
 
     def sim_reset(self) -> None:
         self.sim("POST", "/sim/reset", {})
+
+    # The same for one modelsim deployment (see modelsim_deployments).
+
+    def sim_stats_at(self, index: int) -> dict[str, Any]:
+        """Its counters, with `hangs` and `requests_by_key` (bearer key -> chat requests)."""
+        return self.sim_at(index, "GET", "/sim/stats")
+
+    def sim_requests_at(self, index: int, limit: int = 10) -> list[dict[str, Any]]:
+        return self.sim_at(index, "GET", f"/sim/requests?limit={limit}")["requests"]
+
+    def sim_config_at(self, index: int, **fields: Any) -> dict[str, Any]:
+        """Changes its config (e.g. error_429_rate, hang_rate, unauthorized_keys); returns the whole config."""
+        return self.sim_at(index, "POST", "/sim/config", fields)
+
+    def sim_faults_at(
+        self,
+        index: int,
+        status: int | str,
+        count: int,
+        retry_after: float = 0.0,
+        endpoint: str = "chat",
+        key: str | None = None,
+    ) -> None:
+        """Queues `count` faults (429, 500, 401, 404, or "hang" for chat); with `key`, for that API key only."""
+        body: dict[str, Any] = {"status": status, "count": count, "retry_after": retry_after, "endpoint": endpoint}
+        if key is not None:
+            body["key"] = key
+        self.sim_at(index, "POST", "/sim/faults", body)
+
+    def sim_reset_at(self, index: int) -> None:
+        self.sim_at(index, "POST", "/sim/reset", {})

@@ -13,10 +13,12 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 from support.images import gif, jpeg, png
 
 from chatmesh.dialogue.tokens import TokenCounter
-from chatmesh.modelsim.server import SimConfig, build_app
+from chatmesh.modelsim.server import HANG, SimConfig, Simulator, _duration, build_app
+from chatmesh.runtime.settings import Settings
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -227,6 +229,9 @@ async def test_stats_request_log_and_reset(sim: Sim) -> None:
         "errors_injected": 0,
         "moderation_requests": 0,
         "moderation_errors_injected": 0,
+        "hangs": 0,
+        "hangs_open": 0,
+        "requests_by_key": {"x": 4},
     }
     logged = (await sim.get("/sim/requests?limit=2"))["requests"]
     assert [body["messages"][-1]["content"] for body in logged] == ["three", MESSAGES[-1]["content"]]
@@ -433,3 +438,223 @@ async def test_moderation_judges_text_and_image_parts_together(sim: Sim) -> None
         headers={"Authorization": "Bearer x"},
     ) as response:
         assert response.status == 400
+
+
+# Several deployments, hangs and per-key behaviour (issue 14).
+
+
+async def _chat(sim: Sim, key: str = "x", **options: object) -> openai.types.chat.ChatCompletion:
+    client = sim.client.with_options(api_key=key, **options)
+    return await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+async def test_a_hang_sends_nothing_until_the_client_gives_up(sim: Sim) -> None:
+    assert (await sim.post("/sim/config", {"hang_rate": 1.0}))["hang_rate"] == 1.0
+
+    with pytest.raises(openai.APITimeoutError):
+        await _chat(sim, timeout=0.5)
+
+    stats = await _stats_when(sim, lambda stats: stats["hangs_open"] == 0)
+    assert (stats["requests"], stats["hangs"], stats["errors_injected"]) == (1, 1, 0)
+    sim.config.hang_rate = 0.0
+    assert (await _chat(sim)).choices[0].finish_reason == "stop"
+
+
+async def test_a_hang_ends_after_hang_seconds_with_the_connection_closed(sim: Sim) -> None:
+    sim.config.hang_seconds = 0.2
+    await sim.post("/sim/faults", {"status": "hang", "count": 1})
+
+    with pytest.raises(openai.APIConnectionError):
+        await _chat(sim, timeout=5)
+
+    assert (await _chat(sim)).choices[0].finish_reason == "stop"
+    assert (await sim.get("/sim/stats"))["hangs"] == 1
+
+
+async def test_hangs_end_when_modelsim_shuts_down() -> None:
+    runner = web.AppRunner(build_app(SimConfig(hang_rate=1.0)))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/chat/completions"
+    async with aiohttp.ClientSession() as http:
+        call = asyncio.create_task(
+            http.post(url, json={"model": "gpt-4o-mini", "messages": MESSAGES}, headers={"Authorization": "Bearer x"})
+        )
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(runner.cleanup(), timeout=2)
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await asyncio.wait_for(call, timeout=2)
+
+
+async def test_an_unauthorized_key_gets_401_before_anything_else(sim: Sim) -> None:
+    await sim.post("/sim/config", {"unauthorized_keys": ["revoked"], "error_500_rate": 1.0})
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await _chat(sim, key="revoked")
+    with pytest.raises(openai.AuthenticationError):
+        await sim.client.with_options(api_key="revoked").models.list()
+    sim.config.error_500_rate = 0.0
+    assert (await _chat(sim, key="good")).choices[0].finish_reason == "stop"
+
+    assert caught.value.code == "invalid_api_key"
+    assert set(caught.value.body) == {"message", "type", "param", "code"}
+    stats = await sim.get("/sim/stats")
+    assert stats["requests_by_key"] == {"revoked": 1, "good": 1}
+    assert stats["errors_injected"] == 0
+
+
+async def test_faults_for_a_key_hit_only_that_key(sim: Sim) -> None:
+    queued = await sim.post("/sim/faults", {"status": 429, "count": 2, "retry_after": 2, "key": "hot"})
+    assert queued == {"queued": 2}
+
+    assert (await _chat(sim, key="cool")).choices[0].finish_reason == "stop"
+    for _ in range(2):
+        with pytest.raises(openai.RateLimitError) as caught:
+            await _chat(sim, key="hot")
+        headers = caught.value.response.headers
+        assert (headers["retry-after"], headers["x-ratelimit-reset-requests"]) == ("2", "2s")
+    assert (await _chat(sim, key="hot")).choices[0].finish_reason == "stop"
+    await sim.post("/sim/faults", {"status": 500, "count": 1})
+    with pytest.raises(openai.InternalServerError):
+        await _chat(sim, key="cool")
+
+    stats = await sim.get("/sim/stats")
+    assert stats["requests_by_key"] == {"cool": 2, "hot": 3}
+    assert stats["errors_injected"] == 3
+
+
+async def test_a_keys_faults_come_before_those_for_any_key(sim: Sim) -> None:
+    await sim.post("/sim/faults", {"status": 500, "count": 1})
+    await sim.post("/sim/faults", {"status": 429, "count": 1, "retry_after": 0.25, "key": "hot"})
+
+    with pytest.raises(openai.RateLimitError) as caught:
+        await _chat(sim, key="hot")
+    with pytest.raises(openai.InternalServerError):
+        await _chat(sim, key="hot")
+
+    assert caught.value.response.headers["x-ratelimit-reset-requests"] == "250ms"
+    assert caught.value.response.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"status": 429, "key": ""},
+        {"status": 429, "key": 7},
+        {"status": "hang", "endpoint": "moderations"},
+        {"status": 0},
+        {"status": 503},
+    ],
+)
+async def test_bad_fault_specs_are_400(sim: Sim, body: dict) -> None:
+    async with sim.http.post(f"{sim.base_url}/sim/faults", json=body) as response:
+        assert response.status == 400
+
+
+@pytest.mark.parametrize(
+    "body", [{"hang_rate": 1.5}, {"hang_rate": -0.1}, {"hang_seconds": -1}, {"unauthorized_keys": [1]}]
+)
+async def test_bad_hang_and_key_config_is_400(sim: Sim, body: dict) -> None:
+    async with sim.http.post(f"{sim.base_url}/sim/config", json=body) as response:
+        assert response.status == 400
+
+
+def test_one_draw_picks_429_then_500_then_hang() -> None:
+    config = SimConfig(error_429_rate=0.2, error_500_rate=0.1, hang_rate=0.02)
+    simulator = Simulator(config)
+    draws = [simulator._fault("x") for _ in range(20_000)]
+
+    counts = {status: sum(1 for draw in draws if draw and draw[0] == status) for status in (429, 500, HANG)}
+    assert 3600 < counts[429] < 4400
+    assert 1650 < counts[500] < 2350
+    assert 250 < counts[HANG] < 550
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0, "0ms"), (0.02, "20ms"), (1, "1s"), (1.5, "1.5s"), (60, "1m0s"), (360.25, "6m0.25s")]
+)
+def test_reset_durations_are_written_as_openai_writes_them(seconds: float, text: str) -> None:
+    assert _duration(seconds) == text
+
+
+def test_a_deployment_overrides_the_settings_it_names() -> None:
+    settings = Settings(
+        modelsim_error_500_rate=0.5,
+        modelsim_deployments=[{"port": 9001}, {"port": 9002, "hang_rate": 0.02, "unauthorized_keys": ["k"]}],
+    )
+
+    first, second = (SimConfig.from_settings(settings, deployment) for deployment in settings.modelsim_deployments)
+
+    assert (first.error_500_rate, first.hang_rate, first.unauthorized_keys) == (0.5, 0.0, [])
+    assert (second.error_500_rate, second.hang_rate, second.unauthorized_keys) == (0.5, 0.02, ["k"])
+
+
+@pytest.mark.parametrize(
+    ("deployments", "named"),
+    [
+        ([{"port": 9001}, {"port": 9002, "error_429_rate": 2}], "modelsim_deployments.1.error_429_rate"),
+        ([{"port": 9001, "hang_rate": -1}], "modelsim_deployments.0.hang_rate"),
+        ([{"port": 9001}, {"reply_tokens": 5}], "modelsim_deployments.1.port"),
+        ([{"port": 9001, "latency": 1}], "modelsim_deployments.0.latency"),
+        ([{"port": 9001}, {"port": 9001}], "entry 1 has port 9001, the port of entry 0"),
+        ({"port": 9001}, "modelsim_deployments"),
+    ],
+)
+def test_bad_deployments_fail_naming_the_entry(
+    monkeypatch: pytest.MonkeyPatch, deployments: object, named: str
+) -> None:
+    monkeypatch.setenv("CHATMESH_MODELSIM_DEPLOYMENTS", json.dumps(deployments))
+
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+
+    assert named in str(caught.value)
+
+
+async def test_main_fails_at_start_naming_a_bad_deployment() -> None:
+    env = {**os.environ, "CHATMESH_MODELSIM_DEPLOYMENTS": '[{"port": 0}, {"port": 0, "error_500_rate": 7}]'}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatmesh.modelsim.server", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+
+    assert process.returncode != 0
+    assert b"modelsim_deployments.1.error_500_rate" in stderr
+
+
+async def test_main_serves_each_deployment_on_its_own_port_with_its_own_state() -> None:
+    deployments = [{"port": 0}, {"port": 0, "reply_tokens": 3, "unauthorized_keys": ["revoked"]}]
+    env = {**os.environ, "CHATMESH_MODELSIM_DEPLOYMENTS": json.dumps(deployments)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatmesh.modelsim.server", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        events = [json.loads(await asyncio.wait_for(process.stderr.readline(), timeout=30)) for _ in deployments]
+        assert [(event["event"], event["deployment"]) for event in events] == [("listening", 0), ("listening", 1)]
+        first, second = (f"http://127.0.0.1:{event['port']}" for event in events)
+        async with aiohttp.ClientSession() as http:
+
+            async def chat(base_url: str, key: str = "x") -> int:
+                async with http.post(
+                    f"{base_url}/v1/chat/completions",
+                    json={"model": "gpt-4o-mini", "messages": MESSAGES},
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as response:
+                    await response.read()
+                    return response.status
+
+            async def stats(base_url: str) -> dict:
+                async with http.get(f"{base_url}/sim/stats") as response:
+                    return await response.json()
+
+            async with http.post(f"{first}/sim/faults", json={"status": 500, "count": 1}) as response:
+                assert response.status == 200
+            assert [await chat(second), await chat(second, "revoked"), await chat(first)] == [200, 401, 500]
+            assert await chat(first, "revoked") == 200
+            assert (await stats(first))["requests_by_key"] == {"x": 1, "revoked": 1}
+            assert (await stats(first))["errors_injected"] == 1
+            assert (await stats(second))["requests_by_key"] == {"x": 1, "revoked": 1}
+            assert (await stats(second))["errors_injected"] == 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
