@@ -55,7 +55,6 @@ from chatmesh.runtime.model_client import (
     ModelOutcome,
     ModelRequest,
     StreamProgress,
-    cost_usd,
 )
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import Refused, abort, abort_with, invalid_argument, retry_later
@@ -195,25 +194,17 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             for event in _replay(gate.replay, turn.request_id):
                 yield event
             return
-        try:
-            yield chat_pb2.ChatEvent(
-                started=chat_pb2.Started(
-                    conversation_id=scope.conversation_id, request_id=turn.request_id, model=turn.model
-                )
-            )
-        except BaseException:
-            # The caller went away before the model was called: release the reservation now, not at its expiry.
-            if gate.calls_model:
-                self._spend.settle_later(turn.spend, turn.model, 0, 0)
-            raise
+        if gate.calls_model:
+            # Started comes with the model's first answer: it names the model that answered (a fallback's, maybe).
+            async for event in self._answer_from_model(context, turn, screened=gate.verdict is not None):
+                yield event
+            return
+        yield _started(turn, turn.model)
         if gate.verdict is not None and gate.verdict.blocked:
             yield await self._refuse_input(context, turn, gate.verdict)
             return
-        if gate.cached is not None:
-            async for event in self._answer_from_cache(context, turn, gate.cached):
-                yield event
-            return
-        async for event in self._answer_from_model(context, turn, screened=gate.verdict is not None):
+        assert gate.cached is not None
+        async for event in self._answer_from_cache(context, turn, gate.cached):
             yield event
 
     async def _open(
@@ -404,8 +395,12 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         reply_parts: list[str] = []
         outcome: ModelOutcome | None = None
         blocked: OutputBlocked | None = None
+        started = False
         try:
             async for item in relayed:
+                if not started:
+                    started = True
+                    yield _started(turn, progress.model or turn.model)
                 if isinstance(item, str):
                     reply_parts.append(item)
                     yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=item))
@@ -426,11 +421,14 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
         finally:
+            # The model that answered (a fallback's, maybe) and its deployment's price.
+            answered = progress.model or turn.model
             input_tokens, output_tokens = self._spent(turn, progress)
-            self._spend.settle_later(turn.spend, turn.model, input_tokens, output_tokens)
+            cost = self._model.cost_usd(answered, input_tokens, output_tokens, progress.deployment)
+            self._spend.settle_later(turn.spend, answered, input_tokens, output_tokens, cost)
             if progress.outcome is None and (input_tokens or output_tokens):
                 # No Completed commits these: they count for the model's metrics and the conversation here.
-                self._model.record_unfinished(turn.model, input_tokens, output_tokens)
+                self._model.record_unfinished(answered, input_tokens, output_tokens, progress.deployment)
                 if turn.history is not None and blocked is None:
                     self._background.spawn(
                         self._store.add_usage(
@@ -440,10 +438,9 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                     )
         usage = chat_pb2.Usage(input_tokens=input_tokens, output_tokens=output_tokens)
         usage.total_tokens = input_tokens + output_tokens
-        cost = cost_usd(self._settings.model_prices_usd_per_million, turn.model, input_tokens, output_tokens)
         if blocked is not None:
             completed = _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories, usage, cost)
-            await self._commit(context, turn, turn.new_message, _refused_reply(), completed)
+            await self._commit(context, turn, turn.new_message, _refused_reply(), completed, answered)
             annotate(input_tokens=input_tokens, output_tokens=output_tokens)
             yield completed
             return
@@ -454,12 +451,12 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         completed = chat_pb2.ChatEvent(
             completed=chat_pb2.Completed(finish_reason=finish_reason, usage=usage, cost_usd=cost)
         )
-        await self._commit(context, turn, turn.new_message, reply, completed)
+        await self._commit(context, turn, turn.new_message, reply, completed, answered)
         annotate(input_tokens=input_tokens, output_tokens=output_tokens)
         yield completed
         # A reply that went out unscreened (safety down, fail-open) is not kept for callers that safety would
-        # screen.
-        cacheable = screened and finish_reason == chat_pb2.FINISH_REASON_STOP
+        # screen, nor one of a fallback model for callers of the model they asked for.
+        cacheable = screened and finish_reason == chat_pb2.FINISH_REASON_STOP and answered == turn.model
         self._after_reply(
             turn,
             cached_reply=cache_pb2.CachedReply(
@@ -589,9 +586,11 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         user_message: StoredMessage,
         reply: StoredMessage,
         completed: chat_pb2.ChatEvent,
+        model: str | None = None,
     ) -> None:
         """The step `commit`: appends the turn (with the usage of its Completed) and releases the conversation;
-        with an idempotency key, together with what a retry is to be answered."""
+        with an idempotency key, together with what a retry is to be answered (`model`: the one that answered,
+        by default the one asked for)."""
         scope = turn.scope
         usage = completed.completed.usage
         committed = CommittedTurn(
@@ -603,7 +602,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         idempotency = None
         if scope.key is not None:
             text = "" if reply.refused else reply.content
-            idempotency = replace(scope.key, replay=_replay_record(scope.conversation_id, turn.model, text, completed))
+            replay = _replay_record(scope.conversation_id, model or turn.model, text, completed)
+            idempotency = replace(scope.key, replay=replay)
         async with _store_errors(context, scope.conversation_id, "was deleted while the turn ran"):
             try:
                 await self._store.commit_turn(
@@ -833,6 +833,12 @@ class _Turn:
     model_request: ModelRequest
     spend: SpendScope
     answer_context: cache_pb2.AnswerContext | None
+
+
+def _started(turn: _Turn, model: str) -> chat_pb2.ChatEvent:
+    return chat_pb2.ChatEvent(
+        started=chat_pb2.Started(conversation_id=turn.scope.conversation_id, request_id=turn.request_id, model=model)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,7 +145,7 @@ class SpendLedger:
             except (Refused, asyncio.CancelledError):
                 return
             if reserved:
-                await self._settle(scope, request.model, 0, 0)
+                await self._settle(scope, 0, 0, 0.0)
 
         self._background.spawn(release(), "release_reservation")
 
@@ -200,13 +200,17 @@ class SpendLedger:
             return False
         return True
 
-    def settle_later(self, scope: SpendScope, model: str, input_tokens: int, output_tokens: int) -> None:
+    def settle_later(
+        self, scope: SpendScope, model: str, input_tokens: int, output_tokens: int, cost: float | None = None
+    ) -> None:
         """Settles the call off the reply's path with its tokens: the provider's usage, or for a stream that
-        did not finish, its caller's count of what was sent and received."""
-        self._background.spawn(self._settle(scope, model, input_tokens, output_tokens), "settlement")
+        did not finish, its caller's count of what was sent and received; and their `cost` in USD (by default
+        priced by the price table: a deployment may have its own price)."""
+        if cost is None:
+            cost = cost_usd(self._prices, model, input_tokens, output_tokens)
+        self._background.spawn(self._settle(scope, input_tokens, output_tokens, cost), "settlement")
 
-    async def _settle(self, scope: SpendScope, model: str, input_tokens: int, output_tokens: int) -> None:
-        cost = cost_usd(self._prices, model, input_tokens, output_tokens)
+    async def _settle(self, scope: SpendScope, input_tokens: int, output_tokens: int, cost: float) -> None:
         for attempt in range(1, _SETTLE_ATTEMPTS + 1):
             try:
                 settled = await self._ledger.settle(
