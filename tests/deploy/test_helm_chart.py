@@ -31,6 +31,7 @@ from support.chart import (
     values_file,
 )
 
+from chatmesh.runtime.deployments import parse_deployments
 from chatmesh.runtime.settings import Settings
 
 CORE = ("gateway", "dialogue", "safety", "cache")
@@ -1347,3 +1348,44 @@ def test_conversation_and_image_values_reach_the_processes_as_they_parse_them(
     assert parsed.model_encodings == {"llama-3": "cl100k_base"}
     assert (parsed.summary_model, parsed.summary_trigger_tokens) == ("gpt-4o-mini", 500)
     assert parsed.max_images_per_message == 2
+
+
+MODEL_DEPLOYMENTS = {
+    "models": {
+        "gpt-4o-mini": {
+            "deployments": [
+                {"name": "openai", "base_url": "https://api.openai.com/v1", "keys": [{"env": "OPENAI_KEY_1"}]},
+                {"name": "vllm", "base_url": "http://vllm.models.svc:8000/v1", "keys": [{"env": "VLLM_KEY"}]},
+            ]
+        }
+    }
+}
+
+
+def test_a_model_deployments_file_reaches_dialogue_and_safety_with_its_keys_from_a_secret() -> None:
+    chart = render({"model": {"deployments": MODEL_DEPLOYMENTS, "deploymentKeysSecret": "model-keys"}})
+
+    rendered = yaml.safe_load(chart.get("ConfigMap", f"{RELEASE}-model-deployments")["data"]["deployments.yaml"])
+    assert rendered == MODEL_DEPLOYMENTS
+    # What dialogue will read at start: the file as chatmesh parses it, its keys from the Secret's variables.
+    parsed = parse_deployments(rendered, Settings(), {"OPENAI_KEY_1": "sk-1", "VLLM_KEY": "sk-2"})
+    assert [deployment.name for deployment in parsed.models["gpt-4o-mini"].deployments] == ["openai", "vllm"]
+    path = settings_data(chart)["CHATMESH_MODEL_DEPLOYMENTS_FILE"]
+    assert path == "/etc/chatmesh/model-deployments/deployments.yaml"
+    for process in CORE:
+        d = deployments(chart)[process]
+        mounts = {mount["name"]: mount["mountPath"] for mount in container(d)["volumeMounts"]}
+        secrets = [source["secretRef"]["name"] for source in container(d)["envFrom"] if "secretRef" in source]
+        if process in ("dialogue", "safety"):
+            volume = {"name": "model-deployments", "configMap": {"name": f"{RELEASE}-model-deployments"}}
+            assert mounts["model-deployments"] == str(Path(path).parent)
+            assert volume in pod_spec(d)["volumes"]
+            assert secrets == ["model-keys"]
+            assert "checksum/model-deployments" in d["spec"]["template"]["metadata"]["annotations"]
+        else:
+            assert "model-deployments" not in mounts and secrets == []
+
+
+def test_without_a_deployments_file_nothing_of_it_is_rendered(defaults: Rendered) -> None:
+    assert defaults.find("ConfigMap", f"{RELEASE}-model-deployments") is None
+    assert "CHATMESH_MODEL_DEPLOYMENTS_FILE" not in settings_data(defaults)
