@@ -13,7 +13,7 @@ help:
 	@echo "make test   install what the tests need, lint, and run every test"
 	@echo "make proto  regenerate services/v1 from protos/"
 	@echo "make lint   ruff, buf lint, and a check that services/v1 matches protos/"
-	@echo "make bench  what chatmesh adds over calling the model directly (bench-quick: about 75 s)"
+	@echo "make bench  what chatmesh adds over calling the model directly (bench-quick: about 95 s)"
 	@echo "make dist   build the wheel (dist/) that deploy/Dockerfile installs; make chart-files syncs the Helm chart's copies"
 
 # OS packages: venv support for Python and the real redis-server the tests run against; Debian's
@@ -59,10 +59,12 @@ run: install
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
 
-# Benchmarks (bench/run.py): results in bench/results/. `make bench` takes about 6 minutes on 2 cores.
+# Benchmarks (bench/run.py, then bench/resilience.py): results in bench/results/. `make bench` takes about 12 minutes
+# on 2 cores.
 .PHONY: bench bench-quick
 bench: install
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.resilience
 
 bench-quick: install
 	$(BIN)/python -m bench --mode quick
