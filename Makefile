@@ -50,8 +50,9 @@ lint: install
 	cd protos && ../$(BIN)/buf lint
 	scripts/protos.sh check
 
+# Two workers, each taking whole test modules (--dist loadfile), so that a module's cluster serves only its tests.
 test: os-deps install lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 run: install
 	$(BIN)/chatmesh up
