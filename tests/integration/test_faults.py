@@ -140,7 +140,10 @@ async def test_every_turn_is_stored_exactly_once_through_crashes_of_every_proces
 
         for caller, (conversation_id, seen) in enumerate(conversations):
             stored = await gateways[0].GetConversation(
-                chat_pb2.GetConversationRequest(conversation_id=conversation_id, user_id=f"caller-{caller}"),
+                # One page holds every turn: at most MAX_TURNS of them, 2 * MAX_TURNS messages.
+                chat_pb2.GetConversationRequest(
+                    conversation_id=conversation_id, user_id=f"caller-{caller}", page_size=2 * MAX_TURNS
+                ),
                 timeout=10,
             )
             messages = [(message.content) for message in stored.conversation.messages]
