@@ -1321,7 +1321,7 @@ def test_notes_say_how_to_get_the_admin_token_and_make_a_tenant_and_a_key(defaul
     assert "invalidates every API key" not in chart.notes
 
 
-def test_conversation_and_image_values_reach_the_processes_as_they_parse_them(
+def test_conversation_image_and_tls_values_reach_the_processes_as_they_parse_them(
     defaults: Rendered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built_in = Settings.model_fields
@@ -1330,6 +1330,7 @@ def test_conversation_and_image_values_reach_the_processes_as_they_parse_them(
         assert getattr(parsed, field) == built_in[field].default
     assert parsed.model_context_tokens == built_in["model_context_tokens"].default
     assert (parsed.max_images_per_message, parsed.max_image_bytes) == (4, 5 * 1024 * 1024)
+    assert parsed.tls_reload_seconds == 5 and parsed.internal_tls
 
     chart = render(
         {

@@ -430,6 +430,8 @@ dict "root" $ "process" "gateway". */}}
   value: /etc/chatmesh/tls/tls.key
 - name: CHATMESH_TLS_CA_FILE
   value: /etc/chatmesh/tls/ca.crt
+- name: CHATMESH_TLS_RELOAD_SECONDS
+  value: {{ $root.Values.tls.reloadSeconds | toString | quote }}
 {{- if and (eq .process "gateway") (include "chatmesh.gatewayTlsSource" $root) }}
 - name: CHATMESH_GATEWAY_TLS_CERT_FILE
   value: /etc/chatmesh/gateway-tls/tls.crt
