@@ -119,6 +119,20 @@ async def chaos(cluster: Cluster, redis: RedisServer, tally: Tally, done: asynci
             await asyncio.to_thread(cluster.processes[victim].start)
 
 
+async def read_when_back(
+    gateway: chat_pb2_grpc.ChatServiceStub, request: chat_pb2.GetConversationRequest
+) -> chat_pb2.GetConversationResponse:
+    """The conversation, once the process or Redis that the chaos restarted last answers again (at most 50
+    tries, 0.1 s apart)."""
+    for _ in range(50):
+        try:
+            return await gateway.GetConversation(request, timeout=10)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, f"{error.code()}: {error.details()}"
+            await asyncio.sleep(0.1)
+    raise AssertionError("the cluster did not come back within 5 s of the last restart")
+
+
 @pytest.mark.timeout(300)
 async def test_every_turn_is_stored_exactly_once_through_crashes_of_every_process_and_redis(
     crashing: Cluster, redis_with_aof: RedisServer
@@ -139,13 +153,11 @@ async def test_every_turn_is_stored_exactly_once_through_crashes_of_every_proces
             await breaker
 
         for caller, (conversation_id, seen) in enumerate(conversations):
-            stored = await gateways[0].GetConversation(
-                # One page holds every turn: at most MAX_TURNS of them, 2 * MAX_TURNS messages.
-                chat_pb2.GetConversationRequest(
-                    conversation_id=conversation_id, user_id=f"caller-{caller}", page_size=2 * MAX_TURNS
-                ),
-                timeout=10,
+            # One page holds every turn: at most MAX_TURNS of them, 2 * MAX_TURNS messages.
+            request = chat_pb2.GetConversationRequest(
+                conversation_id=conversation_id, user_id=f"caller-{caller}", page_size=2 * MAX_TURNS
             )
+            stored = await read_when_back(gateways[0], request)
             messages = [(message.content) for message in stored.conversation.messages]
             assert messages == [text for pair in seen for text in pair]
     finally:
