@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from chatmesh.dialogue.content import image_part, image_sizes
+from chatmesh.dialogue.content import image_detail, image_part, image_sizes
 from chatmesh.dialogue.store import StoredImage, StoredMessage, Summary
 from chatmesh.dialogue.tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TokenCounter
 from chatmesh.v1 import chat_pb2
@@ -57,7 +57,7 @@ class Window:
 
 
 def stored_image(image: chat_pb2.Image) -> StoredImage:
-    detail = {chat_pb2.IMAGE_DETAIL_LOW: "low", chat_pb2.IMAGE_DETAIL_HIGH: "high"}.get(image.detail, "auto")
+    detail = image_detail(image)
     if image.WhichOneof("source") == "inline":
         return StoredImage(mime_type=image.inline.mime_type, data=image.inline.data, detail=detail)
     return StoredImage(url=image.url, detail=detail)

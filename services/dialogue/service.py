@@ -9,7 +9,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
 import grpc
@@ -43,7 +43,7 @@ from chatmesh.dialogue.store import (
     TurnInProgress,
 )
 from chatmesh.dialogue.summary import Summarizer
-from chatmesh.dialogue.tokens import OFF_LOOP_TEXT_CHARS, TokenCounter
+from chatmesh.dialogue.tokens import OFF_LOOP_TEXT_CHARS, TokenCounter, context_tokens
 from chatmesh.runtime import metrics, regions
 from chatmesh.runtime.access_log import ErrorKind
 from chatmesh.runtime.channels import downstream_timeout
@@ -117,8 +117,6 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         self._cache = cache
         self._tokens = tokens
         self._summaries = summaries
-        # The context size of each model asked for so far (a lookup in the settings' prefix table).
-        self._context_tokens: dict[str, int] = {}
         # Cache stores and summaries run after the caller has its reply.
         self._background = background
 
@@ -281,13 +279,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         )
 
     def _budget(self, model: str, max_tokens: int | None) -> Budget:
-        context_tokens = self._context_tokens.get(model)
-        if context_tokens is None:
-            context_tokens = _longest_prefix(self._settings.model_context_tokens, model)
-            context_tokens = context_tokens or self._settings.default_context_tokens
-            self._context_tokens[model] = context_tokens
-        reply_tokens = max_tokens or min(self._settings.window_reply_tokens, context_tokens // 2)
-        return Budget(context_tokens, reply_tokens, self._settings.window_margin_tokens)
+        settings = self._settings
+        size = context_tokens(settings.model_context_tokens, settings.default_context_tokens, model)
+        reply_tokens = max_tokens or min(settings.window_reply_tokens, size // 2)
+        return Budget(size, reply_tokens, settings.window_margin_tokens)
 
     async def _window(
         self,
@@ -850,11 +845,6 @@ class _Gate:
     cached: cache_pb2.CachedReply | None
     replay: str | None
     calls_model: bool
-
-
-def _longest_prefix(table: Mapping[str, int], model: str) -> int | None:
-    matches = [prefix for prefix in table if model.startswith(prefix)]
-    return table[max(matches, key=len)] if matches else None
 
 
 def _replay_record(conversation_id: str, model: str, text: str, completed: chat_pb2.ChatEvent) -> str:

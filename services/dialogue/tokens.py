@@ -206,6 +206,12 @@ def image_tokens(
     return base_tokens + tile_tokens * tiles
 
 
+def context_tokens(table: Mapping[str, int], default: int, model: str) -> int:
+    """A model's context size: the entry of `table` with the longest prefix of `model`, else `default`."""
+    found = _longest_prefix(_by_length(table), model)
+    return default if found is None else found
+
+
 def _longest_prefix(table: Sequence[tuple[str, Any]], name: str) -> Any:
     for prefix, value in table:
         if name.startswith(prefix):

@@ -37,7 +37,7 @@ import uvloop
 from aiohttp import web
 
 from chatmesh.dialogue.content import image_size
-from chatmesh.dialogue.tokens import TokenCounter
+from chatmesh.dialogue.tokens import TokenCounter, context_tokens
 from chatmesh.runtime.settings import ModelsimDeployment, Settings, get_settings
 
 MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "modelsim-1")
@@ -454,7 +454,7 @@ class Simulator:
 
         sizes = {image_url["url"]: size for image_url, size in chat.images if size is not None}
         prompt_tokens = self._tokens.count_messages(chat.model, chat.messages, sizes)
-        context = self._context_tokens(chat.model)
+        context = context_tokens(self.config.context_tokens, self.config.default_context_tokens, chat.model)
         if prompt_tokens + (chat.max_tokens or 0) > context:
             return _error(
                 400,
@@ -585,10 +585,6 @@ class Simulator:
                 await asyncio.sleep(delay)
             pending += piece
         await response.write(pending + tail)
-
-    def _context_tokens(self, model: str) -> int:
-        matches = [prefix for prefix in self.config.context_tokens if model.startswith(prefix)]
-        return self.config.context_tokens[max(matches, key=len)] if matches else self.config.default_context_tokens
 
     def _fault(self, key: str) -> tuple[int, float] | None:
         """The (status, retry_after) of the fault this chat request gets, HANG for a hang: a fault queued for
