@@ -194,6 +194,19 @@ class Settings(BaseSettings):
     # deployments (base URL, keys from the environment or files, upstream name, price, weight), key pools and
     # circuit breakers; checked at start. Empty: one deployment from OPENAI_API_KEY / OPENAI_BASE_URL.
     model_deployments_file: str = ""
+    # Function calling. The operator's server-side tools (HTTP endpoints, see chatmesh.dialogue.server_tools);
+    # unset: only the built-in ones.
+    tools_file: str = ""
+    # The most tools one request may offer (its own and the server-side ones it names together).
+    tool_max_tools: int = Field(default=128, ge=1, le=128)
+    # The most model calls in one turn: each server-side round (the model calls tools chatmesh runs, and is
+    # called again with their results) takes one; past it the turn ends with an error the caller can act on.
+    tool_max_steps: int = Field(default=8, ge=1, le=64)
+    # The longest tool result, in characters: a caller's (else INVALID_ARGUMENT), or a server-side tool's
+    # response (else the model is told the result was too long).
+    tool_max_result_chars: int = Field(default=32_000, ge=1)
+    # A server-side tool's timeout when its declaration sets none.
+    tool_timeout_seconds: float = Field(default=10.0, gt=0)
     # The longest wait for a deployment's first streamed item before the attempt is abandoned (a hung
     # upstream) and the next deployment is tried; a deployment of the file may set its own.
     model_first_token_timeout_seconds: float = Field(default=15.0, gt=0)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from chatmesh.v1 import chat_pb2 as chatmesh_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63hatmesh/v1/safety.proto\x12\x0b\x63hatmesh.v1\x1a\x16\x63hatmesh/v1/chat.proto\"Y\n\x07Verdict\x12\x0f\n\x07\x62locked\x18\x01 \x01(\x08\x12\x12\n\ncategories\x18\x02 \x03(\t\x12)\n\x06source\x18\x03 \x01(\x0e\x32\x19.chatmesh.v1.ScreenSource\"Z\n\x12ScreenInputRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.chatmesh.v1.Image\"<\n\x13ScreenInputResponse\x12%\n\x07verdict\x18\x01 \x01(\x0b\x32\x14.chatmesh.v1.Verdict\"F\n\x13ScreenOutputRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"f\n\x14ScreenOutputResponse\x12\x15\n\rcleared_chars\x18\x01 \x01(\x03\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x14.chatmesh.v1.Verdict\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08*f\n\x0cScreenSource\x12\x1d\n\x19SCREEN_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15SCREEN_SOURCE_KEYWORD\x10\x01\x12\x1c\n\x18SCREEN_SOURCE_MODERATION\x10\x02\x32\xba\x01\n\rSafetyService\x12P\n\x0bScreenInput\x12\x1f.chatmesh.v1.ScreenInputRequest\x1a .chatmesh.v1.ScreenInputResponse\x12W\n\x0cScreenOutput\x12 .chatmesh.v1.ScreenOutputRequest\x1a!.chatmesh.v1.ScreenOutputResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63hatmesh/v1/safety.proto\x12\x0b\x63hatmesh.v1\x1a\x16\x63hatmesh/v1/chat.proto\"Y\n\x07Verdict\x12\x0f\n\x07\x62locked\x18\x01 \x01(\x08\x12\x12\n\ncategories\x18\x02 \x03(\t\x12)\n\x06source\x18\x03 \x01(\x0e\x32\x19.chatmesh.v1.ScreenSource\"Z\n\x12ScreenInputRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.chatmesh.v1.Image\"<\n\x13ScreenInputResponse\x12%\n\x07verdict\x18\x01 \x01(\x0b\x32\x14.chatmesh.v1.Verdict\"F\n\x13ScreenOutputRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"f\n\x14ScreenOutputResponse\x12\x15\n\rcleared_chars\x18\x01 \x01(\x03\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x14.chatmesh.v1.Verdict\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"6\n\x11ScreenToolRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\";\n\x12ScreenToolResponse\x12%\n\x07verdict\x18\x01 \x01(\x0b\x32\x14.chatmesh.v1.Verdict*f\n\x0cScreenSource\x12\x1d\n\x19SCREEN_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15SCREEN_SOURCE_KEYWORD\x10\x01\x12\x1c\n\x18SCREEN_SOURCE_MODERATION\x10\x02\x32\x89\x02\n\rSafetyService\x12P\n\x0bScreenInput\x12\x1f.chatmesh.v1.ScreenInputRequest\x1a .chatmesh.v1.ScreenInputResponse\x12W\n\x0cScreenOutput\x12 .chatmesh.v1.ScreenOutputRequest\x1a!.chatmesh.v1.ScreenOutputResponse(\x01\x30\x01\x12M\n\nScreenTool\x12\x1e.chatmesh.v1.ScreenToolRequest\x1a\x1f.chatmesh.v1.ScreenToolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatmesh.v1.safety_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCREENSOURCE']._serialized_start=486
-  _globals['_SCREENSOURCE']._serialized_end=588
+  _globals['_SCREENSOURCE']._serialized_start=603
+  _globals['_SCREENSOURCE']._serialized_end=705
   _globals['_VERDICT']._serialized_start=65
   _globals['_VERDICT']._serialized_end=154
   _globals['_SCREENINPUTREQUEST']._serialized_start=156
@@ -44,6 +44,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCREENOUTPUTREQUEST']._serialized_end=380
   _globals['_SCREENOUTPUTRESPONSE']._serialized_start=382
   _globals['_SCREENOUTPUTRESPONSE']._serialized_end=484
-  _globals['_SAFETYSERVICE']._serialized_start=591
-  _globals['_SAFETYSERVICE']._serialized_end=777
+  _globals['_SCREENTOOLREQUEST']._serialized_start=486
+  _globals['_SCREENTOOLREQUEST']._serialized_end=540
+  _globals['_SCREENTOOLRESPONSE']._serialized_start=542
+  _globals['_SCREENTOOLRESPONSE']._serialized_end=601
+  _globals['_SAFETYSERVICE']._serialized_start=708
+  _globals['_SAFETYSERVICE']._serialized_end=973
 # @@protoc_insertion_point(module_scope)

@@ -62,3 +62,17 @@ class ScreenOutputResponse(_message.Message):
     verdict: Verdict
     complete: bool
     def __init__(self, cleared_chars: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class ScreenToolRequest(_message.Message):
+    __slots__ = ("texts", "request_id")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    request_id: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ScreenToolResponse(_message.Message):
+    __slots__ = ("verdict",)
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    verdict: Verdict
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...

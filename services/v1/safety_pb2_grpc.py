@@ -45,6 +45,11 @@ class SafetyServiceStub:
                 request_serializer=chatmesh_dot_v1_dot_safety__pb2.ScreenOutputRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_v1_dot_safety__pb2.ScreenOutputResponse.FromString,
                 _registered_method=True)
+        self.ScreenTool = channel.unary_unary(
+                '/chatmesh.v1.SafetyService/ScreenTool',
+                request_serializer=chatmesh_dot_v1_dot_safety__pb2.ScreenToolRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_v1_dot_safety__pb2.ScreenToolResponse.FromString,
+                _registered_method=True)
 
 
 class SafetyServiceServicer:
@@ -72,6 +77,14 @@ class SafetyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScreenTool(self, request, context):
+        """Screens the texts of tool calls (their arguments) and of tool results with
+        the keyword lists; moderation does not see them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SafetyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -84,6 +97,11 @@ def add_SafetyServiceServicer_to_server(servicer, server):
                     servicer.ScreenOutput,
                     request_deserializer=chatmesh_dot_v1_dot_safety__pb2.ScreenOutputRequest.FromString,
                     response_serializer=chatmesh_dot_v1_dot_safety__pb2.ScreenOutputResponse.SerializeToString,
+            ),
+            'ScreenTool': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScreenTool,
+                    request_deserializer=chatmesh_dot_v1_dot_safety__pb2.ScreenToolRequest.FromString,
+                    response_serializer=chatmesh_dot_v1_dot_safety__pb2.ScreenToolResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +159,33 @@ class SafetyService:
             '/chatmesh.v1.SafetyService/ScreenOutput',
             chatmesh_dot_v1_dot_safety__pb2.ScreenOutputRequest.SerializeToString,
             chatmesh_dot_v1_dot_safety__pb2.ScreenOutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScreenTool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.v1.SafetyService/ScreenTool',
+            chatmesh_dot_v1_dot_safety__pb2.ScreenToolRequest.SerializeToString,
+            chatmesh_dot_v1_dot_safety__pb2.ScreenToolResponse.FromString,
             options,
             channel_credentials,
             insecure,
