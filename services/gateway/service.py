@@ -112,6 +112,10 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
                 response.conversation_id = event.started.conversation_id
                 response.request_id = event.started.request_id
                 response.model = event.started.model
+            elif kind == "tool_calls":
+                response.tool_calls.extend(event.tool_calls.calls)
+            elif kind == "tool_results":
+                response.tool_results.extend(event.tool_results.results)
             else:
                 completed = event.completed
                 response.finish_reason = completed.finish_reason

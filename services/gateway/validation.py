@@ -18,8 +18,12 @@ MAX_MODEL_CHARS = 128
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
 MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_JSON_SCHEMA_CHARS = 32_000
-_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The names OpenAI takes for JSON schemas and tools.
+_OPENAI_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_IMAGE_URL_CHARS = 8192
+MAX_TOOL_DESCRIPTION_CHARS = 1024
+# One per pending call: a model makes far fewer calls in one answer.
+MAX_TOOL_RESULTS = 128
 # The image types a model reads, and how their bytes begin.
 IMAGE_SIGNATURES: dict[str, tuple[bytes, ...]] = {
     "image/png": (b"\x89PNG\r\n\x1a\n",),
@@ -70,11 +74,16 @@ def check_chat_request(request: chat_pb2.ChatRequest, settings: Settings) -> Vio
     if request.idempotency_key and not is_well_formed_id(request.idempotency_key):
         violations.append(("idempotency_key", f"must be 1 to {MAX_ID_CHARS} characters of A-Z a-z 0-9 _ . : @ -"))
     if not request.message.strip():
-        if not request.images:
-            violations.append(("message", "must not be empty without images"))
+        if not request.images and not request.tool_results:
+            violations.append(("message", "must not be empty without images or tool_results"))
     elif len(request.message) > settings.max_message_chars:
         violations.append(("message", f"must be at most {settings.max_message_chars} characters"))
-    return violations + check_images(request.images, settings) + _check_options(request.options, settings)
+    return (
+        violations
+        + check_images(request.images, settings)
+        + _check_options(request.options, settings)
+        + _check_tool_results(request.tool_results, settings)
+    )
 
 
 def check_images(images: Sequence[chat_pb2.Image], settings: Settings) -> Violations:
@@ -148,6 +157,70 @@ def _check_options(options: chat_pb2.ChatOptions, settings: Settings) -> Violati
             violations.append((f"options.{name}", "must be between -2 and 2"))
     if options.HasField("response_format"):
         violations.extend(_check_response_format(options.response_format))
+    return violations + _check_tools(options, settings)
+
+
+def _check_tools(options: chat_pb2.ChatOptions, settings: Settings) -> Violations:
+    """Tool names unique across `tools` and `server_tools` (whether a server-side tool exists is dialogue's to
+    say), each tool's description and schema, and a tool_choice and parallel_tool_calls that have tools to
+    apply to."""
+    offered = len(options.tools) + len(options.server_tools)
+    if offered > settings.tool_max_tools:
+        return [("options.tools", f"must be at most {settings.tool_max_tools} tools with options.server_tools")]
+    violations: Violations = []
+    names: dict[str, str] = {}
+    for field, name in [
+        *((f"options.tools[{index}].name", tool.name) for index, tool in enumerate(options.tools)),
+        *((f"options.server_tools[{index}]", name) for index, name in enumerate(options.server_tools)),
+    ]:
+        if not _OPENAI_NAME.fullmatch(name):
+            violations.append((field, "must be 1 to 64 characters of a-z A-Z 0-9 _ -"))
+        elif name in names:
+            violations.append((field, f"repeats the name of {names[name]}"))
+        else:
+            names[name] = field
+    for index, tool in enumerate(options.tools):
+        field = f"options.tools[{index}]"
+        if len(tool.description) > MAX_TOOL_DESCRIPTION_CHARS:
+            violations.append((f"{field}.description", f"must be at most {MAX_TOOL_DESCRIPTION_CHARS} characters"))
+        if tool.parameters:
+            problem = _json_schema_problem(tool.parameters)
+            if problem is None and json.loads(tool.parameters).get("type") != "object":
+                problem = 'must be the schema of an object ("type": "object")'
+            if problem:
+                violations.append((f"{field}.parameters", problem))
+    choice = options.tool_choice
+    if choice.mode not in chat_pb2.ToolChoice.Mode.values():
+        violations.append(("options.tool_choice.mode", "must be one of MODE_AUTO, MODE_NONE or MODE_REQUIRED"))
+    if choice.tool_name and choice.mode != chat_pb2.ToolChoice.MODE_UNSPECIFIED:
+        violations.append(("options.tool_choice", "sets either mode or tool_name, not both"))
+    elif choice.tool_name and choice.tool_name not in names:
+        violations.append(("options.tool_choice.tool_name", "must name one of options.tools or options.server_tools"))
+    if not offered:
+        if options.HasField("tool_choice"):
+            violations.append(("options.tool_choice", "needs options.tools or options.server_tools"))
+        if options.HasField("parallel_tool_calls"):
+            violations.append(("options.parallel_tool_calls", "needs options.tools or options.server_tools"))
+    return violations
+
+
+def _check_tool_results(results: Sequence[chat_pb2.ToolResult], settings: Settings) -> Violations:
+    """Each result names a call once, with a well-formed id, and holds at most tool_max_result_chars; which calls
+    are pending is dialogue's to check."""
+    if len(results) > MAX_TOOL_RESULTS:
+        return [("tool_results", f"must be at most {MAX_TOOL_RESULTS} results")]
+    violations: Violations = []
+    seen: dict[str, int] = {}
+    for index, result in enumerate(results):
+        field = f"tool_results[{index}]"
+        if not result.call_id or len(result.call_id) > MAX_ID_CHARS or not result.call_id.isprintable():
+            violations.append((f"{field}.call_id", f"must be 1 to {MAX_ID_CHARS} printable characters"))
+        elif result.call_id in seen:
+            violations.append((f"{field}.call_id", f"repeats tool_results[{seen[result.call_id]}].call_id"))
+        else:
+            seen[result.call_id] = index
+        if len(result.content) > settings.tool_max_result_chars:
+            violations.append((f"{field}.content", f"must be at most {settings.tool_max_result_chars} characters"))
     return violations
 
 
@@ -183,7 +256,7 @@ def _check_response_format(response_format: chat_pb2.ResponseFormat) -> Violatio
             if value
         ]
     violations: Violations = []
-    if not _SCHEMA_NAME.fullmatch(response_format.name):
+    if not _OPENAI_NAME.fullmatch(response_format.name):
         violations.append((f"{field}.name", "must be 1 to 64 characters of a-z A-Z 0-9 _ -"))
     problem = _json_schema_problem(response_format.json_schema)
     if problem:

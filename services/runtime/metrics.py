@@ -717,7 +717,7 @@ def dialogue_cache_lookup(outcome: str) -> None:
 
 _SAFETY_SCREENS = Counter(
     "chatmesh_safety_screens_total",
-    "Texts screened, by stage (input, output) and verdict (allowed, blocked).",
+    "Texts screened, by stage (input, output, tool) and verdict (allowed, blocked).",
     ("stage", "verdict"),
 )
 _SAFETY_BLOCKED = Counter(
@@ -725,7 +725,7 @@ _SAFETY_BLOCKED = Counter(
     "Blocked verdicts, one per category named, by stage and source (keyword, moderation).",
     ("stage", "source", "category"),
 )
-SAFETY_STAGES = ("input", "output")
+SAFETY_STAGES = ("input", "output", "tool")
 _SAFETY_SCREEN_CHILDREN = {
     (stage, verdict): _SAFETY_SCREENS.labels(stage, verdict)
     for stage in SAFETY_STAGES
@@ -764,7 +764,7 @@ def safety_categories(stage_sources: Iterable[tuple[str, str]], categories: Iter
 
 
 def safety_verdict(stage: str, categories: Iterable[str] = (), source: str = "keyword") -> None:
-    """One screened text of `stage` (input, output): allowed when `categories` is empty, else blocked by
+    """One screened text of `stage` (input, output, tool): allowed when `categories` is empty, else blocked by
     `source` (keyword, moderation) for each of them."""
     blocked = False
     for category in categories:

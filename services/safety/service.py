@@ -1,4 +1,5 @@
-"""SafetyService: verdicts on a user's message (ScreenInput) and on a reply as it streams (ScreenOutput)."""
+"""SafetyService: verdicts on a user's message (ScreenInput), on a reply as it streams (ScreenOutput), and on tool
+calls' arguments and tools' results (ScreenTool)."""
 
 import asyncio
 import contextlib
@@ -27,7 +28,9 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
         self._keywords = keywords
         self._moderation = moderation
         # The blocked series of the loaded lists' categories start at 0 (a reload's new ones start at their first).
-        metrics.safety_categories((("input", "keyword"), ("output", "keyword")), keywords.current.categories)
+        metrics.safety_categories(
+            (("input", "keyword"), ("output", "keyword"), ("tool", "keyword")), keywords.current.categories
+        )
 
     async def ScreenInput(
         self, request: safety_pb2.ScreenInputRequest, context: grpc.aio.ServicerContext
@@ -111,6 +114,19 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
+
+    async def ScreenTool(
+        self, request: safety_pb2.ScreenToolRequest, context: grpc.aio.ServicerContext
+    ) -> safety_pb2.ScreenToolResponse:
+        """The keyword lists over each text; one verdict with every category that matched, in any of them."""
+        categories = sorted({category for text in request.texts for category in self._keywords.screen(text)})
+        metrics.safety_verdict("tool", categories)
+        if not categories:
+            return safety_pb2.ScreenToolResponse(verdict=safety_pb2.Verdict(blocked=False))
+        log.info("tool_text_blocked", extra={"request_id": request.request_id, "categories": categories})
+        return safety_pb2.ScreenToolResponse(
+            verdict=safety_pb2.Verdict(blocked=True, categories=categories, source=safety_pb2.SCREEN_SOURCE_KEYWORD)
+        )
 
     def _blocked_input(
         self, request_id: str, categories: list[str], source: safety_pb2.ScreenSource

@@ -136,6 +136,26 @@ async def test_a_listed_term_blocks_the_input_without_asking_the_moderation_endp
     assert sim.sim_stats()["moderation_requests"] == 0
 
 
+async def test_tool_texts_are_screened_by_the_keyword_lists_alone(
+    sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub
+):
+    """Tool arguments and results: every text is screened, the verdict names every category that matched, and
+    the moderation endpoint is not asked (even about a text it would flag)."""
+    clean = await safety.ScreenTool(
+        safety_pb2.ScreenToolRequest(texts=['{"city": "Paris"}', "simflag 12 °C"], request_id="req-1"),
+        timeout=CALL_TIMEOUT,
+    )
+    blocked = await safety.ScreenTool(
+        safety_pb2.ScreenToolRequest(texts=['{"q": "ok"}', "ＦＯＲＢＩＤＤＥＮ fruit", "演示屏蔽词"], request_id="r2"),
+        timeout=CALL_TIMEOUT,
+    )
+
+    assert not clean.verdict.blocked
+    assert blocked.verdict.blocked and list(blocked.verdict.categories) == ["cn", "fruit"]
+    assert blocked.verdict.source == KEYWORD
+    assert sim.sim_stats()["moderation_requests"] == 0
+
+
 async def test_a_clean_input_passes_both_screens(sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub):
     verdict = await screen_input(safety, "what fruit is in season?")
 

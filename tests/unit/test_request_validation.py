@@ -194,3 +194,83 @@ def test_image_limits_must_fit_in_a_grpc_message() -> None:
     with pytest.raises(ValueError, match="CHATMESH_GRPC_MAX_MESSAGE_BYTES"):
         Settings(grpc_max_message_bytes=4 * 1024 * 1024)
     Settings(grpc_max_message_bytes=4 * 1024 * 1024, max_images_per_message=1, max_image_bytes=3 * 1024 * 1024)
+
+
+# Tools: what the caller offers the model, and the results it sends back.
+
+WEATHER = chat_pb2.Tool(
+    name="get_weather",
+    description="The weather in a city now.",
+    parameters=json.dumps({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+)
+MODE = chat_pb2.ToolChoice.Mode
+
+
+def result(call_id: str = "call_1", content: str = "12 °C", **fields) -> chat_pb2.ToolResult:
+    return chat_pb2.ToolResult(call_id=call_id, content=content, **fields)
+
+
+def with_results(*results: chat_pb2.ToolResult, message: str = "") -> chat_pb2.ChatRequest:
+    return chat_pb2.ChatRequest(user_id="alice", conversation_id="c-1", message=message, tool_results=results)
+
+
+@pytest.mark.parametrize(
+    "chat_request",
+    [
+        request(tools=[WEATHER]),
+        request(tools=[chat_pb2.Tool(name="no_arguments")], tool_choice=chat_pb2.ToolChoice(mode=MODE.MODE_REQUIRED)),
+        request(tools=[WEATHER], tool_choice=chat_pb2.ToolChoice(tool_name="get_weather"), parallel_tool_calls=False),
+        request(server_tools=["current_time"], tool_choice=chat_pb2.ToolChoice(tool_name="current_time")),
+        request(tools=[WEATHER], server_tools=["current_time"], tool_choice=chat_pb2.ToolChoice(mode=MODE.MODE_NONE)),
+        request(tools=[chat_pb2.Tool(name=f"tool_{index}") for index in range(127)], server_tools=["current_time"]),
+        with_results(result()),
+        with_results(result("call_1"), result("call_2", "", is_error=True), message="and then?"),
+    ],
+)
+def test_a_valid_tool_request_passes(chat_request: chat_pb2.ChatRequest) -> None:
+    assert check_chat_request(chat_request, SETTINGS) == []
+
+
+@pytest.mark.parametrize(
+    ("chat_request", "field"),
+    [
+        (request(tools=[chat_pb2.Tool(name="get weather")]), "options.tools[0].name"),
+        (request(tools=[chat_pb2.Tool(name="")]), "options.tools[0].name"),
+        (request(tools=[chat_pb2.Tool(name="x" * 65)]), "options.tools[0].name"),
+        (request(tools=[WEATHER, WEATHER]), "options.tools[1].name"),
+        (request(tools=[chat_pb2.Tool(name="current_time")], server_tools=["current_time"]), "options.server_tools[0]"),
+        (request(server_tools=["no/such"]), "options.server_tools[0]"),
+        (request(tools=[chat_pb2.Tool(name="t", description="d" * 1025)]), "options.tools[0].description"),
+        (request(tools=[chat_pb2.Tool(name="t", parameters="{not json")]), "options.tools[0].parameters"),
+        (request(tools=[chat_pb2.Tool(name="t", parameters='{"type": "string"}')]), "options.tools[0].parameters"),
+        (request(tools=[chat_pb2.Tool(name="t", parameters='{"type": 5}')]), "options.tools[0].parameters"),
+        (request(tools=[chat_pb2.Tool(name=f"tool_{index}") for index in range(129)]), "options.tools"),
+        (request(tool_choice=chat_pb2.ToolChoice(mode=MODE.MODE_REQUIRED)), "options.tool_choice"),
+        (request(parallel_tool_calls=True), "options.parallel_tool_calls"),
+        (request(tools=[WEATHER], tool_choice=chat_pb2.ToolChoice(tool_name="other")), "options.tool_choice.tool_name"),
+        (
+            request(tools=[WEATHER], tool_choice=chat_pb2.ToolChoice(mode=MODE.MODE_AUTO, tool_name="get_weather")),
+            "options.tool_choice",
+        ),
+        (request(tools=[WEATHER], tool_choice=chat_pb2.ToolChoice(mode=9)), "options.tool_choice.mode"),
+        (with_results(result("")), "tool_results[0].call_id"),
+        (with_results(result("call\n1")), "tool_results[0].call_id"),
+        (with_results(result("c" * 129)), "tool_results[0].call_id"),
+        (with_results(result("call_1"), result("call_1")), "tool_results[1].call_id"),
+        (with_results(result(content="x" * 32_001)), "tool_results[0].content"),
+        (with_results(*(result(f"call_{index}") for index in range(129))), "tool_results"),
+    ],
+)
+def test_an_invalid_tool_request_names_the_field(chat_request: chat_pb2.ChatRequest, field: str) -> None:
+    assert fields_of(chat_request) == [field]
+
+
+def test_a_repeated_call_id_names_the_result_it_repeats() -> None:
+    problems = dict(check_chat_request(with_results(result("a"), result("b"), result("a")), SETTINGS))
+
+    assert problems == {"tool_results[2].call_id": "repeats tool_results[0].call_id"}
+
+
+def test_an_empty_message_needs_images_or_tool_results() -> None:
+    assert fields_of(request(message="")) == ["message"]
+    assert fields_of(with_results(result(), message="")) == []
