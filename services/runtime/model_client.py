@@ -80,6 +80,11 @@ class ModelRequest:
     response_format: dict[str, Any] | None = None
     # A stable, opaque id of the end user, for the provider's abuse monitoring (never the caller's own id).
     user: str | None = None
+    # OpenAI's `tools` entries ({"type": "function", "function": {...}}), `tool_choice` ("auto", "none",
+    # "required" or {"type": "function", "function": {"name": ...}}) and `parallel_tool_calls`.
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # The prompt's tokens as chatmesh counted them (not sent): what a call that ends without the provider's
     # usage is accounted with, and the worst case reserved against a tenant's limits.
     prompt_tokens: int | None = None
@@ -98,18 +103,31 @@ class ModelRequest:
             "frequency_penalty": self.frequency_penalty,
             "response_format": self.response_format,
             "user": self.user,
+            "tools": self.tools or None,
+            "tool_choice": self.tool_choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
         }
         params.update((name, value) for name, value in optional.items() if value is not None)
         return params
 
 
+@dataclass(frozen=True, slots=True)
+class ModelToolCall:
+    """A tool call of the model's answer, whole: its id, the function's name, and the arguments' JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 @dataclass(slots=True)
 class ModelOutcome:
-    """How a streamed reply ended, as the provider reported it."""
+    """How a streamed reply ended, as the provider reported it, with the tool calls it made (if any)."""
 
     finish_reason: str = "stop"
     input_tokens: int = 0
     output_tokens: int = 0
+    tool_calls: list[ModelToolCall] = field(default_factory=list)
     # Who answered: the model entry, by the name callers use (a fallback model's when it answered; the
     # caller's own name for the "*" entry), and the deployment's name ("default" without a deployments file).
     model: str = ""
@@ -681,8 +699,11 @@ def _rate_limit_reset(response: Any) -> float | None:
 
 
 async def _parse_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[str | ModelOutcome]:
-    """Parses OpenAI's chat-completion SSE stream: `data: {json}` lines, ended by `data: [DONE]`."""
+    """Parses OpenAI's chat-completion SSE stream: `data: {json}` lines, ended by `data: [DONE]`. Text is
+    yielded as it comes; tool calls, which arrive in pieces (the id and name first, then the arguments a few
+    characters at a time, each piece naming its call's index), are assembled into the outcome."""
     outcome = ModelOutcome()
+    tool_calls: dict[int, _ToolCallParts] = {}
     pending = b""
     async for chunk in chunks:
         lines = (pending + chunk).split(b"\n")
@@ -692,6 +713,7 @@ async def _parse_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[str | ModelO
                 continue
             payload = line[len(_DATA_PREFIX) :].strip()
             if payload == _DONE:
+                outcome.tool_calls = [parts.call() for _, parts in sorted(tool_calls.items())]
                 yield outcome
                 return
             try:
@@ -705,9 +727,37 @@ async def _parse_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[str | ModelO
                 outcome.input_tokens = usage.get("prompt_tokens", 0)
                 outcome.output_tokens = usage.get("completion_tokens", 0)
             for choice in event.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
+                delta = choice.get("delta") or {}
+                text = delta.get("content")
                 if text:
                     yield text
+                for piece in delta.get("tool_calls") or ():
+                    _add_tool_call_piece(tool_calls, piece)
                 if choice.get("finish_reason"):
                     outcome.finish_reason = choice["finish_reason"]
     raise ModelError(ModelErrorKind.UNAVAILABLE, "the model stream ended before [DONE]")
+
+
+@dataclass(slots=True)
+class _ToolCallParts:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+    def call(self) -> ModelToolCall:
+        if not self.id or not self.name:
+            raise ModelError(ModelErrorKind.UNAVAILABLE, "the model stream sent a tool call without an id or name")
+        return ModelToolCall(self.id, self.name, "".join(self.arguments))
+
+
+def _add_tool_call_piece(calls: dict[int, _ToolCallParts], piece: Any) -> None:
+    try:
+        parts = calls.setdefault(int(piece.get("index", 0)), _ToolCallParts())
+        function = piece.get("function") or {}
+        parts.id = piece.get("id") or parts.id
+        parts.name = function.get("name") or parts.name
+        arguments = function.get("arguments")
+    except (AttributeError, TypeError, ValueError):
+        raise ModelError(ModelErrorKind.UNAVAILABLE, "the model stream sent a malformed tool call") from None
+    if arguments:
+        parts.arguments.append(str(arguments))

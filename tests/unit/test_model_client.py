@@ -1,6 +1,7 @@
 """The SSE parser on the streaming path, and what the model client makes of provider errors."""
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -15,6 +16,7 @@ from chatmesh.runtime.model_client import (
     ModelErrorKind,
     ModelOutcome,
     ModelRequest,
+    ModelToolCall,
     _classify,
     _parse_sse,
 )
@@ -41,6 +43,67 @@ async def test_the_parser_gives_the_same_deltas_and_outcome_whatever_the_chunkin
 
     assert items[:-1] == ["Hello", " 世界"]
     assert items[-1] == ModelOutcome(finish_reason="length", input_tokens=7, output_tokens=2)
+
+
+# Two parallel calls as OpenAI streams them: each call's id and name first, then its arguments in pieces
+# that name the call by index; here the second call's pieces interleave with the first's.
+def sse(*events: dict) -> bytes:
+    return (
+        "".join(f"data: {json.dumps(event, ensure_ascii=False)}\n\n" for event in events).encode() + b"data: [DONE]\n\n"
+    )
+
+
+def tool_piece(index: int, **fields) -> dict:
+    return {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": index, **fields}]}}]}
+
+
+TOOL_STREAM = sse(
+    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
+    tool_piece(0, id="call_a", type="function", function={"name": "get_weather", "arguments": ""}),
+    tool_piece(0, function={"arguments": '{"city'}),
+    tool_piece(1, id="call_b", type="function", function={"name": "current_time", "arguments": "{}"}),
+    tool_piece(0, function={"arguments": '":"巴黎"}'}),
+    {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    {"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 12, "total_tokens": 42}},
+)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, len(TOOL_STREAM)])
+async def test_tool_calls_streamed_in_pieces_come_whole_in_the_outcome(chunk_size: int):
+    items = [item async for item in _parse_sse(chunks(TOOL_STREAM, chunk_size))]
+
+    assert items == [
+        ModelOutcome(
+            finish_reason="tool_calls",
+            input_tokens=30,
+            output_tokens=12,
+            tool_calls=[
+                ModelToolCall("call_a", "get_weather", '{"city":"巴黎"}'),
+                ModelToolCall("call_b", "current_time", "{}"),
+            ],
+        )
+    ]
+
+
+async def test_a_tool_call_without_a_name_is_an_error():
+    nameless = sse(tool_piece(0, id="call_a"))
+    with pytest.raises(ModelError, match="without an id or name"):
+        _ = [item async for item in _parse_sse(chunks(nameless, 64))]
+
+
+def test_tools_are_sent_only_when_offered():
+    plain = ModelRequest(model="m", messages=[]).params()
+    offered = ModelRequest(
+        model="m",
+        messages=[],
+        tools=[{"type": "function", "function": {"name": "f"}}],
+        tool_choice="required",
+        parallel_tool_calls=False,
+    ).params()
+
+    assert not {"tools", "tool_choice", "parallel_tool_calls"} & plain.keys()
+    assert (offered["tool_choice"], offered["parallel_tool_calls"]) == ("required", False)
+    assert offered["tools"] == [{"type": "function", "function": {"name": "f"}}]
 
 
 async def test_a_stream_cut_before_done_is_an_error():
