@@ -43,7 +43,7 @@ def measure(stored_messages: int = 20, builds: int = 2000) -> dict[str, Any]:
             system_prompt="You are terse.",
             summary=None,
             history=history,
-            new_message=new_message,
+            new_messages=[new_message],
         )
     elapsed = time.process_time() - started
     assert len(window.history) == stored_messages

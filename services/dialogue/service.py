@@ -304,7 +304,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 system_prompt=chat.options.system_prompt,
                 summary=history.summary if history is not None else None,
                 history=history.messages if history is not None else [],
-                new_message=counted_message,
+                new_messages=[counted_message],
             )
             return counted_message, window
 
@@ -589,8 +589,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         scope = turn.scope
         usage = completed.completed.usage
         committed = CommittedTurn(
-            user_message=user_message,
-            reply=reply,
+            messages=(user_message, reply),
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
         )

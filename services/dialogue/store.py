@@ -8,7 +8,8 @@ A conversation comes into being with its first committed turn, so a turn that fa
 
 One turn at a time: a turn on an existing conversation opens it (`open_turn`), which takes the
 conversation's turn lock for the turn's deadline and returns what the window is built from; a second
-turn that arrives meanwhile gets TurnInProgress. `commit_turn` appends the turn's two messages and
+turn that arrives meanwhile gets TurnInProgress. `commit_turn` appends the turn's messages (the user's
+message and the reply, or with function calling any run of user, assistant and tool messages) and
 releases the lock, in one atomic step; `abandon_turn` releases it for a turn that does not commit.
 
 Messages are numbered from 0 in the order they were written. With a retention period, every message
@@ -41,7 +42,7 @@ from redis.asyncio import Redis
 
 from chatmesh.runtime.redis_errors import unavailable_on_redis_error
 
-Role = Literal["user", "assistant"]
+Role = Literal["user", "assistant", "tool"]
 
 
 class ConversationNotFound(Exception):
@@ -71,16 +72,33 @@ class StoredImage:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredToolCall:
+    """A function call the model made: its id, the function's name and its arguments (JSON text).
+    `server_side`: a tool the server runs itself, whose result the turn stores; else the caller runs it."""
+
+    id: str
+    name: str
+    arguments: str
+    server_side: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class StoredMessage:
     role: Role
-    content: str
+    content: str  # a tool message's: the call's result
     created_at: float  # Unix seconds
-    # Refused by safety policy: the content is not kept, and the model never sees the message.
+    # Refused by safety policy: its content and an assistant's tool calls are not kept, and the model never
+    # sees the message, except a tool message, whose call still needs an answer (see context_window).
     refused: bool = False
     # Its tokens in `encoding`, counted once when it was committed ("" when not counted).
     tokens: int = 0
     encoding: str = ""
     images: tuple[StoredImage, ...] = ()
+    # An assistant's function calls.
+    tool_calls: tuple[StoredToolCall, ...] = ()
+    # A tool message's: the id of the call it answers, and whether its result is the call's error.
+    tool_call_id: str = ""
+    tool_error: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +124,17 @@ class TurnHistory:
 
 @dataclass(frozen=True, slots=True)
 class CommittedTurn:
-    """One turn as it is committed: the user's message, the reply, and what the model reported."""
+    """One turn as it is committed: its messages in order (at least one; e.g. the user's message and the reply,
+    or the caller's tool results, the user's message, the assistant's calls of server-side tools, their results
+    and the final reply), and what the model reported over the turn."""
 
-    user_message: StoredMessage
-    reply: StoredMessage
+    messages: tuple[StoredMessage, ...]
     input_tokens: int
     output_tokens: int
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            raise ValueError("a committed turn has at least one message")
 
 
 class ClaimState(StrEnum):
@@ -191,13 +214,14 @@ class ConversationStore(abc.ABC):
         lock: str | None = None,
         idempotency: IdempotencyKey | None = None,
     ) -> None:
-        """Appends both messages of a turn, adds its usage and releases its turn lock, all or nothing; with
+        """Appends the messages of a turn in order, adds its usage and releases its turn lock, all or nothing; with
         `idempotency`, keeps its replay under the key in the same step (raises TurnAlreadyCommitted if
         another attempt committed it). Raises TurnInProgress if another turn holds the lock (`lock` is the
         one `open_turn` gave this turn; without one, no turn may hold it).
 
-        With `new`, creates the conversation owned by `user_id` of `tenant` (raises ConversationNotFound
-        if the id is already taken within `tenant`; the same id in another tenant does not count).
+        With `new`, creates the conversation owned by `user_id` of `tenant`, created when its first message
+        was and updated when its last was (raises ConversationNotFound if the id is already taken within
+        `tenant`; the same id in another tenant does not count).
         Without it, raises ConversationNotFound if the conversation no longer exists or belongs to
         another tenant or user, for example because it was deleted while the turn ran.
         """
@@ -388,8 +412,8 @@ class MemoryConversationStore(ConversationStore):
             conversation = _MemoryConversation(
                 tenant=tenant,
                 user_id=user_id,
-                created_at=turn.user_message.created_at,
-                updated_at=turn.reply.created_at,
+                created_at=turn.messages[0].created_at,
+                updated_at=turn.messages[-1].created_at,
             )
             self._conversations[key] = conversation
         else:
@@ -398,14 +422,14 @@ class MemoryConversationStore(ConversationStore):
                 raise TurnInProgress(conversation_id)
             conversation.lock = None
         expires_at = self._expiry()
-        conversation.messages += ((turn.user_message, expires_at), (turn.reply, expires_at))
+        conversation.messages += ((message, expires_at) for message in turn.messages)
         if self._max_messages is not None and len(conversation.messages) > self._max_messages:
             dropped = len(conversation.messages) - self._max_messages
             del conversation.messages[:dropped]
             conversation.first_index += dropped
         conversation.input_tokens += turn.input_tokens
         conversation.output_tokens += turn.output_tokens
-        conversation.updated_at = turn.reply.created_at
+        conversation.updated_at = turn.messages[-1].created_at
         if idempotency is not None:
             self._turn_records(key)[idempotency.key] = (
                 "C",
@@ -497,8 +521,10 @@ return 1
 
 # A conversation's keys, all under the hash tag `{tenant/id}` (prefix P): the hash P:meta (tenant, user_id,
 # created_at, updated_at, input_tokens, output_tokens, `first` and `next`, the numbers of the oldest kept
-# message and of the next one), a string P:m:<n> per message, each with the retention as its TTL, the
-# summary P:summary (JSON: text, count, at), and the turn lock P:lock (a token, with the turn's lease as TTL).
+# message and of the next one), a string P:m:<n> per message (JSON: role, content, created_at, and only when
+# not their defaults refused, tokens with encoding, images, tool_calls, tool_call_id, tool_error), each with
+# the retention as its TTL, the summary P:summary (JSON: text, count, at), and the turn lock P:lock (a token,
+# with the turn's lease as TTL).
 # Messages expire oldest first, so the messages that are left are always a run that ends at `next`.
 
 # Appends to `result` the messages numbered first to last that are left, each as its number and its JSON.
@@ -537,13 +563,15 @@ return result
 """
 )
 
-# KEYS: meta, lock, the key's record, the turns set. ARGV: tenant, user_id, new ("1" or "0"), created_at,
-# updated_at, input_tokens, output_tokens, user message, reply, retention in ms ("0": kept until deleted),
-# the most messages kept ("0": no bound), the lock token ("": none), prefix P:; then, for an idempotent turn,
-# key, fingerprint, replay, TTL ms, now ms. Returns 1 when committed, 0 when the id is taken (new) or the
-# owner check failed, 2 when another attempt committed the key's turn, 3 when another turn holds the lock.
+# KEYS: meta, lock, the key's record, the turns set. ARGV: 1 tenant, 2 user_id, 3 new ("1" or "0"),
+# 4 created_at, 5 updated_at, 6 input_tokens, 7 output_tokens, 8 retention in ms ("0": kept until deleted),
+# 9 the most messages kept ("0": no bound), 10 the lock token ("": none), 11 prefix P:; 12 to 16, for an
+# idempotent turn, key, fingerprint, replay, TTL ms, now ms (all five "" otherwise); from 17 on, the turn's
+# messages in order (at least one). Returns 1 when committed, 0 when the id is taken (new) or the owner check
+# failed, 2 when another attempt committed the key's turn, 3 when another turn holds the lock.
 _COMMIT_TURN_LUA = """
-if ARGV[14] and string.sub(redis.call("GET", KEYS[3]) or "", 1, 2) == "C|" then return 2 end
+local idempotent = ARGV[12] ~= ""
+if idempotent and string.sub(redis.call("GET", KEYS[3]) or "", 1, 2) == "C|" then return 2 end
 if ARGV[3] == "1" then
   if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
   redis.call("HSET", KEYS[1], "tenant", ARGV[1], "user_id", ARGV[2], "created_at", ARGV[4],
@@ -551,32 +579,32 @@ if ARGV[3] == "1" then
 else
   local owner = redis.call("HMGET", KEYS[1], "tenant", "user_id")
   if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then return 0 end
-  if (redis.call("GET", KEYS[2]) or "") ~= ARGV[12] then return 3 end
+  if (redis.call("GET", KEYS[2]) or "") ~= ARGV[10] then return 3 end
   redis.call("DEL", KEYS[2])
 end
 local first = tonumber(redis.call("HGET", KEYS[1], "first")) or 0
 local next = tonumber(redis.call("HGET", KEYS[1], "next")) or 0
-for _, message in ipairs({ARGV[8], ARGV[9]}) do
-  if ARGV[10] ~= "0" then
-    redis.call("SET", ARGV[13] .. "m:" .. next, message, "PX", ARGV[10])
+for i = 17, #ARGV do
+  if ARGV[8] ~= "0" then
+    redis.call("SET", ARGV[11] .. "m:" .. next, ARGV[i], "PX", ARGV[8])
   else
-    redis.call("SET", ARGV[13] .. "m:" .. next, message)
+    redis.call("SET", ARGV[11] .. "m:" .. next, ARGV[i])
   end
   next = next + 1
 end
-local bound = tonumber(ARGV[11])
+local bound = tonumber(ARGV[9])
 while bound > 0 and next - first > bound do
-  redis.call("DEL", ARGV[13] .. "m:" .. first)
+  redis.call("DEL", ARGV[11] .. "m:" .. first)
   first = first + 1
 end
 redis.call("HSET", KEYS[1], "first", first, "next", next, "updated_at", ARGV[5])
 redis.call("HINCRBY", KEYS[1], "input_tokens", ARGV[6])
 redis.call("HINCRBY", KEYS[1], "output_tokens", ARGV[7])
-if ARGV[10] ~= "0" then redis.call("PEXPIRE", KEYS[1], ARGV[10]) end
-if ARGV[14] then
-  redis.call("SET", KEYS[3], "C|" .. ARGV[15] .. "|" .. ARGV[16], "PX", ARGV[17])
-  redis.call("ZADD", KEYS[4], tonumber(ARGV[18]) + tonumber(ARGV[17]), ARGV[14])
-  redis.call("PEXPIRE", KEYS[4], ARGV[17])
+if ARGV[8] ~= "0" then redis.call("PEXPIRE", KEYS[1], ARGV[8]) end
+if idempotent then
+  redis.call("SET", KEYS[3], "C|" .. ARGV[13] .. "|" .. ARGV[14], "PX", ARGV[15])
+  redis.call("ZADD", KEYS[4], tonumber(ARGV[16]) + tonumber(ARGV[15]), ARGV[12])
+  redis.call("PEXPIRE", KEYS[4], ARGV[15])
 end
 return 1
 """
@@ -777,7 +805,7 @@ class RedisConversationStore(ConversationStore):
         lock: str | None = None,
         idempotency: IdempotencyKey | None = None,
     ) -> None:
-        idempotent: tuple[str | int, ...] = ()
+        idempotent: tuple[str | int, ...] = ("", "", "", "", "")
         if idempotency is not None:
             idempotent = (
                 idempotency.key,
@@ -793,17 +821,16 @@ class RedisConversationStore(ConversationStore):
                 tenant,
                 user_id,
                 "1" if new else "0",
-                repr(turn.user_message.created_at),
-                repr(turn.reply.created_at),
+                repr(turn.messages[0].created_at),
+                repr(turn.messages[-1].created_at),
                 turn.input_tokens,
                 turn.output_tokens,
-                _encode_message(turn.user_message),
-                _encode_message(turn.reply),
                 self._retention_ms,
                 self._max_messages,
                 lock or "",
                 self._prefix(tenant, conversation_id),
                 *idempotent,
+                *(_encode_message(message) for message in turn.messages),
             ),
         )
         if committed == 2:
@@ -887,6 +914,12 @@ def _encode_message(message: StoredMessage) -> str:
     if message.encoding:
         data["tokens"] = message.tokens
         data["encoding"] = message.encoding
+    if message.tool_calls:
+        data["tool_calls"] = [_encode_tool_call(call) for call in message.tool_calls]
+    if message.tool_call_id:
+        data["tool_call_id"] = message.tool_call_id
+    if message.tool_error:
+        data["tool_error"] = True
     if message.images:
         data["images"] = [
             {
@@ -898,6 +931,13 @@ def _encode_message(message: StoredMessage) -> str:
             for image in message.images
         ]
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def _encode_tool_call(call: StoredToolCall) -> dict[str, object]:
+    data: dict[str, object] = {"id": call.id, "name": call.name, "arguments": call.arguments}
+    if call.server_side:
+        data["server_side"] = True
+    return data
 
 
 def _decode_message(raw: str) -> StoredMessage:
@@ -918,6 +958,17 @@ def _decode_message(raw: str) -> StoredMessage:
             )
             for image in data.get("images", ())
         ),
+        tool_calls=tuple(
+            StoredToolCall(
+                id=call["id"],
+                name=call["name"],
+                arguments=call["arguments"],
+                server_side=call.get("server_side", False),
+            )
+            for call in data.get("tool_calls", ())
+        ),
+        tool_call_id=data.get("tool_call_id", ""),
+        tool_error=data.get("tool_error", False),
     )
 
 

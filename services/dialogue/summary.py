@@ -31,8 +31,31 @@ SUMMARY_SECONDS = 120.0
 
 
 def _tokens_of(message: StoredMessage) -> int:
+    if message.encoding:
+        return message.tokens
     # Messages stored before token counts were kept: about 3 characters a token.
-    return message.tokens if message.encoding else len(message.content) // 3
+    calls = sum(len(call.name) + len(call.arguments) for call in message.tool_calls)
+    return (len(message.content) + calls) // 3
+
+
+def _lines(messages: list[StoredMessage]) -> list[str]:
+    """The messages as the summarizer reads them, one or more lines each; refused ones are left out."""
+    names = {call.id: call.name for message in messages for call in message.tool_calls}
+    lines: list[str] = []
+    for message in messages:
+        if message.refused:
+            continue
+        if message.role == "tool":
+            name = names.get(message.tool_call_id)
+            call = f"{name}, {message.tool_call_id}" if name else message.tool_call_id
+            kind = "error" if message.tool_error else "result"
+            lines.append(f"Tool {kind} ({call}): {message.content}")
+            continue
+        if message.content or not message.tool_calls:
+            images = f" [{len(message.images)} image(s)]" if message.images else ""
+            lines.append(f"{message.role.capitalize()}: {message.content}{images}")
+        lines.extend(f"Assistant called {call.name}({call.arguments})" for call in message.tool_calls)
+    return lines
 
 
 class Summarizer:
@@ -82,7 +105,8 @@ class Summarizer:
         budget = MAX_INPUT_TOKENS
         for message in page.messages:
             budget -= _tokens_of(message)
-            if taken and budget < 0:
+            # Tool results stay with their call: the summary never ends between them.
+            if taken and budget < 0 and message.role != "tool":
                 break
             taken.append(message)
         summary_model = self._settings.summary_model or model
@@ -99,10 +123,7 @@ class Summarizer:
     async def _ask(self, model: str, previous: Summary | None, messages: list[StoredMessage]) -> tuple[str, int, int]:
         """The model's summary, and the call's (input, output) tokens."""
         lines = [] if previous is None else [f"Summary so far: {previous.text}", ""]
-        for message in messages:
-            if not message.refused:
-                images = f" [{len(message.images)} image(s)]" if message.images else ""
-                lines.append(f"{message.role.capitalize()}: {message.content}{images}")
+        lines += _lines(messages)
         request = ModelRequest(
             model=model,
             messages=[{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": "\n".join(lines)}],

@@ -19,6 +19,7 @@ from chatmesh.dialogue.store import (
     RedisConversationStore,
     StoredImage,
     StoredMessage,
+    StoredToolCall,
     Summary,
     TurnAlreadyCommitted,
     TurnClaim,
@@ -37,15 +38,17 @@ LEASE = 30.0
 def make_turn(n: int, *, question: str | None = None, answer: str | None = None) -> CommittedTurn:
     """Turn `n`, with timestamps that grow with `n` and usage of (10 * n, n) tokens."""
     return CommittedTurn(
-        user_message=StoredMessage("user", question or f"question {n}", 1_700_000_000.0 + 2 * n + 0.25),
-        reply=StoredMessage("assistant", answer or f"answer {n}", 1_700_000_000.0 + 2 * n + 1.5),
+        messages=(
+            StoredMessage("user", question or f"question {n}", 1_700_000_000.0 + 2 * n + 0.25),
+            StoredMessage("assistant", answer or f"answer {n}", 1_700_000_000.0 + 2 * n + 1.5),
+        ),
         input_tokens=10 * n,
         output_tokens=n,
     )
 
 
 def messages_of(*turns: CommittedTurn) -> list[StoredMessage]:
-    return [message for turn in turns for message in (turn.user_message, turn.reply)]
+    return [message for turn in turns for message in turn.messages]
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -75,8 +78,8 @@ async def test_a_new_conversation_is_created_by_its_first_committed_turn(store: 
     assert conversation.conversation_id == CONVERSATION
     assert conversation.user_id == ALICE
     assert conversation.messages == messages_of(first)
-    assert conversation.created_at == first.user_message.created_at
-    assert conversation.updated_at == first.reply.created_at
+    assert conversation.created_at == first.messages[0].created_at
+    assert conversation.updated_at == first.messages[-1].created_at
     assert (conversation.input_tokens, conversation.output_tokens) == (10, 1)
 
 
@@ -106,11 +109,11 @@ async def test_a_turn_starts_from_the_last_n_messages_oldest_first(store: Conver
 
     everything = messages_of(*turns)
     assert await recent(store, 3) == everything[-3:]
-    assert await recent(store, 1) == [turns[-1].reply]
+    assert await recent(store, 1) == [turns[-1].messages[-1]]
     assert await recent(store, 100) == everything
     history = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=3, lease_seconds=LEASE)
     assert history.first_index == 3 and history.summary is None
-    assert (await store.get(TENANT, CONVERSATION, ALICE)).updated_at == turns[-1].reply.created_at
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).updated_at == turns[-1].messages[-1].created_at
 
 
 @pytest.mark.parametrize("limit", [0, -1])
@@ -196,14 +199,14 @@ async def test_the_same_id_in_two_tenants_names_two_independent_conversations(
 
     assert (ours.tenant, ours.user_id, ours.messages) == (TENANT, ALICE, messages_of(make_turn(1), make_turn(2)))
     assert (ours.input_tokens, ours.output_tokens) == (30, 3)
-    assert ours.created_at == make_turn(1).user_message.created_at
+    assert ours.created_at == make_turn(1).messages[0].created_at
     assert (theirs.tenant, theirs.user_id) == (OTHER_TENANT, other_user)
     assert theirs.messages == messages_of(make_turn(5), make_turn(6))
     assert (theirs.input_tokens, theirs.output_tokens) == (110, 11)
-    assert theirs.created_at == make_turn(5).user_message.created_at
-    assert await recent(store, 1) == [make_turn(2).reply]
+    assert theirs.created_at == make_turn(5).messages[0].created_at
+    assert await recent(store, 1) == [make_turn(2).messages[-1]]
     theirs_history = await store.open_turn(OTHER_TENANT, CONVERSATION, other_user, limit=1, lease_seconds=LEASE)
-    assert theirs_history.messages == [make_turn(6).reply]
+    assert theirs_history.messages == [make_turn(6).messages[-1]]
 
 
 async def test_deleting_in_one_tenant_leaves_the_same_id_in_another_untouched(store: ConversationStore) -> None:
@@ -304,8 +307,10 @@ async def test_unicode_content_round_trips(store: ConversationStore) -> None:
 
 async def test_a_refused_turn_keeps_its_refusal_and_not_its_text(store: ConversationStore) -> None:
     refused = CommittedTurn(
-        user_message=StoredMessage("user", "", 1_700_000_000.0, refused=True),
-        reply=StoredMessage("assistant", "", 1_700_000_001.0, refused=True),
+        messages=(
+            StoredMessage("user", "", 1_700_000_000.0, refused=True),
+            StoredMessage("assistant", "", 1_700_000_001.0, refused=True),
+        ),
         input_tokens=0,
         output_tokens=0,
     )
@@ -712,14 +717,16 @@ async def test_a_summary_expires_with_the_newest_message_it_covers(redis_url: st
 async def test_token_counts_and_images_round_trip(store: ConversationStore) -> None:
     image = StoredImage(mime_type="image/png", data=b"\x89PNG\r\n\x1a\n", detail="low")
     turn = CommittedTurn(
-        user_message=StoredMessage("user", "what is this?", 1.0, tokens=4, encoding="o200k_base", images=(image,)),
-        reply=StoredMessage("assistant", "a picture", 2.0, tokens=2, encoding="o200k_base"),
+        messages=(
+            StoredMessage("user", "what is this?", 1.0, tokens=4, encoding="o200k_base", images=(image,)),
+            StoredMessage("assistant", "a picture", 2.0, tokens=2, encoding="o200k_base"),
+        ),
         input_tokens=100,
         output_tokens=2,
     )
     await store.commit_turn(TENANT, CONVERSATION, ALICE, turn, new=True)
 
-    assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == [turn.user_message, turn.reply]
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == list(turn.messages)
 
 
 async def test_tokens_spent_outside_a_turn_add_to_the_conversations_usage(store: ConversationStore) -> None:
@@ -732,3 +739,140 @@ async def test_tokens_spent_outside_a_turn_add_to_the_conversations_usage(store:
     assert (conversation.input_tokens, conversation.output_tokens) == (17, 4)
     with pytest.raises(ConversationNotFound):
         await store.get(OTHER_TENANT, CONVERSATION, ALICE)
+
+
+# Turns with tool calls and their results.
+
+LOOKUP = StoredToolCall("call_1", "order_status", '{"id":7,"note":"«quoted» \\"x\\""}')
+SHIPPING = StoredToolCall("call_2", "shipping_quote", "{}")
+CLOCK = StoredToolCall("call_3", "current_time", "{}", server_side=True)
+
+
+def tool_turns() -> tuple[CommittedTurn, CommittedTurn]:
+    """A turn that ends with calls the caller runs, and the next: their results, a server-side call, its
+    failure, and the final reply."""
+    asking = CommittedTurn(
+        messages=(
+            StoredMessage("user", "where is order 7?", 10.0, tokens=6, encoding="o200k_base"),
+            StoredMessage("assistant", "", 11.0, tokens=30, encoding="o200k_base", tool_calls=(LOOKUP, SHIPPING)),
+        ),
+        input_tokens=50,
+        output_tokens=30,
+    )
+    answering = CommittedTurn(
+        messages=(
+            StoredMessage("tool", '{"status":"shipped"}', 20.0, tool_call_id="call_1"),
+            StoredMessage("assistant", "Checking the date.", 21.0, tool_calls=(CLOCK,)),
+            StoredMessage("tool", "clock unavailable", 22.0, tool_call_id="call_3", tool_error=True),
+            StoredMessage("assistant", "It shipped.", 23.0, tokens=4, encoding="o200k_base"),
+        ),
+        input_tokens=200,
+        output_tokens=20,
+    )
+    return asking, answering
+
+
+async def test_a_turn_of_tool_calls_and_results_round_trips_whole_and_in_order(store: ConversationStore) -> None:
+    asking, answering = tool_turns()
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, asking, new=True)
+    history = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=LEASE)
+    assert (history.first_index, history.messages) == (0, list(asking.messages))
+    key = replace(KEY, replay='{"text": "It shipped."}')
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, answering, new=False, lock=history.lock, idempotency=key)
+
+    everything = messages_of(asking, answering)
+    conversation = await store.get(TENANT, CONVERSATION, ALICE)
+    assert (conversation.first_index, conversation.messages, conversation.next_index) == (0, everything, None)
+    assert (conversation.created_at, conversation.updated_at) == (10.0, 23.0)
+    assert (conversation.input_tokens, conversation.output_tokens) == (250, 50)
+    assert conversation.messages[1].tool_calls == (LOOKUP, SHIPPING)
+    assert conversation.messages[4].tool_error and conversation.messages[4].tool_call_id == "call_3"
+    newest = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=5, lease_seconds=LEASE)
+    assert (newest.first_index, newest.messages) == (1, everything[1:])
+    await store.abandon_turn(TENANT, CONVERSATION, newest.lock)
+    page = await store.get(TENANT, CONVERSATION, ALICE, start=2, limit=3)
+    assert (page.first_index, page.messages, page.next_index) == (2, everything[2:5], 5)
+    assert await store.claim_turn(TENANT, CONVERSATION, KEY, lease_seconds=30) == TurnClaim(
+        ClaimState.COMMITTED, '{"text": "It shipped."}'
+    )
+
+    # A new conversation takes its times from the turn's first and last messages.
+    await store.commit_turn(TENANT, "conv-2", ALICE, answering, new=True)
+    other = await store.get(TENANT, "conv-2", ALICE)
+    assert (other.messages, other.created_at, other.updated_at) == (list(answering.messages), 20.0, 23.0)
+
+
+async def test_a_turn_has_at_least_one_message() -> None:
+    with pytest.raises(ValueError, match="at least one message"):
+        CommittedTurn(messages=(), input_tokens=0, output_tokens=0)
+
+
+async def test_a_turn_of_one_message_commits(store: ConversationStore) -> None:
+    alone = CommittedTurn(messages=(StoredMessage("assistant", "hello", 5.0),), input_tokens=1, output_tokens=1)
+
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, alone, new=True)
+
+    conversation = await store.get(TENANT, CONVERSATION, ALICE)
+    assert (conversation.messages, conversation.created_at, conversation.updated_at) == ([alone.messages[0]], 5.0, 5.0)
+
+
+async def test_past_its_bound_a_turn_of_many_messages_drops_the_oldest(store_url: str | None) -> None:
+    store = create_conversation_store(store_url, max_messages=3)
+    try:
+        asking, answering = tool_turns()
+        await committed(store, asking, answering)
+
+        conversation = await store.get(TENANT, CONVERSATION, ALICE)
+        assert (conversation.first_index, conversation.messages) == (3, messages_of(asking, answering)[3:])
+        assert await recent(store, 10) == messages_of(asking, answering)[3:]
+        # A turn longer than the bound keeps its newest messages.
+        await store.commit_turn(TENANT, "conv-2", ALICE, answering, new=True)
+        longer = await store.get(TENANT, "conv-2", ALICE)
+        assert (longer.first_index, longer.messages) == (1, list(answering.messages[1:]))
+        assert (longer.created_at, longer.updated_at) == (20.0, 23.0)
+    finally:
+        await store.close()
+
+
+async def test_refused_tool_calls_and_results_keep_their_refusal_and_not_their_text(store: ConversationStore) -> None:
+    refused = CommittedTurn(
+        messages=(
+            StoredMessage("tool", "", 1.0, refused=True, tool_call_id="call_1"),
+            StoredMessage("assistant", "", 2.0, refused=True),
+            StoredMessage("tool", "", 3.0, refused=True, tool_call_id="call_2", tool_error=True),
+        ),
+        input_tokens=0,
+        output_tokens=0,
+    )
+
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, refused, new=True)
+
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == list(refused.messages)
+    assert await recent(store, 3) == list(refused.messages)
+
+
+async def test_redis_records_written_before_tool_calls_still_decode(redis_url: str) -> None:
+    """Messages are stored without the fields that have their defaults, so records in the format from before
+    tool calls read as they did, and are still written that way."""
+    store = create_conversation_store(redis_url)
+    client = Redis.from_url(redis_url, decode_responses=True)
+    prefix = f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:"
+    try:
+        await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+        assert await client.get(prefix + "m:0") == '{"role":"user","content":"question 1","created_at":1700000002.25}'
+        await client.set(prefix + "m:0", '{"role":"user","content":"hello","created_at":1.5,"refused":true}')
+        await client.set(
+            prefix + "m:1", '{"role":"assistant","content":"hi","created_at":2.5,"tokens":1,"encoding":"o200k_base"}'
+        )
+        asking, _ = tool_turns()
+        await committed_next(store, asking)
+
+        old = [
+            StoredMessage("user", "hello", 1.5, refused=True),
+            StoredMessage("assistant", "hi", 2.5, tokens=1, encoding="o200k_base"),
+        ]
+        assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == [*old, *asking.messages]
+        assert await recent(store, 10) == [*old, *asking.messages]
+    finally:
+        await client.aclose()
+        await store.close()
