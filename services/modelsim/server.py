@@ -14,6 +14,27 @@ own port with its own config, faults, stats and /sim/ endpoints, so that a route
 tested on one machine. Faults are OpenAI's: 429 (with retry-after and x-ratelimit-reset-requests), 500, 401 for
 a key named in `unauthorized_keys`, and hangs (no response at all). Faults queued through POST /sim/faults may
 target one API key.
+
+Function calling is OpenAI's chat-completions tool protocol: `tools`, `tool_choice` and `parallel_tool_calls` are
+checked as OpenAI checks them, and so are assistant `tool_calls` and `role: "tool"` messages (every call answered
+by a tool message right after it, no tool message that answers nothing). When tools are offered and the last
+message is the user's, its text holds directives:
+
+    call <tool_name> [<JSON object>]
+
+(the word `call`, whitespace, an offered tool's name, then optionally whitespace and a `{`). Each directive for an
+offered tool is one call, in order; directives for other names are ignored. Its arguments are the object, written
+compactly; when the text after the name is not valid JSON, the raw text from its `{` through the `}` that closes
+it (braces counted, strings not considered) or to the end of the message, as-is: `call x {not json}` sends
+`{not json}`. Without an object, each `required` property of the tool's `parameters` gets its first `enum` value,
+else a value by type: "sim", 1, 1.5, true, [], {} (null for another type). tool_choice "none" makes no call,
+"required" calls the first tool when there is no directive, a named function makes exactly one call of it;
+`parallel_tool_calls: false` keeps the first call. No call → the usual text reply. Calls end with finish_reason
+"tool_calls", ids are "call_" + 24 hex digits of a hash of (model, messages, index), and a stream sends each call's
+id and name, then its arguments 8 characters a chunk. When the last messages are tool results, the reply is the
+text `tool results: <tool_call_id>=<content>; ...` (in their order), unless the last user message holds
+`[keep-calling]`: then its directives are called again, so that a bounded tool loop can be tested. The tool
+definitions count in prompt_tokens as their JSON text, a call's arguments in completion_tokens.
 """
 
 import asyncio
@@ -60,7 +81,12 @@ _WORDS = (
     "at vero eos accusamus iusto"
 )
 _VOCABULARY = tuple(f" {word}" for word in _WORDS.split())
-_TOKEN_JSON = {token: json.dumps(token).encode() for token in _VOCABULARY}
+# A streamed tool call's arguments are sent in pieces of at most this many characters.
+TOOL_ARGUMENTS_PIECE_CHARS = 8
+# OpenAI's limit on the tools of one request.
+MAX_TOOLS = 128
+# In the last user message, makes modelsim answer tool results with its directives' calls again.
+KEEP_CALLING_MARKER = "[keep-calling]"
 _MODELS_CREATED = 1_700_000_000
 _FINGERPRINT = "fp_modelsim"
 
@@ -69,11 +95,18 @@ _CHUNK_HEAD = (
     b'data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
     b'"system_fingerprint":"' + _FINGERPRINT.encode() + b'","choices":'
 )
-_ROLE_CHOICES = (
-    b'[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}]'
-)
-_DELTA_OPEN = b'[{"index":0,"delta":{"content":'
-_DELTA_CLOSE = b'},"logprobs":null,"finish_reason":null}]'
+_DELTA_OPEN = b'[{"index":0,"delta":'
+_DELTA_CLOSE = b',"logprobs":null,"finish_reason":null}]'
+_ROLE_CHOICES = _DELTA_OPEN + b'{"role":"assistant","content":"","refusal":null}' + _DELTA_CLOSE
+# A reply of tool calls starts with no content at all, as OpenAI's do.
+_TOOL_ROLE_CHOICES = _DELTA_OPEN + b'{"role":"assistant","content":null,"refusal":null}' + _DELTA_CLOSE
+
+
+def _text_choices(token: str) -> bytes:
+    return _DELTA_OPEN + b'{"content":' + json.dumps(token).encode() + b"}" + _DELTA_CLOSE
+
+
+_TOKEN_CHOICES = {token: _text_choices(token) for token in _VOCABULARY}
 _FINISH_CHOICES = b'[{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}]'
 _DONE = b"data: [DONE]\n\n"
 
@@ -210,6 +243,12 @@ class ChatRequest:
     seed: int | None
     # The prompt's image parts, as (image_url object, (width, height) or None when modelsim cannot tell).
     images: list[tuple[dict[str, Any], tuple[int, int] | None]] = field(default_factory=list)
+    # The offered tools' `function` objects by name, in their order.
+    tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # "none", "auto" or "required"; a named function is "required" with that name in forced_tool.
+    tool_choice: str = "auto"
+    forced_tool: str | None = None
+    parallel_tool_calls: bool = True
 
     @classmethod
     def parse(cls, body: Any) -> Self:
@@ -250,6 +289,19 @@ class ChatRequest:
         _check_sampling_options(body)
         images = [image for index, message in enumerate(messages) for image in _message_images(index, message)]
         _check_response_format(body.get("response_format"), messages)
+        tools = _check_tools(body.get("tools"))
+        tool_choice, forced_tool = _check_tool_choice(body.get("tool_choice"), tools)
+        parallel_tool_calls = body.get("parallel_tool_calls")
+        if parallel_tool_calls is not None:
+            if not isinstance(parallel_tool_calls, bool):
+                raise InvalidRequestError("Invalid 'parallel_tool_calls': expected a boolean.", "parallel_tool_calls")
+            if not tools:
+                raise InvalidRequestError(
+                    "Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only allowed when 'tools' "
+                    "are specified.",
+                    "parallel_tool_calls",
+                )
+        _check_tool_messages(messages)
         return cls(
             model=model,
             messages=messages,
@@ -259,12 +311,17 @@ class ChatRequest:
             stop=tuple(s for s in stops if s),
             seed=seed,
             images=images,
+            tools=tools,
+            tool_choice=tool_choice,
+            forced_tool=forced_tool,
+            parallel_tool_calls=parallel_tool_calls is not False,
         )
 
 
 _IMAGE_DETAILS = ("auto", "low", "high")
 _CONTENT_PART_TYPES = ("text", "image_url")
-_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The names of response_format schemas and of tools.
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DATA_URL = re.compile(r"data:(image/(?:png|jpeg|webp|gif));base64,(.*)", re.DOTALL)
 
 
@@ -316,13 +373,163 @@ def _check_response_format(response_format: Any, messages: list[dict[str, Any]])
         if not isinstance(schema, dict):
             raise InvalidRequestError("Missing required parameter: 'response_format.json_schema'.", param)
         name = schema.get("name")
-        if not (isinstance(name, str) and _SCHEMA_NAME.fullmatch(name)):
+        if not (isinstance(name, str) and _NAME.fullmatch(name)):
             raise InvalidRequestError(
                 "Invalid 'response_format.json_schema.name': expected 1 to 64 of a-z, A-Z, 0-9, '_' and '-'.",
                 "response_format.json_schema.name",
             )
         if not isinstance(schema.get("schema", {}), dict) or not isinstance(schema.get("strict", False), bool):
             raise InvalidRequestError("Invalid 'response_format.json_schema'.", "response_format.json_schema")
+
+
+def _check_tools(tools: Any) -> dict[str, dict[str, Any]]:
+    """The offered tools' `function` objects by name; a malformed `tools` is refused as OpenAI refuses it."""
+    if tools is None:
+        return {}
+    if not isinstance(tools, list) or not tools:
+        raise InvalidRequestError("Invalid 'tools': expected a non-empty array of tools.", "tools")
+    if len(tools) > MAX_TOOLS:
+        raise InvalidRequestError(
+            f"Invalid 'tools': array too long. Expected an array with maximum length {MAX_TOOLS}, but got an array "
+            f"with length {len(tools)} instead.",
+            "tools",
+            "array_above_max_length",
+        )
+    functions: dict[str, dict[str, Any]] = {}
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict):
+            raise InvalidRequestError(f"Invalid '{where}': expected an object.", where)
+        if tool.get("type") != "function":
+            raise InvalidRequestError(
+                f"Invalid value: {tool.get('type')!r}. Supported values are: 'function'.",
+                f"{where}.type",
+                "invalid_value",
+            )
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise InvalidRequestError(
+                f"Missing required parameter: '{where}.function'.", f"{where}.function", "missing_required_parameter"
+            )
+        name = function.get("name")
+        if not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise InvalidRequestError(
+                f"Invalid '{where}.function.name': string does not match pattern. Expected a string that matches the "
+                "pattern '^[a-zA-Z0-9_-]{1,64}$'.",
+                f"{where}.function.name",
+                "invalid_value",
+            )
+        if name in functions:
+            raise InvalidRequestError(f"Invalid 'tools': tool names must be unique; {name!r} is repeated.", "tools")
+        for key, kind, expected in (
+            ("description", str, "a string"),
+            ("parameters", dict, "an object"),
+            ("strict", bool, "a boolean"),
+        ):
+            if key in function and not isinstance(function[key], kind):
+                param = f"{where}.function.{key}"
+                raise InvalidRequestError(f"Invalid type for '{param}': expected {expected}.", param, "invalid_type")
+        functions[name] = function
+    return functions
+
+
+def _check_tool_choice(tool_choice: Any, tools: dict[str, dict[str, Any]]) -> tuple[str, str | None]:
+    """(mode, forced tool): "none", "auto" or "required", and the function a named choice forces."""
+    if tool_choice is None:
+        return "auto", None
+    if not tools:
+        raise InvalidRequestError(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.", "tool_choice"
+        )
+    if isinstance(tool_choice, str):
+        if tool_choice not in ("none", "auto", "required"):
+            raise InvalidRequestError(
+                f"Invalid value: {tool_choice!r}. Supported values are: 'none', 'auto', and 'required'.",
+                "tool_choice",
+                "invalid_value",
+            )
+        return tool_choice, None
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or tool_choice.get("type") != "function":
+        raise InvalidRequestError(
+            "Invalid 'tool_choice': expected 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": ...}}.',
+            "tool_choice",
+        )
+    if name not in tools:
+        raise InvalidRequestError(
+            f"Invalid value for 'tool_choice': function {name!r} is not among the tools provided.", "tool_choice"
+        )
+    return "required", name
+
+
+def _check_tool_messages(messages: list[dict[str, Any]]) -> None:
+    """Assistant `tool_calls` and tool messages, as OpenAI checks them: the tool messages right after an assistant
+    message with tool_calls answer each of its calls, and no other tool message is allowed."""
+    unanswered: dict[str, None] = {}  # ordered, for the error message
+    answerable: set[str] = set()
+    asked_at = 0
+    for index, message in enumerate(messages):
+        if message.get("role") == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str):
+                param = f"messages[{index}].tool_call_id"
+                raise InvalidRequestError(
+                    f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
+                )
+            if not isinstance(message.get("content"), str):
+                param = f"messages[{index}].content"
+                raise InvalidRequestError(f"Invalid '{param}': expected a string.", param)
+            if call_id not in answerable:
+                raise InvalidRequestError(
+                    "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with "
+                    "'tool_calls'.",
+                    f"messages.[{index}].role",
+                )
+            unanswered.pop(call_id, None)
+            continue
+        # The calls had to be answered before this message.
+        _check_answered(unanswered, index)
+        answerable = set()
+        if message.get("role") == "assistant" and message.get("tool_calls") is not None:
+            unanswered = dict.fromkeys(_tool_call_ids(index, message["tool_calls"]))
+            answerable, asked_at = set(unanswered), index
+    _check_answered(unanswered, asked_at)
+
+
+def _check_answered(unanswered: dict[str, None], index: int) -> None:
+    if unanswered:
+        raise InvalidRequestError(
+            "An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+            f"'tool_call_id'. The following tool_call_ids did not have response messages: {', '.join(unanswered)}",
+            f"messages.[{index}].role",
+        )
+
+
+def _tool_call_ids(index: int, tool_calls: Any) -> list[str]:
+    """The ids of an assistant message's well-formed `tool_calls`."""
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(tool_calls, list) or not tool_calls:
+        raise InvalidRequestError(f"Invalid '{where}': expected a non-empty array of tool calls.", where)
+    ids = []
+    for number, call in enumerate(tool_calls):
+        param = f"{where}[{number}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (
+            isinstance(function, dict)
+            and isinstance(call.get("id"), str)
+            and call.get("type") == "function"
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), str)
+        ):
+            raise InvalidRequestError(
+                f"Invalid '{param}': expected an object with an 'id', 'type': 'function' and a 'function' with a "
+                "'name' and 'arguments' (a string).",
+                param,
+            )
+        ids.append(call["id"])
+    return ids
 
 
 def _message_images(index: int, message: dict[str, Any]) -> list[tuple[dict[str, Any], tuple[int, int] | None]]:
@@ -454,6 +661,9 @@ class Simulator:
 
         sizes = {image_url["url"]: size for image_url, size in chat.images if size is not None}
         prompt_tokens = self._tokens.count_messages(chat.model, chat.messages, sizes)
+        if chat.tools:
+            # The model reads the definitions too: their JSON text is about what they cost.
+            prompt_tokens += self._tokens.count_text(chat.model, json.dumps(list(chat.tools.values())))
         context = context_tokens(self.config.context_tokens, self.config.default_context_tokens, chat.model)
         if prompt_tokens + (chat.max_tokens or 0) > context:
             return _error(
@@ -465,12 +675,26 @@ class Simulator:
                 param="messages",
                 code="context_length_exceeded",
             )
-        tokens, finish_reason = self._reply(chat)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens)}
+        calls = _tool_calls(chat)
+        if calls:
+            tokens, finish_reason = [], "tool_calls"
+            completion_tokens = sum(self._tokens.count_text(chat.model, c["function"]["arguments"]) for c in calls)
+        else:
+            tokens, finish_reason = self._reply(chat)
+            completion_tokens = len(tokens)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         completion_id = f"chatcmpl-{os.urandom(12).hex()}"
         if chat.stream:
-            return await self._stream(request, chat, completion_id, tokens, finish_reason, usage)
+            if calls:
+                role, deltas = _TOOL_ROLE_CHOICES, _tool_call_choices(calls)
+            else:
+                role, deltas = _ROLE_CHOICES, [_TOKEN_CHOICES.get(token) or _text_choices(token) for token in tokens]
+            return await self._stream(request, chat, completion_id, role, deltas, finish_reason, usage)
+        if calls:
+            message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
+        else:
+            message = {"role": "assistant", "content": "".join(tokens)}
         payload = {
             "id": completion_id,
             "object": "chat.completion",
@@ -480,12 +704,7 @@ class Simulator:
             "choices": [
                 {
                     "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": "".join(tokens),
-                        "refusal": None,
-                        "annotations": [],
-                    },
+                    "message": {**message, "refusal": None, "annotations": []},
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }
@@ -499,13 +718,18 @@ class Simulator:
         )
 
     def _reply(self, chat: ChatRequest) -> tuple[list[str], str]:
-        """The reply's tokens and finish reason; a prefix of the same sequence whatever max_tokens is."""
-        count, finish_reason = self.config.reply_tokens, "stop"
-        if chat.max_tokens is not None and chat.max_tokens < count:
-            count, finish_reason = chat.max_tokens, "length"
-        key = json.dumps([chat.model, chat.messages, chat.seed], sort_keys=True, separators=(",", ":"))
-        picks = hashlib.shake_128(key.encode()).digest(count)
-        tokens = [_VOCABULARY[pick % len(_VOCABULARY)] for pick in picks]
+        """The reply's tokens and finish reason; a prefix of the same sequence whatever max_tokens is. After tool
+        results, their echo, a word a token; else `reply_tokens` words of the vocabulary."""
+        echo = _tool_results_text(chat.messages)
+        if echo is None:
+            key = json.dumps([chat.model, chat.messages, chat.seed], sort_keys=True, separators=(",", ":"))
+            picks = hashlib.shake_128(key.encode()).digest(self.config.reply_tokens)
+            tokens = [_VOCABULARY[pick % len(_VOCABULARY)] for pick in picks]
+        else:
+            tokens = re.findall(r"\S+\s*", echo)
+        finish_reason = "stop"
+        if chat.max_tokens is not None and chat.max_tokens < len(tokens):
+            tokens, finish_reason = tokens[: chat.max_tokens], "length"
         if chat.stop:
             text = "".join(tokens)
             cut = min((i for i in (text.find(s) for s in chat.stop) if i >= 0), default=-1)
@@ -518,17 +742,16 @@ class Simulator:
         request: web.Request,
         chat: ChatRequest,
         completion_id: str,
-        tokens: list[str],
+        role_choices: bytes,
+        deltas: list[bytes],
         finish_reason: str,
         usage: dict[str, int],
     ) -> web.StreamResponse:
+        """Streams the role chunk, then one chunk for each of `deltas` (their `choices`), then the finish chunk."""
         head = _CHUNK_HEAD % (completion_id.encode(), int(time.time()), json.dumps(chat.model).encode())
         end = b',"usage":null}\n\n' if chat.include_usage else b"}\n\n"
-        role = head + _ROLE_CHOICES + end
-        pieces = [
-            head + _DELTA_OPEN + (_TOKEN_JSON.get(token) or json.dumps(token).encode()) + _DELTA_CLOSE + end
-            for token in tokens
-        ]
+        role = head + role_choices + end
+        pieces = [head + delta + end for delta in deltas]
         tail = head + _FINISH_CHOICES % finish_reason.encode() + end
         if chat.include_usage:
             tail += head + b'[],"usage":' + json.dumps(usage).encode() + b"}\n\n"
@@ -753,6 +976,137 @@ class Simulator:
         self.faults.clear()
         self.moderation_faults.clear()
         return web.json_response(asdict(self.stats))
+
+
+def _tool_call_choices(calls: list[dict[str, Any]]) -> list[bytes]:
+    """The `choices` of a stream's tool-call chunks, as OpenAI streams them: each call's id and name, then its
+    arguments in pieces of at most TOOL_ARGUMENTS_PIECE_CHARS."""
+    deltas = []
+    for index, call in enumerate(calls):
+        name, arguments = call["function"]["name"], call["function"]["arguments"]
+        items = [{"index": index, "id": call["id"], "type": "function", "function": {"name": name, "arguments": ""}}]
+        items += [
+            {"index": index, "function": {"arguments": arguments[start : start + TOOL_ARGUMENTS_PIECE_CHARS]}}
+            for start in range(0, len(arguments), TOOL_ARGUMENTS_PIECE_CHARS)
+        ]
+        deltas += [
+            _DELTA_OPEN + json.dumps({"tool_calls": [item]}, separators=(",", ":")).encode() + _DELTA_CLOSE
+            for item in items
+        ]
+    return deltas
+
+
+# Directives in a user's message: `call <tool name>`, then optional whitespace and maybe a JSON object.
+_DIRECTIVE = re.compile(r"\bcall\s+([A-Za-z0-9_-]+)\s*")
+_JSON_DECODER = json.JSONDecoder()
+# The arguments built for a required property, by its type (null for another type).
+_SCHEMA_VALUES: dict[str, Any] = {
+    "string": "sim",
+    "integer": 1,
+    "number": 1.5,
+    "boolean": True,
+    "array": [],
+    "object": {},
+}
+
+
+def _tool_calls(chat: ChatRequest) -> list[dict[str, Any]]:
+    """The tool calls that answer `chat`, in OpenAI's shape (see the module's docstring); none for a text reply."""
+    if not chat.tools or chat.tool_choice == "none":
+        return []
+    text = _user_text(chat.messages)
+    last_role = chat.messages[-1].get("role")
+    if not (last_role == "user" or (last_role == "tool" and KEEP_CALLING_MARKER in text)):
+        return []
+    calls = [(name, arguments) for name, arguments in _directives(text) if name in chat.tools]
+    if chat.forced_tool is not None:
+        calls = [next((call for call in calls if call[0] == chat.forced_tool), (chat.forced_tool, None))]
+    elif chat.tool_choice == "required" and not calls:
+        calls = [(next(iter(chat.tools)), None)]
+    if not chat.parallel_tool_calls:
+        calls = calls[:1]
+    return [
+        {
+            "id": _call_id(chat, index),
+            "type": "function",
+            "function": {
+                "name": name,
+                "arguments": _schema_arguments(chat.tools[name]) if arguments is None else arguments,
+            },
+        }
+        for index, (name, arguments) in enumerate(calls)
+    ]
+
+
+def _directives(text: str) -> list[tuple[str, str | None]]:
+    """Each `call <name> [<JSON object>]` in `text` as (name, arguments), None when it has no object. A malformed
+    object is passed as its raw text: from its `{` through the `}` that closes it, or to the end of `text`."""
+    found: list[tuple[str, str | None]] = []
+    position = 0
+    while (match := _DIRECTIVE.search(text, position)) is not None:
+        arguments, position = None, match.end()
+        if text.startswith("{", position):
+            try:
+                value, end = _JSON_DECODER.raw_decode(text, position)
+                arguments = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            except ValueError:
+                end = _closing_brace_end(text, position)
+                arguments = text[position:end]
+            # A directive inside the object is part of it, not another one.
+            position = end
+        found.append((match.group(1), arguments))
+    return found
+
+
+def _closing_brace_end(text: str, start: int) -> int:
+    """The index after the `}` that closes the `{` at `start` (braces counted, nothing else), or len(text)."""
+    depth = 0
+    for index in range(start, len(text)):
+        if text[index] == "{":
+            depth += 1
+        elif text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return len(text)
+
+
+def _schema_arguments(function: dict[str, Any]) -> str:
+    """Arguments for a tool from its parameters: each `required` property's first enum value, else a value by its
+    type."""
+    parameters = function.get("parameters") or {}
+    properties = parameters.get("properties") or {}
+    values = {}
+    for name in parameters.get("required") or ():
+        schema = properties.get(name) or {}
+        kind = schema.get("type")
+        if isinstance(kind, list):  # ["string", "null"], say: the first
+            kind = kind[0] if kind else None
+        values[name] = schema["enum"][0] if schema.get("enum") else _SCHEMA_VALUES.get(kind)
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+
+
+def _call_id(chat: ChatRequest, index: int) -> str:
+    key = json.dumps([chat.model, chat.messages, index], sort_keys=True, separators=(",", ":"))
+    return "call_" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _user_text(messages: list[dict[str, Any]]) -> str:
+    """The text of the last user message ("" when there is none); a content array's text parts, joined."""
+    content = next((message.get("content") for message in reversed(messages) if message.get("role") == "user"), "")
+    if isinstance(content, list):
+        return " ".join(part["text"] for part in content if part.get("type") == "text")
+    return content or ""
+
+
+def _tool_results_text(messages: list[dict[str, Any]]) -> str | None:
+    """`tool results: <tool_call_id>=<content>; ...` for the tool messages that end `messages`; None when the last
+    message is not one."""
+    if messages[-1].get("role") != "tool":
+        return None
+    asked_at = max(index for index, message in enumerate(messages) if message.get("role") == "assistant")
+    results = "; ".join(f"{message['tool_call_id']}={message['content']}" for message in messages[asked_at + 1 :])
+    return f"tool results: {results}"
 
 
 def _moderation_inputs(body: Any) -> list[tuple[str, list[str]]] | None:

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -13,6 +14,8 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 from support.images import gif, jpeg, png
 
@@ -658,3 +661,352 @@ async def test_main_serves_each_deployment_on_its_own_port_with_its_own_state() 
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+
+
+# Function calling: tools offered, calls made by directives in the user's message, tool results echoed.
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "current_time",
+            "description": "The time in a timezone.",
+            "parameters": {
+                "type": "object",
+                "properties": {"timezone": {"type": "string"}},
+                "required": ["timezone"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "unit": {"type": "string", "enum": ["c", "f"]},
+                    "exact": {"type": "boolean"},
+                    "score": {"type": "number"},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                    "extra": {"type": "object"},
+                    "note": {"type": ["string", "null"]},
+                    "optional": {"type": "string"},
+                },
+                "required": ["id", "unit", "exact", "score", "tags", "extra", "note"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "ping"}},
+]
+TWO_CALLS = 'please call current_time {"timezone": "Asia/Shanghai"} and call lookup {"id": 7, "unit": "f"}'
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}]
+
+
+def calls_of(completion: ChatCompletion) -> list[tuple[str, str]]:
+    return [(call.function.name, call.function.arguments) for call in completion.choices[0].message.tool_calls or []]
+
+
+async def _call(sim: Sim, messages: list[dict], **options: object) -> ChatCompletion:
+    return await sim.client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=TOOLS, **options)
+
+
+async def _streamed(sim: Sim, messages: list[dict], **options: object) -> tuple[ChatCompletion, list]:
+    """The completion the SDK reassembles from the stream, and the stream's chunks."""
+    stream = await sim.client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=messages,
+        tools=TOOLS,
+        stream=True,
+        stream_options={"include_usage": True},
+        **options,
+    )
+    state = ChatCompletionStreamState()
+    chunks = []
+    async for chunk in stream:
+        state.handle_chunk(chunk)
+        chunks.append(chunk)
+    return state.get_final_completion(), chunks
+
+
+def _answers(completion: ChatCompletion, *results: str) -> list[dict]:
+    """The assistant message of `completion`'s calls and a tool message answering each with `results`."""
+    calls = completion.choices[0].message.tool_calls
+    return [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump() for call in calls]},
+        *(
+            {"role": "tool", "tool_call_id": call.id, "content": result}
+            for call, result in zip(calls, results, strict=True)
+        ),
+    ]
+
+
+async def test_a_directive_call_not_streamed(sim: Sim) -> None:
+    completion = await _call(sim, ask('what time is it? call current_time {"timezone": "Asia/Shanghai"}'))
+
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert (call.type, call.function.name, call.function.arguments) == (
+        "function",
+        "current_time",
+        '{"timezone":"Asia/Shanghai"}',
+    )
+    assert re.fullmatch(r"call_[0-9a-f]{24}", call.id)
+    assert completion.usage.completion_tokens == TokenCounter().count_text("gpt-4o-mini", call.function.arguments)
+    again = await _call(sim, ask('what time is it? call current_time {"timezone": "Asia/Shanghai"}'))
+    assert again.choices[0].message.tool_calls[0].id == call.id
+
+
+async def test_a_directive_call_streamed_as_openai_streams_it(sim: Sim) -> None:
+    messages = ask('call lookup {"id": 7, "note": "a longer argument, in pieces"}')
+    whole = await _call(sim, messages)
+
+    streamed, chunks = await _streamed(sim, messages)
+
+    assert calls_of(streamed) == calls_of(whole)
+    assert streamed.choices[0].message.tool_calls[0].id == whole.choices[0].message.tool_calls[0].id
+    assert streamed.choices[0].message.content is None
+    assert streamed.choices[0].finish_reason == "tool_calls"
+    assert chunks[-1].usage == whole.usage
+    role, opening, *pieces, finish, _ = chunks
+    assert (role.choices[0].delta.role, role.choices[0].delta.content) == ("assistant", None)
+    [call] = opening.choices[0].delta.tool_calls
+    assert (call.index, call.id, call.type) == (0, whole.choices[0].message.tool_calls[0].id, "function")
+    assert (call.function.name, call.function.arguments) == ("lookup", "")
+    arguments = [chunk.choices[0].delta.tool_calls[0].function.arguments for chunk in pieces]
+    assert "".join(arguments) == '{"id":7,"note":"a longer argument, in pieces"}'
+    assert len(arguments) == 6 and all(len(piece) <= 8 for piece in arguments)
+    assert all(chunk.choices[0].delta.content is None for chunk in pieces)
+    assert (finish.choices[0].finish_reason, finish.choices[0].delta.tool_calls) == ("tool_calls", None)
+
+
+async def test_streamed_calls_keep_the_first_token_latency_and_token_delay(sim: Sim) -> None:
+    await sim.post("/sim/config", {"first_token_latency_seconds": 0.01, "token_delay_seconds": 0.001})
+
+    streamed, _ = await _streamed(sim, ask(TWO_CALLS))
+
+    assert calls_of(streamed) == calls_of(await _call(sim, ask(TWO_CALLS)))
+    assert (await sim.get("/sim/stats"))["streams_completed"] == 1
+
+
+async def test_parallel_calls_in_order_and_parallel_tool_calls_false(sim: Sim) -> None:
+    messages = ask(TWO_CALLS + ' then call unknown {"x": 1}, call ping')
+    expected = [
+        ("current_time", '{"timezone":"Asia/Shanghai"}'),
+        ("lookup", '{"id":7,"unit":"f"}'),
+        ("ping", "{}"),
+    ]
+
+    whole = await _call(sim, messages)
+    streamed, _ = await _streamed(sim, messages)
+    single = await _call(sim, messages, parallel_tool_calls=False)
+
+    assert calls_of(whole) == calls_of(streamed) == expected
+    assert len({call.id for call in whole.choices[0].message.tool_calls}) == 3
+    assert [call.id for call in streamed.choices[0].message.tool_calls] == [
+        call.id for call in whole.choices[0].message.tool_calls
+    ]
+    assert calls_of(single) == expected[:1]
+    logged = (await sim.get("/sim/requests?limit=1"))["requests"][0]
+    assert (logged["tools"], logged["parallel_tool_calls"]) == (TOOLS, False)
+
+
+async def test_arguments_are_built_from_the_schema_without_an_object(sim: Sim) -> None:
+    completion = await _call(sim, ask("call lookup, then call ping and call current_time"))
+
+    [lookup, ping, current_time] = calls_of(completion)
+    assert lookup[0] == "lookup" and json.loads(lookup[1]) == {
+        "id": 1,
+        "unit": "c",
+        "exact": True,
+        "score": 1.5,
+        "tags": [],
+        "extra": {},
+        "note": "sim",
+    }
+    assert ping == ("ping", "{}")
+    assert current_time == ("current_time", '{"timezone":"sim"}')
+
+
+async def test_a_malformed_object_is_sent_as_its_raw_text(sim: Sim) -> None:
+    messages = ask('call lookup {not json} and call ping {"a": {"b": }} x call current_time {"timezone": "U')
+
+    whole = await _call(sim, messages)
+    streamed, _ = await _streamed(sim, messages)
+
+    expected = [("lookup", "{not json}"), ("ping", '{"a": {"b": }}'), ("current_time", '{"timezone": "U')]
+    assert calls_of(whole) == calls_of(streamed) == expected
+
+
+async def test_a_directive_inside_an_object_is_not_a_call(sim: Sim) -> None:
+    completion = await _call(sim, ask('call lookup {"note": "call ping"}'))
+
+    assert calls_of(completion) == [("lookup", '{"note":"call ping"}')]
+
+
+async def test_tool_choice_none_auto_required_and_named(sim: Sim) -> None:
+    plain = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=ask(TWO_CALLS))
+
+    none = await _call(sim, ask(TWO_CALLS), tool_choice="none")
+    auto = await _call(sim, ask("What time is it?"), tool_choice="auto")
+    required = await _call(sim, ask("What time is it?"), tool_choice="required")
+    required_with_directives = await _call(sim, ask(TWO_CALLS), tool_choice="required")
+    named = await _call(sim, ask(TWO_CALLS), tool_choice={"type": "function", "function": {"name": "lookup"}})
+    named_without_directive = await _call(
+        sim, ask("What time is it?"), tool_choice={"type": "function", "function": {"name": "ping"}}
+    )
+
+    assert (none.choices[0].finish_reason, none.choices[0].message.tool_calls) == ("stop", None)
+    assert none.choices[0].message.content == plain.choices[0].message.content
+    assert (auto.choices[0].finish_reason, auto.choices[0].message.tool_calls) == ("stop", None)
+    assert calls_of(required) == [("current_time", '{"timezone":"sim"}')]
+    assert len(calls_of(required_with_directives)) == 2
+    assert calls_of(named) == [("lookup", '{"id":7,"unit":"f"}')]
+    assert calls_of(named_without_directive) == [("ping", "{}")]
+
+
+async def test_tool_results_are_echoed_as_text(sim: Sim) -> None:
+    first = await _call(sim, ask(TWO_CALLS))
+    messages = [*ask(TWO_CALLS), *_answers(first, "12:00 CST", '{"found": true}')]
+    first_id, second_id = (call.id for call in first.choices[0].message.tool_calls)
+    expected = f'tool results: {first_id}=12:00 CST; {second_id}={{"found": true}}'
+
+    whole = await _call(sim, messages)
+    streamed, chunks = await _streamed(sim, messages)
+
+    assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == (expected, "stop")
+    assert whole.choices[0].message.tool_calls is None
+    assert streamed.choices[0].message.content == expected
+    assert len([chunk for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]) == 6
+    assert whole.usage.completion_tokens == 6
+
+
+async def test_keep_calling_calls_again_after_tool_results(sim: Sim) -> None:
+    text = '[keep-calling] call ping and call current_time {"timezone": "UTC"}'
+    first = await _call(sim, ask(text))
+    messages = [*ask(text), *_answers(first, "pong", "00:00")]
+
+    second = await _call(sim, messages)
+    third = await _call(sim, [*messages, *_answers(second, "pong", "00:01")])
+    stopped = await _call(sim, messages, tool_choice="none")
+
+    assert (
+        calls_of(first)
+        == calls_of(second)
+        == calls_of(third)
+        == [("ping", "{}"), ("current_time", '{"timezone":"UTC"}')]
+    )
+    ids = [call.id for completion in (first, second, third) for call in completion.choices[0].message.tool_calls]
+    assert len(set(ids)) == 6
+    assert stopped.choices[0].message.content.startswith("tool results: ")
+
+
+async def test_tools_and_tool_messages_count_in_the_prompt_and_the_context(sim: Sim) -> None:
+    first = await _call(sim, ask(TWO_CALLS))
+    messages = [*ask(TWO_CALLS), *_answers(first, "12:00", "found")]
+    # An assistant message with tool_calls may leave content out.
+    del messages[2]["content"]
+    counter = TokenCounter()
+    functions = json.dumps([tool["function"] for tool in TOOLS])
+    expected = counter.count_messages("gpt-4o-mini", messages) + counter.count_text("gpt-4o-mini", functions)
+
+    completion = await _call(sim, messages)
+    sim.config.context_tokens = {"gpt-4o-mini": expected + 9}
+
+    assert completion.usage.prompt_tokens == expected
+    assert expected > counter.count_messages("gpt-4o-mini", messages) + 100
+    await _call(sim, messages, max_tokens=9)
+    with pytest.raises(openai.BadRequestError) as raised:
+        await _call(sim, messages, max_tokens=10)
+    assert raised.value.code == "context_length_exceeded"
+
+
+def _tool(name: str, **function: object) -> dict:
+    return {"type": "function", "function": {"name": name, **function}}
+
+
+@pytest.mark.parametrize(
+    ("options", "param", "message"),
+    [
+        ({"tool_choice": "auto"}, "tool_choice", "'tool_choice' is only allowed when 'tools' are specified."),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls", "only allowed when 'tools' are specified"),
+        ({"tools": [_tool("a b")]}, "tools[0].function.name", "does not match pattern"),
+        ({"tools": [_tool("ping"), _tool("x" * 65)]}, "tools[1].function.name", "does not match pattern"),
+        ({"tools": [_tool("")]}, "tools[0].function.name", "does not match pattern"),
+        ({"tools": [_tool("ping"), _tool("ping")]}, "tools", "unique"),
+        ({"tools": [_tool(f"t{i}") for i in range(129)]}, "tools", "maximum length 128"),
+        ({"tools": []}, "tools", "non-empty"),
+        ({"tools": [{"type": "code", "function": {"name": "a"}}]}, "tools[0].type", "'function'"),
+        ({"tools": [_tool("a", parameters="{}")]}, "tools[0].function.parameters", "expected an object"),
+        ({"tools": [_tool("a", strict="yes")]}, "tools[0].function.strict", "expected a boolean"),
+        ({"tools": [_tool("a")], "tool_choice": "sometimes"}, "tool_choice", "'none', 'auto', and 'required'"),
+        (
+            {"tools": [_tool("a")], "tool_choice": {"type": "function", "function": {"name": "b"}}},
+            "tool_choice",
+            "'b' is not among the tools",
+        ),
+        ({"tools": [_tool("a")], "tool_choice": {"type": "function"}}, "tool_choice", "expected"),
+        ({"tools": [_tool("a")], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "expected a boolean"),
+    ],
+)
+async def test_bad_tool_options_are_400(sim: Sim, options: dict, param: str, message: str) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sim.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **options)
+
+    assert raised.value.body["param"] == param
+    assert raised.value.body["type"] == "invalid_request_error"
+    assert message in raised.value.body["message"]
+
+
+def _asked(*ids: str) -> dict:
+    calls = [{"id": id_, "type": "function", "function": {"name": "ping", "arguments": "{}"}} for id_ in ids]
+    return {"role": "assistant", "tool_calls": calls}
+
+
+def _answer(id_: str) -> dict:
+    return {"role": "tool", "tool_call_id": id_, "content": "pong"}
+
+
+MISSING = (
+    "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. "
+    "The following tool_call_ids did not have response messages: "
+)
+ORPHAN = "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'."
+USER = {"role": "user", "content": "call ping"}
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "message"),
+    [
+        ([USER, _asked("call_a", "call_b"), _answer("call_b"), USER], "messages.[3].role", MISSING + "call_a"),
+        ([USER, _asked("call_a", "call_b")], "messages.[1].role", MISSING + "call_a, call_b"),
+        ([USER, _asked("call_a"), _answer("call_a"), USER, _answer("call_a")], "messages.[4].role", ORPHAN),
+        ([USER, _answer("call_a")], "messages.[1].role", ORPHAN),
+        ([USER, _asked("call_a"), _answer("call_b")], "messages.[2].role", ORPHAN),
+        (
+            [USER, _asked("call_a"), _answer("call_a"), {"role": "assistant", "content": "ok"}, _answer("call_a")],
+            "messages.[4].role",
+            ORPHAN,
+        ),
+        ([USER, _asked("call_a"), {"role": "tool", "content": "pong"}], "messages[2].tool_call_id", "Missing"),
+        ([USER, _asked("call_a"), {**_answer("call_a"), "content": None}], "messages[2].content", "a string"),
+        ([USER, {"role": "assistant", "tool_calls": []}], "messages[1].tool_calls", "non-empty"),
+        (
+            [USER, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "a"}}]}],
+            "messages[1].tool_calls[0]",
+            "'arguments' (a string)",
+        ),
+    ],
+)
+async def test_bad_tool_messages_are_400(sim: Sim, messages: list[dict], param: str, message: str) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sim.client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=TOOLS)
+
+    assert raised.value.body["param"] == param
+    assert message in raised.value.body["message"]
