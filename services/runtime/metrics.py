@@ -51,6 +51,10 @@ Model calls, cache and safety (label values from closed sets only, never an id o
     chatmesh_cache_lookups_total{tier}                             tier: memory, redis, miss (cache)
     chatmesh_cache_redis_errors_total{operation}                   (cache)
     chatmesh_dialogue_cache_lookups_total{outcome}                 hit, miss, error, skipped (dialogue)
+    chatmesh_server_tool_calls_total{tool, outcome}                server-side tool calls (dialogue); tool: a
+                                                                   built-in's or the tools file's name; outcome:
+                                                                   ok, error, invalid_arguments, timeout
+    chatmesh_server_tool_duration_seconds{tool}                    (histogram) a server-side tool call
     chatmesh_safety_screens_total{stage, verdict}                  stage: input, output; allowed, blocked
     chatmesh_safety_blocked_total{stage, source, category}         one per category of a blocked verdict
 
@@ -842,3 +846,35 @@ def auth_failed(reason: str) -> None:
 def ledger_error(operation: str) -> None:
     """`operation`: one of LEDGER_OPERATIONS."""
     _LEDGER_ERROR_CHILDREN[operation].inc()
+
+
+# Server-side tools (dialogue: chatmesh.dialogue.server_tools). `tool` is a built-in's name or one of the operator's
+# tools file, so the label is bounded by that file.
+
+_SERVER_TOOL_CALLS = Counter(
+    "chatmesh_server_tool_calls_total",
+    "Server-side tool calls, by tool and outcome: ok, error (the tool failed or answered an error), "
+    "invalid_arguments (refused before the tool ran), timeout.",
+    ("tool", "outcome"),
+)
+_SERVER_TOOL_DURATION = Histogram(
+    "chatmesh_server_tool_duration_seconds",
+    "Seconds a server-side tool call took, from its arguments' check to its result.",
+    ("tool",),
+    buckets=LATENCY_BUCKETS,
+)
+SERVER_TOOL_OUTCOMES = ("ok", "error", "invalid_arguments", "timeout")
+
+
+def server_tools_declared(tools: Iterable[str]) -> None:
+    """Creates the series of these tools at 0, so that a tool's first call and first failure show in rates."""
+    for tool in tools:
+        _SERVER_TOOL_DURATION.labels(tool)
+        for outcome in SERVER_TOOL_OUTCOMES:
+            _SERVER_TOOL_CALLS.labels(tool, outcome)
+
+
+def server_tool_call(tool: str, outcome: str, seconds: float) -> None:
+    """One server-side tool call of `tool` that ended with `outcome` (one of SERVER_TOOL_OUTCOMES)."""
+    _SERVER_TOOL_CALLS.labels(tool, outcome).inc()
+    _SERVER_TOOL_DURATION.labels(tool).observe(seconds)
