@@ -31,6 +31,7 @@ from support.chart import (
     values_file,
 )
 
+from chatmesh.dialogue.server_tools import CURRENT_TIME, ServerTools
 from chatmesh.runtime.deployments import parse_deployments
 from chatmesh.runtime.settings import Settings
 
@@ -980,13 +981,13 @@ def _auth_data(chart: Rendered) -> dict[str, str]:
     }
 
 
-def _gateway_env(chart: Rendered, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """The gateway's Settings as its pod would read them: the settings ConfigMap, then its env (Secrets resolved)."""
+def _process_settings(chart: Rendered, monkeypatch: pytest.MonkeyPatch, process: str = "gateway") -> Settings:
+    """A process's Settings as its pod would read them: the settings ConfigMap, then its env (Secrets resolved)."""
     for variable in list(os.environ):
         if variable.startswith(("CHATMESH_", "OPENAI_", "OTEL_")):
             monkeypatch.delenv(variable)
     environment = dict(settings_data(chart))
-    for variable, entry in env_of(deployments(chart)["gateway"]).items():
+    for variable, entry in env_of(deployments(chart)[process]).items():
         if "value" in entry:
             environment[variable] = entry["value"]
         elif "secretKeyRef" in entry.get("valueFrom", {}):
@@ -1097,7 +1098,7 @@ def test_an_existing_auth_secret_is_referenced_and_none_is_generated(per_process
 def test_limit_settings_reach_the_gateway_as_it_parses_them(
     defaults: Rendered, full: Rendered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = _gateway_env(defaults, monkeypatch)
+    settings = _process_settings(defaults, monkeypatch)
     assert settings.auth == "required"
     assert (settings.auth_cache_seconds, settings.request_limits_fail_open, settings.spend_limits_fail_open) == (
         1.0,
@@ -1111,7 +1112,7 @@ def test_limit_settings_reach_the_gateway_as_it_parses_them(
     assert settings.redis_url == f"rediss://{RELEASE}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
     assert settings.redis_password is not None and len(settings.redis_password.get_secret_value()) == 48
     assert settings.redis_tls_ca_file == settings.tls_ca_file == "/etc/chatmesh/tls/ca.crt"
-    settings = _gateway_env(full, monkeypatch)
+    settings = _process_settings(full, monkeypatch)
     assert (settings.auth_cache_seconds, settings.request_limits_fail_open, settings.spend_limits_fail_open) == (
         0.5,
         False,
@@ -1325,7 +1326,7 @@ def test_conversation_image_and_tls_values_reach_the_processes_as_they_parse_the
     defaults: Rendered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built_in = Settings.model_fields
-    parsed = _gateway_env(defaults, monkeypatch)
+    parsed = _process_settings(defaults, monkeypatch)
     for field in ("conversation_max_messages", "window_max_messages", "window_reply_tokens", "summary_trigger_tokens"):
         assert getattr(parsed, field) == built_in[field].default
     assert parsed.model_context_tokens == built_in["model_context_tokens"].default
@@ -1343,7 +1344,7 @@ def test_conversation_image_and_tls_values_reach_the_processes_as_they_parse_the
             "images": {"maxPerMessage": 2},
         }
     )
-    parsed = _gateway_env(chart, monkeypatch)
+    parsed = _process_settings(chart, monkeypatch)
     assert parsed.conversation_retention_seconds == 3600
     assert parsed.model_context_tokens == {"llama-3": 32768}
     assert parsed.model_encodings == {"llama-3": "cl100k_base"}
@@ -1390,3 +1391,143 @@ def test_a_model_deployments_file_reaches_dialogue_and_safety_with_its_keys_from
 def test_without_a_deployments_file_nothing_of_it_is_rendered(defaults: Rendered) -> None:
     assert defaults.find("ConfigMap", f"{RELEASE}-model-deployments") is None
     assert "CHATMESH_MODEL_DEPLOYMENTS_FILE" not in settings_data(defaults)
+
+
+# Server-side tools (tools.*).
+
+SERVER_TOOLS = [
+    {
+        "name": "order_status",
+        "description": "Looks up an order's status by its number.",
+        "url": "http://orders.orders.svc:8080/v1/status",
+        "allowed_hosts": ["orders.orders.svc"],
+        "timeout_seconds": 3,
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]},
+        "headers_from_env": {"Authorization": "ORDERS_API_AUTHORIZATION"},
+    },
+    {
+        "name": "weather",
+        "description": "Today's weather.",
+        "url": "https://weather.example.com/v1",
+        "allowed_hosts": ["weather.example.com"],
+    },
+]
+
+
+def _by_component(chart: Rendered, kind: str) -> dict[str, dict[str, Any]]:
+    return {obj["metadata"]["labels"]["app.kubernetes.io/component"]: obj for obj in chart.of_kind(kind)}
+
+
+def test_without_server_tools_no_tools_file_is_rendered_mounted_or_set(defaults: Rendered) -> None:
+    assert defaults.find("ConfigMap", f"{RELEASE}-tools") is None
+    assert "CHATMESH_TOOLS_FILE" not in settings_data(defaults)
+    for process in CORE:
+        d = deployments(defaults)[process]
+        assert "tools" not in {volume["name"] for volume in pod_spec(d)["volumes"]}, process
+        assert "checksum/tools" not in d["spec"]["template"]["metadata"]["annotations"], process
+    # Dialogue reaches no tool endpoint (80 is the tools' default port, 443 the model's).
+    assert 80 not in _egress_ports(_by_component(defaults, "NetworkPolicy")["dialogue"])
+
+
+def test_server_tools_are_mounted_in_dialogue_only_and_load_as_dialogue_loads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = {"tools": {"server": SERVER_TOOLS, "headersSecret": "orders-api", "timeoutSeconds": 4}}
+    assert lint_findings(values) == []
+    chart = render(values)
+    assert [error for obj in chart.objects for error in schema_errors(obj)] == []
+
+    settings = _process_settings(chart, monkeypatch, "dialogue")
+    assert settings.tools_file == "/etc/chatmesh/tools/tools.yaml"
+    # What dialogue reads at start: the ConfigMap's file, its header values from the Secret's variables.
+    copy = tmp_path / "tools.yaml"
+    copy.write_text(chart.get("ConfigMap", f"{RELEASE}-tools")["data"]["tools.yaml"])
+    tools = ServerTools.load(
+        settings.model_copy(update={"tools_file": str(copy)}), {"ORDERS_API_AUTHORIZATION": "Bearer x"}
+    )
+    assert tools.names() == [CURRENT_TIME, "order_status", "weather"]
+    order_status, weather = tools.get("order_status"), tools.get("weather")
+    assert order_status is not None and weather is not None
+    assert (order_status.timeout_seconds, weather.timeout_seconds) == (3, 4)
+
+    for process in CORE:
+        d = deployments(chart)[process]
+        mounts = {mount["name"]: mount for mount in container(d)["volumeMounts"]}
+        secrets = [source["secretRef"]["name"] for source in container(d)["envFrom"] if "secretRef" in source]
+        annotations = d["spec"]["template"]["metadata"]["annotations"]
+        if process == "dialogue":
+            # A folder, not a subPath, like every mount of the chart.
+            assert mounts["tools"] == {
+                "name": "tools",
+                "mountPath": str(Path(settings.tools_file).parent),
+                "readOnly": True,
+            }
+            assert {"name": "tools", "configMap": {"name": f"{RELEASE}-tools"}} in pod_spec(d)["volumes"]
+            assert secrets == ["orders-api"]
+            assert "checksum/tools" in annotations
+        else:
+            assert "tools" not in mounts and secrets == [] and "checksum/tools" not in annotations, process
+
+    # Only dialogue may reach the tools' endpoints.
+    policies = _by_component(chart, "NetworkPolicy")
+    assert _egress_ports(policies["dialogue"])[80] == []
+    for process in ("gateway", "safety", "cache"):
+        assert 80 not in _egress_ports(policies[process]), process
+
+
+def test_dialogue_rolls_when_the_server_tools_change() -> None:
+    def checksum(tools: list[dict[str, Any]]) -> str:
+        dialogue = deployments(render({"tools": {"server": tools}}))["dialogue"]
+        return dialogue["spec"]["template"]["metadata"]["annotations"]["checksum/tools"]
+
+    assert checksum(SERVER_TOOLS) != checksum(SERVER_TOOLS[:1])
+
+
+def test_the_tools_egress_is_a_value() -> None:
+    chart = render(
+        {
+            "tools": {"server": SERVER_TOOLS},
+            "networkPolicy": {
+                "toolsEgress": {"ports": [8080], "to": [{"namespaceSelector": {"matchLabels": {"team": "orders"}}}]}
+            },
+        }
+    )
+
+    ports = _egress_ports(_by_component(chart, "NetworkPolicy")["dialogue"])
+    assert ports[8080] == [{"namespaceSelector": {"matchLabels": {"team": "orders"}}}] and 80 not in ports
+
+
+def test_tool_settings_reach_the_processes_as_they_parse_them(
+    defaults: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fields = ("tool_max_tools", "tool_max_steps", "tool_max_result_chars", "tool_timeout_seconds")
+    for process in ("gateway", "dialogue"):
+        parsed = _process_settings(defaults, monkeypatch, process)
+        assert {field: getattr(parsed, field) for field in fields} == {
+            field: Settings.model_fields[field].default for field in fields
+        }
+
+    chart = render({"tools": {"maxTools": 16, "maxSteps": 3, "maxResultChars": 1000000, "timeoutSeconds": 2.5}})
+    # A large integer stays an integer (Helm reads numbers as floats: 1000000 would otherwise be "1e+06").
+    assert settings_data(chart)["CHATMESH_TOOL_MAX_RESULT_CHARS"] == "1000000"
+    for process in ("gateway", "dialogue"):
+        parsed = _process_settings(chart, monkeypatch, process)
+        assert [getattr(parsed, field) for field in fields] == [16, 3, 1_000_000, 2.5]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"tools": {"maxTools": 129}}, "at '/tools/maxTools': maximum: got 129, want 128"),
+        ({"tools": {"maxSteps": 0}}, "at '/tools/maxSteps': minimum: got 0, want 1"),
+        ({"tools": {"timeoutSeconds": 0}}, "at '/tools/timeoutSeconds': exclusiveMinimum: got 0, want 0"),
+        ({"tools": {"server": [{**SERVER_TOOLS[1], "method": "GET"}]}}, "additional properties 'method' not allowed"),
+        ({"tools": {"server": [{**SERVER_TOOLS[1], "name": "a tool"}]}}, "at '/tools/server/0/name'"),
+        ({"tools": {"server": [{"name": "weather", "url": "https://weather.example.com/v1"}]}}, "missing properties"),
+        ({"networkPolicy": {"toolsEgress": {"ports": [0], "to": []}}}, "at '/networkPolicy/toolsEgress/ports/0'"),
+    ],
+)
+def test_bad_tools_values_are_rejected(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as rejected:
+        render(values)
+    assert message in str(rejected.value)
