@@ -177,7 +177,7 @@ def build_window(
         answered = [history[index] for index in answers]
         left_out = answers.start
     required = sum(_cost(counter, model, message) for message in answered)
-    required += sum(_overhead() + message.tokens for message in new_messages)
+    required += sum(window_tokens(message) for message in new_messages)
     available = budget.prompt_tokens - fixed_tokens - required
     if available < 0:
         raise MessageTooLong(required - _overhead(), max(0, budget.prompt_tokens - fixed_tokens - _overhead()))
@@ -227,7 +227,12 @@ def _units(history: Sequence[StoredMessage]) -> list[range]:
 
 
 def _cost(counter: TokenCounter, model: str, message: StoredMessage) -> int:
-    return _overhead() + counted(counter, model, message).tokens
+    return window_tokens(counted(counter, model, message))
+
+
+def window_tokens(message: StoredMessage) -> int:
+    """What a counted message (see `counted`) takes of a window: its tokens and the chat format's around it."""
+    return _overhead() + message.tokens
 
 
 def _overhead() -> int:

@@ -2,6 +2,7 @@
 
 import asyncio
 
+from chatmesh.dialogue.server_tools import ServerTools
 from chatmesh.dialogue.service import DialogueServicer
 from chatmesh.dialogue.spend import SpendLedger
 from chatmesh.dialogue.store import create_conversation_store
@@ -28,6 +29,7 @@ async def main(settings: Settings) -> None:
         options=redis_options,
     )
     model = ModelClient(settings)
+    server_tools = ServerTools.load(settings)
     tokens = TokenCounter({**DEFAULT_MODEL_ENCODINGS, **settings.model_encodings})
     # Loading an encoding takes about half a second and 40 to 80 MB: the default model's before the first call;
     # another model's when a turn first needs it, off the event loop (DialogueServicer._window).
@@ -46,6 +48,7 @@ async def main(settings: Settings) -> None:
         spend,
         tokens,
         Summarizer(settings, store, model),
+        server_tools,
         background,
     )
 
@@ -55,6 +58,7 @@ async def main(settings: Settings) -> None:
         await safety_channel.close()
         await cache_channel.close()
         await model.close()
+        await server_tools.close()
         await store.close()
 
     await serve(

@@ -9,12 +9,14 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
+from chatmesh.dialogue import tools
 from chatmesh.dialogue.coalesce import coalesce
 from chatmesh.dialogue.context_window import (
     Budget,
@@ -23,10 +25,14 @@ from chatmesh.dialogue.context_window import (
     build_window,
     counted,
     image_proto,
+    model_message,
+    pending_tool_calls,
     stored_image,
+    window_tokens,
 )
 from chatmesh.dialogue.model_options import model_options, provider_user, response_format_param
 from chatmesh.dialogue.output_screen import OutputBlocked, SafetyUnavailable, screen_output
+from chatmesh.dialogue.server_tools import ServerTools, ToolOutcome
 from chatmesh.dialogue.spend import SpendLedger, SpendScope
 from chatmesh.dialogue.store import (
     ClaimState,
@@ -36,6 +42,7 @@ from chatmesh.dialogue.store import (
     ConversationStore,
     IdempotencyKey,
     StoredMessage,
+    StoredToolCall,
     StoreUnavailable,
     TurnAlreadyCommitted,
     TurnClaim,
@@ -81,7 +88,7 @@ _FINISH_REASONS = {
     "function_call": chat_pb2.FINISH_REASON_TOOL_CALLS,
 }
 
-_ROLES = {"user": chat_pb2.ROLE_USER, "assistant": chat_pb2.ROLE_ASSISTANT}
+_ROLES = {"user": chat_pb2.ROLE_USER, "assistant": chat_pb2.ROLE_ASSISTANT, "tool": chat_pb2.ROLE_TOOL}
 
 _MODEL_ERROR_CODES = {
     ModelErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
@@ -107,9 +114,11 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         spend: SpendLedger,
         tokens: TokenCounter,
         summaries: Summarizer,
+        server_tools: ServerTools,
         background: BackgroundTasks,
     ) -> None:
         self._settings = settings
+        self._server_tools = server_tools
         self._spend = spend
         self._store = store
         self._model = model
@@ -199,7 +208,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             return
         yield _started(turn, turn.model)
         if gate.verdict is not None and gate.verdict.blocked:
-            yield await self._refuse_input(context, turn, gate.verdict)
+            yield await self._refuse_input(context, turn, gate.verdict, gate.stage)
             return
         assert gate.cached is not None
         async for event in self._answer_from_cache(context, turn, gate.cached):
@@ -213,7 +222,9 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         seconds_left: float,
     ) -> _Turn:
         """The step `window`: opens an existing conversation under its turn lock (ABORTED while another turn
-        holds it), and builds the window the model will see (INVALID_ARGUMENT when the message cannot fit)."""
+        holds it); checks that the request's tool_results answer exactly the calls the conversation's last turn
+        left to the caller, and that its server_tools exist; and builds the window the model will see from the
+        history, the results and the message (INVALID_ARGUMENT when they cannot fit)."""
         chat = request.request
         model = chat.options.model or self._settings.default_model
         annotate(model=model)
@@ -228,6 +239,20 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                     lease_seconds=seconds_left + _LEASE_MARGIN_SECONDS,
                 )
             scope.lock = history.lock
+        pending = pending_tool_calls(history.messages) if history is not None else ()
+        problem = tools.results_problem(chat.tool_results, pending, chat.conversation_id)
+        if problem is not None:
+            await abort(context, *problem)
+        unknown = [
+            (
+                f"options.server_tools[{index}]",
+                f"names no server-side tool; there are: {', '.join(self._server_tools.names())}",
+            )
+            for index, name in enumerate(chat.options.server_tools)
+            if name not in self._server_tools
+        ]
+        if unknown:
+            await abort_with(context, invalid_argument(unknown))
         limits = Limits.from_proto(request.limits)
         max_tokens = self._spend.bounded_max_tokens(
             limits, chat.options.max_tokens if chat.options.HasField("max_tokens") else None
@@ -240,23 +265,26 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                     [("options.max_tokens", f"leaves no room for a prompt in {model}'s {budget.context_tokens} tokens")]
                 ),
             )
-        new_message = StoredMessage(
-            role="user",
-            content=chat.message,
-            created_at=time.time(),
-            images=tuple(stored_image(image) for image in chat.images),
-        )
+        now = time.time()
+        new_messages = tools.result_messages(chat.tool_results, pending, now)
+        if chat.message or chat.images:
+            images = tuple(stored_image(image) for image in chat.images)
+            new_messages.append(StoredMessage(role="user", content=chat.message, created_at=now, images=images))
+        offered = [
+            *tools.caller_tool_definitions(chat.options),
+            *self._server_tools.definitions(chat.options.server_tools),
+        ]
         try:
-            new_message, window = await self._window(model, budget, chat, history, new_message)
+            counted_messages, window = await self._window(model, budget, chat, history, new_messages, offered)
         except MessageTooLong as too_long:
             await abort_with(
                 context,
                 invalid_argument(
                     [
                         (
-                            "message",
+                            "tool_results" if not chat.message else "message",
                             f"is {too_long.tokens} tokens, and {model}'s context has room for {too_long.available} "
-                            f"beside the system prompt and a reply of {budget.reply_tokens}",
+                            f"beside the system prompt, the tools and a reply of {budget.reply_tokens}",
                         )
                     ]
                 ),
@@ -271,9 +299,11 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             deadline=asyncio.get_running_loop().time() + seconds_left,
             timeout=seconds_left,
             history=history,
-            new_message=new_message,
+            new_messages=tuple(counted_messages),
             window=window,
-            model_request=self._model_request(chat, model, window, max_tokens, scope.tenant),
+            budget=budget,
+            caller_tools=frozenset(tool.name for tool in chat.options.tools),
+            model_request=self._model_request(chat, model, window, max_tokens, scope.tenant, offered),
             spend=spend,
             answer_context=self._answer_context(scope.tenant, chat, model, window),
         )
@@ -290,13 +320,16 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         budget: Budget,
         chat: chat_pb2.ChatRequest,
         history: TurnHistory | None,
-        new_message: StoredMessage,
-    ) -> tuple[StoredMessage, Window]:
-        """The new message with its tokens, and the window; counted in a worker thread when the text to count
-        is long, or the model's encoding is still to be loaded. Raises MessageTooLong."""
+        new_messages: list[StoredMessage],
+        offered: list[dict[str, Any]],
+    ) -> tuple[list[StoredMessage], Window]:
+        """The new messages with their tokens, and the window; counted in a worker thread when the text to
+        count is long, or the model's encoding is still to be loaded. Raises MessageTooLong."""
 
-        def build() -> tuple[StoredMessage, Window]:
-            counted_message = counted(self._tokens, model, new_message)
+        tools_text = json.dumps(offered, ensure_ascii=False) if offered else ""
+
+        def build() -> tuple[list[StoredMessage], Window]:
+            counted_messages = [counted(self._tokens, model, message) for message in new_messages]
             window = build_window(
                 self._tokens,
                 model,
@@ -304,11 +337,14 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 system_prompt=chat.options.system_prompt,
                 summary=history.summary if history is not None else None,
                 history=history.messages if history is not None else [],
-                new_messages=[counted_message],
+                new_messages=counted_messages,
+                tools_tokens=self._tokens.count_text(model, tools_text) if tools_text else 0,
             )
-            return counted_message, window
+            return counted_messages, window
 
-        if not self._tokens.loaded(model) or len(chat.message) + len(chat.options.system_prompt) > OFF_LOOP_TEXT_CHARS:
+        text_chars = sum(len(message.content) for message in new_messages) + len(chat.options.system_prompt)
+        text_chars += len(tools_text)
+        if not self._tokens.loaded(model) or text_chars > OFF_LOOP_TEXT_CHARS:
             return await asyncio.to_thread(build)
         return build()
 
@@ -324,7 +360,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         reservation_used = False
         try:
             try:
-                verdict = await self._screen_input(turn.chat.message, turn.request_id, turn.deadline, turn.chat.images)
+                verdict, stage = await self._screen_what_the_caller_sent(turn)
             except SafetyUnavailable:
                 if lookup is not None:
                     lookup.cancel()
@@ -347,29 +383,64 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             # released once made.
             if reservation is not None and not reservation_used:
                 self._spend.release_unused(turn.spend, turn.model_request, reservation)
-        return _Gate(verdict=verdict, cached=cached, replay=replay, calls_model=calls_model and replay is None)
+        return _Gate(
+            verdict=verdict, stage=stage, cached=cached, replay=replay, calls_model=calls_model and replay is None
+        )
+
+    async def _screen_what_the_caller_sent(
+        self, turn: _Turn
+    ) -> tuple[safety_pb2.Verdict | None, chat_pb2.ContentFilter.Stage]:
+        """The verdict on what the caller sent, and the stage a refusal is reported at: its message (with its
+        images) by ScreenInput, its tool results by ScreenTool, both at once. None when safety cannot be reached
+        and the operator chose fail-open: the whole turn then goes unscreened. Raises SafetyUnavailable."""
+        chat = turn.chat
+        screens: list[tuple[chat_pb2.ContentFilter.Stage, Awaitable[safety_pb2.Verdict | None]]] = []
+        if chat.message or chat.images:
+            screen = self._screen_input(chat.message, turn.request_id, turn.deadline, chat.images)
+            screens.append((chat_pb2.ContentFilter.STAGE_INPUT, screen))
+        if chat.tool_results:
+            texts = [result.content for result in chat.tool_results]
+            screens.append(
+                (chat_pb2.ContentFilter.STAGE_TOOL, self._screen_tools(texts, turn.request_id, turn.deadline))
+            )
+        verdicts = await asyncio.gather(*(screen for _, screen in screens))
+        for (stage, _), verdict in zip(screens, verdicts, strict=True):
+            if verdict is not None and verdict.blocked:
+                return verdict, stage
+        return (None if None in verdicts else verdicts[0]), screens[0][0]
 
     async def _refuse_input(
-        self, context: grpc.aio.ServicerContext, turn: _Turn, verdict: safety_pb2.Verdict
+        self,
+        context: grpc.aio.ServicerContext,
+        turn: _Turn,
+        verdict: safety_pb2.Verdict,
+        stage: chat_pb2.ContentFilter.Stage,
     ) -> chat_pb2.ChatEvent:
-        """A refused input is committed as refused (its text not kept), and the model is not called."""
-        refused = StoredMessage(role="user", content="", created_at=turn.new_message.created_at, refused=True)
-        completed = _content_filtered(chat_pb2.ContentFilter.STAGE_INPUT, verdict.categories, chat_pb2.Usage())
-        await self._commit(context, turn, refused, _refused_reply(), completed)
+        """A refused input (the message, or a tool result) is committed as refused, every new message's text not
+        kept, and the model is not called. A refused result still answers its call, so no call stays pending."""
+        refused = [
+            replace(message, content="", refused=True, images=(), tokens=0, encoding="")
+            for message in turn.new_messages
+        ]
+        completed = _content_filtered(stage, verdict.categories, chat_pb2.Usage())
+        await self._commit(context, turn, (*refused, _refused_reply()), completed)
         annotate(input_tokens=0, output_tokens=0)
         return completed
 
     async def _answer_from_cache(
         self, context: grpc.aio.ServicerContext, turn: _Turn, cached: cache_pb2.CachedReply
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=cached.text))
+        cached_delta = chat_pb2.Delta(text=cached.text)
+        yield chat_pb2.ChatEvent(delta=cached_delta)
         reply = counted(self._tokens, turn.model, StoredMessage("assistant", cached.text, time.time()))
         completed = chat_pb2.ChatEvent(
             completed=chat_pb2.Completed(
                 finish_reason=cached.finish_reason, usage=chat_pb2.Usage(), cost_usd=0.0, cached=True
             )
         )
-        await self._commit(context, turn, turn.new_message, reply, completed)
+        await self._commit(
+            context, turn, (*turn.new_messages, reply), completed, events=[chat_pb2.ChatEvent(delta=cached_delta)]
+        )
         annotate(input_tokens=0, output_tokens=0)
         yield completed
         self._after_reply(turn, cached_reply=None)
@@ -377,32 +448,87 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def _answer_from_model(
         self, context: grpc.aio.ServicerContext, turn: _Turn, *, screened: bool
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        """The step `model`: streams the reply through the output screen (unless the turn goes unscreened),
-        then commits it. However the stream ends (finished, blocked, failed, cancelled by the caller), its
-        tokens are counted: the provider's usage when it came, else counted over what was sent and received."""
+        """The steps `model` and `tools`. Each model call (`_model_step`) streams its text through the output
+        screen (unless the turn goes unscreened). When the model calls tools, their arguments are screened and
+        the calls sent (ToolCalls); the server-side ones are run, and their results screened and sent
+        (ToolResults). While every call is server-side, the model is called again with the results, at most
+        tool_max_steps calls in all, the last with tool_choice none so that the turn ends with an answer. The
+        turn then commits everything it produced, ending with the reply or with the caller's calls to run.
+
+        A turn that does not commit leaves the conversation as it was; the tokens of its model calls (the
+        provider's usage, else counted over what was sent and received) still count for the tenant and the
+        conversation's usage."""
+        answer = _Answer(model=turn.model)
+        request = turn.model_request
+        try:
+            for step in range(self._settings.tool_max_steps):
+                if step:
+                    request = await self._next_step(context, turn, request, answer, step)
+                async for event in self._model_step(context, turn, request, step, answer, screened=screened):
+                    yield event
+                end = answer.step
+                if end.blocked is not None:
+                    stage = chat_pb2.ContentFilter.STAGE_OUTPUT
+                    yield await self._refuse_answer(context, turn, answer, stage, end.blocked.categories)
+                    return
+                if end.outcome is None or not end.outcome.tool_calls:
+                    async for event in self._reply(context, turn, answer, screened=screened):
+                        yield event
+                    return
+                if step == self._settings.tool_max_steps - 1:
+                    await abort(
+                        context,
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"the model still called tools in the last of the {step + 1} model calls a turn may make "
+                        "(CHATMESH_TOOL_MAX_STEPS); nothing was stored",
+                    )
+                async for event in self._tool_step(context, turn, answer, screened=screened):
+                    yield event
+                if answer.ended:
+                    return
+        finally:
+            if not turn.scope.committed and turn.history is not None and (answer.input_tokens or answer.output_tokens):
+                self._background.spawn(
+                    self._store.add_usage(
+                        turn.scope.tenant, turn.scope.conversation_id, answer.input_tokens, answer.output_tokens
+                    ),
+                    "add_usage",
+                )
+
+    async def _model_step(
+        self,
+        context: grpc.aio.ServicerContext,
+        turn: _Turn,
+        request: ModelRequest,
+        step: int,
+        answer: _Answer,
+        *,
+        screened: bool,
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """One model call: sends Started with the turn's first answer (naming the model that answered, a
+        fallback's maybe) and the text as it is cleared; sets `answer.step` to how the call ended, and however
+        it ends, adds its tokens and cost to `answer` and settles them."""
         progress = StreamProgress()
-        model_stream = self._model.stream_chat(turn.model_request, turn.deadline, progress)
+        model_stream = self._model.stream_chat(request, turn.deadline, progress)
         relayed = (
             screen_output(model_stream, self._safety, turn.request_id, turn.deadline)
             if screened
             else coalesce(model_stream)
         )
-        reply_parts: list[str] = []
-        outcome: ModelOutcome | None = None
-        blocked: OutputBlocked | None = None
-        started = False
+        end = _StepEnd()
+        text: list[str] = []
         try:
             async for item in relayed:
-                if not started:
-                    started = True
+                if not answer.started:
+                    answer.started = True
                     yield _started(turn, progress.model or turn.model)
                 if isinstance(item, str):
-                    reply_parts.append(item)
+                    text.append(item)
                     yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=item))
                 elif isinstance(item, OutputBlocked):
-                    blocked = item
+                    end.blocked = item
                 else:
-                    outcome = item
+                    end.outcome = item
         except ModelError as error:
             log.warning("model_failed", extra={"request_id": turn.request_id, "kind": error.kind.value})
             annotate(error=_MODEL_ERROR_KINDS[error.kind])
@@ -418,57 +544,200 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         finally:
             # The model that answered (a fallback's, maybe) and its deployment's price.
             answered = progress.model or turn.model
-            input_tokens, output_tokens = self._spent(turn, progress)
+            input_tokens, output_tokens = self._spent(turn.model, request, progress)
             cost = self._model.cost_usd(answered, input_tokens, output_tokens, progress.deployment)
-            self._spend.settle_later(turn.spend, answered, input_tokens, output_tokens, cost)
+            self._spend.settle_later(_step_spend(turn, step), answered, input_tokens, output_tokens, cost)
             if progress.outcome is None and (input_tokens or output_tokens):
-                # No Completed commits these: they count for the model's metrics and the conversation here.
+                # No Completed reports these: they count for the model's metrics here.
                 self._model.record_unfinished(answered, input_tokens, output_tokens, progress.deployment)
-                if turn.history is not None and blocked is None:
-                    self._background.spawn(
-                        self._store.add_usage(
-                            turn.scope.tenant, turn.scope.conversation_id, input_tokens, output_tokens
-                        ),
-                        "add_usage",
+            answer.add(answered, input_tokens, output_tokens, cost)
+        end.text = "".join(text)
+        answer.step = end
+
+    async def _tool_step(
+        self, context: grpc.aio.ServicerContext, turn: _Turn, answer: _Answer, *, screened: bool
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """The tool calls of the model's last answer: screened and sent; the server-side ones run, and their
+        results screened and sent. When some call is the caller's, the turn ends here (`answer.ended`):
+        committed with FINISH_REASON_TOOL_CALLS. A refused call or result ends it with CONTENT_FILTER at
+        STAGE_TOOL, and neither the calls nor the results of this answer are kept."""
+        end = answer.step
+        assert end.outcome is not None
+        calls = tools.stored_calls(end.outcome.tool_calls, turn.caller_tools)
+        if screened:
+            verdict = await self._screen_tool_texts(context, turn, [call.arguments for call in calls])
+            if verdict.blocked:
+                answer.ended = True
+                yield await self._refuse_answer(
+                    context, turn, answer, chat_pb2.ContentFilter.STAGE_TOOL, verdict.categories
+                )
+                return
+        calls_event = tools.tool_calls_event(calls)
+        yield calls_event
+        produced = [
+            counted(self._tokens, turn.model, StoredMessage("assistant", end.text, time.time(), tool_calls=calls))
+        ]
+        events = [chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=end.text))] if end.text else []
+        events.append(calls_event)
+        server_calls = [call for call in calls if call.server_side]
+        if server_calls:
+            results = await self._run_server_tools(turn, server_calls)
+            if screened:
+                verdict = await self._screen_tool_texts(context, turn, [result.content for result in results])
+                if verdict.blocked:
+                    answer.ended = True
+                    yield await self._refuse_answer(
+                        context, turn, answer, chat_pb2.ContentFilter.STAGE_TOOL, verdict.categories
                     )
-        usage = chat_pb2.Usage(input_tokens=input_tokens, output_tokens=output_tokens)
-        usage.total_tokens = input_tokens + output_tokens
-        if blocked is not None:
-            completed = _content_filtered(chat_pb2.ContentFilter.STAGE_OUTPUT, blocked.categories, usage, cost)
-            await self._commit(context, turn, turn.new_message, _refused_reply(), completed, answered)
-            annotate(input_tokens=input_tokens, output_tokens=output_tokens)
+                    return
+            results_event = tools.tool_results_event(results)
+            yield results_event
+            produced.extend(results)
+            events.append(results_event)
+        answer.messages.extend(produced)
+        answer.events.extend(events)
+        if len(server_calls) < len(calls):
+            answer.ended = True
+            completed = _completed(chat_pb2.FINISH_REASON_TOOL_CALLS, answer)
+            await self._commit(
+                context,
+                turn,
+                (*turn.new_messages, *answer.messages),
+                completed,
+                model=answer.model,
+                events=answer.events,
+            )
+            annotate(input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)
             yield completed
-            return
-        assert outcome is not None
-        reply_text = "".join(reply_parts)
-        reply = counted(self._tokens, turn.model, StoredMessage("assistant", reply_text, time.time()))
-        finish_reason = _FINISH_REASONS.get(outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
-        completed = chat_pb2.ChatEvent(
-            completed=chat_pb2.Completed(finish_reason=finish_reason, usage=usage, cost_usd=cost)
+
+    async def _run_server_tools(self, turn: _Turn, calls: Sequence[StoredToolCall]) -> list[StoredMessage]:
+        """Runs the calls concurrently, each as its tool's result (an error result when it failed, or names no
+        server-side tool the request enabled), in the calls' order."""
+        enabled = [call.name in turn.chat.options.server_tools for call in calls]
+        outcomes = iter(
+            await self._server_tools.run_all(
+                [call for call, run in zip(calls, enabled, strict=True) if run], turn.deadline
+            )
         )
-        await self._commit(context, turn, turn.new_message, reply, completed, answered)
-        annotate(input_tokens=input_tokens, output_tokens=output_tokens)
+        now = time.time()
+        results = []
+        for call, run in zip(calls, enabled, strict=True):
+            outcome = next(outcomes) if run else ToolOutcome(f"no tool is named {call.name!r}", is_error=True)
+            message = StoredMessage("tool", outcome.content, now, tool_call_id=call.id, tool_error=outcome.is_error)
+            results.append(counted(self._tokens, turn.model, message))
+        return results
+
+    async def _screen_tool_texts(
+        self, context: grpc.aio.ServicerContext, turn: _Turn, texts: list[str]
+    ) -> safety_pb2.Verdict:
+        """The keyword lists' verdict on the model's tool calls' arguments or the server-side tools' results;
+        allowed when safety cannot be reached and the operator chose fail-open, else the call ends with
+        UNAVAILABLE."""
+        try:
+            verdict = await self._screen_tools(texts, turn.request_id, turn.deadline)
+        except SafetyUnavailable:
+            annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
+            raise
+        return verdict or safety_pb2.Verdict(blocked=False)
+
+    async def _next_step(
+        self, context: grpc.aio.ServicerContext, turn: _Turn, request: ModelRequest, answer: _Answer, step: int
+    ) -> ModelRequest:
+        """The next model call's request: the last one's messages, then the tool calls and results it led to;
+        with tool_choice none when it is the turn's last allowed call. Its worst case is reserved under the
+        tenant's limits like the first call's (RESOURCE_EXHAUSTED past them), and it must fit the model's
+        context (FAILED_PRECONDITION otherwise)."""
+        added = answer.messages[answer.sent :]
+        answer.sent = len(answer.messages)
+        prompt_tokens = (request.prompt_tokens or 0) + sum(window_tokens(message) for message in added)
+        if prompt_tokens > turn.budget.prompt_tokens:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the server-side tools' results do not fit {turn.model}'s context: the next call would need "
+                f"{prompt_tokens} prompt tokens, and there is room for {turn.budget.prompt_tokens}; nothing was stored",
+            )
+        last = step == self._settings.tool_max_steps - 1
+        next_request = replace(
+            request,
+            messages=[*request.messages, *(model_message(message) for message in added)],
+            prompt_tokens=prompt_tokens,
+            tool_choice="none" if last else request.tool_choice,
+        )
+        if turn.spend.limits.limits_spend:
+            try:
+                await self._spend.reserve(
+                    _step_spend(turn, step), next_request, turn.deadline - asyncio.get_running_loop().time()
+                )
+            except Refused as refused:
+                await abort_with(context, refused.status)
+        return next_request
+
+    async def _reply(
+        self, context: grpc.aio.ServicerContext, turn: _Turn, answer: _Answer, *, screened: bool
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """The model's answer is the reply: committed after what the turn produced before it, then stored in the
+        cache when it may serve other callers."""
+        end = answer.step
+        assert end.outcome is not None
+        reply = counted(self._tokens, turn.model, StoredMessage("assistant", end.text, time.time()))
+        finish_reason = _FINISH_REASONS.get(end.outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
+        completed = _completed(finish_reason, answer)
+        if end.text:
+            answer.events.append(chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=end.text)))
+        await self._commit(
+            context,
+            turn,
+            (*turn.new_messages, *answer.messages, reply),
+            completed,
+            model=answer.model,
+            events=answer.events,
+        )
+        annotate(input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)
         yield completed
         # A reply that went out unscreened (safety down, fail-open) is not kept for callers that safety would
         # screen, nor one of a fallback model for callers of the model they asked for.
-        cacheable = screened and finish_reason == chat_pb2.FINISH_REASON_STOP and answered == turn.model
+        cacheable = screened and finish_reason == chat_pb2.FINISH_REASON_STOP and answer.model == turn.model
         self._after_reply(
             turn,
             cached_reply=cache_pb2.CachedReply(
-                text=reply_text, finish_reason=finish_reason, output_tokens=output_tokens
+                text=end.text, finish_reason=finish_reason, output_tokens=answer.output_tokens
             )
             if cacheable
             else None,
         )
 
-    def _spent(self, turn: _Turn, progress: StreamProgress) -> tuple[int, int]:
+    async def _refuse_answer(
+        self,
+        context: grpc.aio.ServicerContext,
+        turn: _Turn,
+        answer: _Answer,
+        stage: chat_pb2.ContentFilter.Stage,
+        categories: Sequence[str],
+    ) -> chat_pb2.ChatEvent:
+        """The model's answer (its text, or its tool calls or their results) was refused: the turn is committed
+        with a refused reply in its place, after what the turn produced before it."""
+        completed = _content_filtered(stage, categories, answer.usage(), answer.cost)
+        await self._commit(
+            context,
+            turn,
+            (*turn.new_messages, *answer.messages, _refused_reply()),
+            completed,
+            model=answer.model,
+            events=answer.events,
+        )
+        annotate(input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)
+        return completed
+
+    def _spent(self, model: str, request: ModelRequest, progress: StreamProgress) -> tuple[int, int]:
         """The (input, output) tokens of a model call: the provider's usage when it came; else, when text was
-        streamed, the window's tokens and those of the text received; else none (the provider answered with
+        streamed, the prompt's tokens and those of the text received; else none (the provider answered with
         an error, or never answered, and bills nothing)."""
         if progress.outcome is not None:
             return progress.outcome.input_tokens, progress.outcome.output_tokens
         if progress.chunks:
-            return turn.window.prompt_tokens, self._tokens.count_text(turn.model, "".join(progress.text))
+            return request.prompt_tokens or 0, self._tokens.count_text(model, "".join(progress.text))
         return 0, 0
 
     def _after_reply(self, turn: _Turn, *, cached_reply: cache_pb2.CachedReply | None) -> None:
@@ -507,27 +776,55 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             raise SafetyUnavailable(error.code().name) from error
         return response.verdict
 
+    async def _screen_tools(self, texts: list[str], request_id: str, deadline: float) -> safety_pb2.Verdict | None:
+        """The keyword lists' verdict on tool texts; None when safety cannot be reached and the operator chose
+        fail-open. Raises SafetyUnavailable otherwise."""
+        try:
+            response = await self._safety.ScreenTool(
+                safety_pb2.ScreenToolRequest(texts=texts, request_id=request_id),
+                timeout=deadline - asyncio.get_running_loop().time(),
+            )
+        except grpc.aio.AioRpcError as error:
+            log.error("safety_unavailable", extra={"request_id": request_id, "grpc_code": error.code().name})
+            if self._settings.safety_fail_open:
+                return None
+            raise SafetyUnavailable(error.code().name) from error
+        return response.verdict
+
     def _model_request(
-        self, chat: chat_pb2.ChatRequest, model: str, window: Window, max_tokens: int | None, tenant: str
+        self,
+        chat: chat_pb2.ChatRequest,
+        model: str,
+        window: Window,
+        max_tokens: int | None,
+        tenant: str,
+        offered: list[dict[str, Any]],
     ) -> ModelRequest:
+        options = chat.options
         return ModelRequest(
             model=model,
             messages=window.messages,
             max_tokens=max_tokens,
             user=provider_user(self._settings.log_user_id_salt.get_secret_value(), tenant, chat.user_id),
             prompt_tokens=window.prompt_tokens,
-            **model_options(chat.options),
+            tools=offered,
+            tool_choice=tools.tool_choice_param(options.tool_choice) if offered else None,
+            parallel_tool_calls=options.parallel_tool_calls if options.HasField("parallel_tool_calls") else None,
+            **model_options(options),
         )
 
     def _answer_context(
         self, tenant: str, chat: chat_pb2.ChatRequest, model: str, window: Window
     ) -> cache_pb2.AnswerContext | None:
         """What the cache keys an answer by; None when this request's answer may not be cached: a temperature
-        above the cache's bound, images in the turn or its window (never looked up nor stored), or a summary
-        in the window."""
+        above the cache's bound, images in the turn or its window (never looked up nor stored), a summary in the
+        window, or tools (offered, or their calls and results in the turn or its window)."""
         options = chat.options
         if (
             chat.images
+            or chat.tool_results
+            or tools.offers_tools(options)
+            or any(message.tool_calls or message.role == "tool" for message in window.history)
             or window.with_summary
             or any(message.images for message in window.history)
             or (options.HasField("temperature") and options.temperature > self._settings.cache_max_temperature)
@@ -578,25 +875,24 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         self,
         context: grpc.aio.ServicerContext,
         turn: _Turn,
-        user_message: StoredMessage,
-        reply: StoredMessage,
+        messages: Sequence[StoredMessage],
         completed: chat_pb2.ChatEvent,
+        *,
         model: str | None = None,
+        events: Sequence[chat_pb2.ChatEvent] = (),
     ) -> None:
-        """The step `commit`: appends the turn (with the usage of its Completed) and releases the conversation;
-        with an idempotency key, together with what a retry is to be answered (`model`: the one that answered,
-        by default the one asked for)."""
+        """The step `commit`: appends the turn's messages (with the usage of its Completed) and releases the
+        conversation; with an idempotency key, together with what a retry is to be answered: the turn's `events`
+        (all but Started, and its text in one Delta per model call) then `completed`, from `model` (the one that
+        answered, by default the one asked for)."""
         scope = turn.scope
         usage = completed.completed.usage
         committed = CommittedTurn(
-            messages=(user_message, reply),
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
+            messages=tuple(messages), input_tokens=usage.input_tokens, output_tokens=usage.output_tokens
         )
         idempotency = None
         if scope.key is not None:
-            text = "" if reply.refused else reply.content
-            replay = _replay_record(scope.conversation_id, model or turn.model, text, completed)
+            replay = _replay_record(scope.conversation_id, model or turn.model, [*events, completed])
             idempotency = replace(scope.key, replay=replay)
         async with _store_errors(context, scope.conversation_id, "was deleted while the turn ran"):
             try:
@@ -720,6 +1016,9 @@ def _to_proto(conversation: Conversation) -> chat_pb2.Conversation:
                 create_time=_timestamp(message.created_at),
                 refused=message.refused,
                 images=[image_proto(image) for image in message.images],
+                tool_calls=[tools.call_proto(call) for call in message.tool_calls],
+                tool_call_id=message.tool_call_id,
+                tool_error=message.tool_error,
             )
             for message in conversation.messages
         ],
@@ -822,8 +1121,12 @@ class _Turn:
     deadline: float  # loop.time()
     timeout: float  # seconds
     history: TurnHistory | None  # None for a new conversation
-    new_message: StoredMessage
+    # What the caller sent, counted: the results of the pending tool calls, then the message (if any).
+    new_messages: tuple[StoredMessage, ...]
     window: Window
+    budget: Budget
+    # The names of the request's own tools: calls of them are the caller's to run.
+    caller_tools: frozenset[str]
     model_request: ModelRequest
     spend: SpendScope
     answer_context: cache_pb2.AnswerContext | None
@@ -835,27 +1138,82 @@ def _started(turn: _Turn, model: str) -> chat_pb2.ChatEvent:
     )
 
 
+def _step_spend(turn: _Turn, step: int) -> SpendScope:
+    """Each model call of a turn is reserved and settled on its own: the first under the request id."""
+    return turn.spend if step == 0 else replace(turn.spend, request_id=f"{turn.request_id}/{step}")
+
+
 @dataclass(frozen=True, slots=True)
 class _Gate:
-    """What the input's screen, the cache and the idempotency claim decided: `verdict` None means the turn
-    goes unscreened (safety down, fail-open); `calls_model` whether the model answers."""
+    """What the screens of what the caller sent, the cache and the idempotency claim decided: `verdict` None
+    means the turn goes unscreened (safety down, fail-open), and `stage` is where a refusal is reported;
+    `calls_model` whether the model answers."""
 
     verdict: safety_pb2.Verdict | None
+    stage: chat_pb2.ContentFilter.Stage
     cached: cache_pb2.CachedReply | None
     replay: str | None
     calls_model: bool
 
 
-def _replay_record(conversation_id: str, model: str, text: str, completed: chat_pb2.ChatEvent) -> str:
-    """What a retry with the same idempotency key is answered, as the store keeps it."""
+@dataclass(slots=True)
+class _StepEnd:
+    """How one model call ended: its text, and its outcome (with its tool calls), or the output screen's block."""
+
+    text: str = ""
+    outcome: ModelOutcome | None = None
+    blocked: OutputBlocked | None = None
+
+
+@dataclass(slots=True)
+class _Answer:
+    """What the model calls of a turn have produced so far (see `_answer_from_model`)."""
+
+    # The model that answered the last call (a fallback's, maybe).
+    model: str
+    started: bool = False
+    # Set when a step committed the turn or refused it, and the turn is over.
+    ended: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    # The assistant's tool-call messages and the server-side tools' results, in order; the first `sent` of
+    # them are in the model's request already.
+    messages: list[StoredMessage] = field(default_factory=list)
+    sent: int = 0
+    # What a retry with the same idempotency key is replayed before Completed.
+    events: list[chat_pb2.ChatEvent] = field(default_factory=list)
+    step: _StepEnd = field(default_factory=_StepEnd)
+
+    def add(self, model: str, input_tokens: int, output_tokens: int, cost: float) -> None:
+        self.model = model
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        self.cost += cost
+
+    def usage(self) -> chat_pb2.Usage:
+        return chat_pb2.Usage(
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            total_tokens=self.input_tokens + self.output_tokens,
+        )
+
+
+def _completed(finish_reason: chat_pb2.FinishReason, answer: _Answer) -> chat_pb2.ChatEvent:
+    return chat_pb2.ChatEvent(
+        completed=chat_pb2.Completed(finish_reason=finish_reason, usage=answer.usage(), cost_usd=answer.cost)
+    )
+
+
+def _replay_record(conversation_id: str, model: str, events: Sequence[chat_pb2.ChatEvent]) -> str:
+    """What a retry with the same idempotency key is answered, as the store keeps it: the turn's events after
+    Started, the last of them its Completed."""
     return json.dumps(
         {
             "conversation_id": conversation_id,
             "model": model,
-            "text": text,
-            "completed": base64.b64encode(completed.completed.SerializeToString()).decode(),
+            "events": [base64.b64encode(event.SerializeToString()).decode() for event in events],
         },
-        ensure_ascii=False,
         separators=(",", ":"),
     )
 
@@ -863,16 +1221,16 @@ def _replay_record(conversation_id: str, model: str, text: str, completed: chat_
 def _replay(record: str, request_id: str) -> list[chat_pb2.ChatEvent]:
     """The events of a committed turn, replayed to a retry under this call's request id."""
     data = json.loads(record)
-    completed = chat_pb2.Completed.FromString(base64.b64decode(data["completed"]))
-    completed.replayed = True
-    events = [
-        chat_pb2.ChatEvent(
-            started=chat_pb2.Started(
-                conversation_id=data["conversation_id"], request_id=request_id, model=data["model"]
-            )
-        )
-    ]
-    if data["text"]:
-        events.append(chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=data["text"])))
-    events.append(chat_pb2.ChatEvent(completed=completed))
-    return events
+    started = chat_pb2.ChatEvent(
+        started=chat_pb2.Started(conversation_id=data["conversation_id"], request_id=request_id, model=data["model"])
+    )
+    if "events" in data:
+        events = [chat_pb2.ChatEvent.FromString(base64.b64decode(event)) for event in data["events"]]
+    else:
+        # A record of a turn committed before tool calls were stored: its text and Completed (kept for
+        # CHATMESH_IDEMPOTENCY_TTL_SECONDS after an upgrade).
+        completed = chat_pb2.ChatEvent(completed=chat_pb2.Completed.FromString(base64.b64decode(data["completed"])))
+        events = [chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=data["text"]))] if data["text"] else []
+        events.append(completed)
+    events[-1].completed.replayed = True
+    return [started, *events]

@@ -200,8 +200,9 @@ class Settings(BaseSettings):
     # The most tools one request may offer (its own and the server-side ones it names together).
     tool_max_tools: int = Field(default=128, ge=1, le=128)
     # The most model calls in one turn: each server-side round (the model calls tools chatmesh runs, and is
-    # called again with their results) takes one; past it the turn ends with an error the caller can act on.
-    tool_max_steps: int = Field(default=8, ge=1, le=64)
+    # called again with their results) takes one, and the last is made with tool_choice none, so that the turn
+    # ends with an answer. At least 2: one call that runs tools, one that answers from their results.
+    tool_max_steps: int = Field(default=8, ge=2, le=64)
     # The longest tool result, in characters: a caller's (else INVALID_ARGUMENT), or a server-side tool's
     # response (else the model is told the result was too long).
     tool_max_result_chars: int = Field(default=32_000, ge=1)

@@ -1519,7 +1519,7 @@ def test_tool_settings_reach_the_processes_as_they_parse_them(
     ("values", "message"),
     [
         ({"tools": {"maxTools": 129}}, "at '/tools/maxTools': maximum: got 129, want 128"),
-        ({"tools": {"maxSteps": 0}}, "at '/tools/maxSteps': minimum: got 0, want 1"),
+        ({"tools": {"maxSteps": 1}}, "at '/tools/maxSteps': minimum: got 1, want 2"),
         ({"tools": {"timeoutSeconds": 0}}, "at '/tools/timeoutSeconds': exclusiveMinimum: got 0, want 0"),
         ({"tools": {"server": [{**SERVER_TOOLS[1], "method": "GET"}]}}, "additional properties 'method' not allowed"),
         ({"tools": {"server": [{**SERVER_TOOLS[1], "name": "a tool"}]}}, "at '/tools/server/0/name'"),
