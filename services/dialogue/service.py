@@ -403,7 +403,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             screens.append(
                 (chat_pb2.ContentFilter.STAGE_TOOL, self._screen_tools(texts, turn.request_id, turn.deadline))
             )
-        verdicts = await asyncio.gather(*(screen for _, screen in screens))
+        if len(screens) == 1:  # a turn's usual case: no task to gather
+            verdicts = [await screens[0][1]]
+        else:
+            verdicts = await asyncio.gather(*(screen for _, screen in screens))
         for (stage, _), verdict in zip(screens, verdicts, strict=True):
             if verdict is not None and verdict.blocked:
                 return verdict, stage
