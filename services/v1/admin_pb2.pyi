@@ -132,3 +132,11 @@ class GetTenantUsageRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class EraseTenantUserRequest(_message.Message):
+    __slots__ = ("tenant", "user_id")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    user_id: str
+    def __init__(self, tenant: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...

@@ -79,6 +79,11 @@ class AdminServiceStub:
                 request_serializer=chatmesh_dot_v1_dot_admin__pb2.GetTenantUsageRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_v1_dot_chat__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.EraseUser = channel.unary_unary(
+                '/chatmesh.v1.AdminService/EraseUser',
+                request_serializer=chatmesh_dot_v1_dot_admin__pb2.EraseTenantUserRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_v1_dot_chat__pb2.EraseUserResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -145,6 +150,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EraseUser(self, request, context):
+        """Erases everything chatmesh holds of one user of a tenant: conversations
+        and their summaries, cached replies derived from them, review cases.
+        Idempotent: erasing again removes nothing more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +201,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetTenantUsage,
                     request_deserializer=chatmesh_dot_v1_dot_admin__pb2.GetTenantUsageRequest.FromString,
                     response_serializer=chatmesh_dot_v1_dot_chat__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'EraseUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseUser,
+                    request_deserializer=chatmesh_dot_v1_dot_admin__pb2.EraseTenantUserRequest.FromString,
+                    response_serializer=chatmesh_dot_v1_dot_chat__pb2.EraseUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -409,6 +428,33 @@ class AdminService:
             '/chatmesh.v1.AdminService/GetTenantUsage',
             chatmesh_dot_v1_dot_admin__pb2.GetTenantUsageRequest.SerializeToString,
             chatmesh_dot_v1_dot_chat__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.v1.AdminService/EraseUser',
+            chatmesh_dot_v1_dot_admin__pb2.EraseTenantUserRequest.SerializeToString,
+            chatmesh_dot_v1_dot_chat__pb2.EraseUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

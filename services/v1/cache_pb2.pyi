@@ -63,14 +63,16 @@ class ContextMessage(_message.Message):
     def __init__(self, role: _Optional[_Union[_chat_pb2.Role, str]] = ..., content: _Optional[str] = ...) -> None: ...
 
 class CachedReply(_message.Message):
-    __slots__ = ("text", "finish_reason", "output_tokens")
+    __slots__ = ("text", "finish_reason", "output_tokens", "policy_version")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _chat_pb2.FinishReason
     output_tokens: int
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_chat_pb2.FinishReason, str]] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+    policy_version: str
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_chat_pb2.FinishReason, str]] = ..., output_tokens: _Optional[int] = ..., policy_version: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("context",)
@@ -89,12 +91,16 @@ class LookupResponse(_message.Message):
     def __init__(self, hit: _Optional[bool] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ..., tier: _Optional[_Union[CacheTier, str]] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
-    __slots__ = ("context", "reply")
+    __slots__ = ("context", "reply", "user_id", "conversation_id")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     context: AnswerContext
     reply: CachedReply
-    def __init__(self, context: _Optional[_Union[AnswerContext, _Mapping]] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ...) -> None: ...
+    user_id: str
+    conversation_id: str
+    def __init__(self, context: _Optional[_Union[AnswerContext, _Mapping]] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ..., user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ...) -> None: ...
 
 class StoreResponse(_message.Message):
     __slots__ = ("stored", "tiers")
@@ -103,3 +109,19 @@ class StoreResponse(_message.Message):
     stored: bool
     tiers: _containers.RepeatedScalarFieldContainer[CacheTier]
     def __init__(self, stored: _Optional[bool] = ..., tiers: _Optional[_Iterable[_Union[CacheTier, str]]] = ...) -> None: ...
+
+class EraseRequest(_message.Message):
+    __slots__ = ("tenant", "user_id", "conversation_id")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    user_id: str
+    conversation_id: str
+    def __init__(self, tenant: _Optional[str] = ..., user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ...) -> None: ...
+
+class EraseResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    def __init__(self, entries: _Optional[int] = ...) -> None: ...

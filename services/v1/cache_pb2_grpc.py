@@ -47,6 +47,11 @@ class CacheServiceStub:
                 request_serializer=chatmesh_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_v1_dot_cache__pb2.StoreResponse.FromString,
                 _registered_method=True)
+        self.Erase = channel.unary_unary(
+                '/chatmesh.v1.CacheService/Erase',
+                request_serializer=chatmesh_dot_v1_dot_cache__pb2.EraseRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_v1_dot_cache__pb2.EraseResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -70,6 +75,14 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Erase(self, request, context):
+        """Removes every reply stored from a conversation, or from any of a user's
+        conversations, from every tier of every cache process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +95,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Store,
                     request_deserializer=chatmesh_dot_v1_dot_cache__pb2.StoreRequest.FromString,
                     response_serializer=chatmesh_dot_v1_dot_cache__pb2.StoreResponse.SerializeToString,
+            ),
+            'Erase': grpc.unary_unary_rpc_method_handler(
+                    servicer.Erase,
+                    request_deserializer=chatmesh_dot_v1_dot_cache__pb2.EraseRequest.FromString,
+                    response_serializer=chatmesh_dot_v1_dot_cache__pb2.EraseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +159,33 @@ class CacheService:
             '/chatmesh.v1.CacheService/Store',
             chatmesh_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
             chatmesh_dot_v1_dot_cache__pb2.StoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Erase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.v1.CacheService/Erase',
+            chatmesh_dot_v1_dot_cache__pb2.EraseRequest.SerializeToString,
+            chatmesh_dot_v1_dot_cache__pb2.EraseResponse.FromString,
             options,
             channel_credentials,
             insecure,

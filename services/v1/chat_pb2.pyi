@@ -439,3 +439,23 @@ class GetUsageResponse(_message.Message):
     month_output_tokens: int
     month_cost_usd: float
     def __init__(self, tenant: _Optional[str] = ..., limits: _Optional[_Union[TenantLimits, _Mapping]] = ..., quotas: _Optional[_Iterable[_Union[Quota, _Mapping]]] = ..., month_requests: _Optional[int] = ..., month_input_tokens: _Optional[int] = ..., month_output_tokens: _Optional[int] = ..., month_cost_usd: _Optional[float] = ...) -> None: ...
+
+class EraseUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class EraseUserResponse(_message.Message):
+    __slots__ = ("conversations", "messages", "summaries", "cache_entries", "review_cases")
+    CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    SUMMARIES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_CASES_FIELD_NUMBER: _ClassVar[int]
+    conversations: int
+    messages: int
+    summaries: int
+    cache_entries: int
+    review_cases: int
+    def __init__(self, conversations: _Optional[int] = ..., messages: _Optional[int] = ..., summaries: _Optional[int] = ..., cache_entries: _Optional[int] = ..., review_cases: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,11 @@ class ChatServiceStub:
                 request_serializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.FromString,
                 _registered_method=True)
+        self.EraseUser = channel.unary_unary(
+                '/chatmesh.v1.ChatService/EraseUser',
+                request_serializer=chatmesh_dot_v1_dot_chat__pb2.EraseUserRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_v1_dot_chat__pb2.EraseUserResponse.FromString,
+                _registered_method=True)
         self.GetUsage = channel.unary_unary(
                 '/chatmesh.v1.ChatService/GetUsage',
                 request_serializer=chatmesh_dot_v1_dot_chat__pb2.GetUsageRequest.SerializeToString,
@@ -97,7 +102,16 @@ class ChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteConversation(self, request, context):
-        """Erases a conversation at once.
+        """Erases a conversation at once, with the cached replies and review cases
+        derived from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseUser(self, request, context):
+        """Erases everything chatmesh holds of one of the calling tenant's users, as
+        AdminService.EraseUser does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +147,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.DeleteConversation,
                     request_deserializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationRequest.FromString,
                     response_serializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.SerializeToString,
+            ),
+            'EraseUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseUser,
+                    request_deserializer=chatmesh_dot_v1_dot_chat__pb2.EraseUserRequest.FromString,
+                    response_serializer=chatmesh_dot_v1_dot_chat__pb2.EraseUserResponse.SerializeToString,
             ),
             'GetUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUsage,
@@ -253,6 +272,33 @@ class ChatService:
             '/chatmesh.v1.ChatService/DeleteConversation',
             chatmesh_dot_v1_dot_chat__pb2.DeleteConversationRequest.SerializeToString,
             chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.v1.ChatService/EraseUser',
+            chatmesh_dot_v1_dot_chat__pb2.EraseUserRequest.SerializeToString,
+            chatmesh_dot_v1_dot_chat__pb2.EraseUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

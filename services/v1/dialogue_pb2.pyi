@@ -41,3 +41,11 @@ class GetTokenUsageRequest(_message.Message):
     tenant: str
     limits: _chat_pb2.TenantLimits
     def __init__(self, tenant: _Optional[str] = ..., limits: _Optional[_Union[_chat_pb2.TenantLimits, _Mapping]] = ...) -> None: ...
+
+class TenantEraseUserRequest(_message.Message):
+    __slots__ = ("tenant", "request")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    request: _chat_pb2.EraseUserRequest
+    def __init__(self, tenant: _Optional[str] = ..., request: _Optional[_Union[_chat_pb2.EraseUserRequest, _Mapping]] = ...) -> None: ...

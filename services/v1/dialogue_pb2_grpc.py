@@ -53,6 +53,11 @@ class DialogueServiceStub:
                 request_serializer=chatmesh_dot_v1_dot_dialogue__pb2.TenantDeleteConversationRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.FromString,
                 _registered_method=True)
+        self.EraseUser = channel.unary_unary(
+                '/chatmesh.v1.DialogueService/EraseUser',
+                request_serializer=chatmesh_dot_v1_dot_dialogue__pb2.TenantEraseUserRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_v1_dot_chat__pb2.EraseUserResponse.FromString,
+                _registered_method=True)
         self.GetTokenUsage = channel.unary_unary(
                 '/chatmesh.v1.DialogueService/GetTokenUsage',
                 request_serializer=chatmesh_dot_v1_dot_dialogue__pb2.GetTokenUsageRequest.SerializeToString,
@@ -80,7 +85,17 @@ class DialogueServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteConversation(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes the conversation, then the cached replies and review cases derived
+        from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseUser(self, request, context):
+        """Erases a user's conversations (with their summaries), then the cached
+        replies and review cases derived from any of them.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -111,6 +126,11 @@ def add_DialogueServiceServicer_to_server(servicer, server):
                     servicer.DeleteConversation,
                     request_deserializer=chatmesh_dot_v1_dot_dialogue__pb2.TenantDeleteConversationRequest.FromString,
                     response_serializer=chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.SerializeToString,
+            ),
+            'EraseUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseUser,
+                    request_deserializer=chatmesh_dot_v1_dot_dialogue__pb2.TenantEraseUserRequest.FromString,
+                    response_serializer=chatmesh_dot_v1_dot_chat__pb2.EraseUserResponse.SerializeToString,
             ),
             'GetTokenUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTokenUsage,
@@ -202,6 +222,33 @@ class DialogueService:
             '/chatmesh.v1.DialogueService/DeleteConversation',
             chatmesh_dot_v1_dot_dialogue__pb2.TenantDeleteConversationRequest.SerializeToString,
             chatmesh_dot_v1_dot_chat__pb2.DeleteConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.v1.DialogueService/EraseUser',
+            chatmesh_dot_v1_dot_dialogue__pb2.TenantEraseUserRequest.SerializeToString,
+            chatmesh_dot_v1_dot_chat__pb2.EraseUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,29 +25,35 @@ _sym_db = _symbol_database.Default()
 from chatmesh.v1 import chat_pb2 as chatmesh_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63hatmesh/v1/safety.proto\x12\x0b\x63hatmesh.v1\x1a\x16\x63hatmesh/v1/chat.proto\"Y\n\x07Verdict\x12\x0f\n\x07\x62locked\x18\x01 \x01(\x08\x12\x12\n\ncategories\x18\x02 \x03(\t\x12)\n\x06source\x18\x03 \x01(\x0e\x32\x19.chatmesh.v1.ScreenSource\"Z\n\x12ScreenInputRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.chatmesh.v1.Image\"<\n\x13ScreenInputResponse\x12%\n\x07verdict\x18\x01 \x01(\x0b\x32\x14.chatmesh.v1.Verdict\"F\n\x13ScreenOutputRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"f\n\x14ScreenOutputResponse\x12\x15\n\rcleared_chars\x18\x01 \x01(\x03\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x14.chatmesh.v1.Verdict\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"6\n\x11ScreenToolRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\";\n\x12ScreenToolResponse\x12%\n\x07verdict\x18\x01 \x01(\x0b\x32\x14.chatmesh.v1.Verdict*f\n\x0cScreenSource\x12\x1d\n\x19SCREEN_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15SCREEN_SOURCE_KEYWORD\x10\x01\x12\x1c\n\x18SCREEN_SOURCE_MODERATION\x10\x02\x32\x89\x02\n\rSafetyService\x12P\n\x0bScreenInput\x12\x1f.chatmesh.v1.ScreenInputRequest\x1a .chatmesh.v1.ScreenInputResponse\x12W\n\x0cScreenOutput\x12 .chatmesh.v1.ScreenOutputRequest\x1a!.chatmesh.v1.ScreenOutputResponse(\x01\x30\x01\x12M\n\nScreenTool\x12\x1e.chatmesh.v1.ScreenToolRequest\x1a\x1f.chatmesh.v1.ScreenToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63hatmesh/v1/safety.proto\x12\x0b\x63hatmesh.v1\x1a\x16\x63hatmesh/v1/chat.proto\"\x89\x01\n\x07Verdict\x12\x0f\n\x07\x62locked\x18\x01 \x01(\x08\x12\x12\n\ncategories\x18\x02 \x03(\t\x12)\n\x06source\x18\x03 \x01(\x0e\x32\x19.chatmesh.v1.ScreenSource\x12\x16\n\x0ereview_case_id\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\"W\n\x07TurnRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"I\n\x07PiiSpan\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.chatmesh.v1.PiiKind\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\"~\n\x12ScreenInputRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.chatmesh.v1.Image\x12\"\n\x04turn\x18\x04 \x01(\x0b\x32\x14.chatmesh.v1.TurnRef\"_\n\x13ScreenInputResponse\x12%\n\x07verdict\x18\x01 \x01(\x0b\x32\x14.chatmesh.v1.Verdict\x12!\n\x03pii\x18\x02 \x03(\x0b\x32\x14.chatmesh.v1.PiiSpan\"j\n\x13ScreenOutputRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\"\n\x04turn\x18\x04 \x01(\x0b\x32\x14.chatmesh.v1.TurnRef\"\xb9\x01\n\x14ScreenOutputResponse\x12\x15\n\rcleared_chars\x18\x01 \x01(\x03\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x14.chatmesh.v1.Verdict\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12!\n\x03pii\x18\x04 \x03(\x0b\x32\x14.chatmesh.v1.PiiSpan\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x16\n\x0ereview_case_id\x18\x06 \x01(\t\"Z\n\x11ScreenToolRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\"\n\x04turn\x18\x03 \x01(\x0b\x32\x14.chatmesh.v1.TurnRef\";\n\x12ScreenToolResponse\x12%\n\x07verdict\x18\x01 \x01(\x0b\x32\x14.chatmesh.v1.Verdict*f\n\x0cScreenSource\x12\x1d\n\x19SCREEN_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15SCREEN_SOURCE_KEYWORD\x10\x01\x12\x1c\n\x18SCREEN_SOURCE_MODERATION\x10\x02*\x93\x01\n\x07PiiKind\x12\x18\n\x14PII_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0ePII_KIND_EMAIL\x10\x01\x12\x12\n\x0ePII_KIND_PHONE\x10\x02\x12\x12\n\x0ePII_KIND_CN_ID\x10\x03\x12\x19\n\x15PII_KIND_PAYMENT_CARD\x10\x04\x12\x17\n\x13PII_KIND_IP_ADDRESS\x10\x05\x32\x89\x02\n\rSafetyService\x12P\n\x0bScreenInput\x12\x1f.chatmesh.v1.ScreenInputRequest\x1a .chatmesh.v1.ScreenInputResponse\x12W\n\x0cScreenOutput\x12 .chatmesh.v1.ScreenOutputRequest\x1a!.chatmesh.v1.ScreenOutputResponse(\x01\x30\x01\x12M\n\nScreenTool\x12\x1e.chatmesh.v1.ScreenToolRequest\x1a\x1f.chatmesh.v1.ScreenToolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatmesh.v1.safety_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCREENSOURCE']._serialized_start=603
-  _globals['_SCREENSOURCE']._serialized_end=705
-  _globals['_VERDICT']._serialized_start=65
-  _globals['_VERDICT']._serialized_end=154
-  _globals['_SCREENINPUTREQUEST']._serialized_start=156
-  _globals['_SCREENINPUTREQUEST']._serialized_end=246
-  _globals['_SCREENINPUTRESPONSE']._serialized_start=248
-  _globals['_SCREENINPUTRESPONSE']._serialized_end=308
-  _globals['_SCREENOUTPUTREQUEST']._serialized_start=310
-  _globals['_SCREENOUTPUTREQUEST']._serialized_end=380
-  _globals['_SCREENOUTPUTRESPONSE']._serialized_start=382
-  _globals['_SCREENOUTPUTRESPONSE']._serialized_end=484
-  _globals['_SCREENTOOLREQUEST']._serialized_start=486
-  _globals['_SCREENTOOLREQUEST']._serialized_end=540
-  _globals['_SCREENTOOLRESPONSE']._serialized_start=542
-  _globals['_SCREENTOOLRESPONSE']._serialized_end=601
-  _globals['_SAFETYSERVICE']._serialized_start=708
-  _globals['_SAFETYSERVICE']._serialized_end=973
+  _globals['_SCREENSOURCE']._serialized_start=1043
+  _globals['_SCREENSOURCE']._serialized_end=1145
+  _globals['_PIIKIND']._serialized_start=1148
+  _globals['_PIIKIND']._serialized_end=1295
+  _globals['_VERDICT']._serialized_start=66
+  _globals['_VERDICT']._serialized_end=203
+  _globals['_TURNREF']._serialized_start=205
+  _globals['_TURNREF']._serialized_end=292
+  _globals['_PIISPAN']._serialized_start=294
+  _globals['_PIISPAN']._serialized_end=367
+  _globals['_SCREENINPUTREQUEST']._serialized_start=369
+  _globals['_SCREENINPUTREQUEST']._serialized_end=495
+  _globals['_SCREENINPUTRESPONSE']._serialized_start=497
+  _globals['_SCREENINPUTRESPONSE']._serialized_end=592
+  _globals['_SCREENOUTPUTREQUEST']._serialized_start=594
+  _globals['_SCREENOUTPUTREQUEST']._serialized_end=700
+  _globals['_SCREENOUTPUTRESPONSE']._serialized_start=703
+  _globals['_SCREENOUTPUTRESPONSE']._serialized_end=888
+  _globals['_SCREENTOOLREQUEST']._serialized_start=890
+  _globals['_SCREENTOOLREQUEST']._serialized_end=980
+  _globals['_SCREENTOOLRESPONSE']._serialized_start=982
+  _globals['_SCREENTOOLRESPONSE']._serialized_end=1041
+  _globals['_SAFETYSERVICE']._serialized_start=1298
+  _globals['_SAFETYSERVICE']._serialized_end=1563
 # @@protoc_insertion_point(module_scope)
