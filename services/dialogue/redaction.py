@@ -46,38 +46,45 @@ _LONGEST_PLACEHOLDER = len("[EMAIL_999999]")
 
 @dataclass(slots=True)
 class Placeholders:
-    """A conversation's placeholders and the originals they stand for; `added` holds those made in this turn,
-    which the turn's commit stores."""
+    """A conversation's placeholders. Only those of the kinds in `kept` (the policy's `model` kinds) keep their
+    originals, to be restored and reused in later turns; the others are numbered on, their values not kept.
+    `added` holds the placeholders made in this turn, which its commit stores: placeholder → original, or ""
+    for one whose original is not kept."""
 
+    kept: frozenset[int] = frozenset()
     originals: dict[str, str] = field(default_factory=dict)
+    added: dict[str, str] = field(default_factory=dict)
     _by_value: dict[tuple[int, str], str] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
-    added: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, stored: Mapping[str, str]) -> Placeholders:
-        """From a conversation's stored map (placeholder → original)."""
-        placeholders = cls()
+    def of(cls, stored: Mapping[str, str], kept: frozenset[int]) -> Placeholders:
+        """From a conversation's stored map (placeholder → original, or "")."""
+        placeholders = cls(kept=kept)
         for placeholder, original in stored.items():
             placeholders._remember(_KINDS_BY_WORD[placeholder[1:].rsplit("_", 1)[0]], placeholder, original)
         return placeholders
 
     def placeholder(self, kind: int, value: str) -> str:
-        """The placeholder of `value`: the one it already has in the conversation, or the kind's next one."""
+        """The placeholder of `value`: the one it already has (in this turn, or kept from an earlier one), or the
+        kind's next one."""
         key = (kind, _comparable(kind, value))
         existing = self._by_value.get(key)
         if existing is not None:
             return existing
         word = _PLACEHOLDER_WORDS[kind]
         placeholder = f"[{word}_{self._counts.get(word, 0) + 1}]"
-        self._remember(kind, placeholder, value)
-        self.added[placeholder] = value
+        original = value if kind in self.kept else ""
+        self._remember(kind, placeholder, original)
+        self._by_value[key] = placeholder
+        self.added[placeholder] = original
         return placeholder
 
-    def _remember(self, kind: int, placeholder: str, value: str) -> None:
+    def _remember(self, kind: int, placeholder: str, original: str) -> None:
         word = _PLACEHOLDER_WORDS[kind]
-        self.originals[placeholder] = value
-        self._by_value[(kind, _comparable(kind, value))] = placeholder
+        if original:
+            self.originals[placeholder] = original
+            self._by_value[(kind, _comparable(kind, original))] = placeholder
         number = int(placeholder[len(word) + 2 : -1])
         self._counts[word] = max(self._counts.get(word, 0), number)
 

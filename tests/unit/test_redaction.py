@@ -22,7 +22,7 @@ def spans_of(text: str, *found: tuple[int, str]) -> list[safety_pb2.PiiSpan]:
 
 def test_each_value_gets_the_next_placeholder_of_its_kind():
     text = "call 138 0013 8000 or 139-0013-9000, mail a@example.com"
-    placeholders = Placeholders()
+    placeholders = Placeholders(kept=frozenset({PHONE}))
 
     redacted = redact(
         text,
@@ -32,19 +32,30 @@ def test_each_value_gets_the_next_placeholder_of_its_kind():
     )
 
     assert redacted == "call [PHONE_1] or [PHONE_2], mail [EMAIL_1]"
-    assert placeholders.added == {"[PHONE_1]": "138 0013 8000", "[PHONE_2]": "139-0013-9000", "[EMAIL_1]": "a@example.com"}
+    # Only the kinds kept (the policy's `model` kinds) keep their originals.
+    assert placeholders.added == {"[PHONE_1]": "138 0013 8000", "[PHONE_2]": "139-0013-9000", "[EMAIL_1]": ""}
 
 
 def test_the_same_value_keeps_its_placeholder_across_turns_however_it_is_written():
-    first = Placeholders()
+    first = Placeholders(kept=ALL)
     redact("138 0013 8000", spans_of("138 0013 8000", (PHONE, "138 0013 8000")), ALL, first)
-    later = Placeholders.of(first.originals)
-    text = "is １３８００１３８０００ still yours? and 139 0000 0000?"
+    later = Placeholders.of(first.added, kept=ALL)
+    full_width = "13800138000".translate({ord(digit): ord(digit) + 0xFEE0 for digit in "0123456789"})
+    text = f"is {full_width} still yours? and 139 0000 0000?"
 
-    redacted = redact(text, spans_of(text, (PHONE, "１３８００１３８０００"), (PHONE, "139 0000 0000")), ALL, later)
+    redacted = redact(text, spans_of(text, (PHONE, full_width), (PHONE, "139 0000 0000")), ALL, later)
 
     assert redacted == "is [PHONE_1] still yours? and [PHONE_2]?"
     assert later.added == {"[PHONE_2]": "139 0000 0000"}
+
+
+def test_placeholders_whose_originals_are_not_kept_are_numbered_on_but_not_reused():
+    first = Placeholders(kept=frozenset())
+    redact("mail a@example.com", spans_of("mail a@example.com", (EMAIL, "a@example.com")), ALL, first)
+    later = Placeholders.of(first.added, kept=frozenset())
+
+    assert redact("a@example.com", spans_of("a@example.com", (EMAIL, "a@example.com")), ALL, later) == "[EMAIL_2]"
+    assert later.restore("[EMAIL_1] [EMAIL_2]") == "[EMAIL_1] [EMAIL_2]"
 
 
 def test_only_the_kinds_asked_for_are_redacted():
@@ -72,7 +83,7 @@ def test_the_policy_names_the_kinds_of_each_mode():
     ],
 )
 def test_a_placeholder_split_across_deltas_is_restored_whole(pieces: list[str]):
-    restorer = StreamRestorer(Placeholders.of({"[PHONE_1]": "138 0013 8000"}))
+    restorer = StreamRestorer(Placeholders.of({"[PHONE_1]": "138 0013 8000"}, kept=ALL))
 
     out = [restorer.feed(piece) for piece in pieces] + [restorer.flush()]
 
@@ -81,7 +92,7 @@ def test_a_placeholder_split_across_deltas_is_restored_whole(pieces: list[str]):
 
 
 def test_text_that_is_not_a_placeholder_is_not_held_back():
-    restorer = StreamRestorer(Placeholders.of({"[PHONE_1]": "138 0013 8000"}))
+    restorer = StreamRestorer(Placeholders.of({"[PHONE_1]": "138 0013 8000"}, kept=ALL))
 
     assert restorer.feed("see [note] and [PHONE_9] and a[") == "see [note] and [PHONE_9] and a"
     assert restorer.feed("b] done") == "[b] done"
