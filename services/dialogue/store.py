@@ -99,6 +99,9 @@ class StoredMessage:
     # A tool message's: the id of the call it answers, and whether its result is the call's error.
     tool_call_id: str = ""
     tool_error: bool = False
+    # The PII placeholders this message introduced (chatmesh.dialogue.redaction): (placeholder, original), the
+    # original "" when the policy does not keep it. Kept with the message, so erased and expired with it.
+    placeholders: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -920,6 +923,8 @@ def _encode_message(message: StoredMessage) -> str:
         data["tool_call_id"] = message.tool_call_id
     if message.tool_error:
         data["tool_error"] = True
+    if message.placeholders:
+        data["placeholders"] = dict(message.placeholders)
     if message.images:
         data["images"] = [
             {
@@ -946,6 +951,7 @@ def _decode_message(raw: str) -> StoredMessage:
         role=data["role"],
         content=data["content"],
         created_at=float(data["created_at"]),
+        placeholders=tuple(data.get("placeholders", {}).items()),
         refused=data.get("refused", False),
         tokens=data.get("tokens", 0),
         encoding=data.get("encoding", ""),

@@ -729,6 +729,26 @@ async def test_token_counts_and_images_round_trip(store: ConversationStore) -> N
     assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == list(turn.messages)
 
 
+async def test_the_pii_placeholders_a_message_introduced_round_trip_with_it(store: ConversationStore) -> None:
+    turn = CommittedTurn(
+        messages=(
+            StoredMessage(
+                "user",
+                "card [CARD_1], phone [PHONE_1]",
+                1.0,
+                placeholders=(("[CARD_1]", "4111 1111 1111 1111"), ("[PHONE_1]", "")),
+            ),
+            StoredMessage("assistant", "noted [CARD_1]", 2.0),
+        ),
+        input_tokens=10,
+        output_tokens=3,
+    )
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, turn, new=True)
+
+    history = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=10, lease_seconds=5)
+    assert history.messages == list(turn.messages)
+
+
 async def test_tokens_spent_outside_a_turn_add_to_the_conversations_usage(store: ConversationStore) -> None:
     await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
 
