@@ -22,12 +22,16 @@ runs it, another attempt still does, or it was committed, and then what the call
 `commit_turn` keeps with the turn in the same atomic step. A claim whose turn fails is dropped
 (`release_turn`); one whose process died lapses with its lease. Keys are remembered for
 `idempotency_ttl_seconds` (within the retention period), and deleting the conversation forgets them.
+
+Each user's conversations are indexed, so that `erase_user` erases all of them at once (with every message,
+summary and idempotency record); `delete` and `erase_user` say what they removed (`Erased`).
 """
 
 from __future__ import annotations
 
 import abc
 import base64
+import contextlib
 import json
 import math
 import time
@@ -37,6 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
+from urllib.parse import quote
 
 from redis.asyncio import Redis
 
@@ -163,6 +168,22 @@ class IdempotencyKey:
     replay: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """What a deletion removed: conversations, their messages still kept, and their summaries."""
+
+    conversations: int = 0
+    messages: int = 0
+    summaries: int = 0
+
+    def __add__(self, other: Erased) -> Erased:
+        return Erased(
+            self.conversations + other.conversations,
+            self.messages + other.messages,
+            self.summaries + other.summaries,
+        )
+
+
 @dataclass(slots=True)
 class Conversation:
     """A conversation with one page of its messages: `messages` are numbered from `first_index`, and
@@ -251,8 +272,13 @@ class ConversationStore(abc.ABC):
         is gone."""
 
     @abc.abstractmethod
-    async def delete(self, tenant: str, conversation_id: str, user_id: str) -> None:
-        """Erases the conversation at once. Raises ConversationNotFound."""
+    async def delete(self, tenant: str, conversation_id: str, user_id: str) -> Erased:
+        """Erases the conversation at once, and says what it held. Raises ConversationNotFound."""
+
+    @abc.abstractmethod
+    async def erase_user(self, tenant: str, user_id: str) -> Erased:
+        """Erases every conversation of the user of `tenant` at once, and says what they held (nothing when the
+        user has none: erasing again is no error)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook; the memory store has nothing to release
         """Releases connections."""
@@ -482,9 +508,24 @@ class MemoryConversationStore(ConversationStore):
             next_index=end if end < conversation.next_index else None,
         )
 
-    async def delete(self, tenant: str, conversation_id: str, user_id: str) -> None:
-        self._owned(tenant, conversation_id, user_id)
+    async def delete(self, tenant: str, conversation_id: str, user_id: str) -> Erased:
+        conversation = self._owned(tenant, conversation_id, user_id)
         self._forget((tenant, conversation_id))
+        return Erased(1, len(conversation.messages), int(conversation.summary is not None))
+
+    async def erase_user(self, tenant: str, user_id: str) -> Erased:
+        # A scan of at most `max_conversations`, on a rare call: simpler than an index kept right through
+        # eviction and expiry.
+        owned = [
+            conversation_id
+            for (owner_tenant, conversation_id), conversation in self._conversations.items()
+            if owner_tenant == tenant and conversation.user_id == user_id
+        ]
+        erased = Erased()
+        for conversation_id in owned:
+            with contextlib.suppress(ConversationNotFound):  # its messages had all expired
+                erased += await self.delete(tenant, conversation_id, user_id)
+        return erased
 
 
 # The owner check compares both the tenant and the user id stored in the meta hash. The tenant is
@@ -566,12 +607,13 @@ return result
 """
 )
 
-# KEYS: meta, lock, the key's record, the turns set. ARGV: 1 tenant, 2 user_id, 3 new ("1" or "0"),
-# 4 created_at, 5 updated_at, 6 input_tokens, 7 output_tokens, 8 retention in ms ("0": kept until deleted),
-# 9 the most messages kept ("0": no bound), 10 the lock token ("": none), 11 prefix P:; 12 to 16, for an
-# idempotent turn, key, fingerprint, replay, TTL ms, now ms (all five "" otherwise); from 17 on, the turn's
-# messages in order (at least one). Returns 1 when committed, 0 when the id is taken (new) or the owner check
-# failed, 2 when another attempt committed the key's turn, 3 when another turn holds the lock.
+# KEYS: meta, lock, the key's record, the turns set, the user's conversations. ARGV: 1 tenant, 2 user_id, 3 new
+# ("1" or "0"), 4 created_at, 5 updated_at, 6 input_tokens, 7 output_tokens, 8 retention in ms ("0": kept until
+# deleted), 9 the most messages kept ("0": no bound), 10 the lock token ("": none), 11 prefix P:; 12 to 16, for
+# an idempotent turn, key, fingerprint, replay, TTL ms, now ms (all five "" otherwise); 17 the conversation id,
+# 18 now ms; from 19 on, the turn's messages in order (at least one). Returns 1 when committed, 0 when the id is
+# taken (new) or the owner check failed, 2 when another attempt committed the key's turn, 3 when another turn
+# holds the lock.
 _COMMIT_TURN_LUA = """
 local idempotent = ARGV[12] ~= ""
 if idempotent and string.sub(redis.call("GET", KEYS[3]) or "", 1, 2) == "C|" then return 2 end
@@ -587,7 +629,7 @@ else
 end
 local first = tonumber(redis.call("HGET", KEYS[1], "first")) or 0
 local next = tonumber(redis.call("HGET", KEYS[1], "next")) or 0
-for i = 17, #ARGV do
+for i = 19, #ARGV do
   if ARGV[8] ~= "0" then
     redis.call("SET", ARGV[11] .. "m:" .. next, ARGV[i], "PX", ARGV[8])
   else
@@ -608,6 +650,13 @@ if idempotent then
   redis.call("SET", KEYS[3], "C|" .. ARGV[13] .. "|" .. ARGV[14], "PX", ARGV[15])
   redis.call("ZADD", KEYS[4], tonumber(ARGV[16]) + tonumber(ARGV[15]), ARGV[12])
   redis.call("PEXPIRE", KEYS[4], ARGV[15])
+end
+redis.call("ZREMRANGEBYSCORE", KEYS[5], "-inf", "(" .. ARGV[18])
+if ARGV[8] ~= "0" then
+  redis.call("ZADD", KEYS[5], tonumber(ARGV[18]) + tonumber(ARGV[8]), ARGV[17])
+  redis.call("PEXPIRE", KEYS[5], ARGV[8])
+else
+  redis.call("ZADD", KEYS[5], "+inf", ARGV[17])
 end
 return 1
 """
@@ -662,19 +711,23 @@ return result
 """
 )
 
-# KEYS: meta, the turns set, lock, summary. ARGV: tenant, user_id, prefix P:. Returns 1 when deleted (with every
-# message and idempotency record), 0 when the owner check failed.
+# KEYS: meta, the turns set, lock, summary, the user's conversations. ARGV: tenant, user_id, prefix P:, the
+# conversation id. Deletes it with every message and idempotency record, and returns {1, messages, summaries}
+# (those that were still kept); {0} when the owner check failed.
 _DELETE_LUA = """
 local meta = redis.call("HMGET", KEYS[1], "tenant", "user_id", "first", "next")
-if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] then return 0 end
+if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] then return {0} end
 for _, key in ipairs(redis.call("ZRANGE", KEYS[2], 0, -1)) do
   redis.call("DEL", ARGV[3] .. "turn:" .. key)
 end
+local messages = 0
 for n = tonumber(meta[3]) or 0, (tonumber(meta[4]) or 0) - 1 do
-  redis.call("DEL", ARGV[3] .. "m:" .. n)
+  messages = messages + redis.call("DEL", ARGV[3] .. "m:" .. n)
 end
-redis.call("DEL", KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-return 1
+local summaries = redis.call("DEL", KEYS[4])
+redis.call("DEL", KEYS[1], KEYS[2], KEYS[3])
+redis.call("ZREM", KEYS[5], ARGV[4])
+return {1, messages, summaries}
 """
 
 
@@ -687,6 +740,11 @@ class RedisConversationStore(ConversationStore):
     The `{tenant/id}` hash tag covers both the tenant and the id, so every key of a conversation sits in
     one Redis Cluster slot and the Lua scripts that check the owner and write may touch them all
     atomically. Tenant names (`[a-z0-9][a-z0-9-]*`) hold no '/', so the first '/' always ends the tenant.
+
+    Each user's conversations are a sorted set `chatmesh:user:{tenant/user id}:conversations` (the id
+    percent-encoded; conversation id -> when it expires, in ms), kept by the same scripts that commit and
+    delete, with the retention as its TTL. It sits in another slot than the conversations it lists, so those
+    scripts need one Redis server (as chatmesh uses), not a Redis Cluster.
     """
 
     def __init__(
@@ -747,6 +805,10 @@ class RedisConversationStore(ConversationStore):
     def _keys(cls, tenant: str, conversation_id: str, *names: str) -> list[str]:
         prefix = cls._prefix(tenant, conversation_id)
         return [prefix + name for name in names]
+
+    @staticmethod
+    def _user_conversations(tenant: str, user_id: str) -> str:
+        return f"chatmesh:user:{{{tenant}/{quote(user_id, safe='')}}}:conversations"
 
     @_unavailable_on_redis_error
     async def claim_turn(
@@ -819,7 +881,10 @@ class RedisConversationStore(ConversationStore):
             )
         record = f"turn:{idempotency.key}" if idempotency else "turn:"
         committed = await self._commit_turn(
-            keys=self._keys(tenant, conversation_id, "meta", "lock", record, "turns"),
+            keys=[
+                *self._keys(tenant, conversation_id, "meta", "lock", record, "turns"),
+                self._user_conversations(tenant, user_id),
+            ],
             args=(
                 tenant,
                 user_id,
@@ -833,6 +898,8 @@ class RedisConversationStore(ConversationStore):
                 lock or "",
                 self._prefix(tenant, conversation_id),
                 *idempotent,
+                conversation_id,
+                math.floor(time.time() * 1000),
                 *(_encode_message(message) for message in turn.messages),
             ),
         )
@@ -899,12 +966,31 @@ class RedisConversationStore(ConversationStore):
         )
 
     @_unavailable_on_redis_error
-    async def delete(self, tenant: str, conversation_id: str, user_id: str) -> None:
-        if not await self._delete(
-            keys=self._keys(tenant, conversation_id, "meta", "turns", "lock", "summary"),
-            args=(tenant, user_id, self._prefix(tenant, conversation_id)),
-        ):
+    async def delete(self, tenant: str, conversation_id: str, user_id: str) -> Erased:
+        deleted, *counts = await self._delete(
+            keys=[
+                *self._keys(tenant, conversation_id, "meta", "turns", "lock", "summary"),
+                self._user_conversations(tenant, user_id),
+            ],
+            args=(tenant, user_id, self._prefix(tenant, conversation_id), conversation_id),
+        )
+        if not deleted:
             raise ConversationNotFound(conversation_id)
+        messages, summaries = counts
+        return Erased(1, messages, summaries)
+
+    @_unavailable_on_redis_error
+    async def erase_user(self, tenant: str, user_id: str) -> Erased:
+        # One conversation at a time, each atomic: a conversation the user starts meanwhile is not erased.
+        index = self._user_conversations(tenant, user_id)
+        erased = Erased()
+        for conversation_id in await self._client.zrange(index, 0, -1):
+            try:
+                erased += await self.delete(tenant, conversation_id, user_id)
+            except ConversationNotFound:
+                # It expired (and its id may since have been taken by another user): only the index still named it.
+                await self._client.zrem(index, conversation_id)
+        return erased
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -14,6 +14,7 @@ from chatmesh.dialogue.store import (
     CommittedTurn,
     ConversationNotFound,
     ConversationStore,
+    Erased,
     IdempotencyKey,
     MemoryConversationStore,
     RedisConversationStore,
@@ -278,6 +279,56 @@ async def test_delete_erases_the_conversation_at_once(store: ConversationStore) 
     assert (await store.get(TENANT, "conv-2", ALICE)).messages == messages_of(make_turn(2))
 
 
+async def test_delete_says_what_it_erased(store: ConversationStore) -> None:
+    await committed(store, make_turn(1), make_turn(2))
+    assert await store.commit_summary(
+        TENANT, CONVERSATION, Summary("turn one", 2, 1.0), replaces=0, covered_until=time.time() + 60
+    )
+
+    assert await store.delete(TENANT, CONVERSATION, ALICE) == Erased(conversations=1, messages=4, summaries=1)
+
+
+async def test_erasing_a_user_erases_every_conversation_of_theirs_and_only_theirs(store: ConversationStore) -> None:
+    await committed(store, make_turn(1), make_turn(2), conversation_id="alice-1")
+    assert await store.commit_summary(
+        TENANT, "alice-1", Summary("turn one", 2, 1.0), replaces=0, covered_until=time.time() + 60
+    )
+    key = replace(KEY, replay='{"text": "answer 3"}')
+    await store.claim_turn(TENANT, "alice-2", key, lease_seconds=30)
+    await store.commit_turn(TENANT, "alice-2", ALICE, make_turn(3), new=True, idempotency=key)
+    await store.commit_turn(TENANT, "mallory-1", MALLORY, make_turn(4), new=True)
+    await store.commit_turn(OTHER_TENANT, "alice-1", ALICE, make_turn(5), new=True)
+
+    assert await store.erase_user(TENANT, ALICE) == Erased(conversations=2, messages=6, summaries=1)
+
+    for conversation_id in ("alice-1", "alice-2"):
+        with pytest.raises(ConversationNotFound):
+            await store.get(TENANT, conversation_id, ALICE)
+    assert (await store.claim_turn(TENANT, "alice-2", KEY, lease_seconds=30)).state is ClaimState.CLAIMED
+    assert (await store.get(TENANT, "mallory-1", MALLORY)).messages == messages_of(make_turn(4))
+    assert (await store.get(OTHER_TENANT, "alice-1", ALICE)).messages == messages_of(make_turn(5))
+
+
+async def test_erasing_a_user_again_or_one_without_conversations_erases_nothing(store: ConversationStore) -> None:
+    await committed(store, make_turn(1))
+    await committed(store, make_turn(2), conversation_id="conv-2")
+    await store.delete(TENANT, CONVERSATION, ALICE)
+
+    assert await store.erase_user(TENANT, ALICE) == Erased(conversations=1, messages=2, summaries=0)
+    assert await store.erase_user(TENANT, ALICE) == Erased()
+    assert await store.erase_user(TENANT, "nobody") == Erased()
+
+
+async def test_a_user_erased_can_start_again(store: ConversationStore) -> None:
+    await committed(store, make_turn(1))
+    await store.erase_user(TENANT, ALICE)
+
+    await committed(store, make_turn(2))
+
+    assert (await store.get(TENANT, CONVERSATION, ALICE)).messages == messages_of(make_turn(2))
+    assert await store.erase_user(TENANT, ALICE) == Erased(conversations=1, messages=2, summaries=0)
+
+
 async def test_usage_totals_add_up_over_turns(store: ConversationStore) -> None:
     await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
     for n in (2, 3, 4):
@@ -367,7 +418,8 @@ async def test_a_redis_conversation_keeps_every_key_under_one_tenant_scoped_hash
         prefix = f"chatmesh:conv:{{{TENANT}/{CONVERSATION}}}:"
         keys = [prefix + name for name in ("meta", "m:0", "m:1", "lock", "summary")]
 
-        assert sorted(await client.keys("*")) == sorted(keys)
+        # And the index of the user's conversations, under the user's own tag.
+        assert sorted(await client.keys("*")) == sorted([*keys, f"chatmesh:user:{{{TENANT}/{ALICE}}}:conversations"])
         assert len({key_slot(key.encode()) for key in keys}) == 1
         assert await client.hmget(prefix + "meta", "tenant", "user_id") == [TENANT, ALICE]
         await store.abandon_turn(TENANT, CONVERSATION, history.lock)
@@ -458,6 +510,54 @@ async def test_a_redis_conversation_is_erased_after_its_retention_period(redis_u
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_a_redis_users_conversations_are_indexed_by_tenant_for_the_retention_period(redis_url: str) -> None:
+    store = create_conversation_store(redis_url, retention_seconds=60)
+    client = Redis.from_url(redis_url, decode_responses=True)
+    odd_user = "ana@example.com/}{ x"
+    try:
+        await store.commit_turn(TENANT, "first", odd_user, make_turn(1), new=True)
+        await store.commit_turn(TENANT, "second", odd_user, make_turn(2), new=True)
+        await store.commit_turn(OTHER_TENANT, "third", odd_user, make_turn(3), new=True)
+        index = f"chatmesh:user:{{{TENANT}/ana%40example.com%2F%7D%7B%20x}}:conversations"
+
+        assert await client.zrange(index, 0, -1) == ["first", "second"]
+        assert 0 < await client.pttl(index) <= 60_000
+        assert await store.erase_user(TENANT, odd_user) == Erased(conversations=2, messages=4, summaries=0)
+        assert await client.exists(index) == 0
+        assert await client.keys(f"chatmesh:*{TENANT}/*") == []
+        assert await client.keys(f"chatmesh:*{OTHER_TENANT}/*") != []
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_a_redis_index_entry_whose_id_another_user_now_holds_erases_nothing_of_theirs(redis_url: str) -> None:
+    """An index entry outlives its conversation until the index is next written; the id may be taken again."""
+    store = create_conversation_store(redis_url)
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await store.commit_turn(TENANT, "taken", MALLORY, make_turn(1), new=True)
+        index = f"chatmesh:user:{{{TENANT}/{ALICE}}}:conversations"
+        await client.zadd(index, {"taken": 0})
+
+        assert await store.erase_user(TENANT, ALICE) == Erased()
+
+        assert (await store.get(TENANT, "taken", MALLORY)).messages == messages_of(make_turn(1))
+        assert await client.exists(index) == 0
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_a_memory_user_whose_conversations_expired_has_nothing_to_erase() -> None:
+    clock = FakeClock()
+    store = MemoryConversationStore(retention_seconds=100, clock=clock)
+    await store.commit_turn(TENANT, CONVERSATION, ALICE, make_turn(1), new=True)
+    clock.now += 100
+
+    assert await store.erase_user(TENANT, ALICE) == Erased()
 
 
 async def test_the_memory_store_drops_the_least_recently_used_conversation_past_its_bound() -> None:
