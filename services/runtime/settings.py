@@ -254,6 +254,14 @@ class Settings(BaseSettings):
     # answer it unscreened.
     safety_fail_open: bool = False
 
+    # The human-review queue (chatmesh.review; in Redis with redis_url, else in one process's memory). How long
+    # a reviewer's claim on a case lasts when the claim sets none; how long a case (with its excerpt of the
+    # user's text) is kept, at most conversation_retention_seconds (checked at start); how often the gateway
+    # sweeps the queue (trims handled entries, drops idle reviewers).
+    review_lease_seconds: float = Field(default=600.0, ge=1, le=86_400)
+    review_retention_seconds: float = Field(default=7 * 24 * 3600, gt=0)
+    review_sweep_seconds: float = Field(default=30.0, gt=0)
+
     # modelsim, the bundled OpenAI-compatible simulator.
     modelsim_reply_tokens: int = 50
     modelsim_first_token_latency_seconds: float = 0.2
@@ -322,6 +330,15 @@ class Settings(BaseSettings):
                 "CHATMESH_MAX_IMAGES_PER_MESSAGE x CHATMESH_MAX_IMAGE_BYTES must be at least "
                 f"{IMAGE_HEADROOM_BYTES} bytes below CHATMESH_GRPC_MAX_MESSAGE_BYTES: a request with every "
                 "image it may carry must fit in one gRPC message"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _review_cases_within_retention(self) -> Self:
+        if self.conversation_retention_seconds and self.review_retention_seconds > self.conversation_retention_seconds:
+            raise ValueError(
+                "CHATMESH_REVIEW_RETENTION_SECONDS must be at most CHATMESH_CONVERSATION_RETENTION_SECONDS: a review "
+                "case holds an excerpt of the user's text, which is kept no longer than the conversation"
             )
         return self
 
