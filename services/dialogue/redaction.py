@@ -58,10 +58,10 @@ class Placeholders:
     _counts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, stored: Mapping[str, str], kept: frozenset[int]) -> Placeholders:
-        """From a conversation's stored map (placeholder → original, or "")."""
+    def of(cls, stored: Iterable[tuple[str, str]], kept: frozenset[int]) -> Placeholders:
+        """From the placeholders a conversation's messages introduced: (placeholder, original or "")."""
         placeholders = cls(kept=kept)
-        for placeholder, original in stored.items():
+        for placeholder, original in stored:
             placeholders._remember(_KINDS_BY_WORD[placeholder[1:].rsplit("_", 1)[0]], placeholder, original)
         return placeholders
 
@@ -79,6 +79,11 @@ class Placeholders:
         self._by_value[key] = placeholder
         self.added[placeholder] = original
         return placeholder
+
+    def take_added(self) -> tuple[tuple[str, str], ...]:
+        """The placeholders made since the last call, as the message that introduced them stores them."""
+        added, self.added = tuple(self.added.items()), {}
+        return added
 
     def _remember(self, kind: int, placeholder: str, original: str) -> None:
         word = _PLACEHOLDER_WORDS[kind]

@@ -39,7 +39,7 @@ def test_each_value_gets_the_next_placeholder_of_its_kind():
 def test_the_same_value_keeps_its_placeholder_across_turns_however_it_is_written():
     first = Placeholders(kept=ALL)
     redact("138 0013 8000", spans_of("138 0013 8000", (PHONE, "138 0013 8000")), ALL, first)
-    later = Placeholders.of(first.added, kept=ALL)
+    later = Placeholders.of(first.take_added(), kept=ALL)
     full_width = "13800138000".translate({ord(digit): ord(digit) + 0xFEE0 for digit in "0123456789"})
     text = f"is {full_width} still yours? and 139 0000 0000?"
 
@@ -52,7 +52,7 @@ def test_the_same_value_keeps_its_placeholder_across_turns_however_it_is_written
 def test_placeholders_whose_originals_are_not_kept_are_numbered_on_but_not_reused():
     first = Placeholders(kept=frozenset())
     redact("mail a@example.com", spans_of("mail a@example.com", (EMAIL, "a@example.com")), ALL, first)
-    later = Placeholders.of(first.added, kept=frozenset())
+    later = Placeholders.of(first.take_added(), kept=frozenset())
 
     assert redact("a@example.com", spans_of("a@example.com", (EMAIL, "a@example.com")), ALL, later) == "[EMAIL_2]"
     assert later.restore("[EMAIL_1] [EMAIL_2]") == "[EMAIL_1] [EMAIL_2]"
@@ -83,7 +83,7 @@ def test_the_policy_names_the_kinds_of_each_mode():
     ],
 )
 def test_a_placeholder_split_across_deltas_is_restored_whole(pieces: list[str]):
-    restorer = StreamRestorer(Placeholders.of({"[PHONE_1]": "138 0013 8000"}, kept=ALL))
+    restorer = StreamRestorer(Placeholders.of([("[PHONE_1]", "138 0013 8000")], kept=ALL))
 
     out = [restorer.feed(piece) for piece in pieces] + [restorer.flush()]
 
@@ -92,7 +92,7 @@ def test_a_placeholder_split_across_deltas_is_restored_whole(pieces: list[str]):
 
 
 def test_text_that_is_not_a_placeholder_is_not_held_back():
-    restorer = StreamRestorer(Placeholders.of({"[PHONE_1]": "138 0013 8000"}, kept=ALL))
+    restorer = StreamRestorer(Placeholders.of([("[PHONE_1]", "138 0013 8000")], kept=ALL))
 
     assert restorer.feed("see [note] and [PHONE_9] and a[") == "see [note] and [PHONE_9] and a"
     assert restorer.feed("b] done") == "[b] done"
