@@ -1,5 +1,6 @@
-"""The clients behind `chatmesh tenants …`, `chatmesh keys …` and `chatmesh usage`: one gRPC call each,
-the answer printed as JSON (protobuf's JSON mapping), errors as `error: CODE: message` with exit status 1."""
+"""The clients behind `chatmesh tenants …`, `chatmesh keys …`, `chatmesh review …` and `chatmesh usage`: one gRPC
+call each, the answer printed as JSON (protobuf's JSON mapping), errors as `error: CODE: message` with exit
+status 1."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     import grpc
     from google.protobuf.message import Message
 
-    from chatmesh.v1 import admin_pb2_grpc, chat_pb2
+    from chatmesh.v1 import admin_pb2_grpc, chat_pb2, review_pb2_grpc
 
 # The limit flags of `tenants create|update`, as (flag, TenantLimits field, type).
 LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
@@ -51,7 +52,7 @@ def open_gateway_channel(args: argparse.Namespace) -> grpc.aio.Channel:
 
 
 def add_commands(commands: Any, default_target: str) -> None:
-    """Adds the `tenants`, `keys` and `usage` commands to the CLI's subparsers."""
+    """Adds the `tenants`, `keys`, `review` and `usage` commands to the CLI's subparsers."""
     admin = argparse.ArgumentParser(add_help=False, parents=[gateway_options(default_target)])
     admin.add_argument(
         "--admin-token",
@@ -94,6 +95,8 @@ def add_commands(commands: Any, default_target: str) -> None:
     revoke = key_commands.add_parser("revoke", parents=[admin], help="revoke a key for good")
     revoke.add_argument("key_id", help="the 16 hex digits after cmk_ in the key")
 
+    _add_review_commands(commands, admin)
+
     own = commands.add_parser(
         "usage",
         parents=[gateway_options(default_target)],
@@ -103,15 +106,17 @@ def add_commands(commands: Any, default_target: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from chatmesh.v1 import admin_pb2_grpc, chat_pb2, chat_pb2_grpc
+    from chatmesh.v1 import admin_pb2_grpc, chat_pb2, chat_pb2_grpc, review_pb2_grpc
 
     async with open_gateway_channel(args) as channel:
         if args.command == "usage":
             stub = chat_pb2_grpc.ChatServiceStub(channel)
             return await _call(stub.GetUsage, chat_pb2.GetUsageRequest(), bearer_metadata(args.api_key))
-        admin = admin_pb2_grpc.AdminServiceStub(channel)
         metadata = bearer_metadata(args.admin_token)
-        method, request = _admin_request(admin, args)
+        if args.command == "review":
+            method, request = _review_request(review_pb2_grpc.ReviewServiceStub(channel), args)
+        else:
+            method, request = _admin_request(admin_pb2_grpc.AdminServiceStub(channel), args)
         return await _call(method, request, metadata)
 
 
@@ -141,6 +146,86 @@ def _admin_request(admin: admin_pb2_grpc.AdminServiceStub, args: argparse.Namesp
     if args.action == "usage":
         return admin.GetTenantUsage, admin_pb2.GetTenantUsageRequest(tenant=args.name)
     return admin.ListTenants, admin_pb2.ListTenantsRequest()
+
+
+CASE_STATES = ("open", "claimed", "decided", "escalated")
+DECISIONS = ("approve", "block", "escalate")
+
+
+def _keyword_term(text: str) -> tuple[str, str]:
+    """`CATEGORY:TERM`, as --add-term and `review terms remove` take it."""
+    category, colon, term = text.partition(":")
+    if not colon or not category or not term:
+        raise argparse.ArgumentTypeError(f"expected CATEGORY:TERM, e.g. fraud:wire me bitcoin, not {text!r}")
+    return category, term
+
+
+def _add_review_commands(commands: Any, admin: argparse.ArgumentParser) -> None:
+    review = commands.add_parser(
+        "review", help="work the human-review queue: list, show, claim and decide cases (admin)"
+    )
+    actions = review.add_subparsers(dest="action", required=True)
+    listed = actions.add_parser("list", parents=[admin], help="cases, newest first")
+    listed.add_argument("--tenant", default="", help="only this tenant's")
+    listed.add_argument("--state", choices=CASE_STATES, help="only cases in this state")
+    listed.add_argument("--page-size", type=int, default=0, help="at most this many (1 to 200; default 50)")
+    listed.add_argument("--page-token", default="", help="the next_page_token of the previous page")
+    show = actions.add_parser("show", parents=[admin], help="show a case")
+    show.add_argument("id")
+    claim = actions.add_parser(
+        "claim", parents=[admin], help="take a case for a lease: the given one, or the oldest waiting one"
+    )
+    claim.add_argument("id", nargs="?", default="", help="the case (default: the oldest open or escalated one)")
+    claim.add_argument("--reviewer", required=True, help="who claims it")
+    claim.add_argument(
+        "--lease-seconds", type=int, default=0, help="how long the claim holds (default: the server's setting)"
+    )
+    decide = actions.add_parser("decide", parents=[admin], help="decide a case you hold")
+    decide.add_argument("id")
+    decide.add_argument("--reviewer", required=True, help="who decides: the holder of the lease")
+    decide.add_argument("--decision", required=True, choices=DECISIONS, help="escalate sends it to a senior reviewer")
+    decide.add_argument("--note", default="", help="why (at most 2,000 characters)")
+    decide.add_argument(
+        "--add-term",
+        type=_keyword_term,
+        metavar="CATEGORY:TERM",
+        help="add a term to the keyword lists, enforced by every safety process without a restart",
+    )
+    terms = actions.add_parser("terms", help="the terms decisions added to the keyword lists")
+    term_actions = terms.add_subparsers(dest="terms_action", required=True)
+    term_actions.add_parser("list", parents=[admin], help="list them")
+    remove = term_actions.add_parser("remove", parents=[admin], help="remove one")
+    remove.add_argument("term", type=_keyword_term, metavar="CATEGORY:TERM")
+
+
+def _review_request(review: review_pb2_grpc.ReviewServiceStub, args: argparse.Namespace) -> tuple[Any, Message]:
+    from chatmesh.v1 import review_pb2
+
+    if args.action == "list":
+        state = review_pb2.CaseState.Value(f"CASE_STATE_{args.state.upper()}") if args.state else 0
+        return review.ListCases, review_pb2.ListCasesRequest(
+            tenant=args.tenant, state=state, page_size=args.page_size, page_token=args.page_token
+        )
+    if args.action == "show":
+        return review.GetCase, review_pb2.GetCaseRequest(id=args.id)
+    if args.action == "claim":
+        return review.ClaimCase, review_pb2.ClaimCaseRequest(
+            reviewer=args.reviewer, id=args.id, lease_seconds=args.lease_seconds
+        )
+    if args.action == "decide":
+        request = review_pb2.DecideCaseRequest(
+            id=args.id,
+            reviewer=args.reviewer,
+            decision=review_pb2.Decision.Value(f"DECISION_{args.decision.upper()}"),
+            note=args.note,
+        )
+        if args.add_term:
+            request.add_term.CopyFrom(review_pb2.KeywordTerm(category=args.add_term[0], term=args.add_term[1]))
+        return review.DecideCase, request
+    if args.terms_action == "list":
+        return review.ListTerms, review_pb2.ListTermsRequest()
+    category, term = args.term
+    return review.RemoveTerm, review_pb2.RemoveTermRequest(term=review_pb2.KeywordTerm(category=category, term=term))
 
 
 def _limits(args: argparse.Namespace) -> chat_pb2.TenantLimits:

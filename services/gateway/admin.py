@@ -47,11 +47,41 @@ _MAX_BUDGET_USD = 1_000_000.0
 _LIMIT_PATHS = {f"limits.{name.value}": name.value for name in LimitName}
 
 
-class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, settings: Settings, directory: TenantDirectory, usage: UsageReader, hasher: KeyHasher) -> None:
+class AdminToken:
+    """The check of the admin token, for every admin service the gateway serves (AdminService, ReviewService)."""
+
+    def __init__(self, settings: Settings) -> None:
         token = settings.admin_token
         self._token = None if token is None else token.get_secret_value()
         self._open = token is None and settings.auth == "off"
+
+    async def authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """Ends the call with UNAUTHENTICATED unless it presents the admin token (or the admin API is open)."""
+        annotate(tenant="")
+        if self._open:
+            return
+        if self._token is None:
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the admin API is off: its operator must set CHATMESH_ADMIN_TOKEN",
+            )
+        presented = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == AUTHORIZATION and isinstance(value, str):
+                presented = value
+        scheme, _, token = presented.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token.encode()):
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "admin calls need `authorization: Bearer <admin token>` metadata with the admin token",
+            )
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, settings: Settings, directory: TenantDirectory, usage: UsageReader, hasher: KeyHasher) -> None:
+        self._admin_token = AdminToken(settings)
         self._directory = directory
         self._usage = usage
         self._hasher = hasher
@@ -170,26 +200,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             raise
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        annotate(tenant="")
-        if self._open:
-            return
-        if self._token is None:
-            await abort(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "the admin API is off: its operator must set CHATMESH_ADMIN_TOKEN",
-            )
-        presented = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == AUTHORIZATION and isinstance(value, str):
-                presented = value
-        scheme, _, token = presented.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token.encode()):
-            await abort(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "admin calls need `authorization: Bearer <admin token>` metadata with the admin token",
-            )
+        await self._admin_token.authorize(context)
 
     async def _existing_tenant(self, context: grpc.aio.ServicerContext, name: str, field: str = "name") -> TenantRecord:
         await _check(context, _check_name(field, name))

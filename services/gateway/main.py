@@ -1,10 +1,15 @@
 """Starts the gateway process."""
 
+import asyncio
+import contextlib
+
 from chatmesh.gateway.admin import AdminServicer
 from chatmesh.gateway.admission import Admission
 from chatmesh.gateway.auth import Authenticator
+from chatmesh.gateway.review import ReviewServicer, sweep_periodically
 from chatmesh.gateway.service import ChatGateway
 from chatmesh.gateway.usage import UsageReader
+from chatmesh.review.store import create_review_store
 from chatmesh.runtime import metrics, redis_connection
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, is_loopback, serve
@@ -13,7 +18,15 @@ from chatmesh.runtime.settings import Settings
 from chatmesh.tenancy.directory import create_tenant_directory
 from chatmesh.tenancy.keys import KeyHasher
 from chatmesh.tenancy.ledger import create_usage_ledger
-from chatmesh.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc, dialogue_pb2_grpc
+from chatmesh.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    chat_pb2,
+    chat_pb2_grpc,
+    dialogue_pb2_grpc,
+    review_pb2,
+    review_pb2_grpc,
+)
 
 log = get_logger(__name__)
 
@@ -47,8 +60,15 @@ async def main(settings: Settings) -> None:
     admission = Admission(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants))
     gateway = ChatGateway(settings, dialogue, Authenticator(settings, directory), admission, usage)
     admin = AdminServicer(settings, directory, usage, hasher)
+    review_store = create_review_store(settings)
+    review = ReviewServicer(settings, review_store)
+    sweeper = asyncio.create_task(sweep_periodically(review_store, settings.review_sweep_seconds))
 
     async def release() -> None:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await review_store.close()
         await admission.close()
         await dialogue_channel.close()
         await ledger.close()
@@ -67,6 +87,10 @@ async def main(settings: Settings) -> None:
             Servicer(
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
                 lambda server: admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server),
+            ),
+            Servicer(
+                review_pb2.DESCRIPTOR.services_by_name["ReviewService"].full_name,
+                lambda server: review_pb2_grpc.add_ReviewServiceServicer_to_server(review, server),
             ),
         ],
         on_stopped=release,

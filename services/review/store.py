@@ -325,7 +325,7 @@ class MemoryReviewStore(ReviewStore):
         self._expire()
         record = self._cases.get(case_id)
         if record is None:
-            raise CaseNotFound(case_id)
+            raise CaseNotFound(_not_found(case_id))
         return record
 
     async def open_case(self, case: NewCase) -> str:
@@ -369,14 +369,14 @@ class MemoryReviewStore(ReviewStore):
         if case_id:
             record = self._existing(case_id).current(now_ms)
             if record.state == DECIDED:
-                raise CaseConflict(f"case {case_id} is decided")
+                raise CaseConflict(f"case {case_id} is already decided")
             if record.state == CLAIMED and record.reviewer != reviewer:
-                raise CaseConflict(f"case {case_id} is held by {record.reviewer}")
+                raise CaseConflict(_held_by(case_id, record.reviewer))
         else:
             waiting = (self._cases[queued].current(now_ms) for queued in self._queue)
             record = next((record for record in waiting if record.state != CLAIMED), None)
             if record is None:
-                raise CaseNotFound("no case is waiting for review")
+                raise CaseNotFound(NOTHING_WAITING)
         claimed = replace(record, state=CLAIMED, reviewer=reviewer, lease_ms=now_ms + math.ceil(lease_seconds * 1000))
         self._cases[claimed.id] = claimed
         return claimed.message()
@@ -443,13 +443,24 @@ class MemoryReviewStore(ReviewStore):
         return True
 
 
+NOTHING_WAITING = "no open or escalated case is waiting for review"
+
+
+def _not_found(case_id: str) -> str:
+    return f"case {case_id} not found (never opened, or expired, or erased)"
+
+
+def _held_by(case_id: str, holder: str) -> str:
+    return f"case {case_id} is held by {holder}; claim another case, or this one once that lease lapses"
+
+
 def _check_holder(case_id: str, state: int, holder: str, lease_ms: int, reviewer: str, now_ms: int) -> None:
     """CaseConflict unless `reviewer` holds a live lease on the case."""
     if state == DECIDED:
-        raise CaseConflict(f"case {case_id} is already decided")
+        raise CaseConflict(f"case {case_id} is already decided; a decision is final")
     if state == CLAIMED and lease_ms > now_ms:
         if holder != reviewer:
-            raise CaseConflict(f"case {case_id} is held by {holder}, not {reviewer}")
+            raise CaseConflict(f"case {case_id} is held by {holder}, not {reviewer}: only the holder decides")
     elif state == CLAIMED and holder == reviewer:
         raise CaseConflict(f"{reviewer}'s lease on case {case_id} lapsed; claim it again, then decide")
     else:
@@ -859,18 +870,18 @@ class RedisReviewStore(ReviewStore):
         if not case_id:
             fields = await self._claim_next(keys=[QUEUE], args=[reviewer, lease_ms, QUEUE_MAX_SCANNED])
             if not fields:
-                raise CaseNotFound("no case is waiting for review")
+                raise CaseNotFound(NOTHING_WAITING)
             return _Record.from_hash(_pairs(fields)).message()
         tenant = await self._tenant_of(case_id)
         if tenant is None:
-            raise CaseNotFound(case_id)
+            raise CaseNotFound(_not_found(case_id))
         result = await self._claim_case(keys=[_record_key(tenant, case_id)], args=[reviewer, lease_ms])
         if result[0] == "missing":
-            raise CaseNotFound(case_id)
+            raise CaseNotFound(_not_found(case_id))
         if result[0] == "decided":
-            raise CaseConflict(f"case {case_id} is decided")
+            raise CaseConflict(f"case {case_id} is already decided")
         if result[0] == "held":
-            raise CaseConflict(f"case {case_id} is held by {result[1]}")
+            raise CaseConflict(_held_by(case_id, result[1]))
         return _Record.from_hash(_pairs(result[1])).message()
 
     @_unavailable_on_redis_error
@@ -879,7 +890,7 @@ class RedisReviewStore(ReviewStore):
     ) -> review_pb2.ReviewCase:
         tenant = await self._tenant_of(case_id)
         if tenant is None:
-            raise CaseNotFound(case_id)
+            raise CaseNotFound(_not_found(case_id))
         result = await self._decide(
             keys=[_record_key(tenant, case_id), OPEN_CASES, QUEUE, TERMS, TERMS_VERSION],
             args=[
@@ -892,7 +903,7 @@ class RedisReviewStore(ReviewStore):
             ],
         )
         if result[0] == "missing":
-            raise CaseNotFound(case_id)
+            raise CaseNotFound(_not_found(case_id))
         if result[0] == "conflict":
             _, state, holder, lease_ms, now_ms = result
             _check_holder(case_id, int(state), holder, int(lease_ms), reviewer, int(now_ms))

@@ -68,6 +68,13 @@ Tenants (label `tenant`: a tenant the gateway verified, at most `metrics_max_ten
     chatmesh_auth_failures_total{reason}                           missing, malformed, unknown, revoked, unavailable
     chatmesh_ledger_errors_total{operation}                        admit, release, reserve, settle (Redis down)
 
+The human-review queue (gateway: chatmesh.gateway.review). Every gateway reports the whole queue, so take the
+max over instances:
+
+    chatmesh_review_open_cases                                     cases not decided, as of the last sweep
+    chatmesh_review_oldest_open_age_seconds                        the oldest of them's age, now (0: none)
+    chatmesh_review_decisions_total{decision}                      approve, block, escalate
+
 `model` is a model name of the price table (a dated snapshot counts as its family, as it is priced),
 anything else is "other"; `category` is capped at MAX_CATEGORIES distinct values per process.
 """
@@ -878,3 +885,39 @@ def server_tool_call(tool: str, outcome: str, seconds: float) -> None:
     """One server-side tool call of `tool` that ended with `outcome` (one of SERVER_TOOL_OUTCOMES)."""
     _SERVER_TOOL_CALLS.labels(tool, outcome).inc()
     _SERVER_TOOL_DURATION.labels(tool).observe(seconds)
+
+
+# The human-review queue (gateway). The gauges exist only in the process that sweeps the queue.
+
+_REVIEW_DECISIONS = Counter(
+    "chatmesh_review_decisions_total", "Review decisions, by decision: approve, block, escalate.", ("decision",)
+)
+REVIEW_DECISIONS = ("approve", "block", "escalate")
+_REVIEW_DECISION_CHILDREN = {decision: _REVIEW_DECISIONS.labels(decision) for decision in REVIEW_DECISIONS}
+
+
+def review_decided(decision: str) -> None:
+    """`decision`: one of REVIEW_DECISIONS."""
+    _REVIEW_DECISION_CHILDREN[decision].inc()
+
+
+@functools.cache
+def _review_queue_gauges() -> tuple[Gauge, Gauge]:
+    return (
+        Gauge(
+            "chatmesh_review_open_cases",
+            "Review cases not decided (open, claimed or escalated), as of this gateway's last sweep of the queue.",
+        ),
+        Gauge(
+            "chatmesh_review_oldest_open_age_seconds",
+            "Age of the oldest review case not decided, 0 when there is none (the case as of the last sweep).",
+        ),
+    )
+
+
+def review_queue_observed(open_cases: int, oldest_age_seconds: float | None) -> None:
+    """The queue as a sweep found it. The oldest case's age goes on growing at every scrape until the next."""
+    open_gauge, age_gauge = _review_queue_gauges()
+    open_gauge.set(open_cases)
+    opened_at = None if oldest_age_seconds is None else time.time() - oldest_age_seconds
+    age_gauge.set_function(lambda: 0.0 if opened_at is None else time.time() - opened_at)

@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -22,6 +19,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from redis.asyncio import Redis
+from support.cli import chatmesh_cli
 from support.cluster import Cluster
 from support.redis_server import RedisServer
 
@@ -638,16 +636,6 @@ async def test_tenant_and_limit_metrics_are_exported(
     assert 'chatmesh_auth_failures_total{reason="unknown"}' in gateway
     dialogues = scrape("dialogue") + scrape("dialogue-2")
     assert f'chatmesh_tenant_tokens_total{{kind="output",tenant="{tenant}"}} {REPLY_TOKENS}.0' in dialogues
-
-
-def chatmesh_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "chatmesh", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_the_cli_creates_a_tenant_and_a_key_that_chats_and_revokes_it(sim: Cluster):
