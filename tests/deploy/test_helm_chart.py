@@ -1531,3 +1531,50 @@ def test_bad_tools_values_are_rejected(values: dict[str, Any], message: str) -> 
     with pytest.raises(helm.HelmValuesError) as rejected:
         render(values)
     assert message in str(rejected.value)
+
+
+def test_review_queue_settings_reach_the_gateway_and_safety_as_they_parse_them(
+    defaults: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for process in ("gateway", "safety"):
+        parsed = _process_settings(defaults, monkeypatch, process)
+        assert (parsed.review_lease_seconds, parsed.review_retention_seconds, parsed.review_sweep_seconds) == (
+            600,
+            604800,
+            30,
+        )
+    chart = render({"review": {"leaseSeconds": 300, "retentionSeconds": 86400, "sweepSeconds": 10}})
+    parsed = _process_settings(chart, monkeypatch, "gateway")
+    assert (parsed.review_lease_seconds, parsed.review_retention_seconds, parsed.review_sweep_seconds) == (
+        300,
+        86400,
+        10,
+    )
+
+
+def test_review_cases_are_kept_no_longer_than_conversations(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(helm.HelmError, match=r"review.retentionSeconds \(700000\) must be at most conversations"):
+        render({"review": {"retentionSeconds": 700000}})
+    # Unset, it follows the conversations' retention (a week when they are kept until deleted).
+    chart = render({"conversations": {"retentionSeconds": 3600}})
+    assert _process_settings(chart, monkeypatch, "safety").review_retention_seconds == 3600
+    chart = render({"conversations": {"retentionSeconds": 0}})
+    assert _process_settings(chart, monkeypatch, "safety").review_retention_seconds == 604800
+    chart = render({"review": {"retentionSeconds": 700000}, "conversations": {"retentionSeconds": 0}})
+    assert _process_settings(chart, monkeypatch, "safety").review_retention_seconds == 700000
+
+
+def test_the_review_backlog_alert_threshold_is_a_value(full: Rendered) -> None:
+    def thresholds(chart: Rendered) -> list[str]:
+        (rule,) = chart.of_kind("PrometheusRule")
+        return [
+            entry["expr"]
+            for group in rule["spec"]["groups"]
+            for entry in group["rules"]
+            if entry.get("record") == "chatmesh:review_oldest_open_alert_seconds"
+        ]
+
+    assert thresholds(full) == ["vector(3600)"]
+    values = values_file("all-features.yaml")
+    values["review"] = {"oldestOpenAlertSeconds": 900}
+    assert thresholds(render(values)) == ["vector(900)"]

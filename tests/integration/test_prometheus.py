@@ -330,6 +330,8 @@ def test_the_dashboard_has_its_datasource_variable_and_panels():
         "calls per second by tenant",
         "cost per hour by tenant",
         "limit rejections",
+        "review cases waiting",
+        "oldest review case",
     ):
         assert wanted in titles, wanted
     for process in ("gateway", "dialogue", "safety", "cache"):
