@@ -57,6 +57,9 @@ Model calls, cache and safety (label values from closed sets only, never an id o
     chatmesh_server_tool_duration_seconds{tool}                    (histogram) a server-side tool call
     chatmesh_safety_screens_total{stage, verdict}                  stage: input, output; allowed, blocked
     chatmesh_safety_blocked_total{stage, source, category}         one per category of a blocked verdict
+    chatmesh_safety_pii_found_total{stage, kind}                   personal information found (safety); stage:
+                                                                   input, output; kind: a PII policy kind it
+                                                                   does not leave (email, phone, cn_id, …)
 
 Tenants (label `tenant`: a tenant the gateway verified, at most `metrics_max_tenants` per process, then
 "other"):
@@ -782,6 +785,26 @@ def safety_verdict(stage: str, categories: Iterable[str] = (), source: str = "ke
         blocked = True
         _SAFETY_BLOCKED.labels(stage, source, _category(category)).inc()
     _SAFETY_SCREEN_CHILDREN[stage, "blocked" if blocked else "allowed"].inc()
+
+
+_SAFETY_PII_FOUND = Counter(
+    "chatmesh_safety_pii_found_total",
+    "Personal information found by safety's PII screen, by stage (input, output) and kind (email, phone, cn_id, "
+    "payment_card, ip_address; only the kinds the PII policy does not leave are looked for).",
+    ("stage", "kind"),
+)
+
+
+def safety_pii_kinds(kinds: Iterable[str]) -> None:
+    """Creates the series of these kinds (those the PII policy does not leave) at 0, for both stages."""
+    for kind in kinds:
+        for stage in ("input", "output"):
+            _SAFETY_PII_FOUND.labels(stage, kind)
+
+
+def safety_pii_found(stage: str, kind: str, count: int = 1) -> None:
+    """`count` items of `kind` found in one text of `stage` (input, output)."""
+    _SAFETY_PII_FOUND.labels(stage, kind).inc(count)
 
 
 # Tenants (gateway: requests and limits; dialogue: tokens and cost). `tenant` is the name of a tenant the
