@@ -128,6 +128,11 @@ _MODERATION_CATEGORIES = (
     "violence/graphic",
 )
 SIM_MODERATION_CATEGORY = "harassment"
+# The score of SIM_MODERATION_CATEGORY for a text with a flag word; every other score is _LOW_SCORE.
+_FLAG_SCORE = 0.97
+_LOW_SCORE = 0.0001
+# modelsim flags a category whose score (from moderation_word_scores) is at least this.
+_SIM_FLAG_THRESHOLD = 0.5
 _MODERATION_MODEL = "omni-moderation-latest"
 
 
@@ -150,6 +155,9 @@ class SimConfig:
     unauthorized_keys: list[str] = field(default_factory=list)
     # POST /v1/moderations flags a text that contains one of these (ignoring case) as harassment.
     moderation_flag_words: list[str] = field(default_factory=lambda: ["simflag"])
+    # A word (ignoring case) to the category scores a text containing it gets, e.g. {"borderline":
+    # {"violence": 0.3}}: a category is flagged at 0.5 and above. Several words: each category's highest score.
+    moderation_word_scores: dict[str, dict[str, float]] = field(default_factory=dict)
     # Each model's context in tokens (longest model-name prefix), as chatmesh's settings give them: a request
     # whose prompt and max_tokens pass it is refused as OpenAI refuses it (context_length_exceeded).
     context_tokens: dict[str, int] = field(
@@ -870,25 +878,31 @@ class Simulator:
         if fault is not None:
             self.stats.moderation_errors_injected += 1
             return _fault_response(*fault)
-        words = [word.casefold() for word in self.config.moderation_flag_words if word]
         results = []
         for text, input_types in inputs:
-            flagged = any(word in text.casefold() for word in words)
+            scores = self._moderation_scores(text.casefold())
+            categories = {name: score >= _SIM_FLAG_THRESHOLD for name, score in scores.items()}
             results.append(
                 {
-                    "flagged": flagged,
-                    "categories": {
-                        name: flagged and name == SIM_MODERATION_CATEGORY for name in _MODERATION_CATEGORIES
-                    },
-                    "category_scores": {
-                        name: 0.97 if flagged and name == SIM_MODERATION_CATEGORY else 0.0001
-                        for name in _MODERATION_CATEGORIES
-                    },
+                    "flagged": any(categories.values()),
+                    "categories": categories,
+                    "category_scores": scores,
                     "category_applied_input_types": {name: input_types for name in _MODERATION_CATEGORIES},
                 }
             )
         model = body.get("model") or _MODERATION_MODEL
         return web.json_response({"id": f"modr-{os.urandom(12).hex()}", "model": model, "results": results})
+
+    def _moderation_scores(self, folded: str) -> dict[str, float]:
+        """Every category's score for a case-folded text: from its flag words and word scores, else low."""
+        scores = dict.fromkeys(_MODERATION_CATEGORIES, _LOW_SCORE)
+        if any(word and word.casefold() in folded for word in self.config.moderation_flag_words):
+            scores[SIM_MODERATION_CATEGORY] = _FLAG_SCORE
+        for word, word_scores in self.config.moderation_word_scores.items():
+            if word and word.casefold() in folded:
+                for name, score in word_scores.items():
+                    scores[name] = max(scores[name], score)
+        return scores
 
     async def models(self, request: web.Request) -> web.Response:
         refusal = self._refusal(request)
@@ -931,6 +945,13 @@ class Simulator:
             if types[name] == list[str]:
                 if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
                     return web.json_response({"error": f"invalid value for {name!r}: expected strings"}, status=400)
+                continue
+            if name == "moderation_word_scores":
+                if not _word_scores(value):
+                    return web.json_response(
+                        {"error": f"invalid value for {name!r}: expected words to {{category: score in [0, 1]}}"},
+                        status=400,
+                    )
                 continue
             valid = _is_int(value) if types[name] is int else _is_number(value)
             if not valid or value < 0 or (name.endswith("_rate") and value > 1):
@@ -976,6 +997,18 @@ class Simulator:
         self.faults.clear()
         self.moderation_faults.clear()
         return web.json_response(asdict(self.stats))
+
+
+def _word_scores(value: Any) -> bool:
+    """Whether `value` is a valid SimConfig.moderation_word_scores."""
+    return isinstance(value, dict) and all(
+        isinstance(word, str)
+        and isinstance(scores, dict)
+        and all(
+            name in _MODERATION_CATEGORIES and _is_number(score) and 0 <= score <= 1 for name, score in scores.items()
+        )
+        for word, scores in value.items()
+    )
 
 
 def _tool_call_choices(calls: list[dict[str, Any]]) -> list[bytes]:

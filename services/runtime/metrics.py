@@ -57,6 +57,9 @@ Model calls, cache and safety (label values from closed sets only, never an id o
     chatmesh_server_tool_duration_seconds{tool}                    (histogram) a server-side tool call
     chatmesh_safety_screens_total{stage, verdict}                  stage: input, output; allowed, blocked
     chatmesh_safety_blocked_total{stage, source, category}         one per category of a blocked verdict
+    chatmesh_review_cases_opened_total{stage, action}              review cases opened (safety); action:
+                                                                   block_and_review, allow_and_review
+    chatmesh_review_case_failures_total{stage}                     cases not opened: the store failed (safety)
     chatmesh_safety_pii_found_total{stage, kind}                   personal information found (safety); stage:
                                                                    input, output; kind: a PII policy kind it
                                                                    does not leave (email, phone, cn_id, …)
@@ -785,6 +788,31 @@ def safety_verdict(stage: str, categories: Iterable[str] = (), source: str = "ke
         blocked = True
         _SAFETY_BLOCKED.labels(stage, source, _category(category)).inc()
     _SAFETY_SCREEN_CHILDREN[stage, "blocked" if blocked else "allowed"].inc()
+
+
+_REVIEW_CASES_OPENED = Counter(
+    "chatmesh_review_cases_opened_total",
+    "Review cases safety opened, by stage (input, output, tool) and action (block_and_review, allow_and_review).",
+    ("stage", "action"),
+)
+_REVIEW_CASE_FAILURES = Counter(
+    "chatmesh_review_case_failures_total",
+    "Review cases safety could not open (the store failed or was too slow; the verdict stood), by stage.",
+    ("stage",),
+)
+for _stage in SAFETY_STAGES:
+    _REVIEW_CASE_FAILURES.labels(_stage)
+    for _action in ("block_and_review", "allow_and_review"):
+        _REVIEW_CASES_OPENED.labels(_stage, _action)
+
+
+def review_case_opened(stage: str, action: str) -> None:
+    """`stage`: input, output, tool; `action`: block_and_review, allow_and_review."""
+    _REVIEW_CASES_OPENED.labels(stage, action).inc()
+
+
+def review_case_failed(stage: str) -> None:
+    _REVIEW_CASE_FAILURES.labels(stage).inc()
 
 
 _SAFETY_PII_FOUND = Counter(

@@ -134,6 +134,16 @@ class ModelOutcome:
     deployment: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ModerationResult:
+    """The moderation endpoint's judgement of one input: whether it flagged it, the categories it flagged (by
+    OpenAI's names, e.g. "self-harm/intent"), sorted, and its score for each category it reported (0 to 1)."""
+
+    flagged: bool
+    categories: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class StreamProgress:
     """How far a streamed call got, for accounting when it does not finish: the text chunks received (the
@@ -463,8 +473,9 @@ class ModelClient:
 
     async def moderate(
         self, text: str, *, deadline: float | None = None, image_urls: Sequence[str] = ()
-    ) -> tuple[bool, list[str]]:
-        """Asks the provider's /v1/moderations whether `text` is flagged, and for which categories. With
+    ) -> ModerationResult:
+        """Asks the provider's /v1/moderations whether `text` is flagged, for which categories, and with what
+        scores. With
         `image_urls` (https or `data:` URLs), the text and the images are judged together, as one multi-modal
         input of text and image_url parts (omni-moderation reads both).
 
@@ -483,7 +494,7 @@ class ModelClient:
         metered.completed()
         return verdict
 
-    async def _moderate(self, moderation: str | list[dict[str, Any]], deadline: float | None) -> tuple[bool, list[str]]:
+    async def _moderate(self, moderation: str | list[dict[str, Any]], deadline: float | None) -> ModerationResult:
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self._default_deadline_seconds
@@ -660,13 +671,16 @@ def _never_connected(error: BaseException) -> bool:
 _MAX_CAUSES = 8
 
 
-def _moderation_verdict(response: Any) -> tuple[bool, list[str]]:
-    """(flagged, the flagged categories by OpenAI's names, e.g. "self-harm/intent") of the first result."""
+def _moderation_verdict(response: Any) -> ModerationResult:
+    """The first result (a provider that sends no scores gives none)."""
     try:
         result = response.results[0]
         categories = result.categories.model_dump(by_alias=True)
         flagged = sorted(name for name, value in categories.items() if value is True)
-        return bool(result.flagged) or bool(flagged), flagged
+        scores_model = getattr(result, "category_scores", None)
+        reported = scores_model.model_dump(by_alias=True) if scores_model is not None else {}
+        scores = {name: float(score) for name, score in reported.items() if isinstance(score, int | float)}
+        return ModerationResult(bool(result.flagged) or bool(flagged), flagged, scores)
     except (AttributeError, IndexError, TypeError, ValueError):
         raise ModelError(ModelErrorKind.UNAVAILABLE, "the moderation endpoint sent a malformed response") from None
 

@@ -253,6 +253,18 @@ class Settings(BaseSettings):
     # When dialogue cannot reach the safety service: fail the turn with UNAVAILABLE (the default), or
     # answer it unscreened.
     safety_fail_open: bool = False
+    # Moderation category to the score (0 to 1) at or above which it matches, e.g. {"violence": 0.4}; a
+    # category without one matches when the endpoint flags it.
+    safety_moderation_thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
+    # With moderation on, replies are moderated too, in windows of this many characters as they stream: text
+    # is released once the keyword lists and the moderation of its window cleared it (the last window when
+    # the reply ends).
+    safety_moderate_output: bool = True
+    safety_output_moderation_window_chars: int = Field(default=1000, ge=1)
+    # What a verdict's categories (the keyword lists' and the moderation endpoint's) do: category to "block",
+    # "block_and_review" (blocked, and a review case opened) or "allow_and_review" (let out, and a case
+    # opened); "*" sets the action of the categories not named, else they block.
+    review_policy: dict[str, Literal["block", "block_and_review", "allow_and_review"]] = {}
 
     # The human-review queue (chatmesh.review; in Redis with redis_url, else in one process's memory). How long
     # a reviewer's claim on a case lasts when the claim sets none; how long a case (with its excerpt of the

@@ -15,15 +15,17 @@ Korean or Thai matches anywhere.
 
 Files: one term per line as `category<TAB>term`; blank lines and lines starting with `#` are skipped.
 A path is one such file or a folder of them (every file whose name does not start with "." or end
-with "~"). `KeywordScreen` polls the files and swaps in a new list when they change.
+with "~"). `KeywordScreen` polls the files and swaps in a new list when they change; terms that review
+decisions added are merged into the same list.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -95,6 +97,16 @@ class KeywordEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class KeywordMatch:
+    """The terms found in a text: every one's categories, sorted, and where the first is, [start, end) in code
+    points of the text."""
+
+    categories: tuple[str, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Term:
     length: int
     categories: tuple[str, ...]
@@ -132,6 +144,11 @@ class KeywordList:
             categories_by_term.setdefault(normalized, set()).add(entry.category)
         self.size = len(categories_by_term)
         self.categories = frozenset().union(*categories_by_term.values()) if categories_by_term else frozenset()
+        # What the list matches, as a hash: the same for the same terms and categories, however written.
+        digest = hashlib.sha256()
+        for normalized in sorted(categories_by_term):
+            digest.update(f"{normalized}\t{','.join(sorted(categories_by_term[normalized]))}\n".encode())
+        self.digest = digest.hexdigest()
         # The longest term, in normalized characters: the most a stream ever holds back.
         self.longest = max(map(len, categories_by_term), default=0)
         self._automaton: ahocorasick.Automaton | None = None
@@ -152,14 +169,21 @@ class KeywordList:
 
     def screen(self, text: str) -> list[str]:
         """The sorted categories of the terms found in `text`; empty when it is clean."""
+        match = self.find(text)
+        return [] if match is None else list(match.categories)
+
+    def find(self, text: str) -> KeywordMatch | None:
+        """The terms found in `text`; None when it is clean."""
         automaton = self._automaton
         if automaton is None or next(automaton.iter(normalize(text)), None) is None:
-            return []  # the common case, without the position bookkeeping that word boundaries need
-        return list(self.stream().feed(text, final=True).categories)
+            return None  # the common case, without the position bookkeeping that word boundaries need
+        screen = self.stream()
+        step = screen.feed(text, final=True)
+        return KeywordMatch(step.categories, *screen.blocked_span) if step.blocked else None
 
-    def stream(self) -> StreamScreen:
-        """A screen for one streamed text, bound to this list for its whole life."""
-        return StreamScreen(self)
+    def stream(self, passes: Callable[[tuple[str, ...]], bool] | None = None) -> StreamScreen:
+        """A screen for one streamed text, bound to this list for its whole life; see StreamScreen for `passes`."""
+        return StreamScreen(self, passes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +215,19 @@ class StreamScreen:
     the beginning of some term, so a term split across pieces is caught before any character of it
     is cleared; the hold-back is never more than the longest term in normalized characters. The
     final feed screens and clears or blocks the rest.
+
+    Terms whose categories `passes` accepts (the review policy lets them out) do not block: the text
+    is cleared as if they were not there, and their categories are gathered in `passed`.
     """
 
-    def __init__(self, keywords: KeywordList) -> None:
+    def __init__(self, keywords: KeywordList, passes: Callable[[tuple[str, ...]], bool] | None = None) -> None:
         self._keywords = keywords
+        self._passes = passes
+        # Categories of terms found that `passes` accepted, and where the first such term is (raw code points).
+        self.passed: set[str] = set()
+        self.passed_span = (0, 0)
+        # Where the first term of a blocking step is (raw code points).
+        self.blocked_span = (0, 0)
         self._raw: list[str] = []
         self._normalized: list[str] = []
         # For each normalized character, the index of the raw character it came from.
@@ -206,6 +239,11 @@ class StreamScreen:
     @property
     def cleared(self) -> int:
         return self._cleared
+
+    @property
+    def text(self) -> str:
+        """The text fed so far."""
+        return "".join(self._raw)
 
     def feed(self, text: str, final: bool = False) -> ScreenStep:
         """Appends `text` and returns what is cleared now. No feed may follow a blocked or final one."""
@@ -227,13 +265,25 @@ class StreamScreen:
         window = "".join(self._normalized[start:])
         self._searched = len(self._normalized)
         found: set[str] = set()
+        # Where the first term found is, and the first that does not pass.
+        span: tuple[int, int] | None = None
+        blocking: tuple[int, int] | None = None
         for last, term in automaton.iter(window):
             end = start + last + 1
             if self._match(end - term.length, end, term, final) is _Match.BLOCK:
+                term_span = (self._origin[end - term.length], self._origin[end - 1] + 1)
+                span = span or term_span
+                if blocking is None and (self._passes is None or not self._passes(term.categories)):
+                    blocking = term_span
                 found.update(term.categories)
-        if found:
-            self._done = True
-            return ScreenStep(self._cleared, tuple(sorted(found)))
+        if span is not None:
+            if blocking is not None:
+                self._done = True
+                self.blocked_span = blocking
+                return ScreenStep(self._cleared, tuple(sorted(found | self.passed)))
+            if not self.passed:
+                self.passed_span = span
+            self.passed.update(found)
         if final:
             return self._clear_all(final)
 
@@ -304,8 +354,8 @@ def keyword_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_keyword_list(files: Sequence[Path]) -> KeywordList:
-    """Reads, parses and compiles the files. Raises KeywordFileError naming the first problem."""
+def load_keyword_entries(files: Sequence[Path]) -> list[KeywordEntry]:
+    """Reads and parses the files. Raises KeywordFileError naming the first problem."""
     entries: list[KeywordEntry] = []
     for file in files:
         try:
@@ -313,7 +363,13 @@ def load_keyword_list(files: Sequence[Path]) -> KeywordList:
         except (OSError, UnicodeDecodeError) as error:
             raise KeywordFileError(f"{file}: cannot be read as UTF-8 ({type(error).__name__})") from None
         entries.extend(parse_keyword_file(text, str(file)))
-    return KeywordList(entries)
+    return entries
+
+
+def usable_term(category: str, term: str) -> bool:
+    """Whether a term from elsewhere than a file (a review decision) can join a list: a valid category, and
+    letters or digits in the term."""
+    return bool(_CATEGORY.fullmatch(category)) and bool(normalize(term))
 
 
 # What the files looked like when last loaded: (file, mtime, size, inode) each, or why they could not be listed.
@@ -335,7 +391,8 @@ def _signature(path: Path) -> tuple[list[Path], _Signature]:
 
 
 class KeywordScreen:
-    """The live keyword list of a process, loaded from `path` (the shipped list when None).
+    """The live keyword list of a process, loaded from `path` (the shipped list when None), with the terms
+    review decisions added (`set_added_terms`).
 
     `reload_if_changed` (or `watch`, which calls it every few seconds) stats the files and, when any
     changed, builds the new list in a thread and swaps the reference in one assignment: a request
@@ -348,9 +405,12 @@ class KeywordScreen:
         files, self._signature = _signature(self.path)
         if isinstance(self._signature, str):
             raise KeywordFileError(self._signature)
-        self._current = load_keyword_list(files)
+        self._file_entries = load_keyword_entries(files)
+        self._files = len(files)
+        self._added: tuple[KeywordEntry, ...] = ()
+        self._current = KeywordList(self._file_entries)
         self._lock = asyncio.Lock()
-        self._log_loaded(len(files))
+        self._log_loaded()
 
     @property
     def current(self) -> KeywordList:
@@ -368,11 +428,28 @@ class KeywordScreen:
             result = await asyncio.to_thread(self._build_if_changed, self._signature)
             if result is None:
                 return False
-            self._signature, files, keywords = result
-            if keywords is None:
+            self._signature, files, loaded = result
+            if loaded is None:
                 return False
-            self._current = keywords
-            self._log_loaded(files)
+            self._files, (self._file_entries, self._current) = files, loaded
+            self._log_loaded()
+            return True
+
+    async def set_added_terms(self, terms: Iterable[tuple[str, str]]) -> bool:
+        """Makes these (category, term) pairs, and no others, the added terms of the list, beside the files'.
+        Pairs that cannot be used (see usable_term) are left out and counted in the log. True when a new list
+        is in use."""
+        pairs = set(terms)
+        usable = tuple(sorted(pair for pair in pairs if usable_term(*pair)))
+        async with self._lock:
+            added = tuple(KeywordEntry(category, term, "review decision") for category, term in usable)
+            if added == self._added:
+                return False
+            if len(usable) < len(pairs):
+                log.warning("keywords_added_terms_unusable", extra={"terms": len(pairs) - len(usable)})
+            self._current = await asyncio.to_thread(KeywordList, [*self._file_entries, *added])
+            self._added = added
+            self._log_loaded()
             return True
 
     async def watch(self, interval_seconds: float) -> None:
@@ -384,30 +461,40 @@ class KeywordScreen:
             except Exception:
                 log.exception("keywords_watch_failed")
 
-    def _build_if_changed(self, seen: _Signature) -> tuple[_Signature, int, KeywordList | None] | None:
+    def _build_if_changed(
+        self, seen: _Signature
+    ) -> tuple[_Signature, int, tuple[list[KeywordEntry], KeywordList] | None] | None:
         """Runs in a thread. None when nothing changed, or when the files changed again while being
         read (a writer not done yet: the next look tries again). Otherwise the new signature, with
-        the new list, or with None when the files are broken, so that they are reported only once."""
+        the files' entries and the new list (with the added terms), or with None when the files are
+        broken, so that they are reported only once."""
         files, signature = _signature(self.path)
         if signature == seen:
             return None
         if isinstance(signature, str):
             log.error("keywords_reload_failed", extra={"error": signature})
             return signature, 0, None
+        loaded: tuple[list[KeywordEntry], KeywordList] | None
         try:
-            keywords = load_keyword_list(files)
+            entries = load_keyword_entries(files)
+            loaded = entries, KeywordList([*entries, *self._added])
         except KeywordFileError as error:
-            keywords = None
+            loaded = None
             failure = str(error)
         if _signature(self.path)[1] != signature:
             return None
-        if keywords is None:
+        if loaded is None:
             log.error("keywords_reload_failed", extra={"error": failure})
-        return signature, len(files), keywords
+        return signature, len(files), loaded
 
-    def _log_loaded(self, files: int) -> None:
+    def _log_loaded(self) -> None:
         keywords = self._current
         log.info(
             "keywords_loaded",
-            extra={"files": files, "terms": keywords.size, "categories": sorted(keywords.categories)},
+            extra={
+                "files": self._files,
+                "added_terms": len(self._added),
+                "terms": keywords.size,
+                "categories": sorted(keywords.categories),
+            },
         )

@@ -4,12 +4,14 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+from chatmesh.review.store import create_review_store
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.model_client import ModelClient
 from chatmesh.runtime.settings import Settings
 from chatmesh.safety.keywords import KeywordScreen
 from chatmesh.safety.moderation import ModerationScreen, moderation_enabled
+from chatmesh.safety.review import AddedTerms, ReviewCases
 from chatmesh.safety.service import SafetyServicer
 from chatmesh.v1 import safety_pb2, safety_pb2_grpc
 
@@ -21,7 +23,15 @@ async def main(settings: Settings) -> None:
     # (dialogue then fails closed) than one that lets everything through.
     keywords = KeywordScreen(Path(settings.safety_keywords) if settings.safety_keywords else None)
     model = ModelClient(settings) if moderation_enabled(settings) else None
-    moderation = None if model is None else ModerationScreen(model, fail_open=settings.safety_moderation_fail_open)
+    moderation = (
+        None
+        if model is None
+        else ModerationScreen(
+            model,
+            fail_open=settings.safety_moderation_fail_open,
+            thresholds=settings.safety_moderation_thresholds,
+        )
+    )
     log.info(
         "safety_configured",
         extra={
@@ -29,15 +39,24 @@ async def main(settings: Settings) -> None:
             "reload_seconds": settings.safety_keywords_reload_seconds,
             "moderation": moderation is not None,
             "moderation_fail_open": settings.safety_moderation_fail_open,
+            "moderate_output": moderation is not None and settings.safety_moderate_output,
+            "review_policy": settings.review_policy,
         },
     )
-    servicer = SafetyServicer(settings, keywords, moderation)
+    store = create_review_store(settings)
+    # The terms decisions added are in force before the first call, and followed as the files are.
+    added_terms = AddedTerms(store, keywords)
+    await added_terms.refresh()
+    servicer = SafetyServicer(settings, keywords, moderation, ReviewCases(store))
     watcher = asyncio.create_task(keywords.watch(settings.safety_keywords_reload_seconds))
+    follower = asyncio.create_task(added_terms.follow(settings.safety_keywords_reload_seconds))
 
     async def release() -> None:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in (watcher, follower):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await store.close()
         if model is not None:
             await model.close()
 
@@ -56,3 +75,4 @@ async def main(settings: Settings) -> None:
         )
     finally:
         watcher.cancel()
+        follower.cancel()

@@ -26,7 +26,7 @@ SMALL_IMAGE_TOKENS = 255
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """This module's cluster: input moderation on (modelsim's endpoint); conftest's `sim` and `chat` use it."""
-    running = Cluster(env={"CHATMESH_SAFETY_MODERATION": "on"}).start()
+    running = Cluster(env={"CHATMESH_SAFETY_MODERATION": "on", "CHATMESH_SAFETY_MODERATE_OUTPUT": "false"}).start()
     try:
         yield running
     finally:

@@ -4,11 +4,9 @@
 # ruff: noqa: RUF001
 
 import asyncio
-import json
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -17,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support.cluster import Cluster, ServiceProcess
 from support.ports import free_port
+from support.safety import another_safety, poll_log, safety_stub
 
 from chatmesh.v1 import safety_pb2, safety_pb2_grpc
 
@@ -44,13 +43,15 @@ def keywords_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(keywords_file: Path) -> Iterator[Cluster]:
-    """modelsim and safety only; safety moderates input and polls its list every 0.1 s."""
+    """modelsim and safety only; safety moderates input (not output: these tests are about the keyword lists'
+    stream) and polls its list every 0.1 s."""
     running = Cluster(
         processes=("modelsim", "safety"),
         env={
             "CHATMESH_SAFETY_KEYWORDS": str(keywords_file),
             "CHATMESH_SAFETY_KEYWORDS_RELOAD_SECONDS": "0.1",
             "CHATMESH_SAFETY_MODERATION": "on",
+            "CHATMESH_SAFETY_MODERATE_OUTPUT": "false",
         },
     ).start()
     try:
@@ -67,32 +68,10 @@ def sim(cluster: Cluster) -> Iterator[Cluster]:
     cluster.sim_config(moderation_flag_words=["simflag"])
 
 
-@asynccontextmanager
-async def safety_stub(target: str) -> AsyncIterator[safety_pb2_grpc.SafetyServiceStub]:
-    async with grpc.aio.insecure_channel(target) as channel:
-        yield safety_pb2_grpc.SafetyServiceStub(channel)
-
-
 @pytest.fixture
 async def safety(sim: Cluster) -> AsyncIterator[safety_pb2_grpc.SafetyServiceStub]:
     async with safety_stub(sim.safety_target) as stub:
         yield stub
-
-
-@asynccontextmanager
-async def another_safety(
-    cluster: Cluster, log_dir: Path, **env: str
-) -> AsyncIterator[safety_pb2_grpc.SafetyServiceStub]:
-    """One more safety process, with the cluster's settings changed by `env`."""
-    port = free_port()
-    ports = {"CHATMESH_SAFETY_PORT": str(port), "CHATMESH_SAFETY_METRICS_PORT": str(free_port())}
-    process = ServiceProcess("safety", port, {**cluster.env, **ports, **env}, log_dir)
-    process.start()
-    try:
-        async with safety_stub(f"127.0.0.1:{port}") as stub:
-            yield stub
-    finally:
-        process.stop()
 
 
 async def screen_input(stub: safety_pb2_grpc.SafetyServiceStub, text: str) -> safety_pb2.Verdict:
@@ -295,12 +274,3 @@ async def poll_until(
             return verdict
         await asyncio.sleep(POLL_SECONDS)
     raise AssertionError(f"the keyword list did not change within {POLLS} polls")
-
-
-async def poll_log(process: ServiceProcess, event: str) -> dict:
-    for _ in range(POLLS):
-        for line in process.log().splitlines():
-            if f'"event": "{event}"' in line:
-                return json.loads(line)
-        await asyncio.sleep(POLL_SECONDS)
-    raise AssertionError(f"{process.name} did not log {event} within {POLLS} polls")

@@ -259,14 +259,14 @@ async def test_requests_see_the_whole_old_list_until_the_new_one_is_swapped_in(
     screen = KeywordScreen(path)
     building = threading.Event()
     release = threading.Event()
-    real_load = keywords_module.load_keyword_list
+    real_load = keywords_module.load_keyword_entries
 
     def slow_load(files):
         building.set()
         assert release.wait(30)
         return real_load(files)
 
-    monkeypatch.setattr(keywords_module, "load_keyword_list", slow_load)
+    monkeypatch.setattr(keywords_module, "load_keyword_entries", slow_load)
     write_list(path, "".join(f"new\tnew term {i}\n" for i in range(50)))
     reload = asyncio.create_task(screen.reload_if_changed())
     try:
@@ -310,3 +310,77 @@ async def test_a_deleted_list_keeps_the_old_one(tmp_path: Path):
 
     assert not await screen.reload_if_changed()
     assert screen.screen("forbidden fruit") == ["fruit"]
+
+
+def test_find_says_where_the_first_term_is_in_the_text_as_written():
+    text = "Ａ ＦＯＲＢＩＤＤＥＮ fruit, and tea"
+
+    match = TERMS.find(text)
+
+    assert match is not None and match.categories == ("drink", "fruit")
+    assert text[match.start : match.end] == "ＦＯＲＢＩＤＤＥＮ fruit"
+    assert TERMS.find("steam and apples") is None
+
+
+def test_a_stream_lets_out_what_passes_and_reports_it_but_blocks_the_rest():
+    passes = {("drink",)}.__contains__
+    screen = TERMS.stream(passes)
+
+    screen.feed("have some tea ")
+    assert screen.feed("with milk").cleared == len("have some tea with milk")
+    blocked = screen.feed(", then the forbidden fruit", final=True)
+
+    assert blocked.categories == ("drink", "fruit")
+    assert screen.passed == {"drink"} and screen.passed_span == (len("have some "), len("have some tea"))
+    text = screen.text
+    assert text[slice(*screen.blocked_span)] == "forbidden fruit"
+
+
+def test_a_stream_whose_terms_all_pass_completes_with_them():
+    screen = TERMS.stream(lambda categories: True)
+
+    screen.feed("tea, forbidden ")
+    step = screen.feed("fruit", final=True)
+
+    assert step.complete and not step.blocked and step.cleared == len("tea, forbidden fruit")
+    assert screen.passed == {"drink", "fruit"}
+
+
+def test_the_digest_depends_on_what_the_list_matches_not_how_it_is_written():
+    same = KeywordList([KeywordEntry("a", "Green  TEA"), KeywordEntry("b", "x")])
+    reordered = KeywordList([KeywordEntry("b", "X"), KeywordEntry("a", "green tea")])
+    recategorized = KeywordList([KeywordEntry("c", "green tea"), KeywordEntry("b", "x")])
+
+    assert same.digest == reordered.digest
+    assert same.digest != recategorized.digest
+
+
+async def test_added_terms_join_the_files_terms_and_survive_a_file_reload(tmp_path: Path):
+    path = tmp_path / "list.txt"
+    write_list(path, "fruit\tforbidden fruit\n")
+    screen = KeywordScreen(path)
+    before = screen.current
+
+    assert await screen.set_added_terms([("fraud", "wire the money"), ("fraud", "wire the money")])
+    assert not await screen.set_added_terms([("fraud", "wire the money")])
+
+    assert screen.current is not before and screen.current.digest != before.digest
+    assert screen.screen("please WIRE the money now") == ["fraud"]
+    assert screen.screen("forbidden fruit") == ["fruit"]
+    write_list(path, "drink\tgreen tea\n")
+    assert await screen.reload_if_changed()
+    assert screen.screen("wire the money") == ["fraud"] and screen.screen("green tea") == ["drink"]
+
+    assert await screen.set_added_terms([])
+    assert screen.screen("wire the money") == []
+
+
+async def test_added_terms_that_cannot_be_used_are_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    screen = KeywordScreen()
+
+    with caplog.at_level(logging.WARNING, logger=keywords_module.__name__):
+        assert await screen.set_added_terms([("fraud", "wire money"), ("bad category!", "x"), ("fraud", "?!")])
+
+    assert screen.screen("wire money") == ["fraud"]
+    (record,) = [record for record in caplog.records if record.msg == "keywords_added_terms_unusable"]
+    assert record.terms == 2
