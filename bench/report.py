@@ -419,6 +419,8 @@ def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
 
 # Issue 13: building a turn's window at 20 stored messages.
 WINDOW_TARGET_MS = 0.3
+# Issue 16: safety's PII screen on a message under 2,000 characters.
+PII_TARGET_MS = 0.2
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -614,6 +616,26 @@ def markdown(report: dict[str, Any]) -> str:
             f"({window['prompt_tokens']} prompt tokens; {window['builds']} builds, each counting its new message "
             f"and reading the stored messages' counts): target ≤ {WINDOW_TARGET_MS} ms, {met}.",
         ]
+
+    pii = report.get("pii")
+    if pii:
+        met = "✅ met" if pii["cpu_ms_per_message"] <= PII_TARGET_MS else "❌ not met"
+        lines += [
+            "",
+            "## The PII screen (safety, in the bench's own process)",
+            "",
+            f"PII screen ≤ {PII_TARGET_MS} ms CPU per message under 2,000 characters: "
+            f"{pii['cpu_ms_per_message']:.3f} ms at most, {met} ({pii['screens']} screens of each message, every "
+            "kind looked for).",
+            "",
+        ]
+        lines += _table(
+            ("message", "characters", "found", "CPU ms"),
+            [
+                (name, str(message["chars"]), str(message["found"]), f"{message['cpu_ms_per_message']:.3f}")
+                for name, message in pii["messages"].items()
+            ],
+        )
 
     lines += [
         "",

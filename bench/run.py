@@ -54,6 +54,7 @@ import grpc
 import redis
 import uvloop
 
+from bench import pii as pii_cost
 from bench import window as window_cost
 from bench.cases import CASES, Case, Expect, Message, preparation_message, question
 from bench.clients import (
@@ -621,6 +622,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         "cases": entries,
         "targets": evaluate_targets(entries, processes),
         "window": window_cost.measure(),
+        "pii": pii_cost.measure(),
     }
     return report, bench.samples, bench
 

@@ -253,6 +253,21 @@ class Settings(BaseSettings):
     # When dialogue cannot reach the safety service: fail the turn with UNAVAILABLE (the default), or
     # answer it unscreened.
     safety_fail_open: bool = False
+    # Personal information (safety's PII screen finds it, dialogue applies this), per kind: email, phone, cn_id,
+    # payment_card, ip_address. "leave": nothing changes. "storage": the stored history (so every later window),
+    # cached answers and logs hold placeholders such as [PHONE_1], while the model and the caller see the
+    # original in the turn it is sent. "model": the model sees placeholders too, and the caller's reply has the
+    # originals restored, the same placeholder for the same value in every turn of a conversation. A kind left
+    # out is left; an unknown kind or mode stops the process, naming it.
+    pii_policy: dict[
+        Literal["email", "phone", "cn_id", "payment_card", "ip_address"], Literal["leave", "storage", "model"]
+    ] = {
+        "email": "storage",
+        "phone": "storage",
+        "cn_id": "storage",
+        "payment_card": "storage",
+        "ip_address": "leave",
+    }
     # Moderation category to the score (0 to 1) at or above which it matches, e.g. {"violence": 0.4}; a
     # category without one matches when the endpoint flags it.
     safety_moderation_thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}

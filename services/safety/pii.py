@@ -2,11 +2,11 @@
 addresses, with their positions in code points of the text as given.
 
 One regular expression finds the candidate runs of digits (numbers and IPv4 addresses), and two more the e-mail
-and IPv6 candidates, only in a text with an @ or `::`; only candidates are validated, so a text without any costs a
-scan. The scan reads a copy of the text in which full-width forms are half-width (NFKC: full-width digits, letters
-and @), Unicode spaces and dashes are ASCII ones, and zero-width and other format characters are gone; positions in
-the copy are mapped back to the original, so a span covers exactly what the caller wrote (separators and full-width
-digits included).
+and IPv6 candidates (only around an @, and in a text with `::`); only candidates are validated, so a text without
+any costs a scan. The scan reads a copy of the text in which full-width forms are half-width (NFKC: full-width
+digits, letters and @), Unicode spaces and dashes are ASCII ones, and zero-width and other format characters are
+gone; positions in the copy are mapped back to the original, so a span covers exactly what the caller wrote
+(separators and full-width digits included).
 
 What counts, kind by kind:
 
@@ -97,7 +97,9 @@ _REPLACEMENTS: dict[str, str] = {
     **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63", "-"),
     **dict.fromkeys("\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff", ""),
 }
-_SPECIAL = re.compile("[" + "".join(map(re.escape, _REPLACEMENTS)) + "]")
+_SPECIAL_RUNS = re.compile("[" + "".join(map(re.escape, _REPLACEMENTS)) + "]+")
+_TRANSLATION = str.maketrans(_REPLACEMENTS)
+_DROPPED = frozenset(char for char, replacement in _REPLACEMENTS.items() if not replacement)
 
 # Runs of digits, found by one scan that skips to each digit that does not continue a word: a dotted quad (for
 # IPv4), or at least 7 digits in groups with separators between them, maybe with an X at the end. The run is
@@ -124,7 +126,7 @@ _DATE = re.compile(
 # What may come before a run: +, (, or both.
 _LEAD = re.compile(r"(?:\(?\+[ ]?|\([ ]?)$")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-# A local part, @, labels, and a top-level domain of letters. Looked for only in a text with an @.
+# A local part, @, labels, and a top-level domain of letters. Looked for only around an @.
 _EMAILS = re.compile(
     rf"[A-Za-z0-9](?<![\w.%+-][A-Za-z0-9])[\w.%+-]{{0,63}}@(?:{_LABEL}\.)+[A-Za-z]{{2,24}}(?![\w-])", re.ASCII
 )
@@ -203,12 +205,14 @@ def _normalize(text: str) -> tuple[str, list[int]]:
         return text, dropped
 
     def replace(match: re.Match[str]) -> str:
-        replacement = _REPLACEMENTS[match.group()]
-        if not replacement:
-            dropped.append(match.start() - len(dropped))
-        return replacement
+        run = match.group()
+        if not _DROPPED.isdisjoint(run):
+            for offset, char in enumerate(run, start=match.start()):
+                if char in _DROPPED:
+                    dropped.append(offset - len(dropped))
+        return run.translate(_TRANSLATION)
 
-    return _SPECIAL.sub(replace, text), dropped
+    return _SPECIAL_RUNS.sub(replace, text), dropped
 
 
 def _original(index: int, dropped: list[int]) -> int:
@@ -239,11 +243,16 @@ def _matches(text: str, regions: Sequence[str]) -> Iterator[tuple[int, int, int]
         else:
             run_start = start if lead is None else lead.start()
             yield from _numbers(text[run_start:end], run_start, regions)
-    if "@" in text:
-        for email in _EMAILS.finditer(text):
-            local = email.group().partition("@")[0]
-            if ".." not in local and not local.endswith("."):
-                yield EMAIL, email.start(), email.end()
+    at = text.find("@")
+    while at != -1:
+        # The address around this @: its local part is at most 64 characters, its domain at most 255.
+        for email in _EMAILS.finditer(text, max(0, at - 64), at + 256):
+            if email.start() < at < email.end():
+                local = email.group().partition("@")[0]
+                if ".." not in local and not local.endswith("."):
+                    yield EMAIL, email.start(), email.end()
+                break
+        at = text.find("@", at + 1)
     if "::" in text or text.count(":") >= 7:
         for address in _IPV6.finditer(text):
             if _ipv6(address.group()):

@@ -243,3 +243,13 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
     assert KEY_P50_TARGET in markdown
     assert TLS_SECTION in markdown and TLS_P50_TARGET in markdown
     assert "| chatmesh_tls |" in markdown  # a row of the latency table
+    # The PII screen's CPU per message, every message measured and found what it holds.
+    assert "PII screen ≤ 0.2 ms CPU per message under 2,000 characters" in markdown
+    pii = report["pii"]
+    assert {name: message["found"] for name, message in pii["messages"].items()} == {
+        "en_with_pii": 4,
+        "en_without": 0,
+        "zh_with_pii": 4,
+        "zh_without": 0,
+    }
+    assert pii["cpu_ms_per_message"] == max(message["cpu_ms_per_message"] for message in pii["messages"].values())

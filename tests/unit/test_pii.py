@@ -7,10 +7,12 @@ text as written, what does not count, and how well it does over the labelled tex
 from collections import Counter
 from collections.abc import Iterable
 
+import pydantic
 import pytest
 from pii_cases import CASES, Case
 from prometheus_client import REGISTRY
 
+from chatmesh.runtime.settings import Settings
 from chatmesh.safety.pii import (
     ALL_KINDS,
     CN_ID,
@@ -25,13 +27,7 @@ from chatmesh.safety.pii import (
 )
 from chatmesh.v1 import safety_pb2
 
-DEFAULT_POLICY = {
-    "email": "storage",
-    "phone": "storage",
-    "cn_id": "storage",
-    "payment_card": "storage",
-    "ip_address": "leave",
-}
+DEFAULT_POLICY = Settings.model_fields["pii_policy"].default
 
 
 def found(text: str, kinds: Iterable[int] = ALL_KINDS) -> list[tuple[str, str]]:
@@ -286,6 +282,16 @@ def test_the_screen_reports_the_kinds_the_policy_does_not_leave_and_counts_them(
         None,
         0,
     )
+
+
+def test_the_policy_setting_refuses_unknown_kinds_and_modes_naming_them():
+    with pytest.raises(pydantic.ValidationError) as refused:
+        Settings(pii_policy={"passport": "storage", "phone": "redact"})
+
+    message = str(refused.value)
+    assert "pii_policy.passport" in message and "'email', 'phone', 'cn_id', 'payment_card' or 'ip_address'" in message
+    assert "pii_policy.phone" in message and "'leave', 'storage' or 'model'" in message
+    assert set(DEFAULT_POLICY) == set(KIND_BY_NAME)
 
 
 def test_a_policy_that_leaves_everything_looks_for_nothing():
