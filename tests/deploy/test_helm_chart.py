@@ -1614,3 +1614,28 @@ def test_bad_review_and_moderation_values_are_rejected(values: dict[str, Any], m
     with pytest.raises(helm.HelmValuesError) as rejected:
         render(values)
     assert message in str(rejected.value)
+
+
+def test_the_pii_policy_reaches_safety_and_dialogue_as_they_parse_it(
+    defaults: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = {"email": "storage", "phone": "storage", "cn_id": "storage", "payment_card": "storage"}
+    for process in ("safety", "dialogue"):
+        assert _process_settings(defaults, monkeypatch, process).pii_policy == {**default, "ip_address": "leave"}
+
+    chart = render({"pii": {"policy": {"email": "leave", "payment_card": "model", "ip_address": "storage"}}})
+    parsed = _process_settings(chart, monkeypatch, "safety")
+    assert parsed.pii_policy == {**default, "email": "leave", "payment_card": "model", "ip_address": "storage"}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"pii": {"policy": {"phone": "redact"}}}, "at '/pii/policy/phone'"),
+        ({"pii": {"policy": {"passport": "storage"}}}, "additional properties 'passport' not allowed"),
+    ],
+)
+def test_bad_pii_policy_values_are_rejected(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as rejected:
+        render(values)
+    assert message in str(rejected.value)
