@@ -14,6 +14,7 @@ from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 from chatmesh.safety.keywords import KeywordScreen, ScreenStep
 from chatmesh.safety.moderation import ModerationScreen, WindowedModeration
+from chatmesh.safety.pii import PiiScreen
 from chatmesh.safety.policy import PolicyVersion, ReviewPolicy
 from chatmesh.safety.review import ReviewCases
 from chatmesh.v1 import chat_pb2, safety_pb2, safety_pb2_grpc
@@ -47,6 +48,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
         self._passes = self._policy.passes if self._policy.allows_any else None
         self._versions = PolicyVersion(settings, moderation is not None)
         self._cases = cases
+        self._pii = PiiScreen(settings.pii_policy)
         # The blocked series of the loaded lists' categories start at 0 (a reload's new ones start at their first).
         metrics.safety_categories(
             (("input", "keyword"), ("output", "keyword"), ("tool", "keyword")), keywords.current.categories
@@ -59,11 +61,12 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
         keywords = self._keywords.current
         version = self._versions.of(keywords)
         match = keywords.find(request.text)
+        pii = self._pii.spans("input", request.text)
         if match is not None and not self._policy.passes(match.categories):
             verdict = await self._verdict(
                 context, request, INPUT, match.categories, KEYWORD, request.text, (match.start, match.end), version
             )
-            return safety_pb2.ScreenInputResponse(verdict=verdict)
+            return safety_pb2.ScreenInputResponse(verdict=verdict, pii=pii)
         moderated: tuple[str, ...] = ()
         if self._moderation is not None and (request.text.strip() or request.images):
             loop = asyncio.get_running_loop()
@@ -72,13 +75,15 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
             moderated = await self._moderation.screen(request.text, deadline, image_urls)
         if not moderated and match is None:
             metrics.safety_verdict("input")
-            return safety_pb2.ScreenInputResponse(verdict=safety_pb2.Verdict(blocked=False, policy_version=version))
+            return safety_pb2.ScreenInputResponse(
+                verdict=safety_pb2.Verdict(blocked=False, policy_version=version), pii=pii
+            )
         # Terms the policy lets out, maybe with what the endpoint flagged: decided together.
         categories = tuple(sorted({*moderated, *(match.categories if match is not None else ())}))
         source = MODERATION if moderated else KEYWORD
         span = (match.start, match.end) if match is not None else (0, 0)
         verdict = await self._verdict(context, request, INPUT, categories, source, request.text, span, version)
-        return safety_pb2.ScreenInputResponse(verdict=verdict)
+        return safety_pb2.ScreenInputResponse(verdict=verdict, pii=pii)
 
     async def ScreenOutput(
         self, request_iterator: AsyncIterator[safety_pb2.ScreenOutputRequest], context: grpc.aio.ServicerContext
@@ -170,7 +175,12 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
                         )
                         return
                     metrics.safety_verdict("output")
-                    yield safety_pb2.ScreenOutputResponse(cleared_chars=cleared, complete=True, policy_version=version)
+                    yield safety_pb2.ScreenOutputResponse(
+                        cleared_chars=cleared,
+                        complete=True,
+                        policy_version=version,
+                        pii=self._pii.spans("output", screen.text),
+                    )
                     return
                 if cleared != sent:
                     sent = cleared
@@ -271,5 +281,9 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
                 cleared_chars=cleared, verdict=verdict, policy_version=version, review_case_id=verdict.review_case_id
             )
         return safety_pb2.ScreenOutputResponse(
-            cleared_chars=cleared, complete=True, policy_version=version, review_case_id=verdict.review_case_id
+            cleared_chars=cleared,
+            complete=True,
+            policy_version=version,
+            review_case_id=verdict.review_case_id,
+            pii=self._pii.spans("output", text),  # the whole reply, when it is let out
         )

@@ -4,8 +4,10 @@
 # ruff: noqa: RUF001
 
 import asyncio
+import json
 import os
 import signal
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -274,3 +276,109 @@ async def poll_until(
             return verdict
         await asyncio.sleep(POLL_SECONDS)
     raise AssertionError(f"the keyword list did not change within {POLLS} polls")
+
+
+PHONE = safety_pb2.PII_KIND_PHONE
+EMAIL = safety_pb2.PII_KIND_EMAIL
+CN_ID = safety_pb2.PII_KIND_CN_ID
+CARD = safety_pb2.PII_KIND_PAYMENT_CARD
+IP_ADDRESS = safety_pb2.PII_KIND_IP_ADDRESS
+
+
+def pii_found(cluster: Cluster, stage: str, kind: str) -> float:
+    """chatmesh_safety_pii_found_total of the cluster's safety process."""
+    port = cluster.processes["safety"].metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=CALL_TIMEOUT) as page:
+        metrics = page.read().decode()
+    prefix = f'chatmesh_safety_pii_found_total{{kind="{kind}",stage="{stage}"}} '
+    return next((float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix)), 0.0)
+
+
+async def test_screen_input_gives_the_spans_of_personal_information_in_the_text_as_it_was_written(
+    sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub
+):
+    """The default policy: e-mail addresses, phone numbers, ID numbers and payment cards are reported, IP addresses
+    left; spans are code points of the text as sent, full-width, separated and zero-width forms included."""
+    text = (
+        "我是张三，电话１３８－００１３－８０００，备用1 3 9 1234 5678，邮箱zhang\u200b@example.com，"
+        "身份证11010519491231002X，卡号4111 1111 1111 1111，登录IP 192.168.1.1"
+    )
+    phones_before = await asyncio.to_thread(pii_found, sim, "input", "phone")
+
+    response = await safety.ScreenInput(
+        safety_pb2.ScreenInputRequest(text=text, request_id="pii-1"), timeout=CALL_TIMEOUT
+    )
+
+    assert not response.verdict.blocked
+    assert [(span.kind, text[span.start : span.end]) for span in response.pii] == [
+        (PHONE, "１３８－００１３－８０００"),
+        (PHONE, "1 3 9 1234 5678"),
+        (EMAIL, "zhang\u200b@example.com"),
+        (CN_ID, "11010519491231002X"),
+        (CARD, "4111 1111 1111 1111"),
+    ]
+    assert await asyncio.to_thread(pii_found, sim, "input", "phone") == phones_before + 2
+
+
+async def test_a_blocked_input_has_its_spans_too_and_a_clean_one_has_none(
+    sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub
+):
+    blocked = await safety.ScreenInput(
+        safety_pb2.ScreenInputRequest(text="the forbidden fruit, call 13800138000"), timeout=CALL_TIMEOUT
+    )
+    clean = await safety.ScreenInput(
+        safety_pb2.ScreenInputRequest(text="order 20261203183000 of 2026-12-03, v1.2.3.4"), timeout=CALL_TIMEOUT
+    )
+
+    assert blocked.verdict.blocked
+    assert [(span.kind, span.start, span.end) for span in blocked.pii] == [(PHONE, 26, 37)]
+    assert not clean.verdict.blocked and not clean.pii
+
+
+async def test_screen_output_gives_the_whole_replys_spans_on_its_complete_response(
+    sim: Cluster, safety: safety_pb2_grpc.SafetyServiceStub
+):
+    """The reply arrives in pieces that split the phone number and the e-mail address; only the complete response
+    carries spans, positions in the whole reply."""
+    deltas = [
+        "Sure! Call ",
+        "+86 138",
+        " 0013 ",
+        "8000 or write to ",
+        "ada@exa",
+        "mple.com",
+        " (ID ",
+        "1101011990",
+        "03071233).",
+    ]
+    reply = "".join(deltas)
+    call = safety.ScreenOutput(timeout=CALL_TIMEOUT)
+    for delta in deltas:
+        await call.write(safety_pb2.ScreenOutputRequest(text=delta, request_id="pii-2"))
+    await call.write(safety_pb2.ScreenOutputRequest(final=True))
+
+    responses = [response async for response in call]
+
+    last = responses[-1]
+    assert last.complete and last.cleared_chars == len(reply)
+    assert [(span.kind, reply[span.start : span.end]) for span in last.pii] == [
+        (PHONE, "+86 138 0013 8000"),
+        (EMAIL, "ada@example.com"),
+        (CN_ID, "110101199003071233"),
+    ]
+    assert not any(response.pii for response in responses[:-1])
+
+
+async def test_only_the_kinds_the_policy_does_not_leave_are_reported(sim: Cluster, tmp_path: Path):
+    text = "ada@example.com, 13800138000, 192.168.1.1"
+    request = safety_pb2.ScreenInputRequest(text=text)
+    ip_only = json.dumps({"ip_address": "model", "email": "leave"})  # the kinds left out are left too
+    async with another_safety(sim, tmp_path / "ip", CHATMESH_PII_POLICY=ip_only) as stub:
+        response = await stub.ScreenInput(request, timeout=CALL_TIMEOUT)
+        assert [(span.kind, text[span.start : span.end]) for span in response.pii] == [(IP_ADDRESS, "192.168.1.1")]
+        call = stub.ScreenOutput(timeout=CALL_TIMEOUT)
+        await call.write(safety_pb2.ScreenOutputRequest(text=text, final=True))
+        assert [len((await call.read()).pii)] == [1]
+    nothing = json.dumps(dict.fromkeys(("email", "phone", "cn_id", "payment_card", "ip_address"), "leave"))
+    async with another_safety(sim, tmp_path / "leave", CHATMESH_PII_POLICY=nothing) as stub:
+        assert not (await stub.ScreenInput(request, timeout=CALL_TIMEOUT)).pii
