@@ -106,9 +106,9 @@ _DROPPED = frozenset(char for char, replacement in _REPLACEMENTS.items() if not 
 # taken whole (possessive), so that one that ends against a letter is dropped rather than read shorter.
 _DIGIT_RUNS = re.compile(
     r"""
-    \d (?:
-        (?<![\w.]\d) \d{0,2} (?:\.\d{1,3}){3} (?!\w|\.\d) (?P<ipv4>)
-        | (?<!\w\d) (?<!\d[.-]\d) (?=(?:[\ .()-]*\d){6})
+    \d (?<!\w\d) (?:
+        (?<!\.\d) \d{0,2} (?:\.\d{1,3}){3} (?!\w|\.\d) (?P<ipv4>)
+        | (?<!\d[.-]\d) (?=(?:[\ .()-]*\d){6})
             \d*+ (?: (?:[ ]{1,2} | [ ]?[-.][ ]? | [ ]?\([ ]? | \)[ ]?-?[ ]?) \d++ )*+ [Xx]?
     )
     """,
@@ -161,6 +161,10 @@ _PAYMENT_CARD = re.compile(
     """,
     re.ASCII | re.VERBOSE,
 )
+
+# What one group of digits, without + in front, may be: a Chinese mobile number, a Chinese fixed line or a number
+# after 00, an ID number, or a card number.
+_SINGLE_NUMBER = re.compile(rf"{_CN_MOBILE.pattern}|0\d{{9,17}}|\d{{18}}|(?x:{_PAYMENT_CARD.pattern})", re.ASCII)
 
 
 def find_pii(
@@ -229,6 +233,8 @@ def _matches(text: str, regions: Sequence[str]) -> Iterator[tuple[int, int, int]
                 yield IP_ADDRESS, start, end
             continue
         run = candidate.group()
+        if run.isdigit() and not _SINGLE_NUMBER.fullmatch(run) and "+" not in text[start - 2 : start]:
+            continue  # one group of digits (as most are) that can be nothing without a + in front
         if "." in run:  # a dotted quad after a separator: "13800138000 192.168.1.1"
             for quad in _IPV4_IN_RUN.finditer(text, start, end):
                 if _ipv4(quad.group(), text, quad.start()):
