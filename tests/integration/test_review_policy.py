@@ -73,6 +73,7 @@ def cluster(keywords_file: Path, module_redis: RedisServer) -> Iterator[Cluster]
             "CHATMESH_SAFETY_KEYWORDS_RELOAD_SECONDS": "0.2",
             "CHATMESH_SAFETY_MODERATION": "on",
             "CHATMESH_SAFETY_MODERATION_THRESHOLDS": '{"violence": 0.25}',
+            "CHATMESH_SAFETY_MODERATE_OUTPUT": "true",
             "CHATMESH_SAFETY_OUTPUT_MODERATION_WINDOW_CHARS": str(WINDOW),
             "CHATMESH_REVIEW_POLICY": POLICY,
         },
