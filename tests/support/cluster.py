@@ -166,6 +166,9 @@ class Cluster:
             "CHATMESH_MODELSIM_TOKEN_DELAY_SECONDS": "0",
             "CHATMESH_SHUTDOWN_GRACE_SECONDS": "10",
             "CHATMESH_MODEL_BACKOFF_INITIAL_SECONDS": "0.05",
+            # Input moderation is on (auto, with this key); replies stream piece by piece unless a test moderates
+            # them too (which holds them back a window at a time).
+            "CHATMESH_SAFETY_MODERATE_OUTPUT": "false",
             "OPENAI_API_KEY": "test-key",
             "OPENAI_BASE_URL": f"http://127.0.0.1:{ports['modelsim']}/v1",
             **{f"CHATMESH_{name.upper()}_METRICS_PORT": str(port) for name, port in self.metrics_ports.items()},
