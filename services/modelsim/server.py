@@ -6,8 +6,9 @@ the penalties, response_format and user. Images are billed in prompt_tokens by O
 family's rates (chatmesh.dialogue.tokens): an inline image by its size, an https one as the most its detail costs.
 
 A reply is a deterministic function of (model, messages, seed): `reply_tokens` words from a fixed
-vocabulary, picked by a hash of the request. Streams are written from prebuilt byte templates, so a
-zero-latency stream costs little more than one write.
+vocabulary, picked by a hash of the request; but a last user message that holds `[echo]` is answered with the
+text that follows it (to test what a caller receives of what the model writes). Streams are written from
+prebuilt byte templates, so a zero-latency stream costs little more than one write.
 
 One process can serve several independent deployments (CHATMESH_MODELSIM_DEPLOYMENTS), each a Simulator on its
 own port with its own config, faults, stats and /sim/ endpoints, so that a router over several upstreams can be
@@ -69,6 +70,8 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 LOGGED_DATA_URL_CHARS = 1024
 # How often a hanging request looks whether its client has gone away.
 HANG_POLL_SECONDS = 0.05
+# A user message with this marker is answered with the text that follows it.
+ECHO_MARKER = "[echo]"
 # The status that a queued or drawn fault has when it is a hang (POST /sim/faults {"status": "hang"}).
 HANG = 0
 
@@ -727,8 +730,11 @@ class Simulator:
 
     def _reply(self, chat: ChatRequest) -> tuple[list[str], str]:
         """The reply's tokens and finish reason; a prefix of the same sequence whatever max_tokens is. After tool
-        results, their echo, a word a token; else `reply_tokens` words of the vocabulary."""
+        results, their echo, a word a token; after a user message with `[echo]`, the text that follows it; else
+        `reply_tokens` words of the vocabulary."""
         echo = _tool_results_text(chat.messages)
+        if echo is None:
+            echo = _echoed_text(chat.messages[-1])
         if echo is None:
             key = json.dumps([chat.model, chat.messages, chat.seed], sort_keys=True, separators=(",", ":"))
             picks = hashlib.shake_128(key.encode()).digest(self.config.reply_tokens)
@@ -1140,6 +1146,18 @@ def _tool_results_text(messages: list[dict[str, Any]]) -> str | None:
     asked_at = max(index for index, message in enumerate(messages) if message.get("role") == "assistant")
     results = "; ".join(f"{message['tool_call_id']}={message['content']}" for message in messages[asked_at + 1 :])
     return f"tool results: {results}"
+
+
+def _echoed_text(message: dict[str, Any]) -> str | None:
+    """What follows `[echo]` in a user message's text, which the reply repeats; None without it."""
+    if message.get("role") != "user":
+        return None
+    content = message.get("content")
+    if isinstance(content, list):
+        content = " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    if not isinstance(content, str) or ECHO_MARKER not in content:
+        return None
+    return content.split(ECHO_MARKER, 1)[1].strip() or None
 
 
 def _moderation_inputs(body: Any) -> list[tuple[str, list[str]]] | None:

@@ -1010,3 +1010,11 @@ async def test_bad_tool_messages_are_400(sim: Sim, messages: list[dict], param: 
 
     assert raised.value.body["param"] == param
     assert message in raised.value.body["message"]
+
+
+async def test_a_user_message_with_echo_is_answered_with_what_follows_it(sim: Sim) -> None:
+    messages = [{"role": "user", "content": "please [echo] call [CARD_1] at noon"}]
+
+    completion = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+
+    assert completion.choices[0].message.content == "call [CARD_1] at noon"
