@@ -24,6 +24,8 @@ from urllib.parse import quote
 from chatmesh.v1 import cache_pb2
 
 KEY_PREFIX = "chatmesh:cache:"
+# The sets of the keys stored from one conversation or one user of a tenant, which erasure reads.
+INDEX_PREFIX = "chatmesh:cache-origin:"
 
 # Part of what is hashed: bump it when the encoding or the normalization changes, so that old
 # entries are never read under the new rules (they expire with their TTL).
@@ -64,3 +66,15 @@ def answer_key(context: cache_pb2.AnswerContext) -> str:
     encoded = json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()
     digest = hashlib.sha256(encoded).hexdigest()
     return f"{KEY_PREFIX}{quote(context.tenant, safe='')}:{quote(context.model, safe='')}:{digest}"
+
+
+def conversation_index(tenant: str, conversation_id: str) -> str:
+    """`chatmesh:cache-origin:{tenant}:conversation:{conversation_id}`, both percent-encoded: the keys of the
+    replies stored from that conversation."""
+    return f"{INDEX_PREFIX}{quote(tenant, safe='')}:conversation:{quote(conversation_id, safe='')}"
+
+
+def user_index(tenant: str, user_id: str) -> str:
+    """`chatmesh:cache-origin:{tenant}:user:{user_id}`, both percent-encoded: the keys of the replies stored
+    from any conversation of that user."""
+    return f"{INDEX_PREFIX}{quote(tenant, safe='')}:user:{quote(user_id, safe='')}"

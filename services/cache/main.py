@@ -9,6 +9,7 @@ from chatmesh.v1 import cache_pb2, cache_pb2_grpc
 
 async def main(settings: Settings) -> None:
     cache = AnswerCache.from_settings(settings)
+    cache.follow_erasures()
     servicer = CacheServicer(cache)
 
     await serve(

@@ -3,16 +3,17 @@
 import grpc
 from google.protobuf.message import DecodeError
 
-from chatmesh.cache.keys import answer_key
-from chatmesh.cache.tiers import AnswerCache, TierKind
+from chatmesh.cache.keys import answer_key, conversation_index, user_index
+from chatmesh.cache.tiers import AnswerCache, EraseFailed, TierKind
 from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import annotate, get_logger
-from chatmesh.runtime.status import abort_with, invalid_argument
+from chatmesh.runtime.status import abort, abort_with, invalid_argument
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2
 
 log = get_logger(__name__)
 
-# Tenant and model are in every key's readable prefix; keep keys small.
+# Tenant and model are in every key's readable prefix, user and conversation ids in the indexes' names; keep
+# keys small.
 MAX_NAME_CHARS = 256
 
 _TIERS = {TierKind.MEMORY: cache_pb2.CACHE_TIER_MEMORY, TierKind.REDIS: cache_pb2.CACHE_TIER_REDIS}
@@ -43,15 +44,59 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Store(
         self, request: cache_pb2.StoreRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.StoreResponse:
-        await _validate(context, request.context)
+        # A reply whose origin is unknown could never be erased: it is not kept.
+        await _validate(
+            context,
+            request.context,
+            _name_violations(("user_id", request.user_id), ("conversation_id", request.conversation_id)),
+        )
         if not may_be_cached(request.reply):
             log.debug(
                 "cache_store_refused",
                 extra={"finish_reason": chat_pb2.FinishReason.Name(request.reply.finish_reason)},
             )
             return cache_pb2.StoreResponse(stored=False)
-        kept = await self._cache.store(answer_key(request.context), request.reply.SerializeToString())
+        tenant = request.context.tenant
+        kept = await self._cache.store(
+            answer_key(request.context),
+            request.reply.SerializeToString(),
+            [conversation_index(tenant, request.conversation_id), user_index(tenant, request.user_id)],
+        )
         return cache_pb2.StoreResponse(stored=bool(kept), tiers=[_TIERS[tier] for tier in kept])
+
+    async def Erase(
+        self, request: cache_pb2.EraseRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.EraseResponse:
+        """Every reply stored from the conversation, or from any conversation of the user. A reply is shared by
+        every user of the tenant who asks the same thing after the same window: erasing it makes them miss
+        once, and the next answer is stored again from their own conversation."""
+        annotate(tenant=request.tenant[:MAX_NAME_CHARS])
+        violations = _name_violations(("tenant", request.tenant))
+        if bool(request.user_id) == bool(request.conversation_id):
+            violations.append(("user_id", "exactly one of user_id and conversation_id is required"))
+        elif request.user_id:
+            violations += _name_violations(("user_id", request.user_id))
+        else:
+            violations += _name_violations(("conversation_id", request.conversation_id))
+        if violations:
+            await abort_with(context, invalid_argument(violations))
+        if request.user_id:
+            index = user_index(request.tenant, request.user_id)
+        else:
+            index = conversation_index(request.tenant, request.conversation_id)
+        try:
+            entries = await self._cache.erase(index)
+        except EraseFailed:
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the cache's Redis is unavailable, so nothing was erased from it; retry (erasure is idempotent)",
+            )
+        log.info(
+            "cache_erased",
+            extra={"tenant": request.tenant, "by": "user" if request.user_id else "conversation", "entries": entries},
+        )
+        return cache_pb2.EraseResponse(entries=entries)
 
 
 def may_be_cached(reply: cache_pb2.CachedReply) -> bool:
@@ -60,14 +105,20 @@ def may_be_cached(reply: cache_pb2.CachedReply) -> bool:
     return reply.finish_reason == chat_pb2.FINISH_REASON_STOP and bool(reply.text)
 
 
+def _name_violations(*fields: tuple[str, str]) -> list[tuple[str, str]]:
+    """Each (field, value) that is empty or longer than MAX_NAME_CHARS."""
+    violations = []
+    for field, value in fields:
+        if not value:
+            violations.append((field, "required"))
+        elif len(value) > MAX_NAME_CHARS:
+            violations.append((field, f"at most {MAX_NAME_CHARS} characters"))
+    return violations
+
+
 def context_violations(answer_context: cache_pb2.AnswerContext) -> list[tuple[str, str]]:
     """The (field, description) pairs that make an AnswerContext unusable as a key."""
-    violations = []
-    for name, value in (("tenant", answer_context.tenant), ("model", answer_context.model)):
-        if not value:
-            violations.append((f"context.{name}", "required"))
-        elif len(value) > MAX_NAME_CHARS:
-            violations.append((f"context.{name}", f"at most {MAX_NAME_CHARS} characters"))
+    violations = _name_violations(("context.tenant", answer_context.tenant), ("context.model", answer_context.model))
     if not answer_context.messages:
         violations.append(("context.messages", "required: the window, ending with the new user message"))
     elif answer_context.messages[-1].role != chat_pb2.ROLE_USER:
@@ -78,8 +129,12 @@ def context_violations(answer_context: cache_pb2.AnswerContext) -> list[tuple[st
     return violations
 
 
-async def _validate(context: grpc.aio.ServicerContext, answer_context: cache_pb2.AnswerContext) -> None:
+async def _validate(
+    context: grpc.aio.ServicerContext,
+    answer_context: cache_pb2.AnswerContext,
+    more: list[tuple[str, str]] | None = None,
+) -> None:
     annotate(model=answer_context.model[:MAX_NAME_CHARS])
-    violations = context_violations(answer_context)
+    violations = context_violations(answer_context) + (more or [])
     if violations:
         await abort_with(context, invalid_argument(violations))

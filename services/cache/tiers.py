@@ -2,16 +2,28 @@
 
 Values are opaque bytes here (the service stores a serialized `CachedReply`). Every entry has a TTL,
 in both tiers.
+
+Erasure: a stored entry is also listed in indexes (sets of keys, named by chatmesh.cache.keys: one for the
+conversation and one for the user it came from), in both tiers, so that `AnswerCache.erase(index)` finds every
+entry stored from a conversation or a user. Every cache process keeps a memory tier of its own, and Redis
+tells them all what was erased: the erasure publishes the index and its keys on ERASURES_CHANNEL, in the
+same script that deletes them, and each process drops them from its memory (`AnswerCache.follow_erasures`).
+A process that was not subscribed when a notice went out cannot know what it missed: every (re)subscription
+empties its memory tier, and with Redis, memory entries live at most `memory_ttl_seconds` (one minute by
+default) whatever happens to the subscription. That bound, rather than asking Redis on every memory hit
+whether the entry still exists, keeps memory hits free of any network call.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import enum
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,11 +31,17 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from chatmesh.cache.keys import INDEX_PREFIX
 from chatmesh.runtime import metrics, redis_connection
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 
 log = get_logger(__name__)
+
+# Where erasures are announced to every cache process: "<index>\n<key>\n<key>…".
+ERASURES_CHANNEL = "chatmesh:cache-erasures"
+# The wait before subscribing again after the subscription failed (Redis down or restarting).
+RESUBSCRIBE_SECONDS = 1.0
 
 
 class TierKind(enum.Enum):
@@ -47,8 +65,13 @@ class Tier(abc.ABC):
         """The value and its remaining TTL, or None when missing or expired."""
 
     @abc.abstractmethod
-    async def put(self, key: str, value: bytes, ttl_seconds: float) -> bool:
-        """Keeps `value` under `key` for `ttl_seconds`, replacing what was there. False when not kept."""
+    async def put(self, key: str, value: bytes, ttl_seconds: float, indexes: Sequence[str] = ()) -> bool:
+        """Keeps `value` under `key` for `ttl_seconds`, replacing what was there, and lists `key` in each of
+        `indexes` (narrowest first: a conversation's, then its user's). False when not kept."""
+
+    @abc.abstractmethod
+    async def erase(self, index: str) -> int:
+        """Removes every entry listed in `index`, and the index; returns how many entries there were."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook; the memory tier has nothing to release
         """Releases connections."""
@@ -58,8 +81,9 @@ class MemoryTier(Tier):
     """An LRU in this process, bounded by the bytes of its keys and values.
 
     Storing evicts least recently used entries until the total is within `max_bytes`; an entry larger
-    than the bound on its own is not stored (and replaces nothing). Never awaits, so every method is
-    atomic on the event loop. `clock` is injectable for tests.
+    than the bound on its own is not stored (and replaces nothing). An entry leaves its indexes when it
+    leaves the tier, so they never outgrow it. Never awaits, so every method is atomic on the event loop.
+    `clock` is injectable for tests.
     """
 
     kind = TierKind.MEMORY
@@ -67,7 +91,9 @@ class MemoryTier(Tier):
     def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._max_bytes = max_bytes
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (value, expires at)
+        # key -> (value, expires at, the indexes that list it)
+        self._entries: OrderedDict[str, tuple[bytes, float, frozenset[str]]] = OrderedDict()
+        self._indexes: dict[str, set[str]] = {}
         self._bytes = 0
 
     @property
@@ -86,7 +112,7 @@ class MemoryTier(Tier):
         entry = self._entries.get(key)
         if entry is None:
             return None
-        value, expires_at = entry
+        value, expires_at, _ = entry
         remaining = expires_at - self._clock()
         if remaining <= 0:
             self._remove(key)
@@ -94,25 +120,81 @@ class MemoryTier(Tier):
         self._entries.move_to_end(key)
         return CachedValue(value, remaining)
 
-    async def put(self, key: str, value: bytes, ttl_seconds: float) -> bool:
+    async def put(self, key: str, value: bytes, ttl_seconds: float, indexes: Sequence[str] = ()) -> bool:
         size = self.entry_size(key, value)
         if ttl_seconds <= 0 or size > self._max_bytes:
             return False
+        # Stored again from another conversation, it stays listed under the first one too (as in Redis).
+        previous = self._entries.get(key)
+        listed = frozenset(indexes) | (previous[2] if previous is not None else frozenset())
         self._remove(key)
-        self._entries[key] = (value, self._clock() + ttl_seconds)
+        self._entries[key] = (value, self._clock() + ttl_seconds, listed)
+        for index in listed:
+            self._indexes.setdefault(index, set()).add(key)
         self._bytes += size
         while self._bytes > self._max_bytes:
             self._remove(next(iter(self._entries)))
         return True
 
+    async def erase(self, index: str) -> int:
+        return self.delete(self._indexes.get(index, set()).copy())
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Removes these entries; returns how many had not expired."""
+        now = self._clock()
+        removed = 0
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                removed += entry[1] > now
+                self._remove(key)
+        return removed
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._indexes.clear()
+        self._bytes = 0
+
     def _remove(self, key: str) -> None:
         entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._bytes -= self.entry_size(key, entry[0])
+        if entry is None:
+            return
+        self._bytes -= self.entry_size(key, entry[0])
+        for index in entry[2]:
+            listed = self._indexes[index]
+            listed.discard(key)
+            if not listed:
+                del self._indexes[index]
+
+
+# KEYS: the index. ARGV: the erasures channel, the indexes' prefix. Deletes what the index lists (entries, and a
+# user's conversation indexes) and the index, and announces it; returns {entries that were there, {members}}.
+# The members are not declared as KEYS: the cache's Redis is one server, not a cluster.
+_ERASE_LUA = """
+local members = redis.call("SMEMBERS", KEYS[1])
+local removed = 0
+for _, member in ipairs(members) do
+  local deleted = redis.call("DEL", member)
+  if string.sub(member, 1, #ARGV[2]) ~= ARGV[2] then removed = removed + deleted end
+end
+redis.call("DEL", KEYS[1])
+redis.call("PUBLISH", ARGV[1], KEYS[1] .. "\\n" .. table.concat(members, "\\n"))
+return {removed, members}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """An erasure announced by some cache process: the index and the keys it listed."""
+
+    index: str
+    keys: tuple[str, ...]
 
 
 class RedisTier(Tier):
-    """Values in Redis under their keys, written with `SET key value PX ttl`."""
+    """Values in Redis under their keys, written with `SET key value PX ttl`. An index is a set of keys with
+    the TTL of the newest entry it lists (each store sets it again); a wider index also lists the narrower
+    ones stored with the same entry (a user's index its conversations'), which erasing it deletes too."""
 
     kind = TierKind.REDIS
 
@@ -121,6 +203,7 @@ class RedisTier(Tier):
         if client.get_encoder().decode_responses:
             raise ValueError("RedisTier needs a client created with decode_responses=False")
         self._client = client
+        self._erase = client.register_script(_ERASE_LUA)
 
     @classmethod
     def from_url(cls, url: str, *, timeout_seconds: float, options: Mapping[str, Any] | None = None) -> RedisTier:
@@ -151,12 +234,40 @@ class RedisTier(Tier):
         remaining = math.inf if pttl == -1 else max(pttl, 0) / 1000
         return CachedValue(value, remaining)
 
-    async def put(self, key: str, value: bytes, ttl_seconds: float) -> bool:
+    async def put(self, key: str, value: bytes, ttl_seconds: float, indexes: Sequence[str] = ()) -> bool:
         milliseconds = math.ceil(ttl_seconds * 1000)
         if milliseconds <= 0:
             return False
-        await self._client.set(key, value, px=milliseconds)
+        # One transaction: an entry is never in Redis without its indexes.
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(key, value, px=milliseconds)
+            for position, index in enumerate(indexes):
+                pipe.sadd(index, key, *indexes[:position])
+                pipe.pexpire(index, milliseconds)
+            await pipe.execute()
         return True
+
+    async def erase(self, index: str) -> int:
+        removed, _ = await self.erase_keys(index)
+        return removed
+
+    async def erase_keys(self, index: str) -> tuple[int, list[str]]:
+        """`erase`, and what the index listed (whether or not it was still there)."""
+        removed, keys = await self._erase(keys=[index], args=[ERASURES_CHANNEL, INDEX_PREFIX])
+        return int(removed), [key.decode() for key in keys]
+
+    async def erasures(self) -> AsyncIterator[Erasure | None]:
+        """Every erasure announced from now on, by any process, until the subscription fails (raises). None each
+        time the subscription starts, or restarts after a lost connection: announcements made before it may
+        have been missed."""
+        async with self._client.pubsub() as pubsub:
+            await pubsub.subscribe(ERASURES_CHANNEL)
+            async for message in pubsub.listen():
+                if message["type"] == "subscribe":
+                    yield None
+                elif message["type"] == "message":
+                    index, *keys = message["data"].decode().split("\n")
+                    yield Erasure(index, tuple(key for key in keys if key))
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -168,17 +279,32 @@ class CacheHit:
     tier: TierKind
 
 
+class EraseFailed(Exception):
+    """Redis could not be reached: what it holds was not erased (this process's memory was)."""
+
+
 class AnswerCache:
     """Memory first, then Redis; a Redis hit fills memory for what is left of its TTL. Stores write both.
 
-    A Redis failure never fails a call: it is logged (error type only, no key or content) and the
-    lookup is a miss, or the store keeps the value in memory only.
+    A Redis failure never fails a lookup or a store: it is logged (error type only, no key or content) and
+    the lookup is a miss, or the store keeps the value in memory only. It does fail an erasure.
+
+    With Redis, memory keeps an entry at most `memory_ttl_seconds` (see the module's doc on erasure).
     """
 
-    def __init__(self, memory: MemoryTier, redis: RedisTier | None, ttl_seconds: float) -> None:
+    def __init__(
+        self,
+        memory: MemoryTier,
+        redis: RedisTier | None,
+        ttl_seconds: float,
+        *,
+        memory_ttl_seconds: float = math.inf,
+    ) -> None:
         self._memory = memory
         self._redis = redis
         self._ttl_seconds = ttl_seconds
+        self._memory_ttl_seconds = ttl_seconds if redis is None else min(ttl_seconds, memory_ttl_seconds)
+        self._follower: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AnswerCache:
@@ -194,7 +320,12 @@ class AnswerCache:
             if url
             else None
         )
-        return cls(MemoryTier(settings.cache_memory_max_bytes), redis, settings.cache_ttl_seconds)
+        return cls(
+            MemoryTier(settings.cache_memory_max_bytes),
+            redis,
+            settings.cache_ttl_seconds,
+            memory_ttl_seconds=settings.cache_memory_ttl_seconds,
+        )
 
     async def lookup(self, key: str) -> CacheHit | None:
         found = await self._memory.get(key)
@@ -209,23 +340,63 @@ class AnswerCache:
             return None
         if found is None:
             return None
-        await self._memory.put(key, found.value, min(found.ttl_seconds, self._ttl_seconds))
+        await self._memory.put(key, found.value, min(found.ttl_seconds, self._memory_ttl_seconds))
         return CacheHit(found.value, TierKind.REDIS)
 
-    async def store(self, key: str, value: bytes) -> list[TierKind]:
-        """The tiers that kept the value."""
+    async def store(self, key: str, value: bytes, indexes: Sequence[str]) -> list[TierKind]:
+        """The tiers that kept the value, listed in each of `indexes` (narrowest first; see chatmesh.cache.keys)."""
         kept = []
-        if await self._memory.put(key, value, self._ttl_seconds):
+        if await self._memory.put(key, value, self._memory_ttl_seconds, indexes):
             kept.append(TierKind.MEMORY)
         if self._redis is not None:
             try:
-                if await self._redis.put(key, value, self._ttl_seconds):
+                if await self._redis.put(key, value, self._ttl_seconds, indexes):
                     kept.append(TierKind.REDIS)
             except Exception as error:
                 _log_redis_failure("store", error)
         return kept
 
+    async def erase(self, index: str) -> int:
+        """Removes the entries listed in `index` from this process's memory and from Redis, which announces it
+        to every other cache process. Returns the entries removed from Redis (from memory, without Redis).
+        Raises EraseFailed when Redis cannot be reached."""
+        removed = await self._memory.erase(index)
+        if self._redis is None:
+            return removed
+        try:
+            removed, keys = await self._redis.erase_keys(index)
+        except Exception as error:
+            _log_redis_failure("erase", error)
+            raise EraseFailed from error
+        # Filled from Redis, they are in memory without this process's own indexes; the announcement would
+        # drop them too, but only once it arrives.
+        self._memory.delete(keys)
+        return removed
+
+    def follow_erasures(self) -> None:
+        """With Redis, starts dropping from memory what other processes erase, until `close`."""
+        if self._redis is not None and self._follower is None:
+            self._follower = asyncio.create_task(self._follow(self._redis), name="cache_erasures")
+
+    async def _follow(self, redis: RedisTier) -> None:
+        while True:
+            try:
+                async for erasure in redis.erasures():
+                    if erasure is None:
+                        # (Re)subscribed: whatever was erased while this process was not listening is unknown.
+                        self._memory.clear()
+                    else:
+                        await self._memory.erase(erasure.index)
+                        self._memory.delete(erasure.keys)
+            except Exception as error:
+                _log_redis_failure("subscribe", error)
+            await asyncio.sleep(RESUBSCRIBE_SECONDS)
+
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
         if self._redis is not None:
             await self._redis.close()
 

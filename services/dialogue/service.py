@@ -747,7 +747,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         """Runs once the caller has the Completed event, off the reply's path: the steps `cache` (store the
         answer) and `summary` (when what no longer fits the window has grown past the trigger)."""
         if cached_reply is not None and turn.answer_context is not None:
-            self._background.spawn(self._store_answer(turn.answer_context, cached_reply), "cache_store")
+            self._background.spawn(self._store_answer(turn, turn.answer_context, cached_reply), "cache_store")
         if self._summaries.due(turn.history, turn.window):
             assert turn.history is not None
             self._background.spawn(
@@ -865,10 +865,17 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         metrics.dialogue_cache_lookup("hit" if response.hit else "miss")
         return response.reply if response.hit else None
 
-    async def _store_answer(self, answer_context: cache_pb2.AnswerContext, reply: cache_pb2.CachedReply) -> None:
+    async def _store_answer(
+        self, turn: _Turn, answer_context: cache_pb2.AnswerContext, reply: cache_pb2.CachedReply
+    ) -> None:
         try:
             await self._cache.Store(
-                cache_pb2.StoreRequest(context=answer_context, reply=reply),
+                cache_pb2.StoreRequest(
+                    context=answer_context,
+                    reply=reply,
+                    user_id=turn.scope.user_id,
+                    conversation_id=turn.scope.conversation_id,
+                ),
                 timeout=self._settings.cache_lookup_timeout_seconds,
             )
         except grpc.aio.AioRpcError as error:

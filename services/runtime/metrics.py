@@ -49,7 +49,7 @@ Model calls, cache and safety (label values from closed sets only, never an id o
     chatmesh_model_healthy_deployments{model}                      deployments of a model entry whose breaker is
                                                                    not open and that have a key not retired
     chatmesh_cache_lookups_total{tier}                             tier: memory, redis, miss (cache)
-    chatmesh_cache_redis_errors_total{operation}                   (cache)
+    chatmesh_cache_redis_errors_total{operation}                   lookup, store, erase, subscribe (cache)
     chatmesh_dialogue_cache_lookups_total{outcome}                 hit, miss, error, skipped (dialogue)
     chatmesh_server_tool_calls_total{tool, outcome}                server-side tool calls (dialogue); tool: a
                                                                    built-in's or the tools file's name; outcome:
@@ -701,7 +701,7 @@ _CACHE_REDIS_ERRORS = Counter(
 )
 CACHE_TIERS = ("memory", "redis", "miss")
 _CACHE_LOOKUP_TIERS = {tier: _CACHE_LOOKUPS.labels(tier) for tier in CACHE_TIERS}
-for _operation in ("lookup", "store"):
+for _operation in ("lookup", "store", "erase", "subscribe"):
     _CACHE_REDIS_ERRORS.labels(_operation)
 
 
@@ -711,7 +711,7 @@ def cache_lookup(tier: str) -> None:
 
 
 def cache_redis_error(operation: str) -> None:
-    """`operation`: lookup or store."""
+    """`operation`: lookup, store, erase, or subscribe (following other processes' erasures)."""
     _CACHE_REDIS_ERRORS.labels(operation).inc()
 
 

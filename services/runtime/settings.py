@@ -230,6 +230,9 @@ class Settings(BaseSettings):
     cache_ttl_seconds: float = 3600.0
     # The in-process tier's bound: the bytes of its keys and values.
     cache_memory_max_bytes: int = 64 * 1024 * 1024
+    # With Redis, the longest an answer stays in a cache process's memory: the most a process that missed an
+    # erasure (its subscription to Redis lost at that moment) may still serve what was erased.
+    cache_memory_ttl_seconds: float = Field(default=60.0, gt=0)
     # Connect and reply timeout of the cache's Redis calls; past it the lookup is a miss.
     cache_redis_timeout_seconds: float = 0.5
     # Dialogue neither looks up nor stores requests with a temperature above this. A request that sets no

@@ -1,5 +1,7 @@
-"""CacheService over a real cache process: alone, backed by Redis, across a restart, and with Redis gone."""
+"""CacheService over a real cache process: alone, backed by Redis, across a restart, with Redis gone, and
+erasure reaching every process."""
 
+import asyncio
 import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -11,6 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from redis.asyncio import Redis
 from support.cluster import ServiceProcess
 from support.ports import free_port
 from support.redis_server import RedisServer
@@ -57,9 +60,26 @@ async def lookup(stub: cache_pb2_grpc.CacheServiceStub, context: cache_pb2.Answe
 
 
 async def store(
-    stub: cache_pb2_grpc.CacheServiceStub, context: cache_pb2.AnswerContext, cached: cache_pb2.CachedReply
+    stub: cache_pb2_grpc.CacheServiceStub,
+    context: cache_pb2.AnswerContext,
+    cached: cache_pb2.CachedReply,
+    *,
+    user_id: str = "user-1",
+    conversation_id: str = "conv-1",
 ) -> cache_pb2.StoreResponse:
-    return await stub.Store(cache_pb2.StoreRequest(context=context, reply=cached), timeout=CALL_TIMEOUT)
+    return await stub.Store(
+        cache_pb2.StoreRequest(context=context, reply=cached, user_id=user_id, conversation_id=conversation_id),
+        timeout=CALL_TIMEOUT,
+    )
+
+
+async def erase(
+    stub: cache_pb2_grpc.CacheServiceStub, tenant: str = "default", *, user_id: str = "", conversation_id: str = ""
+) -> int:
+    response = await stub.Erase(
+        cache_pb2.EraseRequest(tenant=tenant, user_id=user_id, conversation_id=conversation_id), timeout=CALL_TIMEOUT
+    )
+    return response.entries
 
 
 async def connect(process: ServiceProcess) -> tuple[grpc.aio.Channel, cache_pb2_grpc.CacheServiceStub]:
@@ -188,10 +208,110 @@ async def test_an_unusable_context_is_invalid_argument_naming_the_field(
     for call in (lookup(cache, context), store(cache, context, reply())):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await call
-        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        bad_request = error_details_pb2.BadRequest()
-        assert rpc_status.from_call(raised.value).details[0].Unpack(bad_request)
-        assert field in {violation.field for violation in bad_request.field_violations}
+        assert field in bad_fields(raised.value)
+
+
+def bad_fields(error: grpc.aio.AioRpcError) -> set[str]:
+    """The fields an INVALID_ARGUMENT names in its BadRequest."""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad_request = error_details_pb2.BadRequest()
+    assert rpc_status.from_call(error).details[0].Unpack(bad_request)
+    return {violation.field for violation in bad_request.field_violations}
+
+
+@pytest.mark.parametrize(
+    ("user_id", "conversation_id", "field"), [("", "conv-1", "user_id"), ("user-1", "", "conversation_id")]
+)
+async def test_a_reply_whose_origin_is_not_named_is_not_stored(
+    cache: cache_pb2_grpc.CacheServiceStub, user_id: str, conversation_id: str, field: str
+) -> None:
+    context = answer_context(f"no origin {field}")
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await store(cache, context, reply(), user_id=user_id, conversation_id=conversation_id)
+
+    assert field in bad_fields(raised.value)
+    assert not (await lookup(cache, context)).hit
+
+
+async def test_without_redis_erasure_removes_what_this_process_stored_from_the_conversation_or_user(
+    cache: cache_pb2_grpc.CacheServiceStub,
+) -> None:
+    first, second, kept = (answer_context(f"erase me {n}", tenant="erasing") for n in range(3))
+    await store(cache, first, reply(), user_id="leaving", conversation_id="c-1")
+    await store(cache, second, reply(), user_id="leaving", conversation_id="c-2")
+    await store(cache, kept, reply(), user_id="staying", conversation_id="c-3")
+
+    assert await erase(cache, "erasing", conversation_id="c-1") == 1
+    assert [(await lookup(cache, context)).hit for context in (first, second, kept)] == [False, True, True]
+    assert await erase(cache, "erasing", user_id="leaving") == 1
+    assert await erase(cache, "erasing", user_id="leaving") == 0
+    assert [(await lookup(cache, context)).hit for context in (first, second, kept)] == [False, False, True]
+    # The same ids in another tenant name nothing stored here.
+    assert await erase(cache, "other", user_id="staying") == 0
+    assert (await lookup(cache, kept)).hit
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"user_id": "u"}, "tenant"),
+        ({"tenant": "t"}, "user_id"),
+        ({"tenant": "t", "user_id": "u", "conversation_id": "c"}, "user_id"),
+        ({"tenant": "t", "conversation_id": "c" * 257}, "conversation_id"),
+    ],
+    ids=["no-tenant", "neither-id", "both-ids", "long-id"],
+)
+async def test_an_erasure_names_a_tenant_and_exactly_one_of_user_or_conversation(
+    cache: cache_pb2_grpc.CacheServiceStub, request_fields: dict[str, str], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await cache.Erase(cache_pb2.EraseRequest(**request_fields), timeout=CALL_TIMEOUT)
+
+    assert field in bad_fields(raised.value)
+
+
+async def until_missed(stub: cache_pb2_grpc.CacheServiceStub, context: cache_pb2.AnswerContext) -> bool:
+    """Whether lookups of `context` miss within 100 tries 20 ms apart (another process's erasure reaches this
+    one's memory through Redis, a moment after it returned)."""
+    for _ in range(100):
+        if not (await lookup(stub, context)).hit:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_with_redis_an_erasure_reaches_redis_and_the_memory_of_every_cache_process(redis_url: str) -> None:
+    processes = [cache_process(redis_url), cache_process(redis_url)]
+    asked, other = answer_context("asked in the erased conversation"), answer_context("asked elsewhere")
+    client = Redis.from_url(redis_url)
+    try:
+        for process in processes:
+            process.start()
+        channels, stubs = zip(*[await connect(process) for process in processes], strict=True)
+        await store(stubs[0], asked, reply(), user_id="u-1", conversation_id="c-1")
+        await store(stubs[1], other, reply(), user_id="u-1", conversation_id="c-2")
+        for stub in stubs:  # in both processes' memory
+            for context in (asked, other):
+                await lookup(stub, context)
+                assert (await lookup(stub, context)).tier == cache_pb2.CACHE_TIER_MEMORY
+
+        assert await erase(stubs[1], conversation_id="c-1") == 1
+        for stub in stubs:
+            assert await until_missed(stub, asked)
+            assert (await lookup(stub, other)).hit
+
+        assert await erase(stubs[0], user_id="u-1") == 1
+        for stub in stubs:
+            assert await until_missed(stub, other)
+        assert await erase(stubs[0], user_id="u-1") == 0
+        assert [key async for key in client.scan_iter("chatmesh:cache*")] == []
+        for channel in channels:
+            await channel.close()
+    finally:
+        await client.aclose()
+        for process in processes:
+            process.stop()
 
 
 def assert_serving_and_reflected(process: ServiceProcess) -> None:

@@ -8,12 +8,26 @@ from dataclasses import dataclass
 import pytest
 from redis.asyncio import Redis
 from support.ports import free_port
+from support.redis_server import RedisServer
 
-from chatmesh.cache.tiers import AnswerCache, MemoryTier, RedisTier, Tier, TierKind
+from chatmesh.cache.keys import conversation_index, user_index
+from chatmesh.cache.tiers import (
+    ERASURES_CHANNEL,
+    AnswerCache,
+    EraseFailed,
+    Erasure,
+    MemoryTier,
+    RedisTier,
+    Tier,
+    TierKind,
+)
 from chatmesh.runtime.settings import Settings
 
 KEY = "chatmesh:cache:default:gpt-4o-mini:" + "ab" * 32
 VALUE = b"\x0a\x05Paris\x10\x01\x18\x02"
+CONVERSATION = conversation_index("default", "conv-1")
+USER = user_index("default", "user-1")
+INDEXES = [CONVERSATION, USER]
 
 
 class FakeClock:
@@ -122,6 +136,41 @@ async def test_a_ttl_that_is_not_positive_stores_nothing(subject: TierUnderTest,
     assert await subject.tier.get(KEY) is None
 
 
+async def test_erasing_an_index_removes_the_entries_it_lists_and_no_other(subject: TierUnderTest) -> None:
+    other_conversation = conversation_index("default", "conv-2")
+    await subject.tier.put(f"{KEY}:1", b"one", ttl_seconds=60, indexes=[CONVERSATION, USER])
+    await subject.tier.put(f"{KEY}:2", b"two", ttl_seconds=60, indexes=[other_conversation, USER])
+    await subject.tier.put(f"{KEY}:3", b"three", ttl_seconds=60, indexes=[user_index("default", "user-2")])
+
+    assert await subject.tier.erase(CONVERSATION) == 1
+    assert await subject.tier.get(f"{KEY}:1") is None
+    assert await subject.tier.get(f"{KEY}:2") is not None
+
+    assert await subject.tier.erase(USER) == 1  # the first was already gone
+    assert await subject.tier.get(f"{KEY}:2") is None
+    assert await subject.tier.get(f"{KEY}:3") is not None
+    assert await subject.tier.erase(USER) == 0
+    assert await subject.tier.erase(other_conversation) == 0
+
+
+async def test_an_entry_stored_again_from_another_conversation_is_erased_with_either(subject: TierUnderTest) -> None:
+    other_conversation = conversation_index("default", "conv-2")
+    await subject.tier.put(KEY, b"first", ttl_seconds=60, indexes=[CONVERSATION])
+    await subject.tier.put(KEY, b"again", ttl_seconds=60, indexes=[other_conversation])
+
+    assert await subject.tier.erase(CONVERSATION) == 1
+    assert await subject.tier.get(KEY) is None
+
+
+async def test_erasing_does_not_count_entries_that_expired(subject: TierUnderTest) -> None:
+    await subject.tier.put(f"{KEY}:short", b"short", ttl_seconds=subject.short_ttl, indexes=[USER])
+    await subject.tier.put(f"{KEY}:long", b"long", ttl_seconds=3600, indexes=[USER])
+    await subject.elapse(subject.short_ttl)
+    assert await until_missing(subject.tier, f"{KEY}:short", lambda: subject.elapse(subject.short_ttl / 5))
+
+    assert await subject.tier.erase(USER) == 1
+
+
 # The memory tier: exact TTLs on a fake clock, and its bound in bytes.
 
 
@@ -199,6 +248,17 @@ async def test_memory_counts_a_replaced_entry_once() -> None:
     assert len(memory) == 1
 
 
+async def test_memory_indexes_forget_evicted_entries() -> None:
+    entries = [entry(n) for n in range(3)]
+    memory = MemoryTier(2 * MemoryTier.entry_size(*entries[0]))
+    for key, value in entries:
+        await memory.put(key, value, ttl_seconds=60, indexes=[USER])
+
+    assert await memory.erase(USER) == 2
+    assert len(memory) == 0 and memory.bytes_used == 0
+    assert await memory.erase(USER) == 0
+
+
 async def test_memory_counts_key_bytes_in_utf8() -> None:
     assert MemoryTier.entry_size("ключ", b"12") == len("ключ".encode()) + 2
 
@@ -219,7 +279,7 @@ async def test_without_redis_the_cache_is_memory_alone() -> None:
     cache = AnswerCache(MemoryTier(1 << 20), None, ttl_seconds=60)
 
     assert await cache.lookup(KEY) is None
-    assert await cache.store(KEY, VALUE) == [TierKind.MEMORY]
+    assert await cache.store(KEY, VALUE, INDEXES) == [TierKind.MEMORY]
     hit = await cache.lookup(KEY)
     assert hit is not None and (hit.value, hit.tier) == (VALUE, TierKind.MEMORY)
 
@@ -228,7 +288,7 @@ async def test_a_store_writes_both_tiers_with_the_ttl(redis_url: str, redis_tier
     memory = MemoryTier(1 << 20)
     cache = AnswerCache(memory, redis_tier, ttl_seconds=60)
 
-    assert await cache.store(KEY, VALUE) == [TierKind.MEMORY, TierKind.REDIS]
+    assert await cache.store(KEY, VALUE, INDEXES) == [TierKind.MEMORY, TierKind.REDIS]
 
     in_memory, in_redis = await memory.get(KEY), await redis_tier.get(KEY)
     assert in_memory is not None and in_memory.value == VALUE
@@ -258,7 +318,7 @@ async def test_a_redis_hit_fills_memory_for_what_is_left_of_its_ttl(redis_tier: 
 async def test_a_value_too_large_for_memory_is_still_kept_in_redis(redis_tier: RedisTier) -> None:
     cache = AnswerCache(MemoryTier(10), redis_tier, ttl_seconds=60)
 
-    assert await cache.store(KEY, VALUE) == [TierKind.REDIS]
+    assert await cache.store(KEY, VALUE, INDEXES) == [TierKind.REDIS]
     hit = await cache.lookup(KEY)
     assert hit is not None and hit.tier is TierKind.REDIS
 
@@ -270,7 +330,7 @@ async def test_a_redis_failure_is_a_logged_miss_and_a_memory_only_store(caplog: 
     try:
         with caplog.at_level(logging.WARNING, logger="chatmesh.cache.tiers"):
             assert await cache.lookup(KEY) is None
-            assert await cache.store(KEY, secret_value) == [TierKind.MEMORY]
+            assert await cache.store(KEY, secret_value, INDEXES) == [TierKind.MEMORY]
             hit = await cache.lookup(KEY)
     finally:
         await cache.close()
@@ -287,11 +347,11 @@ async def test_a_redis_failure_is_a_logged_miss_and_a_memory_only_store(caplog: 
 async def test_the_cache_uses_redis_only_when_a_url_is_set(redis_url: str) -> None:
     for url in (None, ""):
         cache = AnswerCache.from_settings(Settings(redis_url=url))
-        assert await cache.store(KEY, VALUE) == [TierKind.MEMORY]
+        assert await cache.store(KEY, VALUE, INDEXES) == [TierKind.MEMORY]
         await cache.close()
     cache = AnswerCache.from_settings(Settings(redis_url=redis_url))
     try:
-        assert await cache.store(KEY, VALUE) == [TierKind.MEMORY, TierKind.REDIS]
+        assert await cache.store(KEY, VALUE, INDEXES) == [TierKind.MEMORY, TierKind.REDIS]
     finally:
         await cache.close()
 
@@ -303,3 +363,157 @@ async def test_the_redis_tier_refuses_a_client_that_decodes_responses(redis_url:
             RedisTier(client)
     finally:
         await client.aclose()
+
+
+# Erasure across tiers and processes.
+
+
+async def test_without_redis_an_erasure_counts_what_memory_held() -> None:
+    cache = AnswerCache(MemoryTier(1 << 20), None, ttl_seconds=60)
+    await cache.store(KEY, VALUE, INDEXES)
+
+    assert await cache.erase(USER) == 1
+    assert await cache.lookup(KEY) is None
+    assert await cache.erase(CONVERSATION) == 0
+
+
+async def test_an_erasure_removes_the_entries_and_their_indexes_from_redis(
+    redis_url: str, redis_tier: RedisTier
+) -> None:
+    cache = AnswerCache(MemoryTier(1 << 20), redis_tier, ttl_seconds=60)
+    await cache.store(KEY, VALUE, INDEXES)
+    client = Redis.from_url(redis_url)
+    try:
+        # The user's index lists the entry and the conversation's index, which erasing the user removes too.
+        assert await client.smembers(CONVERSATION) == {KEY.encode()}
+        assert await client.smembers(USER) == {KEY.encode(), CONVERSATION.encode()}
+        assert 0 < await client.pttl(USER) <= 60_000 and 0 < await client.pttl(CONVERSATION) <= 60_000
+
+        assert await cache.erase(USER) == 1
+
+        assert await client.keys() == []
+        assert await cache.lookup(KEY) is None
+        assert await cache.erase(USER) == 0
+    finally:
+        await client.aclose()
+
+
+async def test_an_erasure_is_announced_with_its_keys(redis_url: str, redis_tier: RedisTier) -> None:
+    listener = RedisTier.from_url(redis_url, timeout_seconds=5)
+    erasures = listener.erasures()
+    try:
+        assert await asyncio.wait_for(anext(erasures), 5) is None  # subscribed
+        await redis_tier.put(KEY, VALUE, ttl_seconds=60, indexes=[USER])
+
+        assert await redis_tier.erase(USER) == 1
+
+        assert await asyncio.wait_for(anext(erasures), 5) == Erasure(USER, (KEY,))  # stored without a conversation
+        await redis_tier.erase(USER)
+        assert await asyncio.wait_for(anext(erasures), 5) == Erasure(USER, ())
+    finally:
+        await erasures.aclose()
+        await listener.close()
+
+
+async def until_memory_misses(cache: AnswerCache, key: str, attempts: int = 100) -> bool:
+    """Whether `cache` stops answering `key` from memory within `attempts` checks 20 ms apart."""
+    for _ in range(attempts):
+        hit = await cache.lookup(key)
+        if hit is None or hit.tier is not TierKind.MEMORY:
+            return hit is None
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_an_erasure_reaches_the_memory_of_every_cache_process(redis_url: str) -> None:
+    processes = [
+        AnswerCache(MemoryTier(1 << 20), RedisTier.from_url(redis_url, timeout_seconds=5), ttl_seconds=60)
+        for _ in range(2)
+    ]
+    for cache in processes:
+        cache.follow_erasures()
+    first, second = processes
+    try:
+        await first.store(KEY, VALUE, INDEXES)
+        filled = await second.lookup(KEY)
+        assert filled is not None and filled.tier is TierKind.REDIS
+        hit = await second.lookup(KEY)
+        assert hit is not None and hit.tier is TierKind.MEMORY
+
+        assert await first.erase(CONVERSATION) == 1
+
+        assert await first.lookup(KEY) is None
+        assert await until_memory_misses(second, KEY)
+    finally:
+        for cache in processes:
+            await cache.close()
+
+
+async def test_with_redis_memory_keeps_an_entry_at_most_the_memory_ttl(redis_tier: RedisTier) -> None:
+    clock = FakeClock()
+    memory = MemoryTier(1 << 20, clock=clock)
+    cache = AnswerCache(memory, redis_tier, ttl_seconds=3600, memory_ttl_seconds=60)
+    await cache.store(KEY, VALUE, INDEXES)
+
+    clock.advance(60)
+
+    assert await memory.get(KEY) is None
+    hit = await cache.lookup(KEY)
+    assert hit is not None and hit.tier is TierKind.REDIS
+    refilled = await memory.get(KEY)
+    assert refilled is not None and refilled.ttl_seconds == 60
+
+
+async def test_without_redis_the_memory_ttl_does_not_apply() -> None:
+    clock = FakeClock()
+    memory = MemoryTier(1 << 20, clock=clock)
+    cache = AnswerCache(memory, None, ttl_seconds=3600, memory_ttl_seconds=60)
+    await cache.store(KEY, VALUE, INDEXES)
+
+    clock.advance(61)
+
+    assert await memory.get(KEY) is not None
+
+
+async def test_a_process_that_lost_its_subscription_forgets_its_memory_once_subscribed_again() -> None:
+    # A Redis of its own, restarted empty: whatever was erased meanwhile, this process cannot know.
+    server = RedisServer.start()
+    memory = MemoryTier(1 << 20)
+    cache = AnswerCache(memory, RedisTier.from_url(server.url, timeout_seconds=1), ttl_seconds=60)
+    cache.follow_erasures()
+    try:
+        assert await until_subscribed(server.url)
+        await cache.store(KEY, VALUE, INDEXES)
+        server.kill()
+        server.restart()
+
+        assert await until_memory_misses(cache, KEY, attempts=250)
+    finally:
+        await cache.close()
+        server.stop()
+
+
+async def until_subscribed(url: str, attempts: int = 100) -> bool:
+    """Whether some process listens to the erasures channel within `attempts` checks 20 ms apart."""
+    client = Redis.from_url(url)
+    try:
+        for _ in range(attempts):
+            if (await client.pubsub_numsub(ERASURES_CHANNEL))[0][1]:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+    finally:
+        await client.aclose()
+
+
+async def test_an_erasure_fails_when_redis_cannot_be_reached_after_erasing_memory() -> None:
+    unreachable = RedisTier.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_seconds=1)
+    memory = MemoryTier(1 << 20)
+    cache = AnswerCache(memory, unreachable, ttl_seconds=60)
+    try:
+        await cache.store(KEY, VALUE, INDEXES)
+        with pytest.raises(EraseFailed):
+            await cache.erase(USER)
+        assert await memory.get(KEY) is None
+    finally:
+        await cache.close()
