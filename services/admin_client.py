@@ -52,7 +52,7 @@ def open_gateway_channel(args: argparse.Namespace) -> grpc.aio.Channel:
 
 
 def add_commands(commands: Any, default_target: str) -> None:
-    """Adds the `tenants`, `keys`, `review` and `usage` commands to the CLI's subparsers."""
+    """Adds the `tenants`, `keys`, `users`, `review` and `usage` commands to the CLI's subparsers."""
     admin = argparse.ArgumentParser(add_help=False, parents=[gateway_options(default_target)])
     admin.add_argument(
         "--admin-token",
@@ -95,6 +95,17 @@ def add_commands(commands: Any, default_target: str) -> None:
     revoke = key_commands.add_parser("revoke", parents=[admin], help="revoke a key for good")
     revoke.add_argument("key_id", help="the 16 hex digits after cmk_ in the key")
 
+    users = commands.add_parser("users", help="erase everything chatmesh holds of a tenant's user (admin)")
+    user_commands = users.add_subparsers(dest="action", required=True)
+    erase = user_commands.add_parser(
+        "erase",
+        parents=[admin],
+        help="erase the user's conversations with their summaries, the replies cached from them and their review "
+        "cases; prints what was removed (erasing again removes nothing)",
+    )
+    erase.add_argument("user_id")
+    erase.add_argument("--tenant", required=True)
+
     _add_review_commands(commands, admin)
 
     own = commands.add_parser(
@@ -117,7 +128,7 @@ async def run(args: argparse.Namespace) -> int:
             method, request = _review_request(review_pb2_grpc.ReviewServiceStub(channel), args)
         else:
             method, request = _admin_request(admin_pb2_grpc.AdminServiceStub(channel), args)
-        return await _call(method, request, metadata)
+        return await _call(method, request, metadata, every_field=args.command == "users")
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -129,6 +140,8 @@ def _admin_request(admin: admin_pb2_grpc.AdminServiceStub, args: argparse.Namesp
 
     from chatmesh.v1 import admin_pb2
 
+    if args.command == "users":
+        return admin.EraseUser, admin_pb2.EraseTenantUserRequest(tenant=args.tenant, user_id=args.user_id)
     if args.command == "keys":
         if args.action == "create":
             return admin.CreateKey, admin_pb2.CreateKeyRequest(tenant=args.tenant, description=args.description)
@@ -240,8 +253,13 @@ def _limits(args: argparse.Namespace) -> chat_pb2.TenantLimits:
 
 
 async def _call(
-    method: Callable[..., Awaitable[Message]], request: Message, metadata: tuple[tuple[str, str], ...]
+    method: Callable[..., Awaitable[Message]],
+    request: Message,
+    metadata: tuple[tuple[str, str], ...],
+    *,
+    every_field: bool = False,
 ) -> int:
+    """Prints the answer; with `every_field`, zeros too (where a count of 0 says something)."""
     import grpc
     from google.protobuf import json_format
 
@@ -250,5 +268,9 @@ async def _call(
     except grpc.aio.AioRpcError as error:
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
-    print(json_format.MessageToJson(response, preserving_proto_field_name=True))
+    print(
+        json_format.MessageToJson(
+            response, preserving_proto_field_name=True, always_print_fields_with_no_presence=every_field
+        )
+    )
     return 0

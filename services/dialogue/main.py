@@ -8,6 +8,7 @@ from chatmesh.dialogue.spend import SpendLedger
 from chatmesh.dialogue.store import create_conversation_store
 from chatmesh.dialogue.summary import Summarizer
 from chatmesh.dialogue.tokens import DEFAULT_MODEL_ENCODINGS, TokenCounter
+from chatmesh.review.store import create_review_store
 from chatmesh.runtime import metrics, redis_connection
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
@@ -35,6 +36,7 @@ async def main(settings: Settings) -> None:
     # another model's when a turn first needs it, off the event loop (DialogueServicer._window).
     await asyncio.to_thread(tokens.preload, [settings.default_model, settings.summary_model or settings.default_model])
     ledger = create_usage_ledger(settings.redis_url, redis_options)
+    reviews = create_review_store(settings)
     background = BackgroundTasks()
     spend = SpendLedger(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants), background)
     safety_channel = open_channel(settings.safety_target, settings)
@@ -50,6 +52,7 @@ async def main(settings: Settings) -> None:
         Summarizer(settings, store, model),
         server_tools,
         background,
+        reviews,
     )
 
     async def release() -> None:
@@ -60,6 +63,7 @@ async def main(settings: Settings) -> None:
         await model.close()
         await server_tools.close()
         await store.close()
+        await reviews.close()
 
     await serve(
         settings,

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -51,8 +52,9 @@ from chatmesh.dialogue.store import (
 )
 from chatmesh.dialogue.summary import Summarizer
 from chatmesh.dialogue.tokens import OFF_LOOP_TEXT_CHARS, TokenCounter, context_tokens
+from chatmesh.review.store import ReviewStore, ReviewStoreUnavailable
 from chatmesh.runtime import metrics, regions
-from chatmesh.runtime.access_log import ErrorKind
+from chatmesh.runtime.access_log import ErrorKind, UserIdHasher
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.model_client import (
@@ -116,6 +118,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         summaries: Summarizer,
         server_tools: ServerTools,
         background: BackgroundTasks,
+        reviews: ReviewStore,
     ) -> None:
         self._settings = settings
         self._server_tools = server_tools
@@ -128,6 +131,9 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         self._summaries = summaries
         # Cache stores and summaries run after the caller has its reply.
         self._background = background
+        # Only erased here: DeleteConversation and EraseUser reach the review cases too.
+        self._reviews = reviews
+        self._hash_user_id = UserIdHasher(settings.log_user_id_salt.get_secret_value())
 
     async def Turn(
         self, request: dialogue_pb2.TurnRequest, context: grpc.aio.ServicerContext
@@ -950,9 +956,102 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     ) -> chat_pb2.DeleteConversationResponse:
         request = scoped.request
         annotate(tenant=scoped.tenant, user_id=request.user_id)
+        # The owner is checked first, and what derives from the conversation is erased before it: after a
+        # failure, a retry still finds the conversation (and whose it is) and finishes.
         async with _store_errors(context, request.conversation_id):
-            await self._store.delete(scoped.tenant, request.conversation_id, request.user_id)
+            await self._store.get(scoped.tenant, request.conversation_id, request.user_id, limit=0)
+        derived = await self._erase_derived(
+            context, scoped.tenant, user_id=request.user_id, conversation_id=request.conversation_id
+        )
+        if derived.failed:
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"the {' and '.join(derived.failed)} of conversation {request.conversation_id} cannot be erased "
+                "right now, so it was kept; retry to delete it",
+            )
+        async with _store_errors(context, request.conversation_id):
+            erased = await self._store.delete(scoped.tenant, request.conversation_id, request.user_id)
+        log.info(
+            "conversation_deleted",
+            extra={
+                "tenant": scoped.tenant,
+                "messages": erased.messages,
+                "summaries": erased.summaries,
+                "cache_entries": derived.cache_entries,
+                "review_cases": derived.review_cases,
+            },
+        )
         return chat_pb2.DeleteConversationResponse()
+
+    async def EraseUser(
+        self, scoped: dialogue_pb2.TenantEraseUserRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.EraseUserResponse:
+        """The user's conversations, then the cached replies and review cases derived from them. Every store is
+        tried whatever the others do; UNAVAILABLE if one could not be reached, after erasing from the others."""
+        tenant, user_id = scoped.tenant, scoped.request.user_id
+        annotate(tenant=tenant, user_id=user_id)
+        if not user_id:
+            await abort_with(context, invalid_argument([("request.user_id", "is required")]))
+        response = chat_pb2.EraseUserResponse()
+        failed = []
+        try:
+            erased = await self._store.erase_user(tenant, user_id)
+            response.conversations, response.messages = erased.conversations, erased.messages
+            response.summaries = erased.summaries
+        except StoreUnavailable:
+            failed.append("conversations")
+        derived = await self._erase_derived(context, tenant, user_id=user_id)
+        response.cache_entries, response.review_cases = derived.cache_entries, derived.review_cases
+        failed += derived.failed
+        log.log(
+            logging.WARNING if failed else logging.INFO,
+            "user_erased",
+            extra={
+                "tenant": tenant,
+                "user_id": self._hash_user_id(user_id),
+                "conversations": response.conversations,
+                "messages": response.messages,
+                "summaries": response.summaries,
+                "cache_entries": response.cache_entries,
+                "review_cases": response.review_cases,
+                "not_erased": failed,
+            },
+        )
+        if failed:
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"the user's {' and '.join(failed)} cannot be erased right now (the rest was); retry, erasing is "
+                "idempotent",
+            )
+        return response
+
+    async def _erase_derived(
+        self, context: grpc.aio.ServicerContext, tenant: str, *, user_id: str, conversation_id: str = ""
+    ) -> _Derived:
+        """Erases the cached replies and the review cases of the user's conversation, or (without one) of all
+        the user's conversations. Each is tried whatever the other does."""
+        derived = _Derived()
+        erase = cache_pb2.EraseRequest(tenant=tenant)
+        if conversation_id:
+            erase.conversation_id = conversation_id
+        else:
+            erase.user_id = user_id
+        try:
+            response = await self._cache.Erase(
+                erase, timeout=downstream_timeout(context, self._settings.default_deadline_seconds)
+            )
+            derived.cache_entries = response.entries
+        except grpc.aio.AioRpcError as error:
+            log.error("cache_erase_failed", extra={"grpc_code": error.code().name})
+            derived.failed.append("cached replies")
+        try:
+            derived.review_cases = await self._reviews.erase(tenant, user_id=user_id, conversation_id=conversation_id)
+        except ReviewStoreUnavailable:
+            log.error("review_erase_failed")
+            derived.failed.append("review cases")
+        return derived
 
     async def GetTokenUsage(
         self, request: dialogue_pb2.GetTokenUsageRequest, context: grpc.aio.ServicerContext
@@ -963,6 +1062,15 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         except LedgerUnavailable:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "usage cannot be read right now; retry with backoff")
             raise
+
+
+@dataclass(slots=True)
+class _Derived:
+    """What an erasure removed besides conversations, and the stores it could not reach."""
+
+    cache_entries: int = 0
+    review_cases: int = 0
+    failed: list[str] = field(default_factory=list)
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,4 @@
-"""AdminService: tenants, their limits, and their API keys, behind the admin token.
+"""AdminService: tenants, their limits, their API keys, and erasing a tenant's user, behind the admin token.
 
 It is served by the gateway process, beside ChatService, rather than by a process of its own: the
 gateway already holds the tenant directory and the ledger, admin calls are rare, and one process less
@@ -18,9 +18,11 @@ import grpc
 
 from chatmesh.gateway.auth import AUTHORIZATION
 from chatmesh.gateway.usage import UsageReader, UsageUnavailable
+from chatmesh.gateway.validation import check_user_id
+from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.settings import Settings
-from chatmesh.runtime.status import abort, abort_with, invalid_argument
+from chatmesh.runtime.status import abort, abort_with, invalid_argument, is_deliberate
 from chatmesh.tenancy.directory import (
     DirectoryUnavailable,
     KeyNotFound,
@@ -33,7 +35,7 @@ from chatmesh.tenancy.directory import (
 from chatmesh.tenancy.keys import KeyHasher, generate_key
 from chatmesh.tenancy.limits import LimitName, Limits
 from chatmesh.tenancy.messages import timestamp
-from chatmesh.v1 import admin_pb2, admin_pb2_grpc, chat_pb2
+from chatmesh.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, dialogue_pb2, dialogue_pb2_grpc
 
 log = get_logger(__name__)
 
@@ -80,7 +82,16 @@ class AdminToken:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, settings: Settings, directory: TenantDirectory, usage: UsageReader, hasher: KeyHasher) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        directory: TenantDirectory,
+        usage: UsageReader,
+        hasher: KeyHasher,
+        dialogue: dialogue_pb2_grpc.DialogueServiceStub,
+    ) -> None:
+        self._settings = settings
+        self._dialogue = dialogue
         self._admin_token = AdminToken(settings)
         self._directory = directory
         self._usage = usage
@@ -197,6 +208,29 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             return await self._usage.read(tenant.name, tenant.limits, context)
         except (UsageUnavailable, grpc.aio.AioRpcError):
             await abort(context, grpc.StatusCode.UNAVAILABLE, "usage cannot be read right now; retry with backoff")
+            raise
+
+    async def EraseUser(
+        self, request: admin_pb2.EraseTenantUserRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.EraseUserResponse:
+        """Dialogue erases; the tenant need not be in the directory (`default` without keys is not), so an
+        unknown one erases nothing and says so with zero counts."""
+        await self._authorize(context)
+        annotate(user_id=request.user_id)
+        await _check(context, _check_name("tenant", request.tenant) + check_user_id(request.user_id))
+        try:
+            return await self._dialogue.EraseUser(
+                dialogue_pb2.TenantEraseUserRequest(
+                    tenant=request.tenant, request=chat_pb2.EraseUserRequest(user_id=request.user_id)
+                ),
+                timeout=downstream_timeout(context, self._settings.default_deadline_seconds),
+            )
+        except grpc.aio.AioRpcError as error:
+            # Dialogue's own answers (what could not be erased) are meant for the caller; erasing is idempotent.
+            log.warning("dialogue_failed", extra={"grpc_code": error.code().name})
+            if is_deliberate(error):
+                await abort(context, error.code(), error.details())
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the dialogue service is unavailable; retry with backoff")
             raise
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:

@@ -59,7 +59,7 @@ async def main(settings: Settings) -> None:
     usage = UsageReader(settings, ledger, dialogue)
     admission = Admission(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants))
     gateway = ChatGateway(settings, dialogue, Authenticator(settings, directory), admission, usage)
-    admin = AdminServicer(settings, directory, usage, hasher)
+    admin = AdminServicer(settings, directory, usage, hasher, dialogue)
     review_store = create_review_store(settings)
     review = ReviewServicer(settings, review_store)
     sweeper = asyncio.create_task(sweep_periodically(review_store, settings.review_sweep_seconds))

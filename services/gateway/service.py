@@ -166,6 +166,20 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
             await _relay_failure(context, error, request_id)
             raise
 
+    async def EraseUser(
+        self, request: chat_pb2.EraseUserRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.EraseUserResponse:
+        annotate(user_id=request.user_id)
+        request_id, caller = await self._start(context, check_user_id(request.user_id))
+        try:
+            return await self._dialogue.EraseUser(
+                dialogue_pb2.TenantEraseUserRequest(tenant=caller.tenant, request=request),
+                timeout=downstream_timeout(context, self._settings.default_deadline_seconds),
+            )
+        except grpc.aio.AioRpcError as error:
+            await _relay_failure(context, error, request_id)
+            raise
+
     async def GetUsage(
         self, request: chat_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GetUsageResponse:

@@ -123,9 +123,10 @@ class Cluster:
     """chatmesh processes (by default all of them), wired to each other on free ports.
 
     The simulator starts with no latency; tests change it through `sim_config`. `replicas` runs more than
-    one gateway or dialogue (e.g. {"gateway": 3, "dialogue": 2}): replica 2 and on are `gateway-2`, …, each
-    on its own ports; every gateway spreads its calls over every dialogue (round robin). With `pki`, every
-    gRPC port uses TLS (mutual between the processes) and every process has a plaintext health port.
+    one gateway, dialogue or cache (e.g. {"gateway": 3, "dialogue": 2}): replica 2 and on are `gateway-2`, …,
+    each on its own ports; every gateway spreads its calls over every dialogue, and every dialogue over every
+    cache (round robin). With `pki`, every gRPC port uses TLS (mutual between the processes) and every process has
+    a plaintext health port.
 
     `modelsim_deployments` runs modelsim as several independent simulated upstreams (CHATMESH_MODELSIM_DEPLOYMENTS):
     each entry holds any of a deployment's settings but its port (reply_tokens, error_429_rate, hang_rate,
@@ -199,12 +200,17 @@ class Cluster:
             for command, count in (replicas or {}).items()
             for number in range(2, count + 1)
         }
-        if any(command == "dialogue" for command in extra.values()):
-            dialogues = [ports["dialogue"]] + [free_port() for name in extra if extra[name] == "dialogue"]
-            self.env["CHATMESH_DIALOGUE_TARGET"] = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in dialogues)
-            dialogue_ports = iter(dialogues[1:])
+        # Callers spread their calls over every replica of dialogue and of cache.
+        balanced_ports = {}
+        for balanced in ("dialogue", "cache"):
+            if any(command == balanced for command in extra.values()):
+                replica_ports = [ports[balanced]] + [free_port() for name in extra if extra[name] == balanced]
+                self.env[f"CHATMESH_{balanced.upper()}_TARGET"] = "ipv4:" + ",".join(
+                    f"127.0.0.1:{port}" for port in replica_ports
+                )
+                balanced_ports[balanced] = iter(replica_ports[1:])
         for name, command in extra.items():
-            port = next(dialogue_ports) if command == "dialogue" else free_port()
+            port = next(balanced_ports[command]) if command in balanced_ports else free_port()
             metrics_port = free_port()
             health_port = free_port() if pki is not None else None
             replica_env = {
