@@ -9,7 +9,7 @@ term goes out at once: the stream stays a stream.
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -26,6 +26,16 @@ class OutputBlocked:
     categories: list[str]
 
 
+@dataclass(slots=True)
+class OutputVerdict:
+    """What safety's last answer said of a reply: the personal information in it (when it was cleared whole), the
+    version of the lists and policy it was screened under, and the review case opened for it, if any."""
+
+    pii: list[safety_pb2.PiiSpan] = field(default_factory=list)
+    policy_version: str = ""
+    review_case_id: str = ""
+
+
 class SafetyUnavailable(Exception):
     """The safety service could not be reached or broke off; nothing uncleared was released."""
 
@@ -33,10 +43,12 @@ class SafetyUnavailable(Exception):
 async def screen_output(
     source: AsyncIterator[str | ModelOutcome],
     safety: safety_pb2_grpc.SafetyServiceStub,
-    request_id: str,
+    turn: safety_pb2.TurnRef,
     deadline: float,
+    verdict: OutputVerdict,
 ) -> AsyncIterator[str | ModelOutcome | OutputBlocked]:
-    """Yields cleared text, then the model's outcome, or OutputBlocked as the last item.
+    """Yields cleared text, then the model's outcome, or OutputBlocked as the last item; `verdict` holds what
+    the last answer said.
 
     `deadline` is in `loop.time()` terms. An error of `source` is raised after the text safety cleared
     before it. Closing this iterator closes `source` and the safety stream.
@@ -46,14 +58,23 @@ async def screen_output(
     outcomes: list[ModelOutcome] = []
 
     async def feed() -> None:
+        # Safety reads the request id and the turn from the first message.
+        first = safety_pb2.ScreenOutputRequest(request_id=turn.request_id, turn=turn)
         try:
             async for item in coalesce(source):
                 if isinstance(item, str):
                     received.append(item)
-                    await call.write(safety_pb2.ScreenOutputRequest(text=item, request_id=request_id))
+                    if first is not None:
+                        first.text = item
+                        request, first = first, None
+                    else:
+                        request = safety_pb2.ScreenOutputRequest(text=item)
+                    await call.write(request)
                 else:
                     outcomes.append(item)
-            await call.write(safety_pb2.ScreenOutputRequest(final=True))
+            final = first if first is not None else safety_pb2.ScreenOutputRequest()
+            final.final = True
+            await call.write(final)
         finally:
             # Ending the request stream makes safety screen what it has and finish; if the model failed,
             # the reader learns it from this task once safety is done.
@@ -76,10 +97,15 @@ async def screen_output(
                 released = response.cleared_chars
             if response.verdict.blocked:
                 answered = True
+                verdict.policy_version = response.policy_version
+                verdict.review_case_id = response.review_case_id
                 yield OutputBlocked(list(response.verdict.categories))
                 return
             if response.complete:
                 answered = complete = True
+                verdict.pii = list(response.pii)
+                verdict.policy_version = response.policy_version
+                verdict.review_case_id = response.review_case_id
                 await feeder
                 yield outcomes[0]
                 return

@@ -32,7 +32,8 @@ from chatmesh.dialogue.context_window import (
     window_tokens,
 )
 from chatmesh.dialogue.model_options import model_options, provider_user, response_format_param
-from chatmesh.dialogue.output_screen import OutputBlocked, SafetyUnavailable, screen_output
+from chatmesh.dialogue.output_screen import OutputBlocked, OutputVerdict, SafetyUnavailable, screen_output
+from chatmesh.dialogue.redaction import Placeholders, StreamRestorer, kinds_of, redact
 from chatmesh.dialogue.server_tools import ServerTools, ToolOutcome
 from chatmesh.dialogue.spend import SpendLedger, SpendScope
 from chatmesh.dialogue.store import (
@@ -122,6 +123,9 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     ) -> None:
         self._settings = settings
         self._server_tools = server_tools
+        # The PII policy: the kinds redacted in storage (those of `storage` and `model`), and before the model.
+        self._stored_pii = kinds_of(settings.pii_policy, "storage", "model")
+        self._model_pii = kinds_of(settings.pii_policy, "model")
         self._spend = spend
         self._store = store
         self._model = model
@@ -207,6 +211,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             for event in _replay(gate.replay, turn.request_id):
                 yield event
             return
+        turn = self._redacted(turn, gate.pii)
         if gate.calls_model:
             # Started comes with the model's first answer: it names the model that answered (a fallback's, maybe).
             async for event in self._answer_from_model(context, turn, screened=gate.verdict is not None):
@@ -309,6 +314,16 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             window=window,
             budget=budget,
             caller_tools=frozenset(tool.name for tool in chat.options.tools),
+            ref=safety_pb2.TurnRef(
+                tenant=scope.tenant,
+                user_id=scope.user_id,
+                conversation_id=scope.conversation_id,
+                request_id=request.request_id,
+            ),
+            placeholders=Placeholders.of(
+                (pair for message in (history.messages if history else ()) for pair in message.placeholders),
+                kept=self._model_pii,
+            ),
             model_request=self._model_request(chat, model, window, max_tokens, scope.tenant, offered),
             spend=spend,
             answer_context=self._answer_context(scope.tenant, chat, model, window),
@@ -354,6 +369,27 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             return await asyncio.to_thread(build)
         return build()
 
+    def _redacted(self, turn: _Turn, pii: Sequence[safety_pb2.PiiSpan]) -> _Turn:
+        """The step `pii`: the turn with the PII policy applied to the caller's message (the last new message):
+        the stored message holds placeholders for the kinds not left, and the model's copy for those of mode
+        `model`. Its tokens stay those counted for the original (placeholders are about as long)."""
+        spans = [span for span in pii if span.kind in self._stored_pii]
+        if not spans:
+            return turn
+        message = turn.new_messages[-1]
+        stored = redact(message.content, spans, self._stored_pii, turn.placeholders)
+        for_model = redact(message.content, spans, self._model_pii, turn.placeholders)
+        request = turn.model_request
+        if for_model != message.content:
+            request = replace(request, messages=[*request.messages[:-1], _with_text(request.messages[-1], for_model)])
+        redacted = replace(message, content=stored, placeholders=turn.placeholders.take_added())
+        return replace(
+            turn,
+            new_messages=(*turn.new_messages[:-1], redacted),
+            model_request=request,
+            with_pii=True,
+        )
+
     async def _gate(
         self, context: grpc.aio.ServicerContext, turn: _Turn, claim: asyncio.Future[TurnClaim] | None
     ) -> _Gate:
@@ -366,7 +402,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         reservation_used = False
         try:
             try:
-                verdict, stage = await self._screen_what_the_caller_sent(turn)
+                verdict, stage, pii = await self._screen_what_the_caller_sent(turn)
             except SafetyUnavailable:
                 if lookup is not None:
                     lookup.cancel()
@@ -376,11 +412,19 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 )
                 raise
             cached = await lookup if lookup is not None else None
+            stale = cached is not None and (verdict is None or cached.policy_version != verdict.policy_version)
+            if lookup is not None and cached is not None:
+                # Screened under other lists or another policy (or safety is down): never served.
+                metrics.dialogue_cache_lookup("stale" if stale else "hit")
+            if stale:
+                cached = None
             calls_model = not (verdict is not None and verdict.blocked) and cached is None
             replay = None if claim is None else await self._replay_of(context, turn.scope, claim)
             if reservation is not None and calls_model and replay is None:
                 try:
-                    await reservation
+                    # The reservation is not made on a hit; a stale one is a miss found late.
+                    if not await reservation and stale:
+                        await self._spend.reserve(turn.spend, turn.model_request, turn.timeout)
                 except Refused as refused:
                     await abort_with(context, refused.status)
                 reservation_used = True
@@ -390,33 +434,44 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             if reservation is not None and not reservation_used:
                 self._spend.release_unused(turn.spend, turn.model_request, reservation)
         return _Gate(
-            verdict=verdict, stage=stage, cached=cached, replay=replay, calls_model=calls_model and replay is None
+            verdict=verdict,
+            stage=stage,
+            pii=pii,
+            cached=cached,
+            replay=replay,
+            calls_model=calls_model and replay is None,
         )
 
     async def _screen_what_the_caller_sent(
         self, turn: _Turn
-    ) -> tuple[safety_pb2.Verdict | None, chat_pb2.ContentFilter.Stage]:
-        """The verdict on what the caller sent, and the stage a refusal is reported at: its message (with its
-        images) by ScreenInput, its tool results by ScreenTool, both at once. None when safety cannot be reached
-        and the operator chose fail-open: the whole turn then goes unscreened. Raises SafetyUnavailable."""
+    ) -> tuple[safety_pb2.Verdict | None, chat_pb2.ContentFilter.Stage, list[safety_pb2.PiiSpan]]:
+        """The verdict on what the caller sent, the stage a refusal is reported at, and the personal information
+        in its message: the message (with its images) by ScreenInput, the tool results by ScreenTool, both at
+        once. None when safety cannot be reached and the operator chose fail-open: the whole turn then goes
+        unscreened. Raises SafetyUnavailable."""
         chat = turn.chat
-        screens: list[tuple[chat_pb2.ContentFilter.Stage, Awaitable[safety_pb2.Verdict | None]]] = []
+        screens: list[tuple[chat_pb2.ContentFilter.Stage, Awaitable[_ScreenResponse | None]]] = []
         if chat.message or chat.images:
-            screen = self._screen_input(chat.message, turn.request_id, turn.deadline, chat.images)
-            screens.append((chat_pb2.ContentFilter.STAGE_INPUT, screen))
+            screens.append((chat_pb2.ContentFilter.STAGE_INPUT, self._screen_input(turn)))
         if chat.tool_results:
             texts = [result.content for result in chat.tool_results]
-            screens.append(
-                (chat_pb2.ContentFilter.STAGE_TOOL, self._screen_tools(texts, turn.request_id, turn.deadline))
-            )
+            screens.append((chat_pb2.ContentFilter.STAGE_TOOL, self._screen_tools(texts, turn)))
         if len(screens) == 1:  # a turn's usual case: no task to gather
-            verdicts = [await screens[0][1]]
+            responses = [await screens[0][1]]
         else:
-            verdicts = await asyncio.gather(*(screen for _, screen in screens))
-        for (stage, _), verdict in zip(screens, verdicts, strict=True):
-            if verdict is not None and verdict.blocked:
-                return verdict, stage
-        return (None if None in verdicts else verdicts[0]), screens[0][0]
+            responses = await asyncio.gather(*(screen for _, screen in screens))
+        pii = [
+            span
+            for response in responses
+            if isinstance(response, safety_pb2.ScreenInputResponse)
+            for span in response.pii
+        ]
+        for (stage, _), response in zip(screens, responses, strict=True):
+            if response is not None and response.verdict.blocked:
+                return response.verdict, stage, pii
+        if None in responses:
+            return None, screens[0][0], []
+        return responses[0].verdict, screens[0][0], pii
 
     async def _refuse_input(
         self,
@@ -518,13 +573,15 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         fallback's maybe) and the text as it is cleared; sets `answer.step` to how the call ended, and however
         it ends, adds its tokens and cost to `answer` and settles them."""
         progress = StreamProgress()
+        end = _StepEnd()
         model_stream = self._model.stream_chat(request, turn.deadline, progress)
         relayed = (
-            screen_output(model_stream, self._safety, turn.request_id, turn.deadline)
+            screen_output(model_stream, self._safety, turn.ref, turn.deadline, end.verdict)
             if screened
             else coalesce(model_stream)
         )
-        end = _StepEnd()
+        # Placeholders the model writes are restored for the caller (the policy's `model` kinds).
+        restorer = StreamRestorer(turn.placeholders) if turn.placeholders.originals else None
         text: list[str] = []
         try:
             async for item in relayed:
@@ -533,8 +590,13 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                     yield _started(turn, progress.model or turn.model)
                 if isinstance(item, str):
                     text.append(item)
-                    yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=item))
-                elif isinstance(item, OutputBlocked):
+                    shown = item if restorer is None else restorer.feed(item)
+                    if shown:
+                        yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=shown))
+                    continue
+                if restorer is not None and (held := restorer.flush()):
+                    yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=held))
+                if isinstance(item, OutputBlocked):
                     end.blocked = item
                 else:
                     end.outcome = item
@@ -643,12 +705,12 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         allowed when safety cannot be reached and the operator chose fail-open, else the call ends with
         UNAVAILABLE."""
         try:
-            verdict = await self._screen_tools(texts, turn.request_id, turn.deadline)
+            response = await self._screen_tools(texts, turn)
         except SafetyUnavailable:
             annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
             raise
-        return verdict or safety_pb2.Verdict(blocked=False)
+        return response.verdict if response is not None else safety_pb2.Verdict(blocked=False)
 
     async def _next_step(
         self, context: grpc.aio.ServicerContext, turn: _Turn, request: ModelRequest, answer: _Answer, step: int
@@ -686,15 +748,23 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def _reply(
         self, context: grpc.aio.ServicerContext, turn: _Turn, answer: _Answer, *, screened: bool
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        """The model's answer is the reply: committed after what the turn produced before it, then stored in the
-        cache when it may serve other callers."""
+        """The model's answer is the reply: committed after what the turn produced before it (the personal
+        information in it redacted as the PII policy says), then stored in the cache when it may serve other
+        callers: screened, complete, of the model asked for, and free of personal information. A retry with the
+        same idempotency key is replayed the reply as stored."""
         end = answer.step
         assert end.outcome is not None
-        reply = counted(self._tokens, turn.model, StoredMessage("assistant", end.text, time.time()))
+        pii = [span for span in end.verdict.pii if span.kind in self._stored_pii]
+        stored_text = redact(end.text, pii, self._stored_pii, turn.placeholders)
+        reply = counted(
+            self._tokens,
+            turn.model,
+            StoredMessage("assistant", stored_text, time.time(), placeholders=turn.placeholders.take_added()),
+        )
         finish_reason = _FINISH_REASONS.get(end.outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
         completed = _completed(finish_reason, answer)
-        if end.text:
-            answer.events.append(chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=end.text)))
+        if stored_text:
+            answer.events.append(chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=stored_text)))
         await self._commit(
             context,
             turn,
@@ -707,11 +777,20 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         yield completed
         # A reply that went out unscreened (safety down, fail-open) is not kept for callers that safety would
         # screen, nor one of a fallback model for callers of the model they asked for.
-        cacheable = screened and finish_reason == chat_pb2.FINISH_REASON_STOP and answer.model == turn.model
+        cacheable = (
+            screened
+            and finish_reason == chat_pb2.FINISH_REASON_STOP
+            and answer.model == turn.model
+            and not turn.with_pii
+            and not pii
+        )
         self._after_reply(
             turn,
             cached_reply=cache_pb2.CachedReply(
-                text=end.text, finish_reason=finish_reason, output_tokens=answer.output_tokens
+                text=end.text,
+                finish_reason=finish_reason,
+                output_tokens=answer.output_tokens,
+                policy_version=end.verdict.policy_version,
             )
             if cacheable
             else None,
@@ -768,37 +847,37 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 "summarize",
             )
 
-    async def _screen_input(
-        self, text: str, request_id: str, deadline: float, images: Sequence[chat_pb2.Image] = ()
-    ) -> safety_pb2.Verdict | None:
-        """The input's verdict; None when safety cannot be reached and the operator chose fail-open, in
-        which case the whole turn goes unscreened. Raises SafetyUnavailable otherwise."""
+    async def _screen_input(self, turn: _Turn) -> safety_pb2.ScreenInputResponse | None:
+        """The verdict on the caller's message and the personal information in it; None when safety cannot be
+        reached and the operator chose fail-open, in which case the whole turn goes unscreened. Raises
+        SafetyUnavailable otherwise."""
+        chat = turn.chat
         try:
-            response = await self._safety.ScreenInput(
-                safety_pb2.ScreenInputRequest(text=text, request_id=request_id, images=images),
-                timeout=deadline - asyncio.get_running_loop().time(),
+            return await self._safety.ScreenInput(
+                safety_pb2.ScreenInputRequest(
+                    text=chat.message, request_id=turn.request_id, images=chat.images, turn=turn.ref
+                ),
+                timeout=turn.deadline - asyncio.get_running_loop().time(),
             )
         except grpc.aio.AioRpcError as error:
-            log.error("safety_unavailable", extra={"request_id": request_id, "grpc_code": error.code().name})
+            log.error("safety_unavailable", extra={"request_id": turn.request_id, "grpc_code": error.code().name})
             if self._settings.safety_fail_open:
                 return None
             raise SafetyUnavailable(error.code().name) from error
-        return response.verdict
 
-    async def _screen_tools(self, texts: list[str], request_id: str, deadline: float) -> safety_pb2.Verdict | None:
+    async def _screen_tools(self, texts: list[str], turn: _Turn) -> safety_pb2.ScreenToolResponse | None:
         """The keyword lists' verdict on tool texts; None when safety cannot be reached and the operator chose
         fail-open. Raises SafetyUnavailable otherwise."""
         try:
-            response = await self._safety.ScreenTool(
-                safety_pb2.ScreenToolRequest(texts=texts, request_id=request_id),
-                timeout=deadline - asyncio.get_running_loop().time(),
+            return await self._safety.ScreenTool(
+                safety_pb2.ScreenToolRequest(texts=texts, request_id=turn.request_id, turn=turn.ref),
+                timeout=turn.deadline - asyncio.get_running_loop().time(),
             )
         except grpc.aio.AioRpcError as error:
-            log.error("safety_unavailable", extra={"request_id": request_id, "grpc_code": error.code().name})
+            log.error("safety_unavailable", extra={"request_id": turn.request_id, "grpc_code": error.code().name})
             if self._settings.safety_fail_open:
                 return None
             raise SafetyUnavailable(error.code().name) from error
-        return response.verdict
 
     def _model_request(
         self,
@@ -868,7 +947,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             log.warning("cache_lookup_failed", extra={"grpc_code": error.code().name})
             metrics.dialogue_cache_lookup("error")
             return None
-        metrics.dialogue_cache_lookup("hit" if response.hit else "miss")
+        if not response.hit:
+            metrics.dialogue_cache_lookup("miss")
         return response.reply if response.hit else None
 
     async def _store_answer(
@@ -1248,6 +1328,12 @@ class _Turn:
     model_request: ModelRequest
     spend: SpendScope
     answer_context: cache_pb2.AnswerContext | None
+    # Whose turn it is, as safety records it with a review case.
+    ref: safety_pb2.TurnRef
+    # The conversation's placeholders for personal information (see chatmesh.dialogue.redaction).
+    placeholders: Placeholders
+    # Whether the caller's message held personal information of a kind the policy does not leave.
+    with_pii: bool = False
 
 
 def _started(turn: _Turn, model: str) -> chat_pb2.ChatEvent:
@@ -1256,9 +1342,20 @@ def _started(turn: _Turn, model: str) -> chat_pb2.ChatEvent:
     )
 
 
+def _with_text(message: dict[str, Any], text: str) -> dict[str, Any]:
+    """A chat message with its text replaced: its content, or its text part beside images."""
+    content = message["content"]
+    if isinstance(content, str):
+        return {**message, "content": text}
+    return {**message, "content": [{**part, "text": text} if part.get("type") == "text" else part for part in content]}
+
+
 def _step_spend(turn: _Turn, step: int) -> SpendScope:
     """Each model call of a turn is reserved and settled on its own: the first under the request id."""
     return turn.spend if step == 0 else replace(turn.spend, request_id=f"{turn.request_id}/{step}")
+
+
+_ScreenResponse = safety_pb2.ScreenInputResponse | safety_pb2.ScreenToolResponse
 
 
 @dataclass(frozen=True, slots=True)
@@ -1269,6 +1366,8 @@ class _Gate:
 
     verdict: safety_pb2.Verdict | None
     stage: chat_pb2.ContentFilter.Stage
+    # The personal information in the caller's message.
+    pii: list[safety_pb2.PiiSpan]
     cached: cache_pb2.CachedReply | None
     replay: str | None
     calls_model: bool
@@ -1281,6 +1380,8 @@ class _StepEnd:
     text: str = ""
     outcome: ModelOutcome | None = None
     blocked: OutputBlocked | None = None
+    # What the output screen's last answer said (empty when the turn goes unscreened).
+    verdict: OutputVerdict = field(default_factory=OutputVerdict)
 
 
 @dataclass(slots=True)

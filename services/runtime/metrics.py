@@ -57,12 +57,12 @@ Model calls, cache and safety (label values from closed sets only, never an id o
     chatmesh_server_tool_duration_seconds{tool}                    (histogram) a server-side tool call
     chatmesh_safety_screens_total{stage, verdict}                  stage: input, output; allowed, blocked
     chatmesh_safety_blocked_total{stage, source, category}         one per category of a blocked verdict
-    chatmesh_review_cases_opened_total{stage, action}              review cases opened (safety); action:
-                                                                   block_and_review, allow_and_review
-    chatmesh_review_case_failures_total{stage}                     cases not opened: the store failed (safety)
     chatmesh_safety_pii_found_total{stage, kind}                   personal information found (safety); stage:
                                                                    input, output; kind: a PII policy kind it
                                                                    does not leave (email, phone, cn_id, …)
+    chatmesh_review_cases_opened_total{stage, action}              review cases opened (safety); action:
+                                                                   block_and_review, allow_and_review
+    chatmesh_review_case_failures_total{stage}                     cases not opened: the store failed (safety)
 
 Tenants (label `tenant`: a tenant the gateway verified, at most `metrics_max_tenants` per process, then
 "other"):
@@ -718,10 +718,11 @@ def cache_redis_error(operation: str) -> None:
 _DIALOGUE_LOOKUPS = Counter(
     "chatmesh_dialogue_cache_lookups_total",
     "Dialogue's cache lookups, by outcome: hit, miss, error (failed or too slow: answered by the model), "
-    "skipped (the request may not be cached).",
+    "stale (a reply screened under another safety policy version: answered by the model), skipped (the request "
+    "may not be cached).",
     ("outcome",),
 )
-DIALOGUE_LOOKUP_OUTCOMES = ("hit", "miss", "error", "skipped")
+DIALOGUE_LOOKUP_OUTCOMES = ("hit", "miss", "error", "stale", "skipped")
 _DIALOGUE_LOOKUP_OUTCOMES = {outcome: _DIALOGUE_LOOKUPS.labels(outcome) for outcome in DIALOGUE_LOOKUP_OUTCOMES}
 
 
@@ -790,6 +791,26 @@ def safety_verdict(stage: str, categories: Iterable[str] = (), source: str = "ke
     _SAFETY_SCREEN_CHILDREN[stage, "blocked" if blocked else "allowed"].inc()
 
 
+_SAFETY_PII_FOUND = Counter(
+    "chatmesh_safety_pii_found_total",
+    "Personal information found by safety's PII screen, by stage (input, output) and kind (email, phone, cn_id, "
+    "payment_card, ip_address; only the kinds the PII policy does not leave are looked for).",
+    ("stage", "kind"),
+)
+
+
+def safety_pii_kinds(kinds: Iterable[str]) -> None:
+    """Creates the series of these kinds (those the PII policy does not leave) at 0, for both stages."""
+    for kind in kinds:
+        for stage in ("input", "output"):
+            _SAFETY_PII_FOUND.labels(stage, kind)
+
+
+def safety_pii_found(stage: str, kind: str, count: int = 1) -> None:
+    """`count` items of `kind` found in one text of `stage` (input, output)."""
+    _SAFETY_PII_FOUND.labels(stage, kind).inc(count)
+
+
 _REVIEW_CASES_OPENED = Counter(
     "chatmesh_review_cases_opened_total",
     "Review cases safety opened, by stage (input, output, tool) and action (block_and_review, allow_and_review).",
@@ -813,26 +834,6 @@ def review_case_opened(stage: str, action: str) -> None:
 
 def review_case_failed(stage: str) -> None:
     _REVIEW_CASE_FAILURES.labels(stage).inc()
-
-
-_SAFETY_PII_FOUND = Counter(
-    "chatmesh_safety_pii_found_total",
-    "Personal information found by safety's PII screen, by stage (input, output) and kind (email, phone, cn_id, "
-    "payment_card, ip_address; only the kinds the PII policy does not leave are looked for).",
-    ("stage", "kind"),
-)
-
-
-def safety_pii_kinds(kinds: Iterable[str]) -> None:
-    """Creates the series of these kinds (those the PII policy does not leave) at 0, for both stages."""
-    for kind in kinds:
-        for stage in ("input", "output"):
-            _SAFETY_PII_FOUND.labels(stage, kind)
-
-
-def safety_pii_found(stage: str, kind: str, count: int = 1) -> None:
-    """`count` items of `kind` found in one text of `stage` (input, output)."""
-    _SAFETY_PII_FOUND.labels(stage, kind).inc(count)
 
 
 # Tenants (gateway: requests and limits; dialogue: tokens and cost). `tenant` is the name of a tenant the

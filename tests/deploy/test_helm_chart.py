@@ -1533,6 +1533,42 @@ def test_bad_tools_values_are_rejected(values: dict[str, Any], message: str) -> 
     assert message in str(rejected.value)
 
 
+def test_review_and_moderation_settings_reach_safety_as_it_parses_them(
+    defaults: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed = _process_settings(defaults, monkeypatch, "safety")
+    assert (parsed.review_policy, parsed.safety_moderation_thresholds) == ({}, {})
+    assert (parsed.safety_moderate_output, parsed.safety_output_moderation_window_chars) == (True, 1000)
+
+    chart = render(
+        {
+            "safety": {
+                "reviewPolicy": {"fraud": "block_and_review", "*": "allow_and_review"},
+                "moderation": {"thresholds": {"violence": 0.4}, "output": False, "outputWindowChars": 2000},
+            }
+        }
+    )
+    parsed = _process_settings(chart, monkeypatch, "safety")
+    assert parsed.review_policy == {"fraud": "block_and_review", "*": "allow_and_review"}
+    assert parsed.safety_moderation_thresholds == {"violence": 0.4}
+    assert (parsed.safety_moderate_output, parsed.safety_output_moderation_window_chars) == (False, 2000)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"safety": {"reviewPolicy": {"fraud": "review"}}}, "at '/safety/reviewPolicy/fraud'"),
+        ({"safety": {"reviewPolicy": {"a category": "block"}}}, "invalid propertyName 'a category'"),
+        ({"safety": {"moderation": {"thresholds": {"violence": 1.5}}}}, "at '/safety/moderation/thresholds/violence'"),
+        ({"safety": {"moderation": {"outputWindowChars": 0}}}, "at '/safety/moderation/outputWindowChars'"),
+    ],
+)
+def test_bad_review_and_moderation_values_are_rejected(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as rejected:
+        render(values)
+    assert message in str(rejected.value)
+
+
 def test_review_queue_settings_reach_the_gateway_and_safety_as_they_parse_them(
     defaults: Rendered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1578,42 +1614,6 @@ def test_the_review_backlog_alert_threshold_is_a_value(full: Rendered) -> None:
     values = values_file("all-features.yaml")
     values["review"] = {"oldestOpenAlertSeconds": 900}
     assert thresholds(render(values)) == ["vector(900)"]
-
-
-def test_review_and_moderation_settings_reach_safety_as_it_parses_them(
-    defaults: Rendered, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    parsed = _process_settings(defaults, monkeypatch, "safety")
-    assert (parsed.review_policy, parsed.safety_moderation_thresholds) == ({}, {})
-    assert (parsed.safety_moderate_output, parsed.safety_output_moderation_window_chars) == (True, 1000)
-
-    chart = render(
-        {
-            "safety": {
-                "reviewPolicy": {"fraud": "block_and_review", "*": "allow_and_review"},
-                "moderation": {"thresholds": {"violence": 0.4}, "output": False, "outputWindowChars": 2000},
-            }
-        }
-    )
-    parsed = _process_settings(chart, monkeypatch, "safety")
-    assert parsed.review_policy == {"fraud": "block_and_review", "*": "allow_and_review"}
-    assert parsed.safety_moderation_thresholds == {"violence": 0.4}
-    assert (parsed.safety_moderate_output, parsed.safety_output_moderation_window_chars) == (False, 2000)
-
-
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        ({"safety": {"reviewPolicy": {"fraud": "review"}}}, "at '/safety/reviewPolicy/fraud'"),
-        ({"safety": {"reviewPolicy": {"a category": "block"}}}, "invalid propertyName 'a category'"),
-        ({"safety": {"moderation": {"thresholds": {"violence": 1.5}}}}, "at '/safety/moderation/thresholds/violence'"),
-        ({"safety": {"moderation": {"outputWindowChars": 0}}}, "at '/safety/moderation/outputWindowChars'"),
-    ],
-)
-def test_bad_review_and_moderation_values_are_rejected(values: dict[str, Any], message: str) -> None:
-    with pytest.raises(helm.HelmValuesError) as rejected:
-        render(values)
-    assert message in str(rejected.value)
 
 
 def test_the_pii_policy_reaches_safety_and_dialogue_as_they_parse_it(
