@@ -170,6 +170,29 @@ async def test_the_same_first_question_from_two_users_is_answered_once_by_the_mo
         assert [m.content for m in await history(chat, conversation_id, user_id)] == [question, first.text]
 
 
+async def test_a_cached_reply_screened_under_other_keyword_lists_is_not_served(
+    sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub, keywords: Path
+):
+    """Any change of the lists (or the screening policy) changes the policy version that every cached reply
+    records: replies screened before are answered anew (and cached under the new version), never served."""
+    question = f"what are your prices? {uuid.uuid4().hex}"
+    await chat.Chat(request(question))
+    assert (await chat.Chat(request(question))).cached
+
+    (keywords / "other.txt").write_text("unrelated\tsome other term\n", encoding="utf-8")
+    try:
+        for _ in range(100):
+            response = await chat.Chat(request(question))
+            if not response.cached:
+                break
+            await asyncio.sleep(RELOAD_SECONDS)
+        assert not response.cached
+        assert sim.sim_stats()["requests"] == 2
+        assert (await chat.Chat(request(question))).cached
+    finally:
+        (keywords / "other.txt").unlink()
+
+
 async def test_a_follow_up_with_another_history_is_not_answered_from_the_cache(
     sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub
 ):
