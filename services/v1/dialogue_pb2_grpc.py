@@ -85,8 +85,8 @@ class DialogueServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteConversation(self, request, context):
-        """Deletes the conversation, then the cached replies and review cases derived
-        from it.
+        """Erases the cached replies and review cases derived from the conversation,
+        then the conversation: a retry after a failure finds it and finishes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
