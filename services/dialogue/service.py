@@ -412,9 +412,9 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 )
                 raise
             cached = await lookup if lookup is not None else None
+            # A reply screened under other lists or another policy (or with safety down) is never served.
             stale = cached is not None and (verdict is None or cached.policy_version != verdict.policy_version)
-            if lookup is not None and cached is not None:
-                # Screened under other lists or another policy (or safety is down): never served.
+            if cached is not None:
                 metrics.dialogue_cache_lookup("stale" if stale else "hit")
             if stale:
                 cached = None

@@ -285,8 +285,10 @@ async def test_a_flagged_word_in_the_second_window_blocks_the_reply_before_any_o
     assert last.policy_version and not any(response.complete for response in responses)
     case = await store.get(last.review_case_id)
     assert case is not None and case.stage == OUTPUT and case.turn == ref and case.action == BLOCK_AND_REVIEW
-    # Around the window that matched (here all of the reply that had arrived: it is short), redacted.
-    assert case.excerpt.startswith(f"{first_window} then a grim turn; mail [EMAIL] please")
+    # Around the window that matched (here all of the reply that had arrived when it was judged, however much of
+    # the third window that was: it is short), redacted.
+    assert case.excerpt.startswith(f"{first_window} then a grim turn; mail [EMAIL]")
+    assert PERSONAL[9:29] not in case.excerpt
 
 
 async def test_a_listed_term_let_out_for_review_lets_the_whole_reply_out_and_opens_a_case(

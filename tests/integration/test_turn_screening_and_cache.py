@@ -2,14 +2,15 @@
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 from support.cluster import Cluster
 
-from chatmesh.v1 import chat_pb2, chat_pb2_grpc
+from chatmesh.v1 import chat_pb2, chat_pb2_grpc, safety_pb2, safety_pb2_grpc
 
 RELOAD_SECONDS = 0.1
 KEYWORDS = "violence\tforbidden fruit\nviolence\t禁止的水果\n"
@@ -134,14 +135,37 @@ async def test_a_blocked_term_split_across_deltas_never_reaches_the_caller(
         (keywords / "split.txt").unlink()
 
 
+async def policy_version(cluster: Cluster) -> str:
+    async with grpc.aio.insecure_channel(cluster.safety_target) as channel:
+        response = await safety_pb2_grpc.SafetyServiceStub(channel).ScreenInput(
+            safety_pb2.ScreenInputRequest(text="a probe")
+        )
+    return response.verdict.policy_version
+
+
+@asynccontextmanager
+async def lists_with(cluster: Cluster, keywords: Path, name: str, text: str) -> AsyncIterator[None]:
+    """The keyword lists with one more file while the block runs; after it, waits (at most 10 s) until safety
+    screens with the lists as they were again, so that later tests' answers are cached under the usual version."""
+    before = await policy_version(cluster)
+    (keywords / name).write_text(text, encoding="utf-8")
+    try:
+        yield
+    finally:
+        (keywords / name).unlink()
+        for _ in range(100):
+            if await policy_version(cluster) == before:
+                break
+            await asyncio.sleep(RELOAD_SECONDS)
+
+
 async def test_a_keyword_file_changed_on_disk_takes_effect_without_a_restart(
     sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub, keywords: Path
 ):
     message = f"a perfectly harmless {uuid.uuid4().hex[:8]} question"
     assert (await chat.Chat(request(message, temperature=0.9))).finish_reason == chat_pb2.FINISH_REASON_STOP
 
-    (keywords / "added.txt").write_text("newly-banned\tperfectly harmless\n", encoding="utf-8")
-    try:
+    async with lists_with(sim, keywords, "added.txt", "newly-banned\tperfectly harmless\n"):
         for _ in range(100):
             response = await chat.Chat(request(message, temperature=0.9))
             if response.finish_reason == chat_pb2.FINISH_REASON_CONTENT_FILTER:
@@ -149,8 +173,6 @@ async def test_a_keyword_file_changed_on_disk_takes_effect_without_a_restart(
             await asyncio.sleep(RELOAD_SECONDS)
         assert response.finish_reason == chat_pb2.FINISH_REASON_CONTENT_FILTER
         assert list(response.content_filter.categories) == ["newly-banned"]
-    finally:
-        (keywords / "added.txt").unlink()
 
 
 async def test_the_same_first_question_from_two_users_is_answered_once_by_the_model(
@@ -179,8 +201,7 @@ async def test_a_cached_reply_screened_under_other_keyword_lists_is_not_served(
     await chat.Chat(request(question))
     assert (await chat.Chat(request(question))).cached
 
-    (keywords / "other.txt").write_text("unrelated\tsome other term\n", encoding="utf-8")
-    try:
+    async with lists_with(sim, keywords, "other.txt", "unrelated\tsome other term\n"):
         for _ in range(100):
             response = await chat.Chat(request(question))
             if not response.cached:
@@ -189,8 +210,6 @@ async def test_a_cached_reply_screened_under_other_keyword_lists_is_not_served(
         assert not response.cached
         assert sim.sim_stats()["requests"] == 2
         assert (await chat.Chat(request(question))).cached
-    finally:
-        (keywords / "other.txt").unlink()
 
 
 async def test_a_follow_up_with_another_history_is_not_answered_from_the_cache(
