@@ -72,6 +72,21 @@ def _login_name() -> str:
 
 
 def _run_process(name: str) -> None:
+    from pydantic import ValidationError
+
+    from chatmesh.runtime.logs import configure_logging, get_logger
+    from chatmesh.runtime.settings import ConfigurationError
+
+    configure_logging(name, "INFO")
+    try:
+        _serve_process(name)
+    except (ValidationError, ConfigurationError) as error:
+        # A bad setting or file: one line that says which and why, and exit status 2, never a stack trace.
+        get_logger(__name__).error("configuration_invalid", extra={"detail": str(error)})
+        sys.exit(2)
+
+
+def _serve_process(name: str) -> None:
     import uvloop
 
     from chatmesh.runtime.logs import configure_logging

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ConfigurationError, Settings
 
 log = get_logger(__name__)
 
@@ -64,7 +64,7 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
-class ToolsFileError(ValueError):
+class ToolsFileError(ConfigurationError):
     """The tools file is unusable; the message names the file and every bad tool and field."""
 
 

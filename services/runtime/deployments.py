@@ -32,13 +32,13 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ConfigurationError, Settings
 
 ANY_MODEL = "*"
 DEFAULT_DEPLOYMENT = "default"
 
 
-class DeploymentsError(ValueError):
+class DeploymentsError(ConfigurationError):
     """The deployments file is unusable; the message names every bad entry."""
 
 

@@ -16,6 +16,11 @@ MODELSIM_API_KEY = "modelsim"
 IMAGE_HEADROOM_BYTES = 1024 * 1024
 
 
+class ConfigurationError(ValueError):
+    """A file that settings name (model deployments, server-side tools) is unusable; the message says where and
+    why. A process refuses to start on it with that one line, not a stack trace."""
+
+
 class ModelsimDeployment(BaseModel):
     """One simulated upstream of modelsim's, on its own port (an entry of CHATMESH_MODELSIM_DEPLOYMENTS). A field
     left out takes the modelsim_* setting of the same name."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from support.cli import chatmesh_cli
 from support.cluster import Cluster
 from support.otlp import OtlpTraceReceiver
 
@@ -291,3 +292,28 @@ async def test_without_tracing_lines_have_no_trace_id_and_still_one_request_id(
             assert (line["trace_id"], line["span_id"]) == ("", "")
     default_salt_hash = hmac.new(b"chatmesh-default-log-salt", b"someone", hashlib.sha256).hexdigest()[:16]
     assert found["gateway"][0]["user_id"] == found["dialogue"][0]["user_id"] == default_salt_hash
+
+
+@pytest.mark.parametrize(
+    ("process", "env", "names"),
+    [
+        ("dialogue", {"CHATMESH_TOOLS_FILE": "{path}"}, "tools[0] (bad name).name"),
+        ("safety", {"CHATMESH_PII_POLICY": '{"passport": "model"}'}, "pii_policy.passport"),
+    ],
+)
+def test_a_process_with_a_bad_setting_or_file_refuses_to_start_in_one_line(
+    tmp_path, process: str, env: dict[str, str], names: str
+):
+    tools_file = tmp_path / "tools.yaml"
+    tools_file.write_text("tools:\n  - name: bad name\n", encoding="utf-8")
+    ports = {f"CHATMESH_{process.upper()}_PORT": "0", f"CHATMESH_{process.upper()}_METRICS_PORT": "0"}
+
+    result = chatmesh_cli(
+        process, env={**ports, **{name: value.replace("{path}", str(tools_file)) for name, value in env.items()}}
+    )
+
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    record = json.loads(line)
+    assert (record["event"], record["level"], record["service"]) == ("configuration_invalid", "error", process)
+    assert names in record["detail"] and "Traceback" not in result.stderr
