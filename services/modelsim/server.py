@@ -10,6 +10,9 @@ vocabulary, picked by a hash of the request; but a last user message that holds 
 text that follows it (to test what a caller receives of what the model writes). Streams are written from
 prebuilt byte templates, so a zero-latency stream costs little more than one write.
 
+It also serves /v1/embeddings (chatmesh.modelsim.embeddings): hashed word and character n-grams, so that paraphrases
+sharing words come out close.
+
 One process can serve several independent deployments (CHATMESH_MODELSIM_DEPLOYMENTS), each a Simulator on its
 own port with its own config, faults, stats and /sim/ endpoints, so that a router over several upstreams can be
 tested on one machine. Faults are OpenAI's: 429 (with retry-after and x-ratelimit-reset-requests), 500, 401 for
@@ -60,6 +63,7 @@ from aiohttp import web
 
 from chatmesh.dialogue.content import image_size
 from chatmesh.dialogue.tokens import TokenCounter, context_tokens
+from chatmesh.modelsim.embeddings import EMBEDDING_MODELS, SHORTENABLE, as_base64, embed
 from chatmesh.runtime.settings import ModelsimDeployment, Settings, get_settings
 
 MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "modelsim-1")
@@ -200,6 +204,8 @@ class SimStats:
     errors_injected: int = 0
     # /v1/moderations calls, apart from `requests` (chat completions).
     moderation_requests: int = 0
+    # /v1/embeddings calls.
+    embedding_requests: int = 0
     moderation_errors_injected: int = 0
     # Chat requests that hung (drawn by hang_rate or queued), and those still hanging (a gauge).
     hangs: int = 0
@@ -861,6 +867,78 @@ class Simulator:
         # Never sent: the connection is closed.
         return web.Response(status=504)
 
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI's POST /v1/embeddings: a vector per input string (chatmesh.modelsim.embeddings), as floats or
+        base64 (what the openai SDK asks for by default), of the model's dimensions or fewer for a v3 model."""
+        self.stats.embedding_requests += 1
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
+        if not isinstance(body, dict):
+            return _error(400, "invalid_request_error", "The request body must be a JSON object.")
+        model = body.get("model")
+        if model not in EMBEDDING_MODELS:
+            return _error(
+                404,
+                "invalid_request_error",
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+            )
+        texts = [body["input"]] if isinstance(body.get("input"), str) else body.get("input")
+        if (
+            not isinstance(texts, list)
+            or not 1 <= len(texts) <= 2048
+            or not all(isinstance(text, str) and text for text in texts)
+        ):
+            return _error(
+                400,
+                "invalid_request_error",
+                "'$.input' is invalid: expected a non-empty string or an array of 1 to 2048 non-empty strings.",
+                param="input",
+            )
+        dimensions = body.get("dimensions", EMBEDDING_MODELS[model])
+        if "dimensions" in body and model not in SHORTENABLE:
+            return _error(
+                400, "invalid_request_error", "This model does not support specifying dimensions.", param="dimensions"
+            )
+        if not _is_int(dimensions) or not 1 <= dimensions <= EMBEDDING_MODELS[model]:
+            return _error(
+                400,
+                "invalid_request_error",
+                f"Invalid 'dimensions': expected an integer from 1 to {EMBEDDING_MODELS[model]}.",
+                param="dimensions",
+            )
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            return _error(
+                400,
+                "invalid_request_error",
+                "Invalid 'encoding_format': expected float or base64.",
+                param="encoding_format",
+            )
+        vectors = [embed(text, dimensions) for text in texts]
+        # Counted with cl100k_base, the encoding of OpenAI's embedding models.
+        tokens = sum(self._tokens.count_text("gpt-4", text) for text in texts)
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "object": "embedding",
+                        "index": index,
+                        "embedding": as_base64(vector) if encoding == "base64" else vector,
+                    }
+                    for index, vector in enumerate(vectors)
+                ],
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
     async def moderations(self, request: web.Request) -> web.Response:
         """OpenAI's POST /v1/moderations: one result per input string (one for a multi-modal list)."""
         self.stats.moderation_requests += 1
@@ -1248,6 +1326,7 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", simulator.chat_completions)
     app.router.add_get("/v1/models", simulator.models)
     app.router.add_post("/v1/moderations", simulator.moderations)
+    app.router.add_post("/v1/embeddings", simulator.embeddings)
     app.router.add_get("/sim/stats", simulator.get_stats)
     app.router.add_get("/sim/requests", simulator.get_requests)
     app.router.add_get("/sim/traceparents", simulator.get_traceparents)

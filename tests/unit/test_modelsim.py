@@ -231,6 +231,7 @@ async def test_stats_request_log_and_reset(sim: Sim) -> None:
         "streams_cancelled": 0,
         "errors_injected": 0,
         "moderation_requests": 0,
+        "embedding_requests": 0,
         "moderation_errors_injected": 0,
         "hangs": 0,
         "hangs_open": 0,
@@ -1018,3 +1019,69 @@ async def test_a_user_message_with_echo_is_answered_with_what_follows_it(sim: Si
     completion = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=messages)
 
     assert completion.choices[0].message.content == "call [CARD_1] at noon"
+
+
+# Embeddings, through the openai SDK (which asks for base64 unless told otherwise).
+
+
+def cosine(left: list[float], right: list[float]) -> float:
+    return sum(a * b for a, b in zip(left, right, strict=True))
+
+
+async def embeddings(sim: Sim, *texts: str, **options) -> list[list[float]]:
+    response = await sim.client.embeddings.create(model="text-embedding-3-small", input=list(texts), **options)
+    return [item.embedding for item in response.data]
+
+
+async def test_embeddings_are_deterministic_unit_vectors_of_the_models_dimensions(sim: Sim) -> None:
+    first, again = await embeddings(sim, "How do I reset my password?", "How do I reset my password?")
+    (as_floats,) = await embeddings(sim, "How do I reset my password?", encoding_format="float")
+
+    assert len(first) == 1536 and first == again
+    assert abs(cosine(first, first) - 1) < 1e-5
+    assert max(abs(a - b) for a, b in zip(first, as_floats, strict=True)) < 1e-6  # float32 over base64
+    assert (await sim.get("/sim/stats"))["embedding_requests"] == 2
+
+
+async def test_paraphrases_that_share_words_are_closer_than_unrelated_questions(sim: Sim) -> None:
+    question, paraphrase, unrelated = await embeddings(
+        sim, "How do I reset my password?", "I forgot my password, how do I reset it?", "What is the capital of Peru?"
+    )
+    chinese, chinese_paraphrase, chinese_unrelated = await embeddings(
+        sim, "如何重置我的密码?", "我忘记密码了,怎么重置?", "秘鲁的首都是哪里?"
+    )
+
+    assert cosine(question, paraphrase) > 0.5 > 0.1 > cosine(question, unrelated)
+    assert cosine(chinese, chinese_paraphrase) > 0.3 > 0.1 > cosine(chinese, chinese_unrelated)
+
+
+async def test_embeddings_take_fewer_dimensions_and_count_their_tokens(sim: Sim) -> None:
+    response = await sim.client.embeddings.create(
+        model="text-embedding-3-large", input="hello world", dimensions=256, encoding_format="float"
+    )
+
+    assert len(response.data[0].embedding) == 256
+    assert response.usage.prompt_tokens == response.usage.total_tokens == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "text-embedding-3-small", "input": ""}, 400, "input"),
+        ({"model": "text-embedding-3-small", "input": []}, 400, "input"),
+        ({"model": "text-embedding-3-small", "input": "x", "dimensions": 0}, 400, "dimensions"),
+        ({"model": "text-embedding-3-small", "input": "x", "dimensions": 4096}, 400, "dimensions"),
+        ({"model": "text-embedding-ada-002", "input": "x", "dimensions": 256}, 400, "dimensions"),
+        ({"model": "text-embedding-3-small", "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"model": "gpt-4o-mini", "input": "x"}, 404, None),
+    ],
+)
+async def test_bad_embedding_requests_are_refused_as_openai_refuses_them(
+    sim: Sim, body: dict, status: int, param: str | None
+) -> None:
+    async with sim.http.post(
+        f"{sim.base_url}/v1/embeddings", json=body, headers={"Authorization": "Bearer x"}
+    ) as response:
+        error = (await response.json())["error"]
+
+    assert response.status == status and error["param"] == param
