@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -635,14 +635,11 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         end = answer.step
         assert end.outcome is not None
         calls = tools.stored_calls(end.outcome.tool_calls, turn.caller_tools)
-        if screened:
-            verdict = await self._screen_tool_texts(context, turn, [call.arguments for call in calls])
-            if verdict.blocked:
-                answer.ended = True
-                yield await self._refuse_answer(
-                    context, turn, answer, chat_pb2.ContentFilter.STAGE_TOOL, verdict.categories
-                )
-                return
+        if screened and (
+            refused := await self._refused_tool_texts(context, turn, answer, [call.arguments for call in calls])
+        ):
+            yield refused
+            return
         calls_event = tools.tool_calls_event(calls)
         yield calls_event
         produced = [
@@ -653,14 +650,11 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         server_calls = [call for call in calls if call.server_side]
         if server_calls:
             results = await self._run_server_tools(turn, server_calls)
-            if screened:
-                verdict = await self._screen_tool_texts(context, turn, [result.content for result in results])
-                if verdict.blocked:
-                    answer.ended = True
-                    yield await self._refuse_answer(
-                        context, turn, answer, chat_pb2.ContentFilter.STAGE_TOOL, verdict.categories
-                    )
-                    return
+            if screened and (
+                refused := await self._refused_tool_texts(context, turn, answer, [result.content for result in results])
+            ):
+                yield refused
+                return
             results_event = tools.tool_results_event(results)
             yield results_event
             produced.extend(results)
@@ -698,11 +692,16 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             results.append(counted(self._tokens, turn.model, message))
         return results
 
-    async def _screen_tool_texts(
-        self, context: grpc.aio.ServicerContext, turn: _Turn, texts: list[str]
-    ) -> safety_pb2.Verdict:
-        """The keyword lists' verdict on the model's tool calls' arguments or the server-side tools' results;
-        allowed when safety cannot be reached and the operator chose fail-open, else the call ends with
+    async def _refused_tool_texts(
+        self,
+        context: grpc.aio.ServicerContext,
+        turn: _Turn,
+        answer: _Answer,
+        texts: list[str],
+    ) -> chat_pb2.ChatEvent | None:
+        """Screens the model's tool calls' arguments, or the server-side tools' results, with the keyword lists;
+        when refused, ends the turn (committed as `_refuse_answer` does, at STAGE_TOOL) and returns its Completed.
+        Allowed when safety cannot be reached and the operator chose fail-open, else the call ends with
         UNAVAILABLE."""
         try:
             response = await self._screen_tools(texts, turn)
@@ -710,7 +709,11 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             annotate(error=ErrorKind.SAFETY_UNAVAILABLE)
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff")
             raise
-        return response.verdict if response is not None else safety_pb2.Verdict(blocked=False)
+        if response is None or not response.verdict.blocked:
+            return None
+        answer.ended = True
+        stage = chat_pb2.ContentFilter.STAGE_TOOL
+        return await self._refuse_answer(context, turn, answer, stage, response.verdict.categories)
 
     async def _next_step(
         self, context: grpc.aio.ServicerContext, turn: _Turn, request: ModelRequest, answer: _Answer, step: int
@@ -848,31 +851,23 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             )
 
     async def _screen_input(self, turn: _Turn) -> safety_pb2.ScreenInputResponse | None:
-        """The verdict on the caller's message and the personal information in it; None when safety cannot be
-        reached and the operator chose fail-open, in which case the whole turn goes unscreened. Raises
-        SafetyUnavailable otherwise."""
+        """The verdict on the caller's message and the personal information in it (see `_screened`)."""
         chat = turn.chat
-        try:
-            return await self._safety.ScreenInput(
-                safety_pb2.ScreenInputRequest(
-                    text=chat.message, request_id=turn.request_id, images=chat.images, turn=turn.ref
-                ),
-                timeout=turn.deadline - asyncio.get_running_loop().time(),
-            )
-        except grpc.aio.AioRpcError as error:
-            log.error("safety_unavailable", extra={"request_id": turn.request_id, "grpc_code": error.code().name})
-            if self._settings.safety_fail_open:
-                return None
-            raise SafetyUnavailable(error.code().name) from error
+        request = safety_pb2.ScreenInputRequest(
+            text=chat.message, request_id=turn.request_id, images=chat.images, turn=turn.ref
+        )
+        return await self._screened(turn, self._safety.ScreenInput(request, timeout=_seconds_left(turn)))
 
     async def _screen_tools(self, texts: list[str], turn: _Turn) -> safety_pb2.ScreenToolResponse | None:
-        """The keyword lists' verdict on tool texts; None when safety cannot be reached and the operator chose
-        fail-open. Raises SafetyUnavailable otherwise."""
+        """The keyword lists' verdict on tool texts (see `_screened`)."""
+        request = safety_pb2.ScreenToolRequest(texts=texts, request_id=turn.request_id, turn=turn.ref)
+        return await self._screened(turn, self._safety.ScreenTool(request, timeout=_seconds_left(turn)))
+
+    async def _screened(self, turn: _Turn, call: Awaitable[_ScreenT]) -> _ScreenT | None:
+        """A safety call's answer; None when safety cannot be reached and the operator chose fail-open, in which
+        case the turn goes unscreened. Raises SafetyUnavailable otherwise."""
         try:
-            return await self._safety.ScreenTool(
-                safety_pb2.ScreenToolRequest(texts=texts, request_id=turn.request_id, turn=turn.ref),
-                timeout=turn.deadline - asyncio.get_running_loop().time(),
-            )
+            return await call
         except grpc.aio.AioRpcError as error:
             log.error("safety_unavailable", extra={"request_id": turn.request_id, "grpc_code": error.code().name})
             if self._settings.safety_fail_open:
@@ -1356,6 +1351,11 @@ def _step_spend(turn: _Turn, step: int) -> SpendScope:
 
 
 _ScreenResponse = safety_pb2.ScreenInputResponse | safety_pb2.ScreenToolResponse
+_ScreenT = TypeVar("_ScreenT", safety_pb2.ScreenInputResponse, safety_pb2.ScreenToolResponse)
+
+
+def _seconds_left(turn: _Turn) -> float:
+    return turn.deadline - asyncio.get_running_loop().time()
 
 
 @dataclass(frozen=True, slots=True)
