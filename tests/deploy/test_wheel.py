@@ -36,6 +36,13 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGE_UID = 10001
 STARTUP_SECONDS = 30.0
 START_ORDER = ("modelsim", "safety", "cache", "dialogue", "gateway")
+# Drops to the image's user in a fresh interpreter, then execs the command. Popen's own user= and group=
+# make it fork() this test process, which has gRPC loaded: gRPC's fork handlers then start a poller in
+# the child whose descriptor Popen closes before exec, and the child can crash (SIGSEGV) before it runs.
+DROP_TO_IMAGE_USER = (
+    "import os, sys; uid = int(sys.argv[1]); os.setgroups([]); os.setgid(uid); os.setuid(uid); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 def _build_context_paths() -> list[str]:
@@ -168,18 +175,11 @@ class Process:
         self.port = port
         self.log_path = installation.work / f"{name}.log"
         self.as_image_user = installation.as_image_user
-        as_image_user = installation.as_image_user
+        command = [str(installation.venv / "bin" / "chatmesh"), name]
+        if installation.as_image_user:
+            command = [sys.executable, "-c", DROP_TO_IMAGE_USER, str(IMAGE_UID), *command]
         with self.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(
-                [str(installation.venv / "bin" / "chatmesh"), name],
-                env=env,
-                cwd=installation.work,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                user=IMAGE_UID if as_image_user else None,
-                group=IMAGE_UID if as_image_user else None,
-                extra_groups=[] if as_image_user else None,
-            )
+            self.popen = subprocess.Popen(command, env=env, cwd=installation.work, stdout=log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
