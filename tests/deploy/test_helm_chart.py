@@ -395,7 +395,7 @@ def test_egress_is_only_what_each_process_calls(defaults: Rendered, full: Render
     assert _peer_components(redis["spec"]["ingress"][0], "from") == {"gateway", "dialogue"}
     assert redis["spec"]["egress"] == []
     modelsim = by_process["modelsim"]
-    assert _peer_components(modelsim["spec"]["ingress"][0], "from") == {"dialogue", "safety"}
+    assert _peer_components(modelsim["spec"]["ingress"][0], "from") == {"dialogue", "safety", "cache"}
     # Without a cache Redis of its own, the cache uses the data Redis, which then admits it too.
     shared = render({"redis": {"cache": {"bundled": {"enabled": False}}}})
     shared_policies = {
@@ -466,9 +466,11 @@ def test_replicas_resources_and_budgets_per_process(per_process: Rendered) -> No
 def test_the_model_key_comes_from_the_charts_secret(full: Rendered) -> None:
     secret = full.get("Secret", RELEASE)
     assert base64.b64decode(secret["data"]["OPENAI_API_KEY"]).decode() == "sk-test-not-a-real-key"
+    # The processes that call the model: dialogue, safety, and the cache for embeddings (all-features turns the
+    # semantic cache on).
     for process, deployment in deployments(full).items():
         env = env_of(deployment)
-        if process in ("dialogue", "safety"):
+        if process in ("dialogue", "safety", "cache"):
             assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {
                 "name": secret["metadata"]["name"],
                 "key": "OPENAI_API_KEY",
@@ -1639,3 +1641,145 @@ def test_bad_pii_policy_values_are_rejected(values: dict[str, Any], message: str
     with pytest.raises(helm.HelmValuesError) as rejected:
         render(values)
     assert message in str(rejected.value)
+
+
+# The semantic cache and embeddings (cache.semantic.*, embeddings.*).
+
+SEMANTIC_FIELDS = (
+    "semantic_cache",
+    "semantic_cache_threshold",
+    "semantic_cache_max_entries",
+    "semantic_cache_memory_max_bytes",
+    "semantic_cache_follow_ups",
+    "embedding_model",
+    "embedding_dimensions",
+    "embedding_timeout_seconds",
+)
+SEMANTIC_ON = {"cache": {"semantic": {"enabled": True}}}
+
+
+def test_semantic_cache_and_embedding_settings_reach_the_processes_as_they_parse_them(
+    defaults: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The settings ConfigMap is every process's: the cache runs the semantic cache, and dialogue embeds too (the
+    # knowledge base) with the same embedding model.
+    for process in ("cache", "dialogue"):
+        parsed = _process_settings(defaults, monkeypatch, process)
+        assert {field: getattr(parsed, field) for field in SEMANTIC_FIELDS} == {
+            field: Settings.model_fields[field].default for field in SEMANTIC_FIELDS
+        }
+
+    chart = render(
+        {
+            "cache": {
+                "semantic": {
+                    "enabled": True,
+                    "threshold": 0.95,
+                    "maxEntries": 2000,
+                    "memoryMaxBytes": 4294967296,
+                    "followUps": True,
+                }
+            },
+            "embeddings": {"model": "bge-m3", "dimensions": 0, "timeoutSeconds": 1.5},
+        }
+    )
+    # A large integer stays an integer (Helm reads numbers as floats: it would otherwise be "4.294967296e+09").
+    assert settings_data(chart)["CHATMESH_SEMANTIC_CACHE_MEMORY_MAX_BYTES"] == "4294967296"
+    for process in ("cache", "dialogue"):
+        parsed = _process_settings(chart, monkeypatch, process)
+        assert [getattr(parsed, field) for field in SEMANTIC_FIELDS] == [
+            True,
+            0.95,
+            2000,
+            4294967296,
+            True,
+            "bge-m3",
+            0,
+            1.5,
+        ]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"cache": {"semantic": {"threshold": 0}}}, "at '/cache/semantic/threshold': exclusiveMinimum: got 0, want 0"),
+        ({"cache": {"semantic": {"threshold": 1.5}}}, "at '/cache/semantic/threshold': maximum: got 1.5, want 1"),
+        ({"cache": {"semantic": {"maxEntries": 0}}}, "at '/cache/semantic/maxEntries': minimum: got 0, want 1"),
+        (
+            {"cache": {"semantic": {"memoryMaxBytes": -1}}},
+            "at '/cache/semantic/memoryMaxBytes': minimum: got -1, want 0",
+        ),
+        ({"cache": {"semantic": {"enabled": "yes"}}}, "at '/cache/semantic/enabled': got string, want boolean"),
+        (
+            {"cache": {"semantic": {"followUp": True}}},
+            "at '/cache/semantic': additional properties 'followUp' not allowed",
+        ),
+        ({"embeddings": {"dimensions": 8193}}, "at '/embeddings/dimensions': maximum: got 8,193, want 8,192"),
+        ({"embeddings": {"dimensions": -1}}, "at '/embeddings/dimensions': minimum: got -1, want 0"),
+        ({"embeddings": {"timeoutSeconds": 0}}, "at '/embeddings/timeoutSeconds': exclusiveMinimum: got 0, want 0"),
+        ({"embeddings": {"model": ""}}, "at '/embeddings/model'"),
+    ],
+)
+def test_bad_semantic_cache_and_embeddings_values_are_rejected(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as rejected:
+        render(values)
+    assert message in str(rejected.value)
+
+
+def test_the_cache_gets_the_model_key_and_egress_only_with_the_semantic_cache_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    values = {"model": {"apiKey": "sk-test-not-a-real-key", "baseUrl": "https://llm.internal.example/v1"}}
+    off = render(values)
+    assert "OPENAI_API_KEY" not in env_of(deployments(off)["cache"])
+    assert set(_egress_ports(_by_component(off, "NetworkPolicy")["cache"])) == {53, 6379}
+
+    on = render({**values, **SEMANTIC_ON})
+    assert env_of(deployments(on)["cache"])["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": RELEASE,
+        "key": "OPENAI_API_KEY",
+    }
+    assert "OPENAI_API_KEY" not in env_of(deployments(on)["gateway"])
+    # The cache embeds at the provider dialogue calls, with the same key.
+    cache = _process_settings(on, monkeypatch, "cache")
+    assert cache.semantic_cache
+    assert cache.model_endpoint() == ("https://llm.internal.example/v1", "sk-test-not-a-real-key")
+    assert cache.model_endpoint() == _process_settings(on, monkeypatch, "dialogue").model_endpoint()
+    # It may reach the model endpoint as dialogue does (networkPolicy.modelEgress), and nothing more.
+    policies = _by_component(on, "NetworkPolicy")
+    egress = _egress_ports(policies["cache"])
+    assert set(egress) == {53, 6379, 443}
+    assert egress[443] == _egress_ports(policies["dialogue"])[443]
+
+    # A key from an existing Secret is referenced the same way.
+    existing = render({"model": {"existingSecret": "openai", "existingSecretKey": "api-key"}, **SEMANTIC_ON})
+    assert env_of(deployments(existing)["cache"])["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "openai",
+        "key": "api-key",
+    }
+
+
+def test_with_the_semantic_cache_the_cache_reads_the_model_deployments_file_with_its_keys() -> None:
+    chart = render({"model": {"deployments": MODEL_DEPLOYMENTS, "deploymentKeysSecret": "model-keys"}, **SEMANTIC_ON})
+
+    path = settings_data(chart)["CHATMESH_MODEL_DEPLOYMENTS_FILE"]
+    for process in ("dialogue", "safety", "cache"):
+        d = deployments(chart)[process]
+        mounts = {mount["name"]: mount["mountPath"] for mount in container(d)["volumeMounts"]}
+        secrets = [source["secretRef"]["name"] for source in container(d)["envFrom"] if "secretRef" in source]
+        assert mounts["model-deployments"] == str(Path(path).parent), process
+        assert {"name": "model-deployments", "configMap": {"name": f"{RELEASE}-model-deployments"}} in pod_spec(d)[
+            "volumes"
+        ]
+        assert secrets == ["model-keys"], process
+        assert "checksum/model-deployments" in d["spec"]["template"]["metadata"]["annotations"], process
+
+
+def test_with_modelsim_the_cache_embeds_at_modelsim(full: Rendered, monkeypatch: pytest.MonkeyPatch) -> None:
+    """all-features runs modelsim and turns the semantic cache on."""
+    cache = _process_settings(full, monkeypatch, "cache")
+    assert cache.semantic_cache
+    assert cache.model_endpoint()[0] == f"http://{name('modelsim')}.{NAMESPACE}.svc.cluster.local:8089/v1"
+    egress = _egress_ports(_by_component(full, "NetworkPolicy")["cache"])
+    assert {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in egress[8089]} == {"modelsim"}
+    assert 443 not in egress

@@ -332,6 +332,11 @@ def test_the_dashboard_has_its_datasource_variable_and_panels():
         "limit rejections",
         "review cases waiting",
         "oldest review case",
+        "tokens saved by the cache",
+        "usd saved by the cache",
+        "turns answered from the cache, by kind",
+        "semantic lookups by outcome, guard refusals",
+        "similarity of the nearest question",
     ):
         assert wanted in titles, wanted
     for process in ("gateway", "dialogue", "safety", "cache"):

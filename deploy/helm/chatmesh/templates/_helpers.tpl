@@ -81,6 +81,15 @@ app.kubernetes.io/component: {{ .process }}
 {{- end }}
 {{- end }}
 
+{{/* The processes that call the model provider, as JSON: dialogue (chat) and safety (moderation), and the cache
+(embeddings) when the semantic cache is on. Each gets the API key, the deployments file with its keys' Secret, and a
+way to the model (networkPolicy.modelEgress, or modelsim's ingress). */}}
+{{- define "chatmesh.modelCallers" -}}
+{{- $callers := list "dialogue" "safety" }}
+{{- if .Values.cache.semantic.enabled }}{{ $callers = append $callers "cache" }}{{ end }}
+{{- toJson $callers }}
+{{- end }}
+
 {{/* Whether chatmesh is given an API key (the chart's Secret or an existing one). */}}
 {{- define "chatmesh.hasApiKey" -}}
 {{- if or .Values.model.existingSecret .Values.model.apiKey }}true{{ end }}
@@ -195,7 +204,7 @@ without a cluster (helm template, --dry-run), and then new values are generated.
       key: CHATMESH_LOG_USER_ID_SALT
 {{- end }}
 {{- end }}
-{{- if has .process (list "dialogue" "safety") }}
+{{- if has .process (include "chatmesh.modelCallers" $root | fromJsonArray) }}
 {{- if $root.Values.model.existingSecret }}
 - name: OPENAI_API_KEY
   valueFrom:
