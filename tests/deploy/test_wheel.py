@@ -134,13 +134,14 @@ def installation() -> Iterator[Installation]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_the_wheel_holds_the_protos_the_keyword_list_and_the_command(installation: Installation) -> None:
+def test_the_wheel_holds_the_protos_the_word_lists_and_the_command(installation: Installation) -> None:
     with zipfile.ZipFile(installation.wheel) as wheel:
         names = set(wheel.namelist())
         entry_points = next(wheel.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     for service in ("chat", "dialogue", "safety", "cache"):
         assert f"chatmesh/v1/{service}_pb2.py" in names and f"chatmesh/v1/{service}_pb2_grpc.py" in names
     assert "chatmesh/safety/default_keywords.txt" in names
+    assert {"chatmesh/cache/data/cjk_proper_nouns.txt", "chatmesh/cache/data/en_proper_nouns.txt"} <= names
     assert "chatmesh = chatmesh.cli:main" in entry_points
     assert not any(name.startswith(("tests/", "bench/", "support/")) for name in names)
 
