@@ -63,7 +63,9 @@ def _summary(completed: chat_pb2.Completed, conversation_id: str) -> str:
     if completed.HasField("content_filter"):
         stage = chat_pb2.ContentFilter.Stage.Name(completed.content_filter.stage).removeprefix("STAGE_").lower()
         parts.append(f"refused at {stage}: {', '.join(completed.content_filter.categories)}")
-    if completed.cached:
+    if completed.cache_match == chat_pb2.CACHE_MATCH_SEMANTIC:
+        parts.append(f"from the cache (a question of similarity {completed.cache_similarity:.2f})")
+    elif completed.cached:
         parts.append("from the cache")
     if completed.replayed:
         parts.append("replayed")

@@ -19,11 +19,15 @@ in the key's readable prefix, so that one tenant's or model's entries can be fou
 import hashlib
 import json
 import unicodedata
+from collections.abc import Sequence
 from urllib.parse import quote
 
 from chatmesh.v1 import cache_pb2
 
 KEY_PREFIX = "chatmesh:cache:"
+# The questions of the semantic cache (chatmesh.cache.semantic), and each scope's list of them.
+QUESTION_PREFIX = "chatmesh:cache-question:"
+SCOPE_PREFIX = "chatmesh:cache-scope:"
 # The sets of the keys stored from one conversation or one user of a tenant, which erasure reads.
 INDEX_PREFIX = "chatmesh:cache-origin:"
 
@@ -44,8 +48,8 @@ def _response_format(context: cache_pb2.AnswerContext) -> list[object] | None:
     return [response_format.type, response_format.name, response_format.json_schema, response_format.strict]
 
 
-def answer_key(context: cache_pb2.AnswerContext) -> str:
-    """`chatmesh:cache:{tenant}:{model}:{sha256 hex}`, with tenant and model percent-encoded."""
+def _digest(context: cache_pb2.AnswerContext, messages: Sequence[cache_pb2.ContextMessage], *extra: object) -> str:
+    """The SHA-256 (hex) of everything in `context` that shapes an answer, with `messages` as its window."""
     canonical = [
         _ENCODING_VERSION,
         context.tenant,
@@ -57,15 +61,49 @@ def answer_key(context: cache_pb2.AnswerContext) -> str:
         context.max_tokens if context.HasField("max_tokens") else None,
         list(context.stop),
         context.seed if context.HasField("seed") else None,
-        [[message.role, normalize_text(message.content)] for message in context.messages],
+        [[message.role, normalize_text(message.content)] for message in messages],
         context.presence_penalty if context.HasField("presence_penalty") else None,
         context.frequency_penalty if context.HasField("frequency_penalty") else None,
         sorted(context.logit_bias.items()),
         _response_format(context),
+        *extra,
     ]
     encoded = json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()
-    digest = hashlib.sha256(encoded).hexdigest()
-    return f"{KEY_PREFIX}{quote(context.tenant, safe='')}:{quote(context.model, safe='')}:{digest}"
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _readable(context: cache_pb2.AnswerContext) -> str:
+    return f"{quote(context.tenant, safe='')}:{quote(context.model, safe='')}"
+
+
+def answer_key(context: cache_pb2.AnswerContext) -> str:
+    """`chatmesh:cache:{tenant}:{model}:{sha256 hex}`, with tenant and model percent-encoded."""
+    return f"{KEY_PREFIX}{_readable(context)}:{_digest(context, context.messages)}"
+
+
+def semantic_scope(context: cache_pb2.AnswerContext, embedding_model: str, dimensions: int) -> str:
+    """`{tenant}:{model}:{sha256 hex}`: the answers a question may be matched against by meaning. Everything that
+    shapes an answer but the question itself (so the history before it too, empty on a first turn), and the
+    embedding model and its dimensions, so that vectors of different models never meet."""
+    digest = _digest(context, context.messages[:-1], embedding_model, dimensions)
+    return f"{_readable(context)}:{digest}"
+
+
+def question_key(scope: str, answer: str) -> str:
+    """`chatmesh:cache-question:{scope}:{the answer key's digest}`: a question of `scope`, stored for `answer`."""
+    return f"{QUESTION_PREFIX}{scope}:{answer.rpartition(':')[2]}"
+
+
+def scope_of_question(key: str) -> str | None:
+    """The scope of a `question_key`; None for any other key."""
+    if not key.startswith(QUESTION_PREFIX):
+        return None
+    return key[len(QUESTION_PREFIX) :].rpartition(":")[0]
+
+
+def scope_members(scope: str) -> str:
+    """`chatmesh:cache-scope:{scope}`: the questions of a scope (a sorted set, by expiry), for loading it."""
+    return f"{SCOPE_PREFIX}{scope}"
 
 
 def conversation_index(tenant: str, conversation_id: str) -> str:

@@ -9,8 +9,18 @@ from chatmesh.v1 import cache_pb2, cache_pb2_grpc
 
 async def main(settings: Settings) -> None:
     cache = AnswerCache.from_settings(settings)
-    cache.follow_erasures()
-    servicer = CacheServicer(cache)
+    semantic = None
+    if settings.semantic_cache:
+        from chatmesh.cache.semantic import SemanticCache
+
+        semantic = SemanticCache.from_settings(settings, cache)
+    cache.follow_announcements()
+    servicer = CacheServicer(cache, semantic)
+
+    async def stopped() -> None:
+        if semantic is not None:
+            await semantic.close()
+        await cache.close()
 
     await serve(
         settings,
@@ -22,5 +32,5 @@ async def main(settings: Settings) -> None:
                 lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
             )
         ],
-        on_stopped=cache.close,
+        on_stopped=stopped,
     )

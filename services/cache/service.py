@@ -1,14 +1,22 @@
-"""CacheService: exact lookup and store of replies, and the policy of what may be kept."""
+"""CacheService: exact and semantic lookup and store of replies, and the policy of what may be kept."""
+
+import asyncio
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from chatmesh.cache.keys import answer_key, conversation_index, user_index
-from chatmesh.cache.tiers import AnswerCache, EraseFailed, TierKind
+from chatmesh.cache.tiers import AnswerCache, CacheHit, EraseFailed, TierKind
 from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.status import abort, abort_with, invalid_argument
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2
+
+if TYPE_CHECKING:
+    # Imported by main only when the semantic cache is on: numpy, the embedding client and the guards' word lists
+    # stay out of a cache process that does not use them.
+    from chatmesh.cache.semantic import SemanticCache
 
 log = get_logger(__name__)
 
@@ -17,29 +25,34 @@ log = get_logger(__name__)
 MAX_NAME_CHARS = 256
 
 _TIERS = {TierKind.MEMORY: cache_pb2.CACHE_TIER_MEMORY, TierKind.REDIS: cache_pb2.CACHE_TIER_REDIS}
+_TIER_NAMES = {
+    cache_pb2.CACHE_TIER_UNSPECIFIED: "miss",
+    cache_pb2.CACHE_TIER_MEMORY: "memory",
+    cache_pb2.CACHE_TIER_REDIS: "redis",
+}
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, cache: AnswerCache) -> None:
+    def __init__(self, cache: AnswerCache, semantic: "SemanticCache | None" = None) -> None:
         self._cache = cache
+        self._semantic = semantic
 
     async def Lookup(
         self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.LookupResponse:
         await _validate(context, request.context)
-        hit = await self._cache.lookup(answer_key(request.context))
-        if hit is None:
-            metrics.cache_lookup("miss")
-            return cache_pb2.LookupResponse(hit=False)
-        try:
-            reply = cache_pb2.CachedReply.FromString(hit.value)
-        except DecodeError:
-            # Written by something else under our prefix; a miss, and the next Store replaces it.
-            log.warning("cache_value_unreadable", extra={"tier": hit.tier.value})
-            metrics.cache_lookup("miss")
-            return cache_pb2.LookupResponse(hit=False)
-        metrics.cache_lookup(hit.tier.value)
-        return cache_pb2.LookupResponse(hit=True, reply=reply, tier=_TIERS[hit.tier])
+        key = answer_key(request.context)
+        response = _found(await self._cache.lookup(key), chat_pb2.CACHE_MATCH_EXACT, 1.0)
+        if response.hit or self._semantic is None or not self._semantic.applies_to(request.context):
+            metrics.cache_lookup(_TIER_NAMES[response.tier])
+            return response
+        semantic = await self._semantic.lookup(request.context, _deadline(context))
+        if semantic.hit is not None:
+            response = _found(semantic.hit.hit, chat_pb2.CACHE_MATCH_SEMANTIC, semantic.hit.similarity)
+        elif semantic.embedding is not None:
+            response.embedding.CopyFrom(semantic.embedding)
+        metrics.cache_lookup(_TIER_NAMES[response.tier])
+        return response
 
     async def Store(
         self, request: cache_pb2.StoreRequest, context: grpc.aio.ServicerContext
@@ -57,11 +70,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             )
             return cache_pb2.StoreResponse(stored=False)
         tenant = request.context.tenant
-        kept = await self._cache.store(
-            answer_key(request.context),
-            request.reply.SerializeToString(),
-            [conversation_index(tenant, request.conversation_id), user_index(tenant, request.user_id)],
-        )
+        key = answer_key(request.context)
+        indexes = [conversation_index(tenant, request.conversation_id), user_index(tenant, request.user_id)]
+        kept = await self._cache.store(key, request.reply.SerializeToString(), indexes)
+        if kept and self._semantic is not None and self._semantic.applies_to(request.context):
+            embedding = request.embedding if request.HasField("embedding") else None
+            await self._semantic.store(request.context, key, indexes, embedding, _deadline(context))
         return cache_pb2.StoreResponse(stored=bool(kept), tiers=[_TIERS[tier] for tier in kept])
 
     async def Erase(
@@ -97,6 +111,25 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             extra={"tenant": request.tenant, "by": "user" if request.user_id else "conversation", "entries": entries},
         )
         return cache_pb2.EraseResponse(entries=entries)
+
+
+def _found(hit: CacheHit | None, match: int, similarity: float) -> cache_pb2.LookupResponse:
+    """The response for what a tier returned: a miss for nothing, or for something unreadable (written by something
+    else under our prefix; the next Store replaces it)."""
+    if hit is None:
+        return cache_pb2.LookupResponse(hit=False)
+    try:
+        reply = cache_pb2.CachedReply.FromString(hit.value)
+    except DecodeError:
+        log.warning("cache_value_unreadable", extra={"tier": hit.tier.value})
+        return cache_pb2.LookupResponse(hit=False)
+    return cache_pb2.LookupResponse(hit=True, reply=reply, tier=_TIERS[hit.tier], match=match, similarity=similarity)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float:
+    """The call's deadline in loop.time() terms; a minute from now when it has none."""
+    remaining = context.time_remaining()
+    return asyncio.get_running_loop().time() + (60.0 if remaining is None else remaining)
 
 
 def may_be_cached(reply: cache_pb2.CachedReply) -> bool:

@@ -7,7 +7,7 @@ Erasure: a stored entry is also listed in indexes (sets of keys, named by chatme
 conversation and one for the user it came from), in both tiers, so that `AnswerCache.erase(index)` finds every
 entry stored from a conversation or a user. Every cache process keeps a memory tier of its own, and Redis
 tells them all what was erased: the erasure publishes the index and its keys on ERASURES_CHANNEL, in the
-same script that deletes them, and each process drops them from its memory (`AnswerCache.follow_erasures`).
+same script that deletes them, and each process drops them from its memory (`AnswerCache.follow_announcements`).
 A process that was not subscribed when a notice went out cannot know what it missed: every (re)subscription
 empties its memory tier, and with Redis, memory entries live at most `memory_ttl_seconds` (one minute by
 default) whatever happens to the subscription. That bound, rather than asking Redis on every memory hit
@@ -25,13 +25,13 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from chatmesh.cache.keys import INDEX_PREFIX
+from chatmesh.cache.keys import KEY_PREFIX
 from chatmesh.runtime import metrics, redis_connection
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
@@ -40,6 +40,8 @@ log = get_logger(__name__)
 
 # Where erasures are announced to every cache process: "<index>\n<key>\n<key>…".
 ERASURES_CHANNEL = "chatmesh:cache-erasures"
+# Where the semantic cache announces each question it stores: its key (chatmesh.cache.semantic).
+ADDITIONS_CHANNEL = "chatmesh:cache-additions"
 # The wait before subscribing again after the subscription failed (Redis down or restarting).
 RESUBSCRIBE_SECONDS = 1.0
 
@@ -137,16 +139,20 @@ class MemoryTier(Tier):
         return True
 
     async def erase(self, index: str) -> int:
-        return self.delete(self._indexes.get(index, set()).copy())
+        return self.delete(self.listed(index))
+
+    def listed(self, index: str) -> set[str]:
+        """The keys `index` lists now."""
+        return self._indexes.get(index, set()).copy()
 
     def delete(self, keys: Iterable[str]) -> int:
-        """Removes these entries; returns how many had not expired."""
+        """Removes these entries; returns how many were answers (chatmesh.cache.keys.KEY_PREFIX) not expired."""
         now = self._clock()
         removed = 0
         for key in keys:
             entry = self._entries.get(key)
             if entry is not None:
-                removed += entry[1] > now
+                removed += entry[1] > now and key.startswith(KEY_PREFIX)
                 self._remove(key)
         return removed
 
@@ -167,15 +173,16 @@ class MemoryTier(Tier):
                 del self._indexes[index]
 
 
-# KEYS: the index. ARGV: the erasures channel, the indexes' prefix. Deletes what the index lists (entries, and a
-# user's conversation indexes) and the index, and announces it; returns {entries that were there, {members}}.
-# The members are not declared as KEYS: the cache's Redis is one server, not a cluster.
+# KEYS: the index. ARGV: the erasures channel, the answers' prefix. Deletes what the index lists (answers, the
+# semantic cache's questions, and a user's conversation indexes) and the index, and announces it; returns
+# {answers that were there, {members}}. The members are not declared as KEYS: the cache's Redis is one server, not
+# a cluster.
 _ERASE_LUA = """
 local members = redis.call("SMEMBERS", KEYS[1])
 local removed = 0
 for _, member in ipairs(members) do
   local deleted = redis.call("DEL", member)
-  if string.sub(member, 1, #ARGV[2]) ~= ARGV[2] then removed = removed + deleted end
+  if string.sub(member, 1, #ARGV[2]) == ARGV[2] then removed = removed + deleted end
 end
 redis.call("DEL", KEYS[1])
 redis.call("PUBLISH", ARGV[1], KEYS[1] .. "\\n" .. table.concat(members, "\\n"))
@@ -189,6 +196,26 @@ class Erasure:
 
     index: str
     keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Addition:
+    """A semantic cache question stored by some cache process, under `key`."""
+
+    key: str
+
+
+class CacheWatcher(Protocol):
+    """Told what changes in the tiers besides this process's own stores (see `AnswerCache.watch`)."""
+
+    def erased(self, keys: Iterable[str]) -> None:
+        """These keys were erased, by this process or another."""
+
+    def added(self, key: str) -> None:
+        """A process (maybe this one) announced a key it stored (`Addition`)."""
+
+    def missed_announcements(self) -> None:
+        """Other processes' announcements may have been missed: the subscription (re)started."""
 
 
 class RedisTier(Tier):
@@ -253,18 +280,26 @@ class RedisTier(Tier):
 
     async def erase_keys(self, index: str) -> tuple[int, list[str]]:
         """`erase`, and what the index listed (whether or not it was still there)."""
-        removed, keys = await self._erase(keys=[index], args=[ERASURES_CHANNEL, INDEX_PREFIX])
+        removed, keys = await self._erase(keys=[index], args=[ERASURES_CHANNEL, KEY_PREFIX])
         return int(removed), [key.decode() for key in keys]
 
-    async def erasures(self) -> AsyncIterator[Erasure | None]:
-        """Every erasure announced from now on, by any process, until the subscription fails (raises). None each
-        time the subscription starts, or restarts after a lost connection: announcements made before it may
-        have been missed."""
+    @property
+    def client(self) -> Redis:
+        """The connection pool, for the semantic cache's scope lists in the same Redis."""
+        return self._client
+
+    async def announcements(self) -> AsyncIterator[Erasure | Addition | None]:
+        """Every erasure and addition announced from now on, by any process, until the subscription fails
+        (raises). None each time the subscription starts, or restarts after a lost connection: announcements
+        made before it may have been missed."""
         async with self._client.pubsub() as pubsub:
-            await pubsub.subscribe(ERASURES_CHANNEL)
+            await pubsub.subscribe(ERASURES_CHANNEL, ADDITIONS_CHANNEL)
             async for message in pubsub.listen():
-                if message["type"] == "subscribe":
+                if message["type"] == "subscribe" and message["channel"] == ERASURES_CHANNEL.encode():
+                    # Both channels are (re)subscribed by one command, each confirmed: one confirmation per start.
                     yield None
+                elif message["type"] == "message" and message["channel"] == ADDITIONS_CHANNEL.encode():
+                    yield Addition(message["data"].decode())
                 elif message["type"] == "message":
                     index, *keys = message["data"].decode().split("\n")
                     yield Erasure(index, tuple(key for key in keys if key))
@@ -305,6 +340,7 @@ class AnswerCache:
         self._ttl_seconds = ttl_seconds
         self._memory_ttl_seconds = ttl_seconds if redis is None else min(ttl_seconds, memory_ttl_seconds)
         self._follower: asyncio.Task[None] | None = None
+        self._watchers: list[CacheWatcher] = []
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AnswerCache:
@@ -356,11 +392,25 @@ class AnswerCache:
                 _log_redis_failure("store", error)
         return kept
 
+    @property
+    def redis(self) -> RedisTier | None:
+        return self._redis
+
+    @property
+    def ttl_seconds(self) -> float:
+        return self._ttl_seconds
+
+    def watch(self, watcher: CacheWatcher) -> None:
+        """Tells `watcher` of every erasure, and (with Redis) of what other processes announce."""
+        self._watchers.append(watcher)
+
     async def erase(self, index: str) -> int:
         """Removes the entries listed in `index` from this process's memory and from Redis, which announces it
-        to every other cache process. Returns the entries removed from Redis (from memory, without Redis).
+        to every other cache process. Returns the answers removed from Redis (from memory, without Redis).
         Raises EraseFailed when Redis cannot be reached."""
-        removed = await self._memory.erase(index)
+        listed = self._memory.listed(index)
+        removed = self._memory.delete(listed)
+        self._tell_erased(listed)
         if self._redis is None:
             return removed
         try:
@@ -371,26 +421,41 @@ class AnswerCache:
         # Filled from Redis, they are in memory without this process's own indexes; the announcement would
         # drop them too, but only once it arrives.
         self._memory.delete(keys)
+        self._tell_erased(keys)
         return removed
 
-    def follow_erasures(self) -> None:
-        """With Redis, starts dropping from memory what other processes erase, until `close`."""
+    def follow_announcements(self) -> None:
+        """With Redis, starts dropping from memory what other processes erase, and telling the watchers what
+        they announce, until `close`."""
         if self._redis is not None and self._follower is None:
-            self._follower = asyncio.create_task(self._follow(self._redis), name="cache_erasures")
+            self._follower = asyncio.create_task(self._follow(self._redis), name="cache_announcements")
 
     async def _follow(self, redis: RedisTier) -> None:
         while True:
             try:
-                async for erasure in redis.erasures():
-                    if erasure is None:
+                async for announcement in redis.announcements():
+                    if announcement is None:
                         # (Re)subscribed: whatever was erased while this process was not listening is unknown.
                         self._memory.clear()
+                        for watcher in self._watchers:
+                            watcher.missed_announcements()
+                    elif isinstance(announcement, Addition):
+                        for watcher in self._watchers:
+                            watcher.added(announcement.key)
                     else:
-                        await self._memory.erase(erasure.index)
-                        self._memory.delete(erasure.keys)
+                        listed = self._memory.listed(announcement.index)
+                        self._memory.delete(listed)
+                        self._memory.delete(announcement.keys)
+                        self._tell_erased((*listed, *announcement.keys))
             except Exception as error:
                 _log_redis_failure("subscribe", error)
             await asyncio.sleep(RESUBSCRIBE_SECONDS)
+
+    def _tell_erased(self, keys: Iterable[str]) -> None:
+        keys = tuple(keys)
+        if keys:
+            for watcher in self._watchers:
+                watcher.erased(keys)
 
     async def close(self) -> None:
         if self._follower is not None:

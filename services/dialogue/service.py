@@ -65,6 +65,7 @@ from chatmesh.runtime.model_client import (
     ModelOutcome,
     ModelRequest,
     StreamProgress,
+    price_family,
 )
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import Refused, abort, abort_with, invalid_argument, retry_later
@@ -129,6 +130,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         self._spend = spend
         self._store = store
         self._model = model
+        metrics.bind_cache_savings(settings.model_prices_usd_per_million)
         self._safety = safety
         self._cache = cache
         self._tokens = tokens
@@ -212,6 +214,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 yield event
             return
         turn = self._redacted(turn, gate.pii)
+        if gate.question_embedding is not None:
+            turn = replace(turn, question_embedding=gate.question_embedding)
         if gate.calls_model:
             # Started comes with the model's first answer: it names the model that answered (a fallback's, maybe).
             async for event in self._answer_from_model(context, turn, screened=gate.verdict is not None):
@@ -411,9 +415,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                     context, grpc.StatusCode.UNAVAILABLE, "the safety service is unavailable; retry with backoff"
                 )
                 raise
-            cached = await lookup if lookup is not None else None
+            found = await lookup if lookup is not None else None
+            cached = found if found is not None and found.hit else None
             # A reply screened under other lists or another policy (or with safety down) is never served.
-            stale = cached is not None and (verdict is None or cached.policy_version != verdict.policy_version)
+            stale = cached is not None and (verdict is None or cached.reply.policy_version != verdict.policy_version)
             if cached is not None:
                 metrics.dialogue_cache_lookup("stale" if stale else "hit")
             if stale:
@@ -438,6 +443,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             stage=stage,
             pii=pii,
             cached=cached,
+            question_embedding=found.embedding if found is not None and found.HasField("embedding") else None,
             replay=replay,
             calls_model=calls_model and replay is None,
         )
@@ -492,15 +498,30 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         return completed
 
     async def _answer_from_cache(
-        self, context: grpc.aio.ServicerContext, turn: _Turn, cached: cache_pb2.CachedReply
+        self, context: grpc.aio.ServicerContext, turn: _Turn, found: cache_pb2.LookupResponse
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """A reply from the cache (screened under the current policy when it was made, which the gate checked): sent
+        whole, committed, and counted as saved, with the prompt as counted and the reply as first made."""
+        cached = found.reply
         cached_delta = chat_pb2.Delta(text=cached.text)
         yield chat_pb2.ChatEvent(delta=cached_delta)
         reply = counted(self._tokens, turn.model, StoredMessage("assistant", cached.text, time.time()))
         completed = chat_pb2.ChatEvent(
             completed=chat_pb2.Completed(
-                finish_reason=cached.finish_reason, usage=chat_pb2.Usage(), cost_usd=0.0, cached=True
+                finish_reason=cached.finish_reason,
+                usage=chat_pb2.Usage(),
+                cost_usd=0.0,
+                cached=True,
+                cache_match=found.match,
+                cache_similarity=found.similarity,
             )
+        )
+        saved_input = turn.model_request.prompt_tokens or 0
+        metrics.cache_hit_saved(
+            price_family(self._settings.model_prices_usd_per_million, turn.model) or metrics.OTHER,
+            "semantic" if found.match == chat_pb2.CACHE_MATCH_SEMANTIC else "exact",
+            saved_input + cached.output_tokens,
+            self._model.cost_usd(turn.model, saved_input, cached.output_tokens),
         )
         await self._commit(
             context, turn, (*turn.new_messages, reply), completed, events=[chat_pb2.ChatEvent(delta=cached_delta)]
@@ -933,8 +954,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             context.response_format.CopyFrom(options.response_format)
         return context
 
-    async def _lookup(self, answer_context: cache_pb2.AnswerContext, deadline: float) -> cache_pb2.CachedReply | None:
-        """The cached reply, or None: a cache that fails or is slow is a miss, logged, never the caller's error."""
+    async def _lookup(
+        self, answer_context: cache_pb2.AnswerContext, deadline: float
+    ) -> cache_pb2.LookupResponse | None:
+        """The cache's answer, a hit or a miss; None when it fails or is slow: logged, never the caller's error."""
         timeout = min(self._settings.cache_lookup_timeout_seconds, deadline - asyncio.get_running_loop().time())
         try:
             response = await self._cache.Lookup(cache_pb2.LookupRequest(context=answer_context), timeout=timeout)
@@ -944,7 +967,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             return None
         if not response.hit:
             metrics.dialogue_cache_lookup("miss")
-        return response.reply if response.hit else None
+        return response
 
     async def _store_answer(
         self, turn: _Turn, answer_context: cache_pb2.AnswerContext, reply: cache_pb2.CachedReply
@@ -956,6 +979,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                     reply=reply,
                     user_id=turn.scope.user_id,
                     conversation_id=turn.scope.conversation_id,
+                    embedding=turn.question_embedding,
                 ),
                 timeout=self._settings.cache_lookup_timeout_seconds,
             )
@@ -1329,6 +1353,8 @@ class _Turn:
     placeholders: Placeholders
     # Whether the caller's message held personal information of a kind the policy does not leave.
     with_pii: bool = False
+    # The question's embedding from a semantic lookup that missed, passed back with the answer's store.
+    question_embedding: cache_pb2.QuestionEmbedding | None = None
 
 
 def _started(turn: _Turn, model: str) -> chat_pb2.ChatEvent:
@@ -1368,7 +1394,8 @@ class _Gate:
     stage: chat_pb2.ContentFilter.Stage
     # The personal information in the caller's message.
     pii: list[safety_pb2.PiiSpan]
-    cached: cache_pb2.CachedReply | None
+    cached: cache_pb2.LookupResponse | None
+    question_embedding: cache_pb2.QuestionEmbedding | None
     replay: str | None
     calls_model: bool
 

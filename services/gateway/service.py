@@ -122,6 +122,8 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
                 response.usage.CopyFrom(completed.usage)
                 response.cost_usd = completed.cost_usd
                 response.cached = completed.cached
+                response.cache_match = completed.cache_match
+                response.cache_similarity = completed.cache_similarity
                 response.replayed = completed.replayed
                 if completed.HasField("content_filter"):
                     response.content_filter.CopyFrom(completed.content_filter)

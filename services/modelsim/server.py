@@ -171,6 +171,10 @@ class SimConfig:
         default_factory=lambda: dict(Settings.model_fields["model_context_tokens"].default)
     )
     default_context_tokens: int = Settings.model_fields["default_context_tokens"].default
+    # POST /v1/embeddings waits this long before answering, and answers with this HTTP status (an OpenAI error
+    # body) when it is not 0: an embedding endpoint that is slow, or failing.
+    embedding_latency_seconds: float = 0.0
+    embedding_error_status: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, deployment: ModelsimDeployment | None = None) -> Self:
@@ -874,6 +878,10 @@ class Simulator:
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
+        if self.config.embedding_latency_seconds > 0:
+            await asyncio.sleep(self.config.embedding_latency_seconds)
+        if self.config.embedding_error_status:
+            return _fault_response(self.config.embedding_error_status, self.config.retry_after_seconds)
         try:
             body = json.loads(await request.read())
         except ValueError:

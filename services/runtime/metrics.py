@@ -711,8 +711,53 @@ def cache_lookup(tier: str) -> None:
 
 
 def cache_redis_error(operation: str) -> None:
-    """`operation`: lookup, store, erase, or subscribe (following other processes' erasures)."""
+    """`operation`: lookup, store, erase, subscribe (following other processes' announcements), or the semantic
+    cache's semantic_store and semantic_load."""
     _CACHE_REDIS_ERRORS.labels(operation).inc()
+
+
+_SEMANTIC_LOOKUPS = Counter(
+    "chatmesh_cache_semantic_lookups_total",
+    "Semantic lookups after an exact miss, by outcome: hit, miss (no question of the scope close enough), guarded "
+    "(close enough, but a guard refused every candidate), error (the embedding endpoint failed or was too slow).",
+    ("outcome",),
+)
+SEMANTIC_LOOKUP_OUTCOMES = ("hit", "miss", "guarded", "error")
+_SEMANTIC_LOOKUP_OUTCOMES = {outcome: _SEMANTIC_LOOKUPS.labels(outcome) for outcome in SEMANTIC_LOOKUP_OUTCOMES}
+_SEMANTIC_GUARD_REFUSALS = Counter(
+    "chatmesh_cache_semantic_guard_refusals_total",
+    "Candidates above the similarity threshold that a guard refused, by guard: numbers, negation, entities.",
+    ("guard",),
+)
+for _guard in ("numbers", "negation", "entities"):
+    _SEMANTIC_GUARD_REFUSALS.labels(_guard)
+_SEMANTIC_BEST_SIMILARITY = Histogram(
+    "chatmesh_cache_semantic_best_similarity",
+    "The cosine similarity of the nearest question of the scope, above the threshold or not, per semantic lookup "
+    "in a scope that had questions: where the threshold sits among real questions.",
+    buckets=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0),
+)
+_SEMANTIC_VECTORS = Gauge(
+    "chatmesh_cache_semantic_vectors", "Question vectors the semantic cache holds in this process's memory."
+)
+
+
+def semantic_lookup(outcome: str) -> None:
+    """`outcome`: one of SEMANTIC_LOOKUP_OUTCOMES."""
+    _SEMANTIC_LOOKUP_OUTCOMES[outcome].inc()
+
+
+def semantic_guard_refusal(guard: str) -> None:
+    _SEMANTIC_GUARD_REFUSALS.labels(guard).inc()
+
+
+def semantic_best_similarity(similarity: float) -> None:
+    _SEMANTIC_BEST_SIMILARITY.observe(similarity)
+
+
+def watch_semantic_vectors(count: Callable[[], int]) -> None:
+    """Serves the vector gauge from `count` at each scrape."""
+    _SEMANTIC_VECTORS.set_function(count)
 
 
 _DIALOGUE_LOOKUPS = Counter(
@@ -729,6 +774,43 @@ _DIALOGUE_LOOKUP_OUTCOMES = {outcome: _DIALOGUE_LOOKUPS.labels(outcome) for outc
 def dialogue_cache_lookup(outcome: str) -> None:
     """`outcome`: one of DIALOGUE_LOOKUP_OUTCOMES."""
     _DIALOGUE_LOOKUP_OUTCOMES[outcome].inc()
+
+
+_CACHE_HITS = Counter(
+    "chatmesh_dialogue_cache_hits_total",
+    "Turns answered from the cache, by how the question matched: exact, or semantic.",
+    ("match",),
+)
+_CACHE_SAVED_TOKENS = Counter(
+    "chatmesh_cache_saved_tokens_total",
+    "Model tokens the cache saved (the prompt as counted, and the reply as first made), by model (a price "
+    "table's name, or other) and match.",
+    ("model", "match"),
+)
+_CACHE_SAVED_USD = Counter(
+    "chatmesh_cache_saved_usd_total",
+    "What the saved tokens would have cost at the price table's prices, in USD, by model and match.",
+    ("model", "match"),
+)
+CACHE_MATCHES = ("exact", "semantic")
+for _match in CACHE_MATCHES:
+    _CACHE_HITS.labels(_match)
+
+
+def bind_cache_savings(models: Iterable[str]) -> None:
+    """Creates the savings series of every model of the price table (and "other") at 0, so that a rate sees the
+    first hit."""
+    for model in (*models, OTHER):
+        for match in CACHE_MATCHES:
+            _CACHE_SAVED_TOKENS.labels(model, match)
+            _CACHE_SAVED_USD.labels(model, match)
+
+
+def cache_hit_saved(model: str, match: str, tokens: int, cost_usd: float) -> None:
+    """A turn answered from the cache: `model` a price table name or "other", `match` one of CACHE_MATCHES."""
+    _CACHE_HITS.labels(match).inc()
+    _CACHE_SAVED_TOKENS.labels(model, match).inc(tokens)
+    _CACHE_SAVED_USD.labels(model, match).inc(cost_usd)
 
 
 # Safety verdicts.

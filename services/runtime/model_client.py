@@ -9,6 +9,7 @@ because they must stop at the caller's deadline and never repeat a stream that h
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import random
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
+import numpy as np
 import openai
 
 from chatmesh.runtime import metrics, tracing
@@ -494,6 +496,41 @@ class ModelClient:
         metered.completed()
         return verdict
 
+    async def embed(self, texts: Sequence[str], *, model: str, dimensions: int, deadline: float) -> list[np.ndarray]:
+        """The provider's embeddings of `texts` through the SDK's embeddings call, at the endpoint moderation uses:
+        one float32 vector each, in order, scaled to unit length. `dimensions` 0 asks for the model's own.
+
+        One attempt before `deadline` (in `loop.time()` terms), never retried: its callers (a cache lookup) would
+        rather miss. Raises ModelError.
+        """
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise ModelError(ModelErrorKind.TIMEOUT, "the deadline passed before the embedding request was sent")
+        metered = self._metrics.call("embedding", price_family(self._prices, model))
+        try:
+            response = await self._client.embeddings.create(
+                input=list(texts),
+                model=model,
+                dimensions=dimensions or openai.omit,
+                # Asked for explicitly, the SDK hands the base64 text over as it came: decoded here by numpy,
+                # without a list of Python floats in between.
+                encoding_format="base64",
+                timeout=remaining,
+            )
+        except openai.APIError as error:
+            failure = _classify(error)
+        except (httpx2.HTTPError, aiohttp.ClientError):
+            failure = ModelError(ModelErrorKind.UNAVAILABLE, "the embedding request broke off")
+        except BaseException as error:
+            metered.failed("cancelled" if isinstance(error, asyncio.CancelledError) else type(error).__qualname__)
+            raise
+        else:
+            input_tokens = response.usage.prompt_tokens if response.usage is not None else 0
+            metered.completed(input_tokens, 0, self.cost_usd(model, input_tokens, 0))
+            return [_unit_vector(item.embedding) for item in sorted(response.data, key=lambda item: item.index)]
+        metered.failed(failure.kind.value)
+        raise failure
+
     async def _moderate(self, moderation: str | list[dict[str, Any]], deadline: float | None) -> ModerationResult:
         loop = asyncio.get_running_loop()
         if deadline is None:
@@ -590,6 +627,17 @@ def _cost_usd(prices: Mapping[str, tuple[float, float]], family: str | None, out
         return 0.0
     input_price, output_price = prices[family]
     return (outcome.input_tokens * input_price + outcome.output_tokens * output_price) / 1_000_000
+
+
+def _unit_vector(embedding: str | Sequence[float]) -> np.ndarray:
+    """An embedding as the provider sent it (base64 of little-endian float32s, or floats) as a unit float32 vector;
+    all zeros stays all zeros."""
+    if isinstance(embedding, str):
+        vector = np.frombuffer(base64.b64decode(embedding), dtype="<f4").astype(np.float32)
+    else:
+        vector = np.asarray(embedding, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
 
 
 def _classify(error: openai.APIError) -> ModelError:

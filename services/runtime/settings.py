@@ -222,6 +222,9 @@ class Settings(BaseSettings):
         "gpt-4o": (2.50, 10.00),
         "gpt-4.1-mini": (0.40, 1.60),
         "gpt-4.1": (2.00, 8.00),
+        # Embeddings (the semantic cache's and the knowledge base's) bill input tokens only.
+        "text-embedding-3-small": (0.02, 0.0),
+        "text-embedding-3-large": (0.13, 0.0),
     }
 
     # The model provider, as the openai SDK names it. Without a key, the bundled simulator is used.
@@ -245,6 +248,26 @@ class Settings(BaseSettings):
     cache_max_temperature: float = 0.5
     # How long dialogue waits for a lookup before answering from the model instead.
     cache_lookup_timeout_seconds: float = 0.5
+    # The semantic cache (chatmesh.cache.semantic): on an exact miss, the answer to a question close enough in
+    # meaning, within the same scope, that passes the guards. Off by default: it answers paraphrases, and each
+    # miss it looks up waits for one embedding call.
+    semantic_cache: bool = False
+    # The cosine similarity a cached question needs, with the embedding model below.
+    semantic_cache_threshold: float = Field(default=0.9, gt=0, le=1)
+    # The questions kept per scope (tenant, model, system prompt, sampling options, embedding model); the oldest
+    # go first. A full scope of 256-dimension vectors takes about 10 MiB of each cache process's memory.
+    semantic_cache_max_entries: int = Field(default=10_000, ge=1)
+    # The bytes of vectors a cache process keeps in memory across scopes; the least recently searched go first.
+    semantic_cache_memory_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # Off: only first turns are looked up semantically. On: follow-ups too, matched only among questions asked
+    # after exactly the same history.
+    semantic_cache_follow_ups: bool = False
+    # The provider's embedding model, and the dimensions asked of it (0: the model's own). Both are part of every
+    # semantic scope, so changing them never mixes vectors.
+    embedding_model: str = "text-embedding-3-small"
+    embedding_dimensions: int = Field(default=256, ge=0, le=8192)
+    # How long a semantic lookup waits for the embedding endpoint; past it, the lookup is a (logged) miss.
+    embedding_timeout_seconds: float = Field(default=0.3, gt=0)
 
     # safety: keyword lists and the moderation endpoint, for input and streamed output.
     safety_port: int = 50053
@@ -369,11 +392,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _review_cases_within_retention(self) -> Self:
+    def _user_text_within_retention(self) -> Self:
         if self.conversation_retention_seconds and self.review_retention_seconds > self.conversation_retention_seconds:
             raise ValueError(
                 "CHATMESH_REVIEW_RETENTION_SECONDS must be at most CHATMESH_CONVERSATION_RETENTION_SECONDS: a review "
                 "case holds an excerpt of the user's text, which is kept no longer than the conversation"
+            )
+        if self.conversation_retention_seconds and self.cache_ttl_seconds > self.conversation_retention_seconds:
+            raise ValueError(
+                "CHATMESH_CACHE_TTL_SECONDS must be at most CHATMESH_CONVERSATION_RETENTION_SECONDS: cached answers "
+                "and the semantic cache's questions hold the user's text, which is kept no longer than the conversation"
             )
         return self
 

@@ -74,6 +74,16 @@ class CachedReply(_message.Message):
     policy_version: str
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_chat_pb2.FinishReason, str]] = ..., output_tokens: _Optional[int] = ..., policy_version: _Optional[str] = ...) -> None: ...
 
+class SemanticEntry(_message.Message):
+    __slots__ = ("answer_key", "question", "vector")
+    ANSWER_KEY_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    answer_key: str
+    question: str
+    vector: bytes
+    def __init__(self, answer_key: _Optional[str] = ..., question: _Optional[str] = ..., vector: _Optional[bytes] = ...) -> None: ...
+
 class LookupRequest(_message.Message):
     __slots__ = ("context",)
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -81,26 +91,44 @@ class LookupRequest(_message.Message):
     def __init__(self, context: _Optional[_Union[AnswerContext, _Mapping]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("hit", "reply", "tier")
+    __slots__ = ("hit", "reply", "tier", "match", "similarity", "embedding")
     HIT_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     hit: bool
     reply: CachedReply
     tier: CacheTier
-    def __init__(self, hit: _Optional[bool] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ..., tier: _Optional[_Union[CacheTier, str]] = ...) -> None: ...
+    match: _chat_pb2.CacheMatch
+    similarity: float
+    embedding: QuestionEmbedding
+    def __init__(self, hit: _Optional[bool] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ..., tier: _Optional[_Union[CacheTier, str]] = ..., match: _Optional[_Union[_chat_pb2.CacheMatch, str]] = ..., similarity: _Optional[float] = ..., embedding: _Optional[_Union[QuestionEmbedding, _Mapping]] = ...) -> None: ...
+
+class QuestionEmbedding(_message.Message):
+    __slots__ = ("model", "dimensions", "vector")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    dimensions: int
+    vector: bytes
+    def __init__(self, model: _Optional[str] = ..., dimensions: _Optional[int] = ..., vector: _Optional[bytes] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
-    __slots__ = ("context", "reply", "user_id", "conversation_id")
+    __slots__ = ("context", "reply", "user_id", "conversation_id", "embedding")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     context: AnswerContext
     reply: CachedReply
     user_id: str
     conversation_id: str
-    def __init__(self, context: _Optional[_Union[AnswerContext, _Mapping]] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ..., user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ...) -> None: ...
+    embedding: QuestionEmbedding
+    def __init__(self, context: _Optional[_Union[AnswerContext, _Mapping]] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ..., user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., embedding: _Optional[_Union[QuestionEmbedding, _Mapping]] = ...) -> None: ...
 
 class StoreResponse(_message.Message):
     __slots__ = ("stored", "tiers")

@@ -61,7 +61,10 @@ class CacheServiceServicer:
     """
 
     def Lookup(self, request, context):
-        """Finds the reply stored for exactly this context.
+        """Finds the reply stored for exactly this context; with the semantic cache
+        on, on a miss, the reply of a question close in meaning within the same
+        scope (see chatmesh.cache.semantic). An embedding endpoint that fails or is
+        slow makes a miss, never an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,6 +25,12 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_CONTENT_FILTER: _ClassVar[FinishReason]
     FINISH_REASON_TOOL_CALLS: _ClassVar[FinishReason]
 
+class CacheMatch(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CACHE_MATCH_UNSPECIFIED: _ClassVar[CacheMatch]
+    CACHE_MATCH_EXACT: _ClassVar[CacheMatch]
+    CACHE_MATCH_SEMANTIC: _ClassVar[CacheMatch]
+
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ROLE_UNSPECIFIED: _ClassVar[Role]
@@ -40,6 +46,9 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_CONTENT_FILTER: FinishReason
 FINISH_REASON_TOOL_CALLS: FinishReason
+CACHE_MATCH_UNSPECIFIED: CacheMatch
+CACHE_MATCH_EXACT: CacheMatch
+CACHE_MATCH_SEMANTIC: CacheMatch
 ROLE_UNSPECIFIED: Role
 ROLE_USER: Role
 ROLE_ASSISTANT: Role
@@ -253,20 +262,24 @@ class ContentFilter(_message.Message):
     def __init__(self, stage: _Optional[_Union[ContentFilter.Stage, str]] = ..., categories: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Completed(_message.Message):
-    __slots__ = ("finish_reason", "usage", "cost_usd", "cached", "content_filter", "replayed")
+    __slots__ = ("finish_reason", "usage", "cost_usd", "cached", "content_filter", "replayed", "cache_match", "cache_similarity")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FILTER_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MATCH_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     cost_usd: float
     cached: bool
     content_filter: ContentFilter
     replayed: bool
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ..., content_filter: _Optional[_Union[ContentFilter, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    cache_match: CacheMatch
+    cache_similarity: float
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ..., content_filter: _Optional[_Union[ContentFilter, _Mapping]] = ..., replayed: _Optional[bool] = ..., cache_match: _Optional[_Union[CacheMatch, str]] = ..., cache_similarity: _Optional[float] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
     __slots__ = ("started", "delta", "completed", "tool_calls", "tool_results")
@@ -283,7 +296,7 @@ class ChatEvent(_message.Message):
     def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ..., tool_calls: _Optional[_Union[ToolCalls, _Mapping]] = ..., tool_results: _Optional[_Union[ToolResults, _Mapping]] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
-    __slots__ = ("conversation_id", "request_id", "model", "text", "finish_reason", "usage", "cost_usd", "cached", "content_filter", "replayed", "tool_calls", "tool_results")
+    __slots__ = ("conversation_id", "request_id", "model", "text", "finish_reason", "usage", "cost_usd", "cached", "content_filter", "replayed", "tool_calls", "tool_results", "cache_match", "cache_similarity")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +309,8 @@ class ChatResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     TOOL_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MATCH_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     request_id: str
     model: str
@@ -308,7 +323,9 @@ class ChatResponse(_message.Message):
     replayed: bool
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
     tool_results: _containers.RepeatedCompositeFieldContainer[ToolResult]
-    def __init__(self, conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ..., content_filter: _Optional[_Union[ContentFilter, _Mapping]] = ..., replayed: _Optional[bool] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_results: _Optional[_Iterable[_Union[ToolResult, _Mapping]]] = ...) -> None: ...
+    cache_match: CacheMatch
+    cache_similarity: float
+    def __init__(self, conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ..., content_filter: _Optional[_Union[ContentFilter, _Mapping]] = ..., replayed: _Optional[bool] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_results: _Optional[_Iterable[_Union[ToolResult, _Mapping]]] = ..., cache_match: _Optional[_Union[CacheMatch, str]] = ..., cache_similarity: _Optional[float] = ...) -> None: ...
 
 class GetConversationRequest(_message.Message):
     __slots__ = ("conversation_id", "user_id", "page_size", "page_token")

@@ -191,7 +191,7 @@ async def test_memory_entries_live_exactly_their_ttl() -> None:
 
 
 def entry(n: int, value_bytes: int = 100) -> tuple[str, bytes]:
-    return f"key-{n}", bytes([n]) * value_bytes
+    return f"{KEY}-{n}", bytes([n]) * value_bytes
 
 
 async def test_memory_evicts_the_least_recently_used_entries_to_stay_within_its_bytes() -> None:
@@ -400,18 +400,18 @@ async def test_an_erasure_removes_the_entries_and_their_indexes_from_redis(
 
 async def test_an_erasure_is_announced_with_its_keys(redis_url: str, redis_tier: RedisTier) -> None:
     listener = RedisTier.from_url(redis_url, timeout_seconds=5)
-    erasures = listener.erasures()
+    announcements = listener.announcements()
     try:
-        assert await asyncio.wait_for(anext(erasures), 5) is None  # subscribed
+        assert await asyncio.wait_for(anext(announcements), 5) is None  # subscribed
         await redis_tier.put(KEY, VALUE, ttl_seconds=60, indexes=[USER])
 
         assert await redis_tier.erase(USER) == 1
 
-        assert await asyncio.wait_for(anext(erasures), 5) == Erasure(USER, (KEY,))  # stored without a conversation
+        assert await asyncio.wait_for(anext(announcements), 5) == Erasure(USER, (KEY,))  # stored without a conversation
         await redis_tier.erase(USER)
-        assert await asyncio.wait_for(anext(erasures), 5) == Erasure(USER, ())
+        assert await asyncio.wait_for(anext(announcements), 5) == Erasure(USER, ())
     finally:
-        await erasures.aclose()
+        await announcements.aclose()
         await listener.close()
 
 
@@ -431,7 +431,7 @@ async def test_an_erasure_reaches_the_memory_of_every_cache_process(redis_url: s
         for _ in range(2)
     ]
     for cache in processes:
-        cache.follow_erasures()
+        cache.follow_announcements()
     first, second = processes
     try:
         await first.store(KEY, VALUE, INDEXES)
@@ -480,7 +480,7 @@ async def test_a_process_that_lost_its_subscription_forgets_its_memory_once_subs
     server = RedisServer.start()
     memory = MemoryTier(1 << 20)
     cache = AnswerCache(memory, RedisTier.from_url(server.url, timeout_seconds=1), ttl_seconds=60)
-    cache.follow_erasures()
+    cache.follow_announcements()
     try:
         assert await until_subscribed(server.url)
         await cache.store(KEY, VALUE, INDEXES)
@@ -517,3 +517,9 @@ async def test_an_erasure_fails_when_redis_cannot_be_reached_after_erasing_memor
         assert await memory.get(KEY) is None
     finally:
         await cache.close()
+
+
+def test_answers_are_kept_no_longer_than_conversations() -> None:
+    with pytest.raises(ValueError, match="CACHE_TTL_SECONDS must be at most"):
+        Settings(cache_ttl_seconds=3600, conversation_retention_seconds=600, review_retention_seconds=600)
+    assert Settings(cache_ttl_seconds=10**9, conversation_retention_seconds=0)

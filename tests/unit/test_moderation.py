@@ -2,14 +2,11 @@
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import aiohttp
 import pytest
-from aiohttp import web
 from support.ports import free_port
+from support.sim import Sim
 
-from chatmesh.modelsim.server import SimConfig, build_app
 from chatmesh.runtime.model_client import ModelClient, ModelError, ModelErrorKind, ModerationResult
 from chatmesh.runtime.settings import MODELSIM_API_KEY, Settings
 from chatmesh.safety.moderation import (
@@ -35,40 +32,6 @@ CATEGORIES = {
     "violence",
     "violence/graphic",
 }
-
-
-@dataclass
-class Sim:
-    base_url: str
-    config: SimConfig
-    http: aiohttp.ClientSession
-
-    async def call(self, method: str, path: str, body: object = None, *, key: str | None = "x") -> tuple[int, dict]:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        async with self.http.request(method, f"{self.base_url}{path}", json=body, headers=headers) as response:
-            return response.status, await response.json()
-
-    def settings(self, **fields: object) -> Settings:
-        return Settings(
-            OPENAI_API_KEY="test-key",
-            OPENAI_BASE_URL=f"{self.base_url}/v1",
-            model_backoff_initial_seconds=0.01,
-            **fields,
-        )
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Sim]:
-    config = SimConfig()
-    runner = web.AppRunner(build_app(config))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    http = aiohttp.ClientSession()
-    try:
-        yield Sim(f"http://127.0.0.1:{runner.addresses[0][1]}", config, http)
-    finally:
-        await http.close()
-        await runner.cleanup()
 
 
 @pytest.fixture
