@@ -217,6 +217,7 @@ def summarize(
     by_kind = {kind: Counter() for kind in (FAQ, NEAR_MISS, UNRELATED)}
     by_language = {language: Counter() for language in LANGUAGES}
     wrong: list[dict[str, Any]] = []
+    near_miss_hits: list[dict[str, Any]] = []
     unattributed = 0
     exposed_near_misses = 0
     tokens = {"input": 0, "output": 0}
@@ -255,6 +256,18 @@ def summarize(
             unattributed += 1
             continue
         source_intent = intent_of[source]
+        if intent.kind == NEAR_MISS:
+            near_miss_hits.append(
+                {
+                    "asked": request.text,
+                    "intent": intent.id,
+                    "differs_by": intent.differs_by,
+                    "match": kind,
+                    "similarity": round(outcome.similarity, 4),
+                    "answered_with_reply_to": source,
+                    "reply_intent": source_intent.id,
+                }
+            )
         if source_intent.id != intent.id:
             wrong.append(
                 {
@@ -286,6 +299,8 @@ def summarize(
         "wrong_hits_with_near_miss_replies": sum(entry["reply_kind"] == NEAR_MISS for entry in wrong),
         "wrong_hits_in_near_miss_pairs": sum(NEAR_MISS in (entry["kind"], entry["reply_kind"]) for entry in wrong),
         "wrong": wrong,
+        # Every near-miss answered from the cache, rightly (with its own reply) or not.
+        "near_miss_hits": near_miss_hits,
         "unattributed_hits": unattributed,
         "near_miss_requests": by_kind[NEAR_MISS]["requests"],
         "near_miss_requests_after_their_intent_was_answered": exposed_near_misses,
@@ -399,7 +414,7 @@ async def measure_lookups(support: Any, workload: Workload, args: argparse.Names
             off = cache_pb2_grpc.CacheServiceStub(off_channel)
             stored, store_seconds = await _store_answers(on, workload, stored_texts(workload, args.entries, args.seed))
             texts = lookup_texts(workload)[: args.lookups]
-            warm = await _warm_up(on, off, workload, texts[0])
+            warm = await _warm_up(on, off, workload)
             embeddings = openai.AsyncOpenAI(base_url=semantic_on.env["OPENAI_BASE_URL"], api_key=MODELSIM_API_KEY)
             try:
                 seconds, on_outcomes = await _time_lookups(on, off, embeddings, workload, texts)
@@ -463,16 +478,19 @@ async def _store_answers(
 
 
 async def _warm_up(
-    on: cache_pb2_grpc.CacheServiceStub, off: cache_pb2_grpc.CacheServiceStub, workload: Workload, text: str
+    on: cache_pb2_grpc.CacheServiceStub, off: cache_pb2_grpc.CacheServiceStub, workload: Workload
 ) -> bool:
     """Opens both channels and code paths, then asks the semantic process, within WARMUP_SECONDS, until it answers
-    a question close to a stored one semantically (its scope is searchable); whether it did."""
+    a stored question semantically (its scope is searchable); whether it did."""
     for index in range(WARMUP_LOOKUPS):
         request = cache_pb2.LookupRequest(context=_context(workload, f"warm-up question {index}"))
         await asyncio.gather(
             on.Lookup(request, timeout=CALL_TIMEOUT_SECONDS), off.Lookup(request, timeout=CALL_TIMEOUT_SECONDS)
         )
-    request = cache_pb2.LookupRequest(context=_context(workload, text))
+    # Lower case and no question mark: not a stored text (those differ from their question in one way only), but
+    # the same words.
+    stored = workload.intents[0].questions[0]
+    request = cache_pb2.LookupRequest(context=_context(workload, stored.lower().rstrip("?")))
     deadline = time.monotonic() + WARMUP_SECONDS
     while time.monotonic() < deadline:
         response = await on.Lookup(request, timeout=CALL_TIMEOUT_SECONDS)
