@@ -2,6 +2,8 @@
 
 import asyncio
 
+from chatmesh.dialogue.knowledge.service import KnowledgeServicer
+from chatmesh.dialogue.knowledge.store import create_knowledge_store
 from chatmesh.dialogue.server_tools import ServerTools
 from chatmesh.dialogue.service import DialogueServicer
 from chatmesh.dialogue.spend import SpendLedger
@@ -16,7 +18,14 @@ from chatmesh.runtime.model_client import ModelClient
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import create_usage_ledger
-from chatmesh.v1 import cache_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc, safety_pb2_grpc
+from chatmesh.v1 import (
+    cache_pb2_grpc,
+    dialogue_pb2,
+    dialogue_pb2_grpc,
+    knowledge_pb2,
+    knowledge_pb2_grpc,
+    safety_pb2_grpc,
+)
 
 
 async def main(settings: Settings) -> None:
@@ -36,6 +45,8 @@ async def main(settings: Settings) -> None:
     # another model's when a turn first needs it, off the event loop (DialogueServicer._window).
     await asyncio.to_thread(tokens.preload, [settings.default_model, settings.summary_model or settings.default_model])
     ledger = create_usage_ledger(settings.redis_url, redis_options)
+    # One store for ingestion (KnowledgeService) and retrieval in turns.
+    knowledge_store = create_knowledge_store(settings.redis_url, options=redis_options)
     reviews = create_review_store(settings)
     background = BackgroundTasks()
     spend = SpendLedger(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants), background)
@@ -54,6 +65,7 @@ async def main(settings: Settings) -> None:
         background,
         reviews,
     )
+    knowledge = KnowledgeServicer(settings, knowledge_store, model, tokens)
 
     async def release() -> None:
         await background.wait()
@@ -64,6 +76,7 @@ async def main(settings: Settings) -> None:
         await server_tools.close()
         await store.close()
         await reviews.close()
+        await knowledge_store.close()
 
     await serve(
         settings,
@@ -73,7 +86,11 @@ async def main(settings: Settings) -> None:
             Servicer(
                 dialogue_pb2.DESCRIPTOR.services_by_name["DialogueService"].full_name,
                 lambda server: dialogue_pb2_grpc.add_DialogueServiceServicer_to_server(servicer, server),
-            )
+            ),
+            Servicer(
+                knowledge_pb2.DESCRIPTOR.services_by_name["KnowledgeService"].full_name,
+                lambda server: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(knowledge, server),
+            ),
         ],
         on_stopped=release,
     )

@@ -6,6 +6,7 @@ import contextlib
 from chatmesh.gateway.admin import AdminServicer
 from chatmesh.gateway.admission import Admission
 from chatmesh.gateway.auth import Authenticator
+from chatmesh.gateway.knowledge import KnowledgeGateway
 from chatmesh.gateway.review import ReviewServicer, sweep_periodically
 from chatmesh.gateway.service import ChatGateway
 from chatmesh.gateway.usage import UsageReader
@@ -24,6 +25,8 @@ from chatmesh.v1 import (
     chat_pb2,
     chat_pb2_grpc,
     dialogue_pb2_grpc,
+    knowledge_pb2,
+    knowledge_pb2_grpc,
     review_pb2,
     review_pb2_grpc,
 )
@@ -60,6 +63,7 @@ async def main(settings: Settings) -> None:
     admission = Admission(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants))
     gateway = ChatGateway(settings, dialogue, Authenticator(settings, directory), admission, usage)
     admin = AdminServicer(settings, directory, usage, hasher, dialogue)
+    knowledge = KnowledgeGateway(settings, directory, knowledge_pb2_grpc.KnowledgeServiceStub(dialogue_channel))
     review_store = create_review_store(settings)
     review = ReviewServicer(settings, review_store)
     sweeper = asyncio.create_task(sweep_periodically(review_store, settings.review_sweep_seconds))
@@ -91,6 +95,10 @@ async def main(settings: Settings) -> None:
             Servicer(
                 review_pb2.DESCRIPTOR.services_by_name["ReviewService"].full_name,
                 lambda server: review_pb2_grpc.add_ReviewServiceServicer_to_server(review, server),
+            ),
+            Servicer(
+                knowledge_pb2.DESCRIPTOR.services_by_name["KnowledgeService"].full_name,
+                lambda server: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(knowledge, server),
             ),
         ],
         on_stopped=release,

@@ -14,6 +14,8 @@ MODELSIM_API_KEY = "modelsim"
 # What a request's images leave of grpc_max_message_bytes for the rest of it: its text, system prompt and
 # options (2 x 32,000 characters of up to 4 UTF-8 bytes each, and then some).
 IMAGE_HEADROOM_BYTES = 1024 * 1024
+# What the largest document to ingest leaves of grpc_max_message_bytes for the rest of its request.
+KNOWLEDGE_HEADROOM_BYTES = 1024 * 1024
 
 
 class ConfigurationError(ValueError):
@@ -269,6 +271,30 @@ class Settings(BaseSettings):
     # How long a semantic lookup waits for the embedding endpoint; past it, the lookup is a (logged) miss.
     embedding_timeout_seconds: float = Field(default=0.3, gt=0)
 
+    # knowledge base (chatmesh.dialogue.knowledge): the operator's documents, per tenant, in Redis with redis_url
+    # (else in one dialogue process's memory), embedded with embedding_model at embedding_dimensions. Ingestion
+    # splits documents into chunks of at most knowledge_chunk_tokens tokens, each after the first of a section
+    # starting with up to knowledge_chunk_overlap_tokens of the one before (less than half a chunk); changing
+    # either re-chunks every document on its next ingestion.
+    knowledge_chunk_tokens: int = Field(default=300, ge=32, le=8192)
+    knowledge_chunk_overlap_tokens: int = Field(default=50, ge=0)
+    # A turn's retrieval: the most chunks it takes, and the most tokens of them its window gets.
+    knowledge_top_k: int = Field(default=4, ge=1, le=50)
+    knowledge_context_max_tokens: int = Field(default=1500, ge=1)
+    # The share of the vector similarity in a chunk's score (the rest is BM25's), and the cosine similarity a chunk
+    # needs to be taken at all (0: no minimum).
+    knowledge_vector_weight: float = Field(default=0.5, ge=0, le=1)
+    knowledge_min_similarity: float = Field(default=0.0, ge=0, lt=1)
+    # How often a dialogue process asks the store whether the knowledge bases it holds in memory changed, and the
+    # bytes it holds (the least recently searched go first).
+    knowledge_version_check_seconds: float = Field(default=1.0, gt=0, le=3600)
+    knowledge_memory_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # Ingestion (KnowledgeService, an admin call): how long one embedding request of up to 64 chunks may take, the
+    # most documents in one request, and the largest document, within one gRPC message.
+    knowledge_embedding_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    knowledge_max_documents_per_request: int = Field(default=256, ge=1, le=10_000)
+    knowledge_max_document_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+
     # safety: keyword lists and the moderation endpoint, for input and streamed output.
     safety_port: int = 50053
     safety_target: str = ""
@@ -388,6 +414,20 @@ class Settings(BaseSettings):
                 "CHATMESH_MAX_IMAGES_PER_MESSAGE x CHATMESH_MAX_IMAGE_BYTES must be at least "
                 f"{IMAGE_HEADROOM_BYTES} bytes below CHATMESH_GRPC_MAX_MESSAGE_BYTES: a request with every "
                 "image it may carry must fit in one gRPC message"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _knowledge_chunks_and_documents_fit(self) -> Self:
+        if self.knowledge_chunk_overlap_tokens >= self.knowledge_chunk_tokens // 2:
+            raise ValueError(
+                "CHATMESH_KNOWLEDGE_CHUNK_OVERLAP_TOKENS must be less than half of CHATMESH_KNOWLEDGE_CHUNK_TOKENS: "
+                "the overlap repeats the end of the chunk before"
+            )
+        if self.knowledge_max_document_bytes + KNOWLEDGE_HEADROOM_BYTES > self.grpc_max_message_bytes:
+            raise ValueError(
+                f"CHATMESH_KNOWLEDGE_MAX_DOCUMENT_BYTES must be at least {KNOWLEDGE_HEADROOM_BYTES} bytes below "
+                "CHATMESH_GRPC_MAX_MESSAGE_BYTES: a document is sent to be ingested in one gRPC message"
             )
         return self
 

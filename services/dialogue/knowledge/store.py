@@ -33,7 +33,6 @@ from __future__ import annotations
 import abc
 import enum
 import json
-import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -45,11 +44,10 @@ import numpy as np
 from redis.asyncio import Redis
 
 from chatmesh.dialogue.knowledge.chunking import Chunk
+from chatmesh.dialogue.knowledge.names import validate_name
 from chatmesh.runtime.redis_errors import unavailable_on_redis_error
 
 KEY_PREFIX = "chatmesh:kb:"
-# A knowledge base's name: what ChatOptions and the CLI use.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Hash fields read per HSCAN call when loading.
 LOAD_BATCH = 500
 # Loads attempted while the knowledge base keeps changing, before giving up for now.
@@ -66,12 +64,6 @@ class EmbeddingMismatch(ValueError):
 
 class KnowledgeBaseChanging(Exception):
     """The knowledge base changed during every attempt to load it; try again later."""
-
-
-def validate_name(name: str) -> None:
-    """Raises ValueError unless `name` is 1 to 64 of `A-Z a-z 0-9 _ . -`, starting with a letter or digit."""
-    if not NAME_PATTERN.fullmatch(name):
-        raise ValueError(f"knowledge base name {name!r}: 1 to 64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
 
 
 class UpsertOutcome(enum.StrEnum):
