@@ -1,13 +1,15 @@
-"""The clients behind `chatmesh tenants …`, `chatmesh keys …`, `chatmesh review …` and `chatmesh usage`: one gRPC
-call each, the answer printed as JSON (protobuf's JSON mapping), errors as `error: CODE: message` with exit
-status 1."""
+"""The clients behind `chatmesh tenants …`, `chatmesh keys …`, `chatmesh review …`, `chatmesh kb …` and
+`chatmesh usage`: one gRPC call each (`kb ingest`: one per batch of documents), the answer printed as JSON
+(protobuf's JSON mapping), errors as `error: CODE: message` with exit status 1."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # The parser is built for every `chatmesh` command, gRPC processes included: gRPC and the generated code
@@ -16,7 +18,8 @@ if TYPE_CHECKING:
     import grpc
     from google.protobuf.message import Message
 
-    from chatmesh.v1 import admin_pb2_grpc, chat_pb2, review_pb2_grpc
+    from chatmesh.dialogue.knowledge.documents import SourceDocument
+    from chatmesh.v1 import admin_pb2_grpc, chat_pb2, knowledge_pb2_grpc, review_pb2_grpc
 
 # The limit flags of `tenants create|update`, as (flag, TenantLimits field, type).
 LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
@@ -26,6 +29,11 @@ LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--daily-budget-usd", "daily_budget_usd", float),
     ("--monthly-budget-usd", "monthly_budget_usd", float),
 )
+# `kb ingest` sends the documents in requests of at most this many documents and bytes of content (a document
+# larger than that goes alone), well within the server's limits (CHATMESH_KNOWLEDGE_MAX_DOCUMENTS_PER_REQUEST and
+# CHATMESH_GRPC_MAX_MESSAGE_BYTES), so that each request is embedded and answered well within its timeout.
+INGEST_BATCH_DOCUMENTS = 64
+INGEST_BATCH_BYTES = 4 * 1024 * 1024
 
 
 def gateway_options(default_target: str) -> argparse.ArgumentParser:
@@ -107,6 +115,7 @@ def add_commands(commands: Any, default_target: str) -> None:
     erase.add_argument("--tenant", required=True)
 
     _add_review_commands(commands, admin)
+    _add_knowledge_commands(commands, admin)
 
     own = commands.add_parser(
         "usage",
@@ -117,14 +126,19 @@ def add_commands(commands: Any, default_target: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from chatmesh.v1 import admin_pb2_grpc, chat_pb2, chat_pb2_grpc, review_pb2_grpc
+    from chatmesh.v1 import admin_pb2_grpc, chat_pb2, chat_pb2_grpc, knowledge_pb2_grpc, review_pb2_grpc
 
     async with open_gateway_channel(args) as channel:
         if args.command == "usage":
             stub = chat_pb2_grpc.ChatServiceStub(channel)
             return await _call(stub.GetUsage, chat_pb2.GetUsageRequest(), bearer_metadata(args.api_key))
         metadata = bearer_metadata(args.admin_token)
-        if args.command == "review":
+        if args.command == "kb":
+            knowledge = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
+            if args.action == "ingest":
+                return await _ingest(knowledge, args, metadata)
+            method, request = _knowledge_request(knowledge, args)
+        elif args.command == "review":
             method, request = _review_request(review_pb2_grpc.ReviewServiceStub(channel), args)
         else:
             method, request = _admin_request(admin_pb2_grpc.AdminServiceStub(channel), args)
@@ -239,6 +253,134 @@ def _review_request(review: review_pb2_grpc.ReviewServiceStub, args: argparse.Na
         return review.ListTerms, review_pb2.ListTermsRequest()
     category, term = args.term
     return review.RemoveTerm, review_pb2.RemoveTermRequest(term=review_pb2.KeywordTerm(category=category, term=term))
+
+
+def _add_knowledge_commands(commands: Any, admin: argparse.ArgumentParser) -> None:
+    kb = commands.add_parser(
+        "kb", help="ingest documents into a tenant's knowledge bases, list and delete them (admin)"
+    )
+    actions = kb.add_subparsers(dest="action", required=True)
+    ingest = actions.add_parser(
+        "ingest",
+        parents=[admin],
+        help="add a file or a folder's files to a knowledge base (creating it); changed files are replaced, "
+        "unchanged ones skipped; prints what happened to each",
+    )
+    ingest.add_argument(
+        "path",
+        type=Path,
+        help="a file, or a folder: every .md .markdown .txt .text .html .htm .pdf under it, hidden ones left out; "
+        "a document is named by its path relative to the folder",
+    )
+    ingest.add_argument("--kb", required=True, help="the knowledge base: 1 to 64 of A-Z a-z 0-9 _ . -")
+    ingest.add_argument("--tenant", required=True)
+    ingest.add_argument(
+        "--prune", action="store_true", help="also delete the knowledge base's documents that are not at PATH"
+    )
+    ingest.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds each request may take (default 300: it embeds)"
+    )
+    listed = actions.add_parser("list", parents=[admin], help="the tenant's knowledge bases")
+    listed.add_argument("--tenant", required=True)
+    delete = actions.add_parser(
+        "delete", parents=[admin], help="delete a knowledge base (its documents, chunks and vectors), or one document"
+    )
+    delete.add_argument("name")
+    delete.add_argument("--tenant", required=True)
+    delete.add_argument("--document", metavar="PATH", help="delete only this document (its path as ingested)")
+
+
+def _knowledge_request(
+    knowledge: knowledge_pb2_grpc.KnowledgeServiceStub, args: argparse.Namespace
+) -> tuple[Any, Message]:
+    from chatmesh.v1 import knowledge_pb2
+
+    if args.action == "list":
+        return knowledge.ListKnowledgeBases, knowledge_pb2.ListKnowledgeBasesRequest(tenant=args.tenant)
+    if args.document is not None:
+        return knowledge.DeleteDocument, knowledge_pb2.DeleteDocumentRequest(
+            tenant=args.tenant, knowledge_base=args.name, path=args.document
+        )
+    return knowledge.DeleteKnowledgeBase, knowledge_pb2.DeleteKnowledgeBaseRequest(
+        tenant=args.tenant, knowledge_base=args.name
+    )
+
+
+async def _ingest(
+    knowledge: knowledge_pb2_grpc.KnowledgeServiceStub,
+    args: argparse.Namespace,
+    metadata: tuple[tuple[str, str], ...],
+) -> int:
+    """Sends the documents at `args.path` in batches, pruning (with --prune) in the last one, which names every
+    path; prints the batches' answers as one."""
+    import grpc
+    from google.protobuf import json_format
+
+    from chatmesh.dialogue.knowledge.documents import DocumentError
+    from chatmesh.v1 import knowledge_pb2
+
+    try:
+        documents = await asyncio.to_thread(_documents_at, args.path)
+    except (DocumentError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    batches = list(_batches(documents))
+    report = knowledge_pb2.IngestDocumentsResponse()
+    sent = 0
+    for number, batch in enumerate(batches, start=1):
+        request = knowledge_pb2.IngestDocumentsRequest(
+            tenant=args.tenant,
+            knowledge_base=args.kb,
+            documents=[
+                knowledge_pb2.KnowledgeDocument(
+                    path=document.path, content=document.content_bytes, media_type=document.media_type
+                )
+                for document in batch
+            ],
+        )
+        if args.prune and number == len(batches):
+            request.prune = True
+            request.keep_paths.extend(document.path for document in documents[:sent])
+        try:
+            answer = await knowledge.IngestDocuments(request, metadata=metadata, timeout=args.timeout)
+        except grpc.aio.AioRpcError as error:
+            done = f" (after {sent} of {len(documents)} documents; ingesting again skips those)" if sent else ""
+            print(f"error: {error.code().name}: {error.details()}{done}", file=sys.stderr)
+            return 1
+        sent += len(batch)
+        for field in ("added", "replaced", "unchanged", "removed"):
+            getattr(report, field).extend(getattr(answer, field))
+        report.chunks += answer.chunks
+        report.version = answer.version
+    print(
+        json_format.MessageToJson(report, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    )
+    return 0
+
+
+def _documents_at(path: Path) -> list[SourceDocument]:
+    """The documents `kb ingest` reads at `path`: at least one. Raises DocumentError or OSError."""
+    from chatmesh.dialogue.knowledge.documents import MEDIA_TYPES, DocumentError, read_documents
+
+    if not path.exists():
+        raise DocumentError(f"{path}: no such file or folder")
+    documents = read_documents(path)
+    if not documents:
+        raise DocumentError(f"{path}: no files of a type ingestion reads ({' '.join(sorted(MEDIA_TYPES))})")
+    return documents
+
+
+def _batches(documents: Sequence[SourceDocument]) -> Iterator[list[SourceDocument]]:
+    batch: list[SourceDocument] = []
+    size = 0
+    for document in documents:
+        length = len(document.content_bytes)
+        if batch and (len(batch) == INGEST_BATCH_DOCUMENTS or size + length > INGEST_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(document)
+        size += length
+    yield batch
 
 
 def _limits(args: argparse.Namespace) -> chat_pb2.TenantLimits:

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from chatmesh.chat_client import run_chat
 
         sys.exit(asyncio.run(run_chat(args)))
-    if args.command in ("tenants", "keys", "users", "review", "usage"):
+    if args.command in ("tenants", "keys", "users", "review", "kb", "usage"):
         from chatmesh.admin_client import run
 
         sys.exit(asyncio.run(run(args)))
