@@ -160,12 +160,19 @@ def request_sequence(workload: Workload, count: int, seed: int, zipf_exponent: f
 
 
 def similarity_census(
-    workload: Workload, embed: Callable[[str], np.ndarray], thresholds: list[float]
+    workload: Workload,
+    embed: Callable[[str], np.ndarray],
+    guard: Callable[[str, str], str | None],
+    thresholds: list[float],
 ) -> dict[str, Any]:
-    """How the workload's questions stand to each other under an embedding (unit vectors): for each near-miss, its
-    closest question (or variant) of the intent it resembles, which only the guards can refuse when above the
-    threshold; for each variant, its similarity to its question, which a semantic hit needs; for each question, its
-    closest other question of the same intent (a paraphrase)."""
+    """How the workload's questions stand to each other under an embedding (unit vectors) and the cache's guards
+    (`guard(asked, cached)`: the name of the guard that refuses, or None):
+
+    - near-misses: for each, the closest pair of a text it may be sent as and one of the intent it resembles (a
+      question or a variant), and the closest pair that no guard refuses: at or above the threshold, such a pair is a
+      wrong hit waiting for its turn in the sequence;
+    - variants: each one's similarity to its question, which a semantic hit needs;
+    - paraphrases: each question's closest other question of the same intent."""
     vectors: dict[str, np.ndarray] = {}
 
     def vector(text: str) -> np.ndarray:
@@ -175,20 +182,26 @@ def similarity_census(
 
     near_misses = []
     for near_miss in workload.of_kind(NEAR_MISS):
-        resembled = workload.intent(near_miss.resembles or "")
-        closest = max(
-            ((float(vector(near_miss.questions[0]) @ vector(text)), text) for text, _ in workload.forms(resembled)),
+        pairs = sorted(
+            (
+                (float(vector(asked) @ vector(cached)), asked, cached)
+                for asked, _ in workload.forms(near_miss)
+                for cached, _ in workload.forms(workload.intent(near_miss.resembles or ""))
+            ),
+            reverse=True,
         )
+        unguarded = next(((sim, asked, cached) for sim, asked, cached in pairs if guard(asked, cached) is None), None)
         near_misses.append(
             {
                 "near_miss": near_miss.id,
                 "differs_by": near_miss.differs_by,
-                "question": near_miss.questions[0],
-                "closest": closest[1],
-                "similarity": round(closest[0], 4),
+                "closest": {"asked": pairs[0][1], "cached": pairs[0][2], "similarity": round(pairs[0][0], 4)},
+                "closest_unguarded": None
+                if unguarded is None
+                else {"asked": unguarded[1], "cached": unguarded[2], "similarity": round(unguarded[0], 4)},
             }
         )
-    near_misses.sort(key=lambda entry: -entry["similarity"])
+    near_misses.sort(key=lambda entry: -entry["closest"]["similarity"])
     variants, paraphrases = [], []
     for intent in workload.of_kind(FAQ):
         for text, question in workload.forms(intent):
@@ -205,8 +218,11 @@ def similarity_census(
     return {
         "near_misses": {
             "count": len(near_misses),
-            "at_or_above": above([entry["similarity"] for entry in near_misses]),
-            "closest": near_misses,
+            "at_or_above": above([entry["closest"]["similarity"] for entry in near_misses]),
+            "unguarded_at_or_above": above(
+                [entry["closest_unguarded"]["similarity"] for entry in near_misses if entry["closest_unguarded"]]
+            ),
+            "pairs": near_misses,
         },
         "variants": {"count": len(variants), "at_or_above": above(variants)},
         "paraphrases": {"count": len(paraphrases), "at_or_above": above(paraphrases)},
