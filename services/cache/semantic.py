@@ -275,10 +275,16 @@ class SemanticCache:
         """First turns only, unless follow-ups are on."""
         return self._follow_ups or len(context.messages) == 1
 
-    async def lookup(self, context: cache_pb2.AnswerContext, deadline: float) -> SemanticLookup:
-        """The answer of the nearest question of the scope that passes the guards, if any."""
+    async def lookup(
+        self,
+        context: cache_pb2.AnswerContext,
+        embedding: cache_pb2.QuestionEmbedding | None,
+        deadline: float,
+    ) -> SemanticLookup:
+        """The answer of the nearest question of the scope that passes the guards, if any. The question is embedded
+        unless `embedding` is of this process's model and dimensions."""
         question = normalize_text(context.messages[-1].content)
-        vector = await self._embedding(question, deadline)
+        vector = await self._question_vector(question, embedding, deadline)
         if vector is None:
             metrics.semantic_lookup("error")
             return SemanticLookup(None, None)
@@ -323,16 +329,9 @@ class SemanticCache:
         """Keeps the question of an answer just stored under `answer_key`, listed in `indexes` like it, with
         `embedding` (from the lookup before it) when it is of this process's model and dimensions."""
         question = normalize_text(context.messages[-1].content)
-        if (
-            embedding is not None
-            and (embedding.model, embedding.dimensions) == (self._embedding_model, self._dimensions)
-            and embedding.vector
-        ):
-            vector = np.frombuffer(embedding.vector, dtype="<f4").astype(np.float32)
-        else:
-            vector = await self._embedding(question, deadline)
-            if vector is None:
-                return False
+        vector = await self._question_vector(question, embedding, deadline)
+        if vector is None:
+            return False
         scope = self._scope(context)
         key = question_key(scope, answer_key)
         entry = cache_pb2.SemanticEntry(answer_key=answer_key, question=question, vector=_as_bytes(vector))
@@ -383,6 +382,19 @@ class SemanticCache:
 
     def _scope(self, context: cache_pb2.AnswerContext) -> str:
         return semantic_scope(context, self._embedding_model, self._dimensions)
+
+    async def _question_vector(
+        self, question: str, embedding: cache_pb2.QuestionEmbedding | None, deadline: float
+    ) -> np.ndarray | None:
+        """`embedding`'s vector when it is of this process's model and dimensions, else the question's, embedded
+        now; None when the embedding endpoint fails."""
+        if (
+            embedding is not None
+            and (embedding.model, embedding.dimensions) == (self._embedding_model, self._dimensions)
+            and embedding.vector
+        ):
+            return np.frombuffer(embedding.vector, dtype="<f4").astype(np.float32)
+        return await self._embedding(question, deadline)
 
     async def _embedding(self, question: str, deadline: float) -> np.ndarray | None:
         deadline = min(deadline, asyncio.get_running_loop().time() + self._timeout_seconds)

@@ -41,17 +41,30 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.LookupResponse:
         await _validate(context, request.context)
-        key = answer_key(request.context)
-        response = _found(await self._cache.lookup(key), chat_pb2.CACHE_MATCH_EXACT, 1.0)
-        if response.hit or self._semantic is None or not self._semantic.applies_to(request.context):
-            metrics.cache_lookup(_TIER_NAMES[response.tier])
-            return response
-        semantic = await self._semantic.lookup(request.context, _deadline(context))
-        if semantic.hit is not None:
-            response = _found(semantic.hit.hit, chat_pb2.CACHE_MATCH_SEMANTIC, semantic.hit.similarity)
-        elif semantic.embedding is not None:
-            response.embedding.CopyFrom(semantic.embedding)
+        response = _found(await self._cache.lookup(answer_key(request.context)), chat_pb2.CACHE_MATCH_EXACT, 1.0)
         metrics.cache_lookup(_TIER_NAMES[response.tier])
+        if not response.hit and self._semantic is not None and self._semantic.applies_to(request.context):
+            response.similar_lookup = True
+        return response
+
+    async def LookupSimilar(
+        self, request: cache_pb2.LookupSimilarRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.LookupResponse:
+        await _validate(context, request.context)
+        if self._semantic is None or not self._semantic.applies_to(request.context):
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this context is not looked up by meaning: call LookupSimilar only after a Lookup that said "
+                "similar_lookup",
+            )
+        embedding = request.embedding if request.HasField("embedding") else None
+        semantic = await self._semantic.lookup(request.context, embedding, _deadline(context))
+        if semantic.hit is not None:
+            return _found(semantic.hit.hit, chat_pb2.CACHE_MATCH_SEMANTIC, semantic.hit.similarity)
+        response = cache_pb2.LookupResponse(hit=False)
+        if semantic.embedding is not None:
+            response.embedding.CopyFrom(semantic.embedding)
         return response
 
     async def Store(

@@ -214,9 +214,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 yield event
             return
         turn = self._redacted(turn, gate.pii)
-        if gate.question_embedding is not None:
-            turn = replace(turn, question_embedding=gate.question_embedding)
+        cached = gate.cached
         if gate.calls_model:
+            turn, cached = await self._look_up_similar(turn, gate)
+        if cached is None and gate.calls_model:
             # Started comes with the model's first answer: it names the model that answered (a fallback's, maybe).
             async for event in self._answer_from_model(context, turn, screened=gate.verdict is not None):
                 yield event
@@ -225,8 +226,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         if gate.verdict is not None and gate.verdict.blocked:
             yield await self._refuse_input(context, turn, gate.verdict, gate.stage)
             return
-        assert gate.cached is not None
-        async for event in self._answer_from_cache(context, turn, gate.cached):
+        assert cached is not None
+        async for event in self._answer_from_cache(context, turn, cached):
             yield event
 
     async def _open(
@@ -425,11 +426,13 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 cached = None
             calls_model = not (verdict is not None and verdict.blocked) and cached is None
             replay = None if claim is None else await self._replay_of(context, turn.scope, claim)
+            reserved = False
             if reservation is not None and calls_model and replay is None:
                 try:
                     # The reservation is not made on a hit; a stale one is a miss found late.
-                    if not await reservation and stale:
-                        await self._spend.reserve(turn.spend, turn.model_request, turn.timeout)
+                    reserved = await reservation
+                    if not reserved and stale:
+                        reserved = await self._spend.reserve(turn.spend, turn.model_request, turn.timeout)
                 except Refused as refused:
                     await abort_with(context, refused.status)
                 reservation_used = True
@@ -443,9 +446,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             stage=stage,
             pii=pii,
             cached=cached,
-            question_embedding=found.embedding if found is not None and found.HasField("embedding") else None,
+            similar_lookup=found is not None and found.similar_lookup,
             replay=replay,
             calls_model=calls_model and replay is None,
+            reserved=reserved,
         )
 
     async def _screen_what_the_caller_sent(
@@ -969,6 +973,29 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             metrics.dialogue_cache_lookup("miss")
         return response
 
+    async def _look_up_similar(self, turn: _Turn, gate: _Gate) -> tuple[_Turn, cache_pb2.LookupResponse | None]:
+        """The step `similar`: after an exact miss that allows it, the cache is asked for the answer to a question
+        close in meaning. Only once the input is screened, and never for a turn with personal information: the
+        question goes to the embedding endpoint. A hit settles the reservation made for the model call at
+        nothing; a miss keeps the question's embedding for the store of the answer. A cache that fails or is slow
+        is a miss, logged."""
+        if not gate.similar_lookup or gate.verdict is None or turn.with_pii or turn.answer_context is None:
+            return turn, None
+        timeout = min(self._settings.cache_lookup_timeout_seconds, _seconds_left(turn))
+        request = cache_pb2.LookupSimilarRequest(context=turn.answer_context, embedding=turn.question_embedding)
+        try:
+            response = await self._cache.LookupSimilar(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            log.warning("cache_similar_lookup_failed", extra={"grpc_code": error.code().name})
+            return turn, None
+        if response.hit and response.reply.policy_version == gate.verdict.policy_version:
+            if gate.reserved:
+                self._spend.settle_later(turn.spend, turn.model, 0, 0, 0.0)
+            return turn, response
+        if response.HasField("embedding"):
+            turn = replace(turn, question_embedding=response.embedding)
+        return turn, None
+
     async def _store_answer(
         self, turn: _Turn, answer_context: cache_pb2.AnswerContext, reply: cache_pb2.CachedReply
     ) -> None:
@@ -1395,9 +1422,12 @@ class _Gate:
     # The personal information in the caller's message.
     pii: list[safety_pb2.PiiSpan]
     cached: cache_pb2.LookupResponse | None
-    question_embedding: cache_pb2.QuestionEmbedding | None
+    # The exact lookup missed, and said that LookupSimilar may answer.
+    similar_lookup: bool
     replay: str | None
     calls_model: bool
+    # A reservation of the tenant's worst case is held for the model call.
+    reserved: bool
 
 
 @dataclass(slots=True)

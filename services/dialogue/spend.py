@@ -26,7 +26,7 @@ from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import LedgerUnavailable, LimitExceeded, UsageLedger
 from chatmesh.tenancy.limits import NANO_USD_PER_USD, LimitName, Limits, cost_to_nano
 from chatmesh.tenancy.messages import TOKEN_QUOTAS, beyond_limit_status, rejection_status, usage_response
-from chatmesh.v1 import chat_pb2
+from chatmesh.v1 import cache_pb2, chat_pb2
 
 log = get_logger(__name__)
 
@@ -114,7 +114,7 @@ class SpendLedger:
         scope: SpendScope,
         request: ModelRequest,
         timeout_seconds: float,
-        cache_lookup: asyncio.Future[Any] | None,
+        cache_lookup: asyncio.Future[cache_pb2.LookupResponse | None] | None,
     ) -> asyncio.Task[bool] | None:
         """Starts reserving the call's worst case when the tenant has token or spend limits (None otherwise):
         as soon as `cache_lookup` (if any) misses, while the input is still being screened. A cached answer
@@ -129,9 +129,10 @@ class SpendLedger:
         scope: SpendScope,
         request: ModelRequest,
         timeout_seconds: float,
-        cache_lookup: asyncio.Future[Any] | None,
+        cache_lookup: asyncio.Future[cache_pb2.LookupResponse | None] | None,
     ) -> bool:
-        if cache_lookup is not None and await cache_lookup is not None:
+        found = None if cache_lookup is None else await cache_lookup
+        if found is not None and found.hit:
             return False
         return await self.reserve(scope, request, timeout_seconds)
 

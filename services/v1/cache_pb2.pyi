@@ -90,21 +90,31 @@ class LookupRequest(_message.Message):
     context: AnswerContext
     def __init__(self, context: _Optional[_Union[AnswerContext, _Mapping]] = ...) -> None: ...
 
+class LookupSimilarRequest(_message.Message):
+    __slots__ = ("context", "embedding")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    context: AnswerContext
+    embedding: QuestionEmbedding
+    def __init__(self, context: _Optional[_Union[AnswerContext, _Mapping]] = ..., embedding: _Optional[_Union[QuestionEmbedding, _Mapping]] = ...) -> None: ...
+
 class LookupResponse(_message.Message):
-    __slots__ = ("hit", "reply", "tier", "match", "similarity", "embedding")
+    __slots__ = ("hit", "reply", "tier", "match", "similarity", "embedding", "similar_lookup")
     HIT_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    SIMILAR_LOOKUP_FIELD_NUMBER: _ClassVar[int]
     hit: bool
     reply: CachedReply
     tier: CacheTier
     match: _chat_pb2.CacheMatch
     similarity: float
     embedding: QuestionEmbedding
-    def __init__(self, hit: _Optional[bool] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ..., tier: _Optional[_Union[CacheTier, str]] = ..., match: _Optional[_Union[_chat_pb2.CacheMatch, str]] = ..., similarity: _Optional[float] = ..., embedding: _Optional[_Union[QuestionEmbedding, _Mapping]] = ...) -> None: ...
+    similar_lookup: bool
+    def __init__(self, hit: _Optional[bool] = ..., reply: _Optional[_Union[CachedReply, _Mapping]] = ..., tier: _Optional[_Union[CacheTier, str]] = ..., match: _Optional[_Union[_chat_pb2.CacheMatch, str]] = ..., similarity: _Optional[float] = ..., embedding: _Optional[_Union[QuestionEmbedding, _Mapping]] = ..., similar_lookup: _Optional[bool] = ...) -> None: ...
 
 class QuestionEmbedding(_message.Message):
     __slots__ = ("model", "dimensions", "vector")

@@ -42,6 +42,11 @@ class CacheServiceStub:
                 request_serializer=chatmesh_dot_v1_dot_cache__pb2.LookupRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_v1_dot_cache__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupSimilar = channel.unary_unary(
+                '/chatmesh.v1.CacheService/LookupSimilar',
+                request_serializer=chatmesh_dot_v1_dot_cache__pb2.LookupSimilarRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_v1_dot_cache__pb2.LookupResponse.FromString,
+                _registered_method=True)
         self.Store = channel.unary_unary(
                 '/chatmesh.v1.CacheService/Store',
                 request_serializer=chatmesh_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
@@ -61,10 +66,18 @@ class CacheServiceServicer:
     """
 
     def Lookup(self, request, context):
-        """Finds the reply stored for exactly this context; with the semantic cache
-        on, on a miss, the reply of a question close in meaning within the same
-        scope (see chatmesh.cache.semantic). An embedding endpoint that fails or is
-        slow makes a miss, never an error.
+        """Finds the reply stored for exactly this context.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupSimilar(self, request, context):
+        """With the semantic cache on, the reply of a question close in meaning
+        within the same scope (see chatmesh.cache.semantic). Dialogue calls it
+        after an exact miss that said it may, once the input is screened: the
+        question goes to the embedding endpoint only if it may go to the model.
+        An embedding endpoint that fails or is slow makes a miss, never an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +105,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
                     request_deserializer=chatmesh_dot_v1_dot_cache__pb2.LookupRequest.FromString,
+                    response_serializer=chatmesh_dot_v1_dot_cache__pb2.LookupResponse.SerializeToString,
+            ),
+            'LookupSimilar': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupSimilar,
+                    request_deserializer=chatmesh_dot_v1_dot_cache__pb2.LookupSimilarRequest.FromString,
                     response_serializer=chatmesh_dot_v1_dot_cache__pb2.LookupResponse.SerializeToString,
             ),
             'Store': grpc.unary_unary_rpc_method_handler(
@@ -134,6 +152,33 @@ class CacheService:
             target,
             '/chatmesh.v1.CacheService/Lookup',
             chatmesh_dot_v1_dot_cache__pb2.LookupRequest.SerializeToString,
+            chatmesh_dot_v1_dot_cache__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupSimilar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.v1.CacheService/LookupSimilar',
+            chatmesh_dot_v1_dot_cache__pb2.LookupSimilarRequest.SerializeToString,
             chatmesh_dot_v1_dot_cache__pb2.LookupResponse.FromString,
             options,
             channel_credentials,

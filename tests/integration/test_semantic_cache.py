@@ -14,7 +14,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
-from support.cache_calls import answer_context, cache_process, erase, lookup, reply, store
+from support.cache_calls import answer_context, cache_process, erase, lookup, lookup_similar, reply, store
 from support.cluster import Cluster, ServiceProcess
 from support.ports import free_port
 
@@ -91,13 +91,21 @@ async def semantic_caches(
             process.stop()
 
 
+async def find(stub: cache_pb2_grpc.CacheServiceStub, context: cache_pb2.AnswerContext) -> cache_pb2.LookupResponse:
+    """What dialogue finds: the exact answer, else (when the exact lookup allows it) one close in meaning."""
+    exact = await lookup(stub, context)
+    if exact.hit or not exact.similar_lookup:
+        return exact
+    return await lookup_similar(stub, context)
+
+
 async def until_hit(
     stub: cache_pb2_grpc.CacheServiceStub, context: cache_pb2.AnswerContext
 ) -> cache_pb2.LookupResponse:
     """The first hit within ATTEMPTS lookups (a process loads a scope from Redis in the background: the lookup
     that starts the load misses); the last miss if none."""
     for _ in range(ATTEMPTS):
-        found = await lookup(stub, context)
+        found = await find(stub, context)
         if found.hit:
             return found
         await asyncio.sleep(0.05)
@@ -117,7 +125,7 @@ async def test_a_paraphrase_is_answered_from_the_cache_marked_semantic_with_its_
     semantic_caches, redis_url: str, backed_by: str
 ) -> None:
     _, cache = semantic_caches(redis_url if backed_by == "redis" else None)
-    await lookup(cache, answer_context(QUESTION))  # the miss before the model answers
+    await find(cache, answer_context(QUESTION))  # the miss before the model answers
     assert (await store(cache, answer_context(QUESTION), reply(ANSWER))).stored
 
     found = await until_hit(cache, answer_context(PARAPHRASE))
@@ -141,7 +149,7 @@ async def test_the_store_after_a_miss_reuses_the_lookups_embedding_whichever_pro
     _, second = semantic_caches(redis_url)
     before = embedding_requests(modelsim)
 
-    missed = await lookup(first, answer_context(QUESTION))
+    missed = await lookup_similar(first, answer_context(QUESTION))
     await store(second, answer_context(QUESTION), reply(ANSWER), embedding=missed.embedding)
 
     assert not missed.hit
@@ -155,7 +163,7 @@ async def test_an_embedding_of_another_model_is_not_reused(
     semantic_caches, modelsim: ServiceProcess, redis_url: str
 ) -> None:
     _, cache = semantic_caches(redis_url)
-    missed = await lookup(cache, answer_context(QUESTION))
+    missed = await lookup_similar(cache, answer_context(QUESTION))
     other = cache_pb2.QuestionEmbedding(model="text-embedding-3-large", dimensions=256, vector=missed.embedding.vector)
     before = embedding_requests(modelsim)
 
@@ -179,12 +187,12 @@ NEAR_MISSES = [
 async def test_a_different_question_is_never_answered_however_close_its_words(semantic_caches, redis_url: str) -> None:
     _, cache = semantic_caches(redis_url, CHATMESH_SEMANTIC_CACHE_THRESHOLD=GUARD_THRESHOLD)
     for stored, _ in NEAR_MISSES:
-        await lookup(cache, answer_context(stored))
+        await find(cache, answer_context(stored))
         assert (await store(cache, answer_context(stored), reply(f"About: {stored}"))).stored
     await until_hit(cache, answer_context(NEAR_MISSES[0][0] + " "))  # the scope is loaded
 
     for stored, asked in NEAR_MISSES:
-        found = await lookup(cache, answer_context(asked))
+        found = await find(cache, answer_context(asked))
         assert not found.hit, f"{asked!r} was answered with the answer to {stored!r}"
 
 
@@ -196,7 +204,11 @@ async def test_only_first_turns_are_looked_up_by_default(semantic_caches, redis_
     follow_up.messages.insert(0, cache_pb2.ContextMessage(role=chat_pb2.ROLE_USER, content="Hello"))
     follow_up.messages.insert(1, cache_pb2.ContextMessage(role=chat_pb2.ROLE_ASSISTANT, content="Hi!"))
 
-    assert not (await lookup(cache, follow_up)).hit
+    missed = await lookup(cache, follow_up)
+    assert not missed.hit and not missed.similar_lookup
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await lookup_similar(cache, follow_up)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 async def test_with_follow_ups_on_a_follow_up_matches_only_after_the_same_history(
@@ -213,7 +225,7 @@ async def test_with_follow_ups_on_a_follow_up_matches_only_after_the_same_histor
     await store(cache, after("I use the mobile app.", QUESTION), reply(ANSWER))
 
     assert (await until_hit(cache, after("I use the mobile app.", PARAPHRASE))).hit
-    assert not (await lookup(cache, after("I use the website.", PARAPHRASE))).hit
+    assert not (await find(cache, after("I use the website.", PARAPHRASE))).hit
 
 
 SCOPES = {
@@ -232,9 +244,9 @@ async def test_a_paraphrase_is_matched_only_within_its_scope(semantic_caches, re
 
     for name, fields in SCOPES.items():
         scoped = answer_context(PARAPHRASE, **fields)
-        await lookup(cache, scoped)
+        await find(cache, scoped)
         await asyncio.sleep(0.2)  # let a Redis load of the scope finish, if one started
-        assert not (await lookup(cache, scoped)).hit, name
+        assert not (await find(cache, scoped)).hit, name
 
 
 @pytest.mark.parametrize(
@@ -250,10 +262,10 @@ async def test_vectors_of_another_embedding_model_or_size_are_never_compared(
     await store(first, answer_context(QUESTION), reply(ANSWER))
     assert (await until_hit(first, answer_context(PARAPHRASE))).hit
 
-    await lookup(other, answer_context(PARAPHRASE))
+    await find(other, answer_context(PARAPHRASE))
     await asyncio.sleep(0.2)
 
-    assert not (await lookup(other, answer_context(PARAPHRASE))).hit
+    assert not (await find(other, answer_context(PARAPHRASE))).hit
 
 
 async def test_the_index_outlives_the_process_that_built_it(semantic_caches, redis_url: str) -> None:
@@ -294,9 +306,9 @@ async def test_erasing_a_conversation_removes_its_questions_and_their_vectors_ev
     assert await erase(first, conversation_id="conv-erased") == 1
 
     for replica in (first, second):
-        assert not (await lookup(replica, answer_context(PARAPHRASE))).hit
-        assert not (await lookup(replica, answer_context(QUESTION))).hit
-        assert (await lookup(replica, answer_context("What are your opening hours, please?"))).hit
+        assert not (await find(replica, answer_context(PARAPHRASE))).hit
+        assert not (await find(replica, answer_context(QUESTION))).hit
+        assert (await find(replica, answer_context("What are your opening hours, please?"))).hit
     if url:
         remaining = await question_keys(url)
         assert len(remaining) == 1 and b"conv" not in remaining[0]
@@ -313,7 +325,7 @@ async def test_an_embedding_endpoint_that_fails_or_is_slow_makes_a_logged_miss_n
     assert (await until_hit(cache, answer_context(PARAPHRASE))).hit
 
     sim_config(**fault)
-    missed = await lookup(cache, answer_context("How could I reset my password?"))
+    missed = await find(cache, answer_context("How could I reset my password?"))
     exact = await lookup(cache, answer_context(QUESTION))
 
     assert missed == cache_pb2.LookupResponse(hit=False)
@@ -396,3 +408,16 @@ async def test_through_the_gateway_a_near_miss_goes_to_the_model(cluster: Cluste
         near_miss = await ask(chat, "Can I return an item after 60 days?")
 
     assert not near_miss.cached and near_miss.usage.output_tokens > 0
+
+
+async def test_through_the_gateway_a_question_with_personal_information_is_never_embedded(cluster: Cluster) -> None:
+    async with grpc.aio.insecure_channel(cluster.gateway_target) as channel:
+        chat = chat_pb2_grpc.ChatServiceStub(channel)
+        await ask(chat, "How do I change my email address?")
+        await until_cached(chat, "How do I change my email address?")
+        embedded_before = cluster.sim_stats()["embedding_requests"]
+
+        with_email = await ask(chat, "How do I change my email address jane.doe@example.com?")
+
+    assert not with_email.cached
+    assert cluster.sim_stats()["embedding_requests"] == embedded_before

@@ -51,6 +51,16 @@ async def lookup(stub: cache_pb2_grpc.CacheServiceStub, context: cache_pb2.Answe
     return await stub.Lookup(cache_pb2.LookupRequest(context=context), timeout=CALL_TIMEOUT)
 
 
+async def lookup_similar(
+    stub: cache_pb2_grpc.CacheServiceStub,
+    context: cache_pb2.AnswerContext,
+    embedding: cache_pb2.QuestionEmbedding | None = None,
+) -> cache_pb2.LookupResponse:
+    """A semantic lookup, as dialogue makes it after an exact miss that allows one."""
+    request = cache_pb2.LookupSimilarRequest(context=context, embedding=embedding)
+    return await stub.LookupSimilar(request, timeout=CALL_TIMEOUT)
+
+
 async def store(
     stub: cache_pb2_grpc.CacheServiceStub,
     context: cache_pb2.AnswerContext,
