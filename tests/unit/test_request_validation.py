@@ -193,7 +193,22 @@ def test_the_image_limits_are_settings() -> None:
 def test_image_limits_must_fit_in_a_grpc_message() -> None:
     with pytest.raises(ValueError, match="CHATMESH_GRPC_MAX_MESSAGE_BYTES"):
         Settings(grpc_max_message_bytes=4 * 1024 * 1024)
-    Settings(grpc_max_message_bytes=4 * 1024 * 1024, max_images_per_message=1, max_image_bytes=3 * 1024 * 1024)
+    Settings(
+        grpc_max_message_bytes=4 * 1024 * 1024,
+        max_images_per_message=1,
+        max_image_bytes=3 * 1024 * 1024,
+        knowledge_max_document_bytes=3 * 1024 * 1024,
+    )
+
+
+def test_a_document_to_ingest_must_fit_in_a_grpc_message_and_overlap_in_half_a_chunk() -> None:
+    with pytest.raises(ValueError, match="CHATMESH_KNOWLEDGE_MAX_DOCUMENT_BYTES"):
+        Settings(knowledge_max_document_bytes=24 * 1024 * 1024)
+    with pytest.raises(ValueError, match="CHATMESH_KNOWLEDGE_CHUNK_OVERLAP_TOKENS"):
+        Settings(knowledge_chunk_tokens=100, knowledge_chunk_overlap_tokens=50)
+    Settings(
+        knowledge_chunk_tokens=100, knowledge_chunk_overlap_tokens=49, knowledge_max_document_bytes=23 * 1024 * 1024
+    )
 
 
 # Tools: what the caller offers the model, and the results it sends back.
