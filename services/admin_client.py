@@ -29,6 +29,8 @@ LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--daily-budget-usd", "daily_budget_usd", float),
     ("--monthly-budget-usd", "monthly_budget_usd", float),
 )
+# What `tenants update --clear` and the update mask call a tenant's default knowledge bases.
+KNOWLEDGE_BASES = "knowledge_bases"
 # `kb ingest` sends the documents in requests of at most this many documents and bytes of content (a document
 # larger than that goes alone), well within the server's limits (CHATMESH_KNOWLEDGE_MAX_DOCUMENTS_PER_REQUEST and
 # CHATMESH_GRPC_MAX_MESSAGE_BYTES), so that each request is embedded and answered well within its timeout.
@@ -81,12 +83,18 @@ def add_commands(commands: Any, default_target: str) -> None:
         "--clear",
         action="append",
         default=[],
-        choices=[field for _, field, _ in LIMIT_FLAGS],
-        help="remove this limit (repeatable)",
+        choices=[*(field for _, field, _ in LIMIT_FLAGS), KNOWLEDGE_BASES],
+        help="remove this limit, or the default knowledge bases (repeatable)",
     )
     for parser in (create, update):
         for flag, field, kind in LIMIT_FLAGS:
             parser.add_argument(flag, dest=field, type=kind, help=f"the tenant's {field} limit")
+        parser.add_argument(
+            "--knowledge-bases",
+            type=_names,
+            metavar="NAME,…",
+            help="the knowledge bases a turn searches when its request names none (at most 8, comma-separated)",
+        )
     get = tenant_commands.add_parser("get", parents=[admin], help="show a tenant")
     get.add_argument("name")
     tenant_commands.add_parser("list", parents=[admin], help="list the tenants")
@@ -163,16 +171,30 @@ def _admin_request(admin: admin_pb2_grpc.AdminServiceStub, args: argparse.Namesp
             return admin.ListKeys, admin_pb2.ListKeysRequest(tenant=args.tenant)
         return admin.RevokeKey, admin_pb2.RevokeKeyRequest(key_id=args.key_id)
     if args.action == "create":
-        return admin.CreateTenant, admin_pb2.CreateTenantRequest(name=args.name, limits=_limits(args))
+        return admin.CreateTenant, admin_pb2.CreateTenantRequest(
+            name=args.name, limits=_limits(args), knowledge_bases=args.knowledge_bases or []
+        )
     if args.action == "update":
         named = [field for _, field, _ in LIMIT_FLAGS if getattr(args, field) is not None]
-        mask = field_mask_pb2.FieldMask(paths=[f"limits.{field}" for field in (*named, *args.clear)])
-        return admin.UpdateTenant, admin_pb2.UpdateTenantRequest(name=args.name, limits=_limits(args), update_mask=mask)
+        paths = [f"limits.{field}" for field in (*named, *args.clear) if field != KNOWLEDGE_BASES]
+        if args.knowledge_bases is not None or KNOWLEDGE_BASES in args.clear:
+            paths.append(KNOWLEDGE_BASES)
+        return admin.UpdateTenant, admin_pb2.UpdateTenantRequest(
+            name=args.name,
+            limits=_limits(args),
+            knowledge_bases=args.knowledge_bases or [],
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+        )
     if args.action == "get":
         return admin.GetTenant, admin_pb2.GetTenantRequest(name=args.name)
     if args.action == "usage":
         return admin.GetTenantUsage, admin_pb2.GetTenantUsageRequest(tenant=args.name)
     return admin.ListTenants, admin_pb2.ListTenantsRequest()
+
+
+def _names(text: str) -> list[str]:
+    """`a,b,c`, as --knowledge-bases takes it."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 CASE_STATES = ("open", "claimed", "decided", "escalated")

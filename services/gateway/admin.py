@@ -1,4 +1,5 @@
-"""AdminService: tenants, their limits, their API keys, and erasing a tenant's user, behind the admin token.
+"""AdminService: tenants, their limits and default knowledge bases, their API keys, and erasing a tenant's user,
+behind the admin token.
 
 It is served by the gateway process, beside ChatService, rather than by a process of its own: the
 gateway already holds the tenant directory and the ledger, admin calls are rare, and one process less
@@ -18,7 +19,7 @@ import grpc
 
 from chatmesh.gateway.auth import AUTHORIZATION
 from chatmesh.gateway.usage import UsageReader, UsageUnavailable
-from chatmesh.gateway.validation import check_user_id
+from chatmesh.gateway.validation import check_knowledge_bases, check_user_id
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.settings import Settings
@@ -47,6 +48,7 @@ MAX_DESCRIPTION_CHARS = 200
 _MAX_COUNT = 10**12
 _MAX_BUDGET_USD = 1_000_000.0
 _LIMIT_PATHS = {f"limits.{name.value}": name.value for name in LimitName}
+_KNOWLEDGE_BASES_PATH = "knowledge_bases"
 
 
 class AdminToken:
@@ -101,11 +103,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CreateTenantRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateTenantResponse:
         await self._authorize(context)
-        await _check(context, _check_name("name", request.name) + _check_limits(request.limits))
+        await _check(
+            context,
+            _check_name("name", request.name)
+            + _check_limits(request.limits)
+            + check_knowledge_bases("knowledge_bases", request.knowledge_bases),
+        )
         async with _directory_errors(context):
             try:
                 tenant = await self._directory.create_tenant(
-                    request.name, Limits.from_proto(request.limits), now=time.time()
+                    request.name,
+                    Limits.from_proto(request.limits),
+                    now=time.time(),
+                    knowledge_bases=request.knowledge_bases,
                 )
             except TenantExists:
                 await abort(context, grpc.StatusCode.ALREADY_EXISTS, f"tenant {request.name} already exists")
@@ -131,10 +141,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.UpdateTenantRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.UpdateTenantResponse:
         await self._authorize(context)
-        unknown = [path for path in request.update_mask.paths if path != "limits" and path not in _LIMIT_PATHS]
-        violations = _check_name("name", request.name) + _check_limits(request.limits)
+        unknown = [
+            path
+            for path in request.update_mask.paths
+            if path not in ("limits", _KNOWLEDGE_BASES_PATH) and path not in _LIMIT_PATHS
+        ]
+        violations = (
+            _check_name("name", request.name)
+            + _check_limits(request.limits)
+            + check_knowledge_bases("knowledge_bases", request.knowledge_bases)
+        )
         if unknown:
-            violations.append(("update_mask", f"unknown paths {unknown}; use limits or limits.<field>"))
+            violations.append(
+                ("update_mask", f"unknown paths {unknown}; use limits, limits.<field> or {_KNOWLEDGE_BASES_PATH}")
+            )
         await _check(context, violations)
         current = await self._existing_tenant(context, request.name)
         paths = set(request.update_mask.paths)
@@ -142,15 +162,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             limits = Limits.from_proto(request.limits)
         else:
             merged = current.limits.to_proto()
-            for path in paths:
+            for path in paths & set(_LIMIT_PATHS):
                 field = _LIMIT_PATHS[path]
                 if request.limits.HasField(field):
                     setattr(merged, field, getattr(request.limits, field))
                 else:
                     merged.ClearField(field)
             limits = Limits.from_proto(merged)
+        knowledge_bases = request.knowledge_bases if _KNOWLEDGE_BASES_PATH in paths else current.knowledge_bases
         async with _directory_errors(context):
-            tenant = await self._directory.set_limits(request.name, limits)
+            tenant = await self._directory.update_tenant(request.name, limits, knowledge_bases)
         log.info("tenant_updated", extra={"tenant": tenant.name})
         return admin_pb2.UpdateTenantResponse(tenant=_tenant_message(tenant))
 
@@ -280,7 +301,12 @@ async def _directory_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[
 
 
 def _tenant_message(tenant: TenantRecord) -> admin_pb2.Tenant:
-    return admin_pb2.Tenant(name=tenant.name, limits=tenant.limits.to_proto(), create_time=timestamp(tenant.created_at))
+    return admin_pb2.Tenant(
+        name=tenant.name,
+        limits=tenant.limits.to_proto(),
+        create_time=timestamp(tenant.created_at),
+        knowledge_bases=tenant.knowledge_bases,
+    )
 
 
 def _key_message(key: KeyRecord) -> admin_pb2.ApiKey:

@@ -33,6 +33,8 @@ class Caller:
     tenant: str
     limits: Limits
     key_id: str | None  # None for a call without a key (authentication off)
+    # The tenant's default knowledge bases, for a request that names none.
+    knowledge_bases: tuple[str, ...] = ()
 
 
 class AuthError(Exception):
@@ -57,7 +59,7 @@ class Authenticator:
         self._hasher = KeyHasher(settings.api_key_pepper.get_secret_value())
         self._ttl = settings.auth_cache_seconds
         self._keys: dict[str, _Entry] = {}
-        self._default_tenant: tuple[float, Limits] | None = None
+        self._default_tenant: tuple[float, Caller] | None = None
 
     async def authenticate(self, metadata: grpc.aio.Metadata | tuple | None) -> Caller:
         """The caller, or AuthError (UNAUTHENTICATED, or UNAVAILABLE when the directory cannot be read)."""
@@ -70,7 +72,7 @@ class Authenticator:
         if header is None:
             if self._required:
                 raise _refused("missing", "missing `authorization: Bearer <API key>` metadata")
-            return Caller(tenant=DEFAULT_TENANT, limits=await self._default_limits(), key_id=None)
+            return await self._default_caller()
         return await self._verify(header)
 
     async def _verify(self, header: str | bytes) -> Caller:
@@ -89,7 +91,7 @@ class Authenticator:
         record, tenant = resolved
         if record.revoked_at is not None:
             raise _refused("revoked", f"API key {key_id} was revoked")
-        return Caller(tenant=tenant.name, limits=tenant.limits, key_id=key_id)
+        return Caller(tenant.name, tenant.limits, key_id, tenant.knowledge_bases)
 
     async def _resolve(self, key_id: str) -> tuple[KeyRecord, TenantRecord] | None:
         now = time.monotonic()
@@ -108,8 +110,9 @@ class Authenticator:
         self._keys[key_id] = _Entry(now + self._ttl, resolved)
         return resolved
 
-    async def _default_limits(self) -> Limits:
-        """The limits of the tenant `default`, if an operator created it; none otherwise."""
+    async def _default_caller(self) -> Caller:
+        """The tenant `default`, with its limits and default knowledge bases if an operator created it; none
+        otherwise."""
         now = time.monotonic()
         if self._default_tenant is not None and now < self._default_tenant[0]:
             return self._default_tenant[1]
@@ -119,9 +122,13 @@ class Authenticator:
             raise AuthError(
                 grpc.StatusCode.UNAVAILABLE, "tenant limits cannot be read right now; retry with backoff", "unavailable"
             ) from error
-        limits = Limits() if tenant is None else tenant.limits
-        self._default_tenant = (now + self._ttl, limits)
-        return limits
+        caller = (
+            Caller(DEFAULT_TENANT, Limits(), None)
+            if tenant is None
+            else Caller(DEFAULT_TENANT, tenant.limits, None, tenant.knowledge_bases)
+        )
+        self._default_tenant = (now + self._ttl, caller)
+        return caller
 
 
 def _refused(reason: str, message: str) -> AuthError:

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import jsonschema.validators
 
+from chatmesh.dialogue.knowledge.names import NAME_RULE, is_valid_name
 from chatmesh.runtime.settings import Settings
 from chatmesh.v1 import chat_pb2
 
@@ -24,6 +25,8 @@ MAX_IMAGE_URL_CHARS = 8192
 MAX_TOOL_DESCRIPTION_CHARS = 1024
 # One per pending call: a model makes far fewer calls in one answer.
 MAX_TOOL_RESULTS = 128
+# The knowledge bases one turn may search (a request's, or its tenant's defaults).
+MAX_KNOWLEDGE_BASES = 8
 # The image types a model reads, and how their bytes begin.
 IMAGE_SIGNATURES: dict[str, tuple[bytes, ...]] = {
     "image/png": (b"\x89PNG\r\n\x1a\n",),
@@ -66,6 +69,22 @@ def check_page(request: chat_pb2.GetConversationRequest) -> Violations:
         violations.append(("page_size", f"must be between 0 (the default, 50) and {MAX_PAGE_SIZE}"))
     if len(request.page_token) > MAX_PAGE_TOKEN_CHARS:
         violations.append(("page_token", "is not one that GetConversation returned; omit it"))
+    return violations
+
+
+def check_knowledge_bases(field: str, names: Sequence[str]) -> Violations:
+    """At most MAX_KNOWLEDGE_BASES names of knowledge bases, each once."""
+    if len(names) > MAX_KNOWLEDGE_BASES:
+        return [(field, f"must name at most {MAX_KNOWLEDGE_BASES} knowledge bases")]
+    violations: Violations = []
+    seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if not is_valid_name(name):
+            violations.append((f"{field}[{index}]", f"must be {NAME_RULE}"))
+        elif name in seen:
+            violations.append((f"{field}[{index}]", f"repeats {field}[{seen[name]}]"))
+        else:
+            seen[name] = index
     return violations
 
 

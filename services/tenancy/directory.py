@@ -1,4 +1,5 @@
-"""The tenant directory: tenants, their limits, and their API keys (as hashes), in memory or in Redis.
+"""The tenant directory: tenants, their limits and default knowledge bases, and their API keys (as hashes), in memory
+or in Redis.
 
 With Redis, every gateway replica shares it; the memory directory serves one process (`make run`).
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -38,6 +39,8 @@ class TenantRecord:
     name: str
     limits: Limits
     created_at: float  # Unix seconds
+    # What a turn of the tenant searches when its request names no knowledge bases.
+    knowledge_bases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +55,9 @@ class KeyRecord:
 
 class TenantDirectory(abc.ABC):
     @abc.abstractmethod
-    async def create_tenant(self, name: str, limits: Limits, *, now: float) -> TenantRecord:
+    async def create_tenant(
+        self, name: str, limits: Limits, *, now: float, knowledge_bases: Sequence[str] = ()
+    ) -> TenantRecord:
         """Raises TenantExists."""
 
     @abc.abstractmethod
@@ -63,8 +68,8 @@ class TenantDirectory(abc.ABC):
         """Sorted by name."""
 
     @abc.abstractmethod
-    async def set_limits(self, name: str, limits: Limits) -> TenantRecord:
-        """Replaces the tenant's limits. Raises TenantNotFound."""
+    async def update_tenant(self, name: str, limits: Limits, knowledge_bases: Sequence[str]) -> TenantRecord:
+        """Replaces the tenant's limits and default knowledge bases. Raises TenantNotFound."""
 
     @abc.abstractmethod
     async def add_key(self, key: KeyRecord) -> None:
@@ -93,10 +98,12 @@ class MemoryTenantDirectory(TenantDirectory):
         self._tenants: dict[str, TenantRecord] = {}
         self._keys: dict[str, KeyRecord] = {}
 
-    async def create_tenant(self, name: str, limits: Limits, *, now: float) -> TenantRecord:
+    async def create_tenant(
+        self, name: str, limits: Limits, *, now: float, knowledge_bases: Sequence[str] = ()
+    ) -> TenantRecord:
         if name in self._tenants:
             raise TenantExists(name)
-        record = self._tenants[name] = TenantRecord(name=name, limits=limits, created_at=now)
+        record = self._tenants[name] = TenantRecord(name, limits, now, tuple(knowledge_bases))
         return record
 
     async def get_tenant(self, name: str) -> TenantRecord | None:
@@ -105,10 +112,12 @@ class MemoryTenantDirectory(TenantDirectory):
     async def list_tenants(self) -> list[TenantRecord]:
         return sorted(self._tenants.values(), key=lambda tenant: tenant.name)
 
-    async def set_limits(self, name: str, limits: Limits) -> TenantRecord:
+    async def update_tenant(self, name: str, limits: Limits, knowledge_bases: Sequence[str]) -> TenantRecord:
         if name not in self._tenants:
             raise TenantNotFound(name)
-        record = self._tenants[name] = replace(self._tenants[name], limits=limits)
+        record = self._tenants[name] = replace(
+            self._tenants[name], limits=limits, knowledge_bases=tuple(knowledge_bases)
+        )
         return record
 
     async def add_key(self, key: KeyRecord) -> None:
@@ -139,18 +148,20 @@ class MemoryTenantDirectory(TenantDirectory):
 _PREFIX = "chatmesh:{directory}:"
 _TENANTS = f"{_PREFIX}tenants"
 
-# KEYS: tenant hash, tenant set. ARGV: name, limits JSON, created_at. Returns 0 if the tenant exists.
+# KEYS: tenant hash, tenant set. ARGV: name, limits JSON, created_at, knowledge bases JSON. Returns 0 if the tenant
+# exists.
 _CREATE_TENANT_LUA = """
 if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
-redis.call("HSET", KEYS[1], "name", ARGV[1], "limits", ARGV[2], "created_at", ARGV[3])
+redis.call("HSET", KEYS[1], "name", ARGV[1], "limits", ARGV[2], "created_at", ARGV[3], "knowledge_bases", ARGV[4])
 redis.call("SADD", KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: tenant hash. ARGV: limits JSON. Returns the tenant's fields, or an empty list if it does not exist.
-_SET_LIMITS_LUA = """
+# KEYS: tenant hash. ARGV: limits JSON, knowledge bases JSON. Returns the tenant's fields, or an empty list if it
+# does not exist.
+_UPDATE_TENANT_LUA = """
 if redis.call("EXISTS", KEYS[1]) == 0 then return {} end
-redis.call("HSET", KEYS[1], "limits", ARGV[1])
+redis.call("HSET", KEYS[1], "limits", ARGV[1], "knowledge_bases", ARGV[2])
 return redis.call("HGETALL", KEYS[1])
 """
 
@@ -190,7 +201,7 @@ class RedisTenantDirectory(TenantDirectory):
             raise ValueError("RedisTenantDirectory needs a client created with decode_responses=True")
         self._client = client
         self._create_tenant = client.register_script(_CREATE_TENANT_LUA)
-        self._set_limits = client.register_script(_SET_LIMITS_LUA)
+        self._update_tenant = client.register_script(_UPDATE_TENANT_LUA)
         self._add_key = client.register_script(_ADD_KEY_LUA)
         self._revoke_key = client.register_script(_REVOKE_KEY_LUA)
         self._resolve = client.register_script(_RESOLVE_LUA)
@@ -214,13 +225,16 @@ class RedisTenantDirectory(TenantDirectory):
         return f"{_PREFIX}tenant-keys:{name}"
 
     @_unavailable_on_redis_error
-    async def create_tenant(self, name: str, limits: Limits, *, now: float) -> TenantRecord:
+    async def create_tenant(
+        self, name: str, limits: Limits, *, now: float, knowledge_bases: Sequence[str] = ()
+    ) -> TenantRecord:
         created = await self._create_tenant(
-            keys=(self._tenant_key(name), _TENANTS), args=(name, _encode_limits(limits), repr(now))
+            keys=(self._tenant_key(name), _TENANTS),
+            args=(name, _encode_limits(limits), repr(now), json.dumps(list(knowledge_bases))),
         )
         if not created:
             raise TenantExists(name)
-        return TenantRecord(name=name, limits=limits, created_at=now)
+        return TenantRecord(name, limits, now, tuple(knowledge_bases))
 
     @_unavailable_on_redis_error
     async def get_tenant(self, name: str) -> TenantRecord | None:
@@ -237,8 +251,10 @@ class RedisTenantDirectory(TenantDirectory):
         return [_decode_tenant(fields) for fields in results if fields]
 
     @_unavailable_on_redis_error
-    async def set_limits(self, name: str, limits: Limits) -> TenantRecord:
-        fields = await self._set_limits(keys=(self._tenant_key(name),), args=(_encode_limits(limits),))
+    async def update_tenant(self, name: str, limits: Limits, knowledge_bases: Sequence[str]) -> TenantRecord:
+        fields = await self._update_tenant(
+            keys=(self._tenant_key(name),), args=(_encode_limits(limits), json.dumps(list(knowledge_bases)))
+        )
         if not fields:
             raise TenantNotFound(name)
         return _decode_tenant(_pairs(fields))
@@ -301,7 +317,11 @@ def _encode_limits(limits: Limits) -> str:
 
 def _decode_tenant(fields: dict[str, str]) -> TenantRecord:
     return TenantRecord(
-        name=fields["name"], limits=Limits(**json.loads(fields["limits"])), created_at=float(fields["created_at"])
+        name=fields["name"],
+        limits=Limits(**json.loads(fields["limits"])),
+        created_at=float(fields["created_at"]),
+        # Absent from tenants created before default knowledge bases existed.
+        knowledge_bases=tuple(json.loads(fields.get("knowledge_bases", "[]"))),
     )
 
 

@@ -27,49 +27,49 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63hatmesh/v1/admin.proto\x12\x0b\x63hatmesh.v1\x1a\x16\x63hatmesh/v1/chat.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.chatmesh.v1.TenantLimits\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.chatmesh.v1.TenantLimits\";\n\x14\x43reateTenantResponse\x12#\n\x06tenant\x18\x01 \x01(\x0b\x32\x13.chatmesh.v1.Tenant\" \n\x10GetTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x11GetTenantResponse\x12#\n\x06tenant\x18\x01 \x01(\x0b\x32\x13.chatmesh.v1.Tenant\"\x14\n\x12ListTenantsRequest\";\n\x13ListTenantsResponse\x12$\n\x07tenants\x18\x01 \x03(\x0b\x32\x13.chatmesh.v1.Tenant\"\x7f\n\x13UpdateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.chatmesh.v1.TenantLimits\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\";\n\x14UpdateTenantResponse\x12#\n\x06tenant\x18\x01 \x01(\x0b\x32\x13.chatmesh.v1.Tenant\"\x9f\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x10\x43reateKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"F\n\x11\x43reateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.chatmesh.v1.ApiKey\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"!\n\x0fListKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"5\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.chatmesh.v1.ApiKey\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"5\n\x11RevokeKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.chatmesh.v1.ApiKey\"\'\n\x15GetTenantUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"9\n\x16\x45raseTenantUserRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t2\xde\x05\n\x0c\x41\x64minService\x12S\n\x0c\x43reateTenant\x12 .chatmesh.v1.CreateTenantRequest\x1a!.chatmesh.v1.CreateTenantResponse\x12J\n\tGetTenant\x12\x1d.chatmesh.v1.GetTenantRequest\x1a\x1e.chatmesh.v1.GetTenantResponse\x12P\n\x0bListTenants\x12\x1f.chatmesh.v1.ListTenantsRequest\x1a .chatmesh.v1.ListTenantsResponse\x12S\n\x0cUpdateTenant\x12 .chatmesh.v1.UpdateTenantRequest\x1a!.chatmesh.v1.UpdateTenantResponse\x12J\n\tCreateKey\x12\x1d.chatmesh.v1.CreateKeyRequest\x1a\x1e.chatmesh.v1.CreateKeyResponse\x12G\n\x08ListKeys\x12\x1c.chatmesh.v1.ListKeysRequest\x1a\x1d.chatmesh.v1.ListKeysResponse\x12J\n\tRevokeKey\x12\x1d.chatmesh.v1.RevokeKeyRequest\x1a\x1e.chatmesh.v1.RevokeKeyResponse\x12S\n\x0eGetTenantUsage\x12\".chatmesh.v1.GetTenantUsageRequest\x1a\x1d.chatmesh.v1.GetUsageResponse\x12P\n\tEraseUser\x12#.chatmesh.v1.EraseTenantUserRequest\x1a\x1e.chatmesh.v1.EraseUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63hatmesh/v1/admin.proto\x12\x0b\x63hatmesh.v1\x1a\x16\x63hatmesh/v1/chat.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x01\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.chatmesh.v1.TenantLimits\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fknowledge_bases\x18\x04 \x03(\t\"g\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.chatmesh.v1.TenantLimits\x12\x17\n\x0fknowledge_bases\x18\x03 \x03(\t\";\n\x14\x43reateTenantResponse\x12#\n\x06tenant\x18\x01 \x01(\x0b\x32\x13.chatmesh.v1.Tenant\" \n\x10GetTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x11GetTenantResponse\x12#\n\x06tenant\x18\x01 \x01(\x0b\x32\x13.chatmesh.v1.Tenant\"\x14\n\x12ListTenantsRequest\";\n\x13ListTenantsResponse\x12$\n\x07tenants\x18\x01 \x03(\x0b\x32\x13.chatmesh.v1.Tenant\"\x98\x01\n\x13UpdateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.chatmesh.v1.TenantLimits\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x17\n\x0fknowledge_bases\x18\x04 \x03(\t\";\n\x14UpdateTenantResponse\x12#\n\x06tenant\x18\x01 \x01(\x0b\x32\x13.chatmesh.v1.Tenant\"\x9f\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x10\x43reateKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"F\n\x11\x43reateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.chatmesh.v1.ApiKey\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"!\n\x0fListKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"5\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.chatmesh.v1.ApiKey\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"5\n\x11RevokeKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.chatmesh.v1.ApiKey\"\'\n\x15GetTenantUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"9\n\x16\x45raseTenantUserRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t2\xde\x05\n\x0c\x41\x64minService\x12S\n\x0c\x43reateTenant\x12 .chatmesh.v1.CreateTenantRequest\x1a!.chatmesh.v1.CreateTenantResponse\x12J\n\tGetTenant\x12\x1d.chatmesh.v1.GetTenantRequest\x1a\x1e.chatmesh.v1.GetTenantResponse\x12P\n\x0bListTenants\x12\x1f.chatmesh.v1.ListTenantsRequest\x1a .chatmesh.v1.ListTenantsResponse\x12S\n\x0cUpdateTenant\x12 .chatmesh.v1.UpdateTenantRequest\x1a!.chatmesh.v1.UpdateTenantResponse\x12J\n\tCreateKey\x12\x1d.chatmesh.v1.CreateKeyRequest\x1a\x1e.chatmesh.v1.CreateKeyResponse\x12G\n\x08ListKeys\x12\x1c.chatmesh.v1.ListKeysRequest\x1a\x1d.chatmesh.v1.ListKeysResponse\x12J\n\tRevokeKey\x12\x1d.chatmesh.v1.RevokeKeyRequest\x1a\x1e.chatmesh.v1.RevokeKeyResponse\x12S\n\x0eGetTenantUsage\x12\".chatmesh.v1.GetTenantUsageRequest\x1a\x1d.chatmesh.v1.GetUsageResponse\x12P\n\tEraseUser\x12#.chatmesh.v1.EraseTenantUserRequest\x1a\x1e.chatmesh.v1.EraseUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatmesh.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENANT']._serialized_start=131
-  _globals['_TENANT']._serialized_end=245
-  _globals['_CREATETENANTREQUEST']._serialized_start=247
-  _globals['_CREATETENANTREQUEST']._serialized_end=325
-  _globals['_CREATETENANTRESPONSE']._serialized_start=327
-  _globals['_CREATETENANTRESPONSE']._serialized_end=386
-  _globals['_GETTENANTREQUEST']._serialized_start=388
-  _globals['_GETTENANTREQUEST']._serialized_end=420
-  _globals['_GETTENANTRESPONSE']._serialized_start=422
-  _globals['_GETTENANTRESPONSE']._serialized_end=478
-  _globals['_LISTTENANTSREQUEST']._serialized_start=480
-  _globals['_LISTTENANTSREQUEST']._serialized_end=500
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=502
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=561
-  _globals['_UPDATETENANTREQUEST']._serialized_start=563
-  _globals['_UPDATETENANTREQUEST']._serialized_end=690
-  _globals['_UPDATETENANTRESPONSE']._serialized_start=692
-  _globals['_UPDATETENANTRESPONSE']._serialized_end=751
-  _globals['_APIKEY']._serialized_start=754
-  _globals['_APIKEY']._serialized_end=913
-  _globals['_CREATEKEYREQUEST']._serialized_start=915
-  _globals['_CREATEKEYREQUEST']._serialized_end=970
-  _globals['_CREATEKEYRESPONSE']._serialized_start=972
-  _globals['_CREATEKEYRESPONSE']._serialized_end=1042
-  _globals['_LISTKEYSREQUEST']._serialized_start=1044
-  _globals['_LISTKEYSREQUEST']._serialized_end=1077
-  _globals['_LISTKEYSRESPONSE']._serialized_start=1079
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1132
-  _globals['_REVOKEKEYREQUEST']._serialized_start=1134
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1168
-  _globals['_REVOKEKEYRESPONSE']._serialized_start=1170
-  _globals['_REVOKEKEYRESPONSE']._serialized_end=1223
-  _globals['_GETTENANTUSAGEREQUEST']._serialized_start=1225
-  _globals['_GETTENANTUSAGEREQUEST']._serialized_end=1264
-  _globals['_ERASETENANTUSERREQUEST']._serialized_start=1266
-  _globals['_ERASETENANTUSERREQUEST']._serialized_end=1323
-  _globals['_ADMINSERVICE']._serialized_start=1326
-  _globals['_ADMINSERVICE']._serialized_end=2060
+  _globals['_TENANT']._serialized_start=132
+  _globals['_TENANT']._serialized_end=271
+  _globals['_CREATETENANTREQUEST']._serialized_start=273
+  _globals['_CREATETENANTREQUEST']._serialized_end=376
+  _globals['_CREATETENANTRESPONSE']._serialized_start=378
+  _globals['_CREATETENANTRESPONSE']._serialized_end=437
+  _globals['_GETTENANTREQUEST']._serialized_start=439
+  _globals['_GETTENANTREQUEST']._serialized_end=471
+  _globals['_GETTENANTRESPONSE']._serialized_start=473
+  _globals['_GETTENANTRESPONSE']._serialized_end=529
+  _globals['_LISTTENANTSREQUEST']._serialized_start=531
+  _globals['_LISTTENANTSREQUEST']._serialized_end=551
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=553
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=612
+  _globals['_UPDATETENANTREQUEST']._serialized_start=615
+  _globals['_UPDATETENANTREQUEST']._serialized_end=767
+  _globals['_UPDATETENANTRESPONSE']._serialized_start=769
+  _globals['_UPDATETENANTRESPONSE']._serialized_end=828
+  _globals['_APIKEY']._serialized_start=831
+  _globals['_APIKEY']._serialized_end=990
+  _globals['_CREATEKEYREQUEST']._serialized_start=992
+  _globals['_CREATEKEYREQUEST']._serialized_end=1047
+  _globals['_CREATEKEYRESPONSE']._serialized_start=1049
+  _globals['_CREATEKEYRESPONSE']._serialized_end=1119
+  _globals['_LISTKEYSREQUEST']._serialized_start=1121
+  _globals['_LISTKEYSREQUEST']._serialized_end=1154
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1156
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1209
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1211
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1245
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=1247
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=1300
+  _globals['_GETTENANTUSAGEREQUEST']._serialized_start=1302
+  _globals['_GETTENANTUSAGEREQUEST']._serialized_end=1341
+  _globals['_ERASETENANTUSERREQUEST']._serialized_start=1343
+  _globals['_ERASETENANTUSERREQUEST']._serialized_end=1400
+  _globals['_ADMINSERVICE']._serialized_start=1403
+  _globals['_ADMINSERVICE']._serialized_end=2137
 # @@protoc_insertion_point(module_scope)

@@ -113,8 +113,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateTenant(self, request, context):
-        """Changes a tenant's limits. Gateways apply the change within
-        CHATMESH_AUTH_CACHE_SECONDS.
+        """Changes a tenant's limits, or its default knowledge bases. Gateways apply
+        the change within CHATMESH_AUTH_CACHE_SECONDS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from redis.asyncio import Redis
@@ -350,3 +351,54 @@ async def test_an_embedding_endpoint_that_fails_is_unavailable_and_ingesting_aga
     assert "error: FAILED_PRECONDITION: the embedding endpoint refused the request" in rejected.stderr
 
     assert ingest(cluster, corpus, tenant)["added"] == CORPUS_PATHS
+
+
+def tenants(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return chatmesh_cli("tenants", *args, "--target", cluster.gateway_target, env={"CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN})
+
+
+async def test_a_tenants_default_knowledge_bases_are_stored_changed_and_cleared_apart_from_its_limits(
+    cluster: Cluster,
+) -> None:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    created = answer(
+        tenants(cluster, "create", name, "--requests-per-minute", "60", "--knowledge-bases", "help,billing")
+    )
+    assert created["tenant"]["knowledge_bases"] == ["help", "billing"]
+    assert answer(tenants(cluster, "get", name))["tenant"]["knowledge_bases"] == ["help", "billing"]
+
+    changed = answer(tenants(cluster, "update", name, "--knowledge-bases", "faq"))["tenant"]
+    assert changed["knowledge_bases"] == ["faq"] and changed["limits"] == {"requests_per_minute": "60"}
+    limited = answer(tenants(cluster, "update", name, "--requests-per-minute", "5"))["tenant"]
+    assert limited["knowledge_bases"] == ["faq"] and limited["limits"] == {"requests_per_minute": "5"}
+    listed_tenant = next(t for t in answer(tenants(cluster, "list"))["tenants"] if t["name"] == name)
+    assert listed_tenant["knowledge_bases"] == ["faq"]
+
+    cleared = answer(tenants(cluster, "update", name, "--clear", "knowledge_bases"))["tenant"]
+    assert "knowledge_bases" not in cleared and cleared["limits"] == {"requests_per_minute": "5"}
+
+
+async def test_bad_default_knowledge_bases_are_refused_naming_each(
+    cluster: Cluster, admin: admin_pb2_grpc.AdminServiceStub, tenant: str
+) -> None:
+    refused = tenants(cluster, "update", tenant, "--knowledge-bases", "help,bad name,help")
+    assert refused.returncode == 1 and "error: INVALID_ARGUMENT" in refused.stderr
+    too_many = await failure_of(
+        admin.CreateTenant(
+            admin_pb2.CreateTenantRequest(name=f"{tenant}-2", knowledge_bases=[f"kb{n}" for n in range(9)]),
+            metadata=ADMIN,
+        )
+    )
+    assert bad_fields(too_many) == ["knowledge_bases"]
+    repeated = await failure_of(
+        admin.UpdateTenant(
+            admin_pb2.UpdateTenantRequest(
+                name=tenant,
+                knowledge_bases=["help", "bad name", "help"],
+                update_mask=field_mask_pb2.FieldMask(paths=["knowledge_bases"]),
+            ),
+            metadata=ADMIN,
+        )
+    )
+    assert bad_fields(repeated) == ["knowledge_bases[1]", "knowledge_bases[2]"]
+    assert "knowledge_bases" not in answer(tenants(cluster, "get", tenant))["tenant"]

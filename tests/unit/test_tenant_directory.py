@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from redis.asyncio import Redis
 
 from chatmesh.gateway.auth import DEFAULT_TENANT, Authenticator, AuthError
 from chatmesh.gateway.main import check_auth_settings
@@ -53,15 +54,36 @@ async def test_a_tenant_is_created_once_with_its_limits(directory: TenantDirecto
     assert await directory.get_tenant("globex") is None
 
 
-async def test_tenants_are_listed_by_name_and_their_limits_replaced(directory: TenantDirectory) -> None:
+async def test_tenants_are_listed_by_name_and_their_limits_and_knowledge_bases_replaced(
+    directory: TenantDirectory,
+) -> None:
     await directory.create_tenant("zeta", Limits(), now=1.0)
-    await directory.create_tenant("acme", LIMITS, now=2.0)
+    await directory.create_tenant("acme", LIMITS, now=2.0, knowledge_bases=["help", "billing"])
     assert [tenant.name for tenant in await directory.list_tenants()] == ["acme", "zeta"]
+    assert (await directory.get_tenant("acme")).knowledge_bases == ("help", "billing")
+    assert (await directory.get_tenant("zeta")).knowledge_bases == ()
 
-    updated = await directory.set_limits("zeta", Limits(concurrent_streams=2))
+    updated = await directory.update_tenant("zeta", Limits(concurrent_streams=2), ["faq"])
     assert updated.limits == Limits(concurrent_streams=2) and updated.created_at == 1.0
+    assert updated.knowledge_bases == ("faq",) and await directory.get_tenant("zeta") == updated
+    assert (await directory.update_tenant("zeta", Limits(), [])).knowledge_bases == ()
     with pytest.raises(TenantNotFound):
-        await directory.set_limits("nobody", Limits())
+        await directory.update_tenant("nobody", Limits(), [])
+
+
+async def test_a_tenant_stored_before_default_knowledge_bases_existed_has_none(redis_url: str) -> None:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await client.hset(
+            "chatmesh:{directory}:tenant:acme", mapping={"name": "acme", "limits": "{}", "created_at": "1.0"}
+        )
+    finally:
+        await client.aclose()
+    directory = RedisTenantDirectory.from_url(redis_url)
+    try:
+        assert (await directory.get_tenant("acme")).knowledge_bases == ()
+    finally:
+        await directory.close()
 
 
 async def test_a_key_resolves_to_itself_and_its_tenant_in_one_read(directory: TenantDirectory) -> None:
@@ -140,11 +162,12 @@ async def test_a_verified_key_is_trusted_until_the_cache_time_passes(directory: 
     authenticator = Authenticator(settings, directory)
     hasher = KeyHasher(settings.api_key_pepper.get_secret_value())
     key_id, key = generate_key()
-    await directory.create_tenant("acme", LIMITS, now=1.0)
+    await directory.create_tenant("acme", LIMITS, now=1.0, knowledge_bases=["help", "billing"])
     await directory.add_key(KeyRecord(key_id, "acme", hasher(key), "", 1.0))
 
     caller = await authenticator.authenticate((("authorization", f"Bearer {key}"),))
     assert (caller.tenant, caller.limits, caller.key_id) == ("acme", LIMITS, key_id)
+    assert caller.knowledge_bases == ("help", "billing")
     await directory.revoke_key(key_id, now=2.0)
     with pytest.raises(AuthError) as refused:
         await authenticator.authenticate((("authorization", f"bearer {key}"),))
@@ -166,9 +189,14 @@ async def test_a_key_with_the_right_id_and_a_wrong_secret_is_unknown(directory: 
 async def test_without_authentication_a_call_without_a_key_is_the_default_tenant(directory: TenantDirectory) -> None:
     authenticator = Authenticator(Settings(auth="off", auth_cache_seconds=0.0), directory)
     assert (await authenticator.authenticate(())).limits == Limits()
-    await directory.create_tenant(DEFAULT_TENANT, LIMITS, now=1.0)
+    await directory.create_tenant(DEFAULT_TENANT, LIMITS, now=1.0, knowledge_bases=["help"])
     caller = await authenticator.authenticate(())
-    assert (caller.tenant, caller.limits, caller.key_id) == (DEFAULT_TENANT, LIMITS, None)
+    assert (caller.tenant, caller.limits, caller.key_id, caller.knowledge_bases) == (
+        DEFAULT_TENANT,
+        LIMITS,
+        None,
+        ("help",),
+    )
 
 
 @pytest.mark.parametrize(
