@@ -1783,3 +1783,94 @@ def test_with_modelsim_the_cache_embeds_at_modelsim(full: Rendered, monkeypatch:
     egress = _egress_ports(_by_component(full, "NetworkPolicy")["cache"])
     assert {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in egress[8089]} == {"modelsim"}
     assert 443 not in egress
+
+
+# Knowledge bases (knowledge.*).
+
+KNOWLEDGE_FIELDS = (
+    "knowledge_chunk_tokens",
+    "knowledge_chunk_overlap_tokens",
+    "knowledge_top_k",
+    "knowledge_context_max_tokens",
+    "knowledge_vector_weight",
+    "knowledge_min_similarity",
+    "knowledge_version_check_seconds",
+    "knowledge_memory_max_bytes",
+    "knowledge_embedding_timeout_seconds",
+    "knowledge_max_documents_per_request",
+    "knowledge_max_document_bytes",
+)
+
+
+def test_knowledge_settings_reach_the_processes_as_they_parse_them(
+    defaults: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dialogue ingests and retrieves; the gateway checks ingestion requests against the same limits.
+    for process in ("dialogue", "gateway"):
+        parsed = _process_settings(defaults, monkeypatch, process)
+        assert {field: getattr(parsed, field) for field in KNOWLEDGE_FIELDS} == {
+            field: Settings.model_fields[field].default for field in KNOWLEDGE_FIELDS
+        }
+
+    chart = render(
+        {
+            "knowledge": {
+                "chunkTokens": 800,
+                "chunkOverlapTokens": 200,
+                "topK": 8,
+                "contextMaxTokens": 3000,
+                "vectorWeight": 0.7,
+                "minSimilarity": 0.2,
+                "versionCheckSeconds": 5,
+                "memoryMaxBytes": 4294967296,
+                "embeddingTimeoutSeconds": 60,
+                "maxDocumentsPerRequest": 1000,
+                "maxDocumentBytes": 20971520,
+            }
+        }
+    )
+    # Large integers stay integers (Helm reads numbers as floats).
+    assert settings_data(chart)["CHATMESH_KNOWLEDGE_MEMORY_MAX_BYTES"] == "4294967296"
+    assert settings_data(chart)["CHATMESH_KNOWLEDGE_MAX_DOCUMENT_BYTES"] == "20971520"
+    for process in ("dialogue", "gateway"):
+        parsed = _process_settings(chart, monkeypatch, process)
+        assert [getattr(parsed, field) for field in KNOWLEDGE_FIELDS] == [
+            800,
+            200,
+            8,
+            3000,
+            0.7,
+            0.2,
+            5,
+            4294967296,
+            60,
+            1000,
+            20971520,
+        ]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"knowledge": {"chunkTokens": 16}}, "at '/knowledge/chunkTokens': minimum: got 16, want 32"),
+        ({"knowledge": {"topK": 0}}, "at '/knowledge/topK': minimum: got 0, want 1"),
+        ({"knowledge": {"vectorWeight": 1.5}}, "at '/knowledge/vectorWeight': maximum: got 1.5, want 1"),
+        ({"knowledge": {"minSimilarity": 1}}, "at '/knowledge/minSimilarity': exclusiveMaximum: got 1, want 1"),
+        (
+            {"knowledge": {"versionCheckSeconds": 0}},
+            "at '/knowledge/versionCheckSeconds': exclusiveMinimum: got 0, want 0",
+        ),
+        ({"knowledge": {"memoryMaxBytes": -1}}, "at '/knowledge/memoryMaxBytes': minimum: got -1, want 0"),
+        ({"knowledge": {"maxDocumentBytes": 25165824}}, "at '/knowledge/maxDocumentBytes': maximum"),
+        ({"knowledge": {"topk": 3}}, "at '/knowledge': additional properties 'topk' not allowed"),
+    ],
+)
+def test_bad_knowledge_values_are_rejected(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as rejected:
+        render(values)
+    assert message in str(rejected.value)
+
+
+def test_a_chunk_overlap_of_half_a_chunk_or_more_is_rejected() -> None:
+    with pytest.raises(helm.HelmError, match=r"knowledge.chunkOverlapTokens \(50\) must be less than half of"):
+        render({"knowledge": {"chunkTokens": 100, "chunkOverlapTokens": 50}})
