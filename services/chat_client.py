@@ -38,7 +38,7 @@ async def _turn(
         conversation_id=conversation_id,
         user_id=args.user,
         message=message,
-        options=chat_pb2.ChatOptions(model=args.model, system_prompt=args.system),
+        options=chat_pb2.ChatOptions(model=args.model, system_prompt=args.system, knowledge_bases=args.knowledge_bases),
     )
     try:
         async for event in stub.StreamChat(request, metadata=bearer_metadata(args.api_key)):
@@ -69,6 +69,8 @@ def _summary(completed: chat_pb2.Completed, conversation_id: str) -> str:
         parts.append("from the cache")
     if completed.replayed:
         parts.append("replayed")
+    for citation in completed.citations:
+        parts.append(f"[{citation.number}] {citation.title} ({citation.knowledge_base}: {citation.source})")
     usage = completed.usage
     parts.append(f"{usage.input_tokens} in, {usage.output_tokens} out; ${completed.cost_usd:.6f}")
     parts.append(f"conversation {conversation_id}")

@@ -46,6 +46,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     chat.add_argument("--user", default=_login_name(), help="the user id to chat as")
     chat.add_argument("--model", default="", help="the model (default: the server's)")
     chat.add_argument("--system", default="", help="a system prompt")
+    chat.add_argument(
+        "--kb",
+        dest="knowledge_bases",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a knowledge base to answer from, citing it (repeatable; default: the tenant's)",
+    )
     add_commands(commands, DEFAULT_TARGET)
     args = parser.parse_args(argv)
 

@@ -33,7 +33,7 @@ INDEX_PREFIX = "chatmesh:cache-origin:"
 
 # Part of what is hashed: bump it when the encoding or the normalization changes, so that old
 # entries are never read under the new rules (they expire with their TTL).
-_ENCODING_VERSION = 2
+_ENCODING_VERSION = 3
 
 
 def normalize_text(text: str) -> str:
@@ -66,6 +66,7 @@ def _digest(context: cache_pb2.AnswerContext, messages: Sequence[cache_pb2.Conte
         context.frequency_penalty if context.HasField("frequency_penalty") else None,
         sorted(context.logit_bias.items()),
         _response_format(context),
+        sorted(context.knowledge_versions.items()),
         *extra,
     ]
     encoded = json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()

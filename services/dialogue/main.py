@@ -2,6 +2,7 @@
 
 import asyncio
 
+from chatmesh.dialogue.knowledge.retrieval import Retriever
 from chatmesh.dialogue.knowledge.service import KnowledgeServicer
 from chatmesh.dialogue.knowledge.store import create_knowledge_store
 from chatmesh.dialogue.server_tools import ServerTools
@@ -64,6 +65,13 @@ async def main(settings: Settings) -> None:
         server_tools,
         background,
         reviews,
+        Retriever(
+            knowledge_store,
+            embedding_model=settings.embedding_model,
+            vector_weight=settings.knowledge_vector_weight,
+            max_bytes=settings.knowledge_memory_max_bytes,
+            version_check_seconds=settings.knowledge_version_check_seconds,
+        ),
     )
     knowledge = KnowledgeServicer(settings, knowledge_store, model, tokens)
 

@@ -31,6 +31,9 @@ from chatmesh.dialogue.context_window import (
     stored_image,
     window_tokens,
 )
+from chatmesh.dialogue.grounding import Sources, citations, sources_message
+from chatmesh.dialogue.knowledge.retrieval import RetrievedChunk, Retriever
+from chatmesh.dialogue.knowledge.store import KnowledgeBaseChanging, KnowledgeStoreUnavailable
 from chatmesh.dialogue.model_options import model_options, provider_user, response_format_param
 from chatmesh.dialogue.output_screen import OutputBlocked, OutputVerdict, SafetyUnavailable, screen_output
 from chatmesh.dialogue.redaction import Placeholders, StreamRestorer, kinds_of, redact
@@ -121,8 +124,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         server_tools: ServerTools,
         background: BackgroundTasks,
         reviews: ReviewStore,
+        retriever: Retriever,
     ) -> None:
         self._settings = settings
+        self._retriever = retriever
         self._server_tools = server_tools
         # The PII policy: the kinds redacted in storage (those of `storage` and `model`), and before the model.
         self._stored_pii = kinds_of(settings.pii_policy, "storage", "model")
@@ -216,6 +221,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         turn = self._redacted(turn, gate.pii)
         cached = gate.cached
         if gate.calls_model:
+            turn = await self._grounded(context, turn)
             turn, cached = await self._look_up_similar(turn, gate)
         if cached is None and gate.calls_model:
             # Started comes with the model's first answer: it names the model that answered (a fallback's, maybe).
@@ -273,7 +279,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         max_tokens = self._spend.bounded_max_tokens(
             limits, chat.options.max_tokens if chat.options.HasField("max_tokens") else None
         )
-        budget = self._budget(model, max_tokens)
+        knowledge_bases = tuple(dict.fromkeys(chat.options.knowledge_bases))
+        # Room for the sources is kept from the start: what the window holds besides is the same with them.
+        sources_room = self._settings.knowledge_context_max_tokens if knowledge_bases else 0
+        budget = self._budget(model, max_tokens, sources_room)
         if budget.prompt_tokens <= 0:
             await abort_with(
                 context,
@@ -307,6 +316,12 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             )
             raise
         spend = SpendScope(tenant=scope.tenant, limits=limits, request_id=request.request_id)
+        answer_context = self._answer_context(scope.tenant, chat, model, window)
+        if answer_context is not None and knowledge_bases:
+            answer_context.knowledge_versions.update(
+                await self._knowledge_versions(context, scope.tenant, knowledge_bases)
+            )
+        model_request = self._model_request(chat, model, window, max_tokens, scope.tenant, offered)
         return _Turn(
             scope=scope,
             chat=chat,
@@ -329,16 +344,76 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 (pair for message in (history.messages if history else ()) for pair in message.placeholders),
                 kept=self._model_pii,
             ),
-            model_request=self._model_request(chat, model, window, max_tokens, scope.tenant, offered),
+            # Until the sources are in, the worst case (which a tenant's limits reserve) counts all their room.
+            model_request=replace(model_request, prompt_tokens=window.prompt_tokens + sources_room),
             spend=spend,
-            answer_context=self._answer_context(scope.tenant, chat, model, window),
+            answer_context=answer_context,
+            knowledge_bases=knowledge_bases,
         )
 
-    def _budget(self, model: str, max_tokens: int | None) -> Budget:
+    def _budget(self, model: str, max_tokens: int | None, sources_room: int = 0) -> Budget:
+        """The window's budget; `sources_room` tokens of the prompt are left for a knowledge base's sources."""
         settings = self._settings
         size = context_tokens(settings.model_context_tokens, settings.default_context_tokens, model)
         reply_tokens = max_tokens or min(settings.window_reply_tokens, size // 2)
-        return Budget(size, reply_tokens, settings.window_margin_tokens)
+        return Budget(size, reply_tokens, settings.window_margin_tokens + sources_room)
+
+    async def _knowledge_versions(
+        self, context: grpc.aio.ServicerContext, tenant: str, knowledge_bases: Sequence[str]
+    ) -> dict[str, str]:
+        """The versions the turn's answer is cached under: the knowledge bases' as its retrieval will read them."""
+        async with _knowledge_errors(context):
+            return await self._retriever.versions(tenant, knowledge_bases)
+
+    async def _grounded(self, context: grpc.aio.ServicerContext, turn: _Turn) -> _Turn:
+        """The step `knowledge`: the chunks of the turn's knowledge bases that best match the message, as the
+        model's copy has it (redacted as the PII policy says), go into the window as numbered sources after the
+        system prompt, as many as fit the room kept for them. The message is embedded (the semantic cache and the
+        store of the answer reuse the vector); when the embedding endpoint fails, chunks are found by keywords
+        alone. A knowledge base store that cannot be reached fails the turn with UNAVAILABLE."""
+        if not turn.knowledge_bases or not turn.chat.message:
+            return turn
+        request = turn.model_request
+        question = _text_of(request.messages[-1])
+        settings = self._settings
+        vector = None
+        try:
+            (vector,) = await self._model.embed(
+                [question],
+                model=settings.embedding_model,
+                dimensions=settings.embedding_dimensions,
+                deadline=min(turn.deadline, asyncio.get_running_loop().time() + settings.embedding_timeout_seconds),
+            )
+        except ModelError as error:
+            log.warning("knowledge_embedding_failed", extra={"error": error.kind.value})
+        async with _knowledge_errors(context):
+            retrieval = await self._retriever.search(
+                turn.scope.tenant,
+                turn.knowledge_bases,
+                question,
+                vector,
+                k=settings.knowledge_top_k,
+                # A floor on similarity applies only where there is one: not by keywords alone.
+                min_similarity=settings.knowledge_min_similarity
+                if vector is not None and settings.knowledge_min_similarity
+                else None,
+            )
+        for name in retrieval.missing:
+            log.warning("knowledge_base_missing", extra={"tenant": turn.scope.tenant, "knowledge_base": name})
+        sources = sources_message(retrieval.chunks, self._tokens, turn.model, settings.knowledge_context_max_tokens)
+        embedding = None
+        if vector is not None:
+            embedding = cache_pb2.QuestionEmbedding(
+                model=settings.embedding_model,
+                dimensions=settings.embedding_dimensions,
+                vector=vector.astype("<f4").tobytes(),
+            )
+        return replace(
+            turn,
+            model_request=_with_sources(request, turn.window, sources),
+            sources=sources.chunks if sources is not None else (),
+            question_embedding=embedding,
+        )
 
     async def _window(
         self,
@@ -518,6 +593,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 cached=True,
                 cache_match=found.match,
                 cache_similarity=found.similarity,
+                citations=cached.citations,
             )
         )
         saved_input = turn.model_request.prompt_tokens or 0
@@ -790,7 +866,8 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             StoredMessage("assistant", stored_text, time.time(), placeholders=turn.placeholders.take_added()),
         )
         finish_reason = _FINISH_REASONS.get(end.outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
-        completed = _completed(finish_reason, answer)
+        cited = citations(end.text, turn.sources)
+        completed = _completed(finish_reason, answer, cited)
         if stored_text:
             answer.events.append(chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=stored_text)))
         await self._commit(
@@ -819,6 +896,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
                 finish_reason=finish_reason,
                 output_tokens=answer.output_tokens,
                 policy_version=end.verdict.policy_version,
+                citations=cited,
             )
             if cacheable
             else None,
@@ -1380,8 +1458,12 @@ class _Turn:
     placeholders: Placeholders
     # Whether the caller's message held personal information of a kind the policy does not leave.
     with_pii: bool = False
-    # The question's embedding from a semantic lookup that missed, passed back with the answer's store.
+    # The question's embedding (from the knowledge step, or a semantic lookup that missed), passed on to the
+    # semantic lookup and to the answer's store.
     question_embedding: cache_pb2.QuestionEmbedding | None = None
+    # The knowledge bases the turn answers from, and the chunks the window numbers as its sources ([1] first).
+    knowledge_bases: tuple[str, ...] = ()
+    sources: tuple[RetrievedChunk, ...] = ()
 
 
 def _started(turn: _Turn, model: str) -> chat_pb2.ChatEvent:
@@ -1475,10 +1557,48 @@ class _Answer:
         )
 
 
-def _completed(finish_reason: chat_pb2.FinishReason, answer: _Answer) -> chat_pb2.ChatEvent:
+def _completed(
+    finish_reason: chat_pb2.FinishReason, answer: _Answer, cited: Sequence[chat_pb2.Citation] = ()
+) -> chat_pb2.ChatEvent:
     return chat_pb2.ChatEvent(
-        completed=chat_pb2.Completed(finish_reason=finish_reason, usage=answer.usage(), cost_usd=answer.cost)
+        completed=chat_pb2.Completed(
+            finish_reason=finish_reason, usage=answer.usage(), cost_usd=answer.cost, citations=cited
+        )
     )
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    """A chat message's text: its content, or the text parts of a multi-part content."""
+    content = message.get("content") or ""
+    if isinstance(content, str):
+        return content
+    return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def _with_sources(request: ModelRequest, window: Window, sources: Sources | None) -> ModelRequest:
+    """The model request with the sources message after the system prompt (and the summary), and its exact
+    prompt tokens."""
+    if sources is None:
+        return replace(request, prompt_tokens=window.prompt_tokens)
+    fixed = sum(1 for message in window.messages if message.get("role") == "system")
+    messages = [*request.messages[:fixed], sources.message, *request.messages[fixed:]]
+    return replace(request, messages=messages, prompt_tokens=window.prompt_tokens + sources.tokens)
+
+
+@contextlib.asynccontextmanager
+async def _knowledge_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """A knowledge base store that cannot be reached, or a knowledge base that keeps changing, fails the turn with
+    UNAVAILABLE."""
+    try:
+        yield
+    except (KnowledgeStoreUnavailable, KnowledgeBaseChanging):
+        annotate(error=ErrorKind.KNOWLEDGE_UNAVAILABLE)
+        await abort(
+            context,
+            grpc.StatusCode.UNAVAILABLE,
+            "the knowledge bases cannot be read now (their store is unavailable, or one is being changed); retry "
+            "with backoff",
+        )
 
 
 def _replay_record(conversation_id: str, model: str, events: Sequence[chat_pb2.ChatEvent]) -> str:

@@ -124,6 +124,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
                 response.cached = completed.cached
                 response.cache_match = completed.cache_match
                 response.cache_similarity = completed.cache_similarity
+                response.citations.extend(completed.citations)
                 response.replayed = completed.replayed
                 if completed.HasField("content_filter"):
                     response.content_filter.CopyFrom(completed.content_filter)

@@ -7,7 +7,9 @@ family's rates (chatmesh.dialogue.tokens): an inline image by its size, an https
 
 A reply is a deterministic function of (model, messages, seed): `reply_tokens` words from a fixed
 vocabulary, picked by a hash of the request; but a last user message that holds `[echo]` is answered with the
-text that follows it (to test what a caller receives of what the model writes). Streams are written from
+text that follows it (to test what a caller receives of what the model writes). When a system message numbers
+sources (`[1] title (source)`, as chatmesh's knowledge step writes them), the reply ends by citing the one that
+shares the most words with the question, as `[n]`. Streams are written from
 prebuilt byte templates, so a zero-latency stream costs little more than one write.
 
 It also serves /v1/embeddings (chatmesh.modelsim.embeddings): hashed word and character n-grams, so that paraphrases
@@ -76,6 +78,8 @@ LOGGED_DATA_URL_CHARS = 1024
 HANG_POLL_SECONDS = 0.05
 # A user message with this marker is answered with the text that follows it.
 ECHO_MARKER = "[echo]"
+# A numbered source in a system message, to its end: the next source, or the end of the message.
+_SOURCE = re.compile(r"^\[(\d+)\] (.*?)(?=^\[\d+\] |\Z)", re.MULTILINE | re.DOTALL)
 # The status that a queued or drawn fault has when it is a hang (POST /sim/faults {"status": "hang"}).
 HANG = 0
 
@@ -749,6 +753,9 @@ class Simulator:
             key = json.dumps([chat.model, chat.messages, chat.seed], sort_keys=True, separators=(",", ":"))
             picks = hashlib.shake_128(key.encode()).digest(self.config.reply_tokens)
             tokens = [_VOCABULARY[pick % len(_VOCABULARY)] for pick in picks]
+            cited = _source_to_cite(chat.messages)
+            if cited is not None and tokens:
+                tokens[-1] = f"{tokens[-1].rstrip()} [{cited}]"
         else:
             tokens = re.findall(r"\S+\s*", echo)
         finish_reason = "stop"
@@ -1377,6 +1384,34 @@ async def _serve(settings: Settings) -> None:
         await stop.wait()
     finally:
         await asyncio.gather(*(runner.cleanup() for runner in runners))
+
+
+def _source_to_cite(messages: list[dict[str, Any]]) -> int | None:
+    """Of the sources a system message numbers (`[n] title (source)` heads, as chatmesh's knowledge step writes
+    them), the number of the one that shares the most words with the last user message, the first on a tie;
+    None without sources. The reply cites it, as a grounded model would."""
+    question = _words(_content_text(messages[-1]))
+    best: tuple[int, int] | None = None
+    for message in messages:
+        if message.get("role") != "system":
+            continue
+        for number, text in _SOURCE.findall(_content_text(message)):
+            shared = len(question & _words(text))
+            if best is None or shared > best[1]:
+                best = (int(number), shared)
+    return None if best is None else best[0]
+
+
+def _words(text: str) -> set[str]:
+    """Casefolded words, and single CJK characters."""
+    return set(re.findall(r"[^\W\d_]{2,}|[\u4e00-\u9fff]", text.casefold()))
+
+
+def _content_text(message: dict[str, Any]) -> str:
+    content = message.get("content") or ""
+    if isinstance(content, str):
+        return content
+    return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
 def _bearer_key(request: web.Request) -> str:

@@ -52,6 +52,7 @@ class ErrorKind(StrEnum):
     SAFETY_UNAVAILABLE = "safety_unavailable"
     STORE_UNAVAILABLE = "store_unavailable"
     DIALOGUE_UNAVAILABLE = "dialogue_unavailable"
+    KNOWLEDGE_UNAVAILABLE = "knowledge_unavailable"
 
 
 # Server-side failures are warnings, bugs are errors; a caller's own mistakes are routine.

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from chatmesh.v1 import chat_pb2 as chatmesh_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63hatmesh/v1/cache.proto\x12\x0b\x63hatmesh.v1\x1a\x16\x63hatmesh/v1/chat.proto\"\x9f\x04\n\rAnswerContext\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12-\n\x08messages\x18\t \x03(\x0b\x32\x1b.chatmesh.v1.ContextMessage\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12=\n\nlogit_bias\x18\x0c \x03(\x0b\x32).chatmesh.v1.AnswerContext.LogitBiasEntry\x12\x34\n\x0fresponse_format\x18\r \x01(\x0b\x32\x1b.chatmesh.v1.ResponseFormat\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"B\n\x0e\x43ontextMessage\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.chatmesh.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"|\n\x0b\x43\x61\x63hedReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.chatmesh.v1.FinishReason\x12\x15\n\routput_tokens\x18\x03 \x01(\x05\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\"E\n\rSemanticEntry\x12\x12\n\nanswer_key\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x01(\x0c\"<\n\rLookupRequest\x12+\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.chatmesh.v1.AnswerContext\"v\n\x14LookupSimilarRequest\x12+\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.chatmesh.v1.AnswerContext\x12\x31\n\tembedding\x18\x02 \x01(\x0b\x32\x1e.chatmesh.v1.QuestionEmbedding\"\xf3\x01\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\'\n\x05reply\x18\x02 \x01(\x0b\x32\x18.chatmesh.v1.CachedReply\x12$\n\x04tier\x18\x03 \x01(\x0e\x32\x16.chatmesh.v1.CacheTier\x12&\n\x05match\x18\x04 \x01(\x0e\x32\x17.chatmesh.v1.CacheMatch\x12\x12\n\nsimilarity\x18\x05 \x01(\x02\x12\x31\n\tembedding\x18\x06 \x01(\x0b\x32\x1e.chatmesh.v1.QuestionEmbedding\x12\x16\n\x0esimilar_lookup\x18\x07 \x01(\x08\"F\n\x11QuestionEmbedding\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\x05\x12\x0e\n\x06vector\x18\x03 \x01(\x0c\"\xc1\x01\n\x0cStoreRequest\x12+\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.chatmesh.v1.AnswerContext\x12\'\n\x05reply\x18\x02 \x01(\x0b\x32\x18.chatmesh.v1.CachedReply\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12\x31\n\tembedding\x18\x05 \x01(\x0b\x32\x1e.chatmesh.v1.QuestionEmbedding\"F\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12%\n\x05tiers\x18\x02 \x03(\x0e\x32\x16.chatmesh.v1.CacheTier\"H\n\x0c\x45raseRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\" \n\rEraseResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x03*T\n\tCacheTier\x12\x1a\n\x16\x43\x41\x43HE_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_TIER_MEMORY\x10\x01\x12\x14\n\x10\x43\x41\x43HE_TIER_REDIS\x10\x02\x32\xa2\x02\n\x0c\x43\x61\x63heService\x12\x41\n\x06Lookup\x12\x1a.chatmesh.v1.LookupRequest\x1a\x1b.chatmesh.v1.LookupResponse\x12O\n\rLookupSimilar\x12!.chatmesh.v1.LookupSimilarRequest\x1a\x1b.chatmesh.v1.LookupResponse\x12>\n\x05Store\x12\x19.chatmesh.v1.StoreRequest\x1a\x1a.chatmesh.v1.StoreResponse\x12>\n\x05\x45rase\x12\x19.chatmesh.v1.EraseRequest\x1a\x1a.chatmesh.v1.EraseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63hatmesh/v1/cache.proto\x12\x0b\x63hatmesh.v1\x1a\x16\x63hatmesh/v1/chat.proto\"\xa8\x05\n\rAnswerContext\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12-\n\x08messages\x18\t \x03(\x0b\x32\x1b.chatmesh.v1.ContextMessage\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12=\n\nlogit_bias\x18\x0c \x03(\x0b\x32).chatmesh.v1.AnswerContext.LogitBiasEntry\x12\x34\n\x0fresponse_format\x18\r \x01(\x0b\x32\x1b.chatmesh.v1.ResponseFormat\x12M\n\x12knowledge_versions\x18\x0e \x03(\x0b\x32\x31.chatmesh.v1.AnswerContext.KnowledgeVersionsEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x1a\x38\n\x16KnowledgeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"B\n\x0e\x43ontextMessage\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.chatmesh.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa6\x01\n\x0b\x43\x61\x63hedReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.chatmesh.v1.FinishReason\x12\x15\n\routput_tokens\x18\x03 \x01(\x05\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12(\n\tcitations\x18\x05 \x03(\x0b\x32\x15.chatmesh.v1.Citation\"E\n\rSemanticEntry\x12\x12\n\nanswer_key\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x01(\x0c\"<\n\rLookupRequest\x12+\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.chatmesh.v1.AnswerContext\"v\n\x14LookupSimilarRequest\x12+\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.chatmesh.v1.AnswerContext\x12\x31\n\tembedding\x18\x02 \x01(\x0b\x32\x1e.chatmesh.v1.QuestionEmbedding\"\xf3\x01\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\'\n\x05reply\x18\x02 \x01(\x0b\x32\x18.chatmesh.v1.CachedReply\x12$\n\x04tier\x18\x03 \x01(\x0e\x32\x16.chatmesh.v1.CacheTier\x12&\n\x05match\x18\x04 \x01(\x0e\x32\x17.chatmesh.v1.CacheMatch\x12\x12\n\nsimilarity\x18\x05 \x01(\x02\x12\x31\n\tembedding\x18\x06 \x01(\x0b\x32\x1e.chatmesh.v1.QuestionEmbedding\x12\x16\n\x0esimilar_lookup\x18\x07 \x01(\x08\"F\n\x11QuestionEmbedding\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\x05\x12\x0e\n\x06vector\x18\x03 \x01(\x0c\"\xc1\x01\n\x0cStoreRequest\x12+\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.chatmesh.v1.AnswerContext\x12\'\n\x05reply\x18\x02 \x01(\x0b\x32\x18.chatmesh.v1.CachedReply\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12\x31\n\tembedding\x18\x05 \x01(\x0b\x32\x1e.chatmesh.v1.QuestionEmbedding\"F\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12%\n\x05tiers\x18\x02 \x03(\x0e\x32\x16.chatmesh.v1.CacheTier\"H\n\x0c\x45raseRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\" \n\rEraseResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x03*T\n\tCacheTier\x12\x1a\n\x16\x43\x41\x43HE_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_TIER_MEMORY\x10\x01\x12\x14\n\x10\x43\x41\x43HE_TIER_REDIS\x10\x02\x32\xa2\x02\n\x0c\x43\x61\x63heService\x12\x41\n\x06Lookup\x12\x1a.chatmesh.v1.LookupRequest\x1a\x1b.chatmesh.v1.LookupResponse\x12O\n\rLookupSimilar\x12!.chatmesh.v1.LookupSimilarRequest\x1a\x1b.chatmesh.v1.LookupResponse\x12>\n\x05Store\x12\x19.chatmesh.v1.StoreRequest\x1a\x1a.chatmesh.v1.StoreResponse\x12>\n\x05\x45rase\x12\x19.chatmesh.v1.EraseRequest\x1a\x1a.chatmesh.v1.EraseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ANSWERCONTEXT_LOGITBIASENTRY']._loaded_options = None
   _globals['_ANSWERCONTEXT_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_CACHETIER']._serialized_start=1751
-  _globals['_CACHETIER']._serialized_end=1835
+  _globals['_ANSWERCONTEXT_KNOWLEDGEVERSIONSENTRY']._loaded_options = None
+  _globals['_ANSWERCONTEXT_KNOWLEDGEVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_CACHETIER']._serialized_start=1931
+  _globals['_CACHETIER']._serialized_end=2015
   _globals['_ANSWERCONTEXT']._serialized_start=65
-  _globals['_ANSWERCONTEXT']._serialized_end=608
-  _globals['_ANSWERCONTEXT_LOGITBIASENTRY']._serialized_start=467
-  _globals['_ANSWERCONTEXT_LOGITBIASENTRY']._serialized_end=515
-  _globals['_CONTEXTMESSAGE']._serialized_start=610
-  _globals['_CONTEXTMESSAGE']._serialized_end=676
-  _globals['_CACHEDREPLY']._serialized_start=678
-  _globals['_CACHEDREPLY']._serialized_end=802
-  _globals['_SEMANTICENTRY']._serialized_start=804
-  _globals['_SEMANTICENTRY']._serialized_end=873
-  _globals['_LOOKUPREQUEST']._serialized_start=875
-  _globals['_LOOKUPREQUEST']._serialized_end=935
-  _globals['_LOOKUPSIMILARREQUEST']._serialized_start=937
-  _globals['_LOOKUPSIMILARREQUEST']._serialized_end=1055
-  _globals['_LOOKUPRESPONSE']._serialized_start=1058
-  _globals['_LOOKUPRESPONSE']._serialized_end=1301
-  _globals['_QUESTIONEMBEDDING']._serialized_start=1303
-  _globals['_QUESTIONEMBEDDING']._serialized_end=1373
-  _globals['_STOREREQUEST']._serialized_start=1376
-  _globals['_STOREREQUEST']._serialized_end=1569
-  _globals['_STORERESPONSE']._serialized_start=1571
-  _globals['_STORERESPONSE']._serialized_end=1641
-  _globals['_ERASEREQUEST']._serialized_start=1643
-  _globals['_ERASEREQUEST']._serialized_end=1715
-  _globals['_ERASERESPONSE']._serialized_start=1717
-  _globals['_ERASERESPONSE']._serialized_end=1749
-  _globals['_CACHESERVICE']._serialized_start=1838
-  _globals['_CACHESERVICE']._serialized_end=2128
+  _globals['_ANSWERCONTEXT']._serialized_end=745
+  _globals['_ANSWERCONTEXT_LOGITBIASENTRY']._serialized_start=546
+  _globals['_ANSWERCONTEXT_LOGITBIASENTRY']._serialized_end=594
+  _globals['_ANSWERCONTEXT_KNOWLEDGEVERSIONSENTRY']._serialized_start=596
+  _globals['_ANSWERCONTEXT_KNOWLEDGEVERSIONSENTRY']._serialized_end=652
+  _globals['_CONTEXTMESSAGE']._serialized_start=747
+  _globals['_CONTEXTMESSAGE']._serialized_end=813
+  _globals['_CACHEDREPLY']._serialized_start=816
+  _globals['_CACHEDREPLY']._serialized_end=982
+  _globals['_SEMANTICENTRY']._serialized_start=984
+  _globals['_SEMANTICENTRY']._serialized_end=1053
+  _globals['_LOOKUPREQUEST']._serialized_start=1055
+  _globals['_LOOKUPREQUEST']._serialized_end=1115
+  _globals['_LOOKUPSIMILARREQUEST']._serialized_start=1117
+  _globals['_LOOKUPSIMILARREQUEST']._serialized_end=1235
+  _globals['_LOOKUPRESPONSE']._serialized_start=1238
+  _globals['_LOOKUPRESPONSE']._serialized_end=1481
+  _globals['_QUESTIONEMBEDDING']._serialized_start=1483
+  _globals['_QUESTIONEMBEDDING']._serialized_end=1553
+  _globals['_STOREREQUEST']._serialized_start=1556
+  _globals['_STOREREQUEST']._serialized_end=1749
+  _globals['_STORERESPONSE']._serialized_start=1751
+  _globals['_STORERESPONSE']._serialized_end=1821
+  _globals['_ERASEREQUEST']._serialized_start=1823
+  _globals['_ERASEREQUEST']._serialized_end=1895
+  _globals['_ERASERESPONSE']._serialized_start=1897
+  _globals['_ERASERESPONSE']._serialized_end=1929
+  _globals['_CACHESERVICE']._serialized_start=2018
+  _globals['_CACHESERVICE']._serialized_end=2308
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ CACHE_TIER_MEMORY: CacheTier
 CACHE_TIER_REDIS: CacheTier
 
 class AnswerContext(_message.Message):
-    __slots__ = ("tenant", "model", "system_prompt", "temperature", "top_p", "max_tokens", "stop", "seed", "messages", "presence_penalty", "frequency_penalty", "logit_bias", "response_format")
+    __slots__ = ("tenant", "model", "system_prompt", "temperature", "top_p", "max_tokens", "stop", "seed", "messages", "presence_penalty", "frequency_penalty", "logit_bias", "response_format", "knowledge_versions")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,13 @@ class AnswerContext(_message.Message):
         key: int
         value: int
         def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class KnowledgeVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +46,7 @@ class AnswerContext(_message.Message):
     FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
     LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    KNOWLEDGE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model: str
     system_prompt: str
@@ -52,7 +60,8 @@ class AnswerContext(_message.Message):
     frequency_penalty: float
     logit_bias: _containers.ScalarMap[int, int]
     response_format: _chat_pb2.ResponseFormat
-    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ContextMessage, _Mapping]]] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, int]] = ..., response_format: _Optional[_Union[_chat_pb2.ResponseFormat, _Mapping]] = ...) -> None: ...
+    knowledge_versions: _containers.ScalarMap[str, str]
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ContextMessage, _Mapping]]] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, int]] = ..., response_format: _Optional[_Union[_chat_pb2.ResponseFormat, _Mapping]] = ..., knowledge_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ContextMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -63,16 +72,18 @@ class ContextMessage(_message.Message):
     def __init__(self, role: _Optional[_Union[_chat_pb2.Role, str]] = ..., content: _Optional[str] = ...) -> None: ...
 
 class CachedReply(_message.Message):
-    __slots__ = ("text", "finish_reason", "output_tokens", "policy_version")
+    __slots__ = ("text", "finish_reason", "output_tokens", "policy_version", "citations")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _chat_pb2.FinishReason
     output_tokens: int
     policy_version: str
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_chat_pb2.FinishReason, str]] = ..., output_tokens: _Optional[int] = ..., policy_version: _Optional[str] = ...) -> None: ...
+    citations: _containers.RepeatedCompositeFieldContainer[_chat_pb2.Citation]
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_chat_pb2.FinishReason, str]] = ..., output_tokens: _Optional[int] = ..., policy_version: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[_chat_pb2.Citation, _Mapping]]] = ...) -> None: ...
 
 class SemanticEntry(_message.Message):
     __slots__ = ("answer_key", "question", "vector")

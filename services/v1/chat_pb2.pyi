@@ -55,7 +55,7 @@ ROLE_ASSISTANT: Role
 ROLE_TOOL: Role
 
 class ChatOptions(_message.Message):
-    __slots__ = ("model", "system_prompt", "temperature", "top_p", "max_tokens", "stop", "seed", "logit_bias", "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice", "parallel_tool_calls", "server_tools")
+    __slots__ = ("model", "system_prompt", "temperature", "top_p", "max_tokens", "stop", "seed", "logit_bias", "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice", "parallel_tool_calls", "server_tools", "knowledge_bases")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class ChatOptions(_message.Message):
     TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     SERVER_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    KNOWLEDGE_BASES_FIELD_NUMBER: _ClassVar[int]
     model: str
     system_prompt: str
     temperature: float
@@ -93,7 +94,8 @@ class ChatOptions(_message.Message):
     tool_choice: ToolChoice
     parallel_tool_calls: bool
     server_tools: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, int]] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., server_tools: _Optional[_Iterable[str]] = ...) -> None: ...
+    knowledge_bases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, int]] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., server_tools: _Optional[_Iterable[str]] = ..., knowledge_bases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Tool(_message.Message):
     __slots__ = ("name", "description", "parameters", "strict")
@@ -262,13 +264,14 @@ class ContentFilter(_message.Message):
     def __init__(self, stage: _Optional[_Union[ContentFilter.Stage, str]] = ..., categories: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Completed(_message.Message):
-    __slots__ = ("finish_reason", "usage", "cost_usd", "cached", "content_filter", "replayed", "cache_match", "cache_similarity")
+    __slots__ = ("finish_reason", "usage", "cost_usd", "cached", "content_filter", "replayed", "citations", "cache_match", "cache_similarity")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FILTER_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
     CACHE_MATCH_FIELD_NUMBER: _ClassVar[int]
     CACHE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
@@ -277,9 +280,24 @@ class Completed(_message.Message):
     cached: bool
     content_filter: ContentFilter
     replayed: bool
+    citations: _containers.RepeatedCompositeFieldContainer[Citation]
     cache_match: CacheMatch
     cache_similarity: float
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ..., content_filter: _Optional[_Union[ContentFilter, _Mapping]] = ..., replayed: _Optional[bool] = ..., cache_match: _Optional[_Union[CacheMatch, str]] = ..., cache_similarity: _Optional[float] = ...) -> None: ...
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ..., content_filter: _Optional[_Union[ContentFilter, _Mapping]] = ..., replayed: _Optional[bool] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., cache_match: _Optional[_Union[CacheMatch, str]] = ..., cache_similarity: _Optional[float] = ...) -> None: ...
+
+class Citation(_message.Message):
+    __slots__ = ("number", "knowledge_base", "source", "title", "position")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    knowledge_base: str
+    source: str
+    title: str
+    position: int
+    def __init__(self, number: _Optional[int] = ..., knowledge_base: _Optional[str] = ..., source: _Optional[str] = ..., title: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
     __slots__ = ("started", "delta", "completed", "tool_calls", "tool_results")
@@ -296,7 +314,7 @@ class ChatEvent(_message.Message):
     def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ..., tool_calls: _Optional[_Union[ToolCalls, _Mapping]] = ..., tool_results: _Optional[_Union[ToolResults, _Mapping]] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
-    __slots__ = ("conversation_id", "request_id", "model", "text", "finish_reason", "usage", "cost_usd", "cached", "content_filter", "replayed", "tool_calls", "tool_results", "cache_match", "cache_similarity")
+    __slots__ = ("conversation_id", "request_id", "model", "text", "finish_reason", "usage", "cost_usd", "cached", "content_filter", "replayed", "tool_calls", "tool_results", "cache_match", "cache_similarity", "citations")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -311,6 +329,7 @@ class ChatResponse(_message.Message):
     TOOL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     CACHE_MATCH_FIELD_NUMBER: _ClassVar[int]
     CACHE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     request_id: str
     model: str
@@ -325,7 +344,8 @@ class ChatResponse(_message.Message):
     tool_results: _containers.RepeatedCompositeFieldContainer[ToolResult]
     cache_match: CacheMatch
     cache_similarity: float
-    def __init__(self, conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ..., content_filter: _Optional[_Union[ContentFilter, _Mapping]] = ..., replayed: _Optional[bool] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_results: _Optional[_Iterable[_Union[ToolResult, _Mapping]]] = ..., cache_match: _Optional[_Union[CacheMatch, str]] = ..., cache_similarity: _Optional[float] = ...) -> None: ...
+    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    def __init__(self, conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., cached: _Optional[bool] = ..., content_filter: _Optional[_Union[ContentFilter, _Mapping]] = ..., replayed: _Optional[bool] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_results: _Optional[_Iterable[_Union[ToolResult, _Mapping]]] = ..., cache_match: _Optional[_Union[CacheMatch, str]] = ..., cache_similarity: _Optional[float] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
 
 class GetConversationRequest(_message.Message):
     __slots__ = ("conversation_id", "user_id", "page_size", "page_token")

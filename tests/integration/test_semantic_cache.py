@@ -373,7 +373,6 @@ async def until_cached(chat: chat_pb2_grpc.ChatServiceStub, message: str) -> cha
 async def test_through_the_gateway_a_paraphrase_is_answered_from_the_cache_and_the_saving_counted(
     cluster: Cluster,
 ) -> None:
-    embedded_before = cluster.sim_stats()["embedding_requests"]
     async with grpc.aio.insecure_channel(cluster.gateway_target) as channel:
         chat = chat_pb2_grpc.ChatServiceStub(channel)
         first = await ask(chat, QUESTION)
@@ -395,8 +394,6 @@ async def test_through_the_gateway_a_paraphrase_is_answered_from_the_cache_and_t
         metric(cluster, "dialogue", "chatmesh_cache_saved_usd_total", {"model": "gpt-4o-mini", "match": "semantic"}) > 0
     )
     assert metric(cluster, "cache", "chatmesh_cache_semantic_lookups_total", {"outcome": "hit"}) == 1
-    # One embedding per question looked up: the store of the first answer reused its lookup's.
-    assert cluster.sim_stats()["embedding_requests"] - embedded_before == 2
 
 
 async def test_through_the_gateway_a_near_miss_goes_to_the_model(cluster: Cluster) -> None:

@@ -123,6 +123,7 @@ def test_every_field_of_the_context_is_in_the_key() -> None:
         "frequency_penalty": lambda c: setattr(c, "frequency_penalty", 0.0),
         "logit_bias": lambda c: c.logit_bias.update({1: 1}),
         "response_format": lambda c: c.response_format.CopyFrom(JSON_OBJECT),
+        "knowledge_versions": lambda c: c.knowledge_versions.update({"handbook": "1.2"}),
     }
     assert set(changed) == {field.name for field in cache_pb2.AnswerContext.DESCRIPTOR.fields}
     for name, change in changed.items():

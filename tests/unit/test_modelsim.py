@@ -1085,3 +1085,20 @@ async def test_bad_embedding_requests_are_refused_as_openai_refuses_them(
         error = (await response.json())["error"]
 
     assert response.status == status and error["param"] == param
+
+
+async def test_a_reply_to_numbered_sources_cites_the_one_closest_to_the_question(sim: Sim) -> None:
+    sources = (
+        "Answer from the numbered sources below.\n\n"
+        "[1] Billing (billing.md)\nRefunds reach your card within five days.\n\n"
+        "[2] Security (security.txt)\nReset your password from Settings."
+    )
+    question = {"role": "user", "content": "How do I reset my password?"}
+
+    grounded = await sim.client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "system", "content": sources}, question]
+    )
+    plain = await sim.client.chat.completions.create(model="gpt-4o-mini", messages=[question])
+
+    assert grounded.choices[0].message.content.endswith(" [2]")
+    assert "[" not in plain.choices[0].message.content

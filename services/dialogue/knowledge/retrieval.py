@@ -101,11 +101,13 @@ class _LoadedKnowledgeBase:
             checked_at,
         )
 
-    def scores(self, vector: np.ndarray, query_terms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Each chunk's cosine similarity to `vector` (a unit vector) and BM25 score for the query's terms."""
+    def scores(self, vector: np.ndarray | None, query_terms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each chunk's cosine similarity to `vector` (a unit vector; all 0 without one) and BM25 score for the
+        query's terms."""
         if not self.chunks:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
-        return self.matrix @ vector, self.keywords.term_scores(query_terms)
+        similarities = self.matrix @ vector if vector is not None else np.zeros(len(self.chunks), dtype=np.float32)
+        return similarities, self.keywords.term_scores(query_terms)
 
 
 def _scaled(scores: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -149,28 +151,33 @@ class Retriever:
         tenant: str,
         knowledge_bases: Sequence[str],
         question: str,
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         *,
         k: int,
         min_similarity: float | None = None,
     ) -> Retrieval:
-        """The `k` best chunks for `question` (whose embedding is `vector`) among the tenant's `knowledge_bases`.
-        With `min_similarity`, chunks less similar to the question than that are left out, however their keywords
-        matched. Raises KnowledgeStoreUnavailable when a knowledge base must be (re)loaded and the store cannot
-        be reached, and KnowledgeBaseChanging when one keeps changing and was never loaded."""
+        """The `k` best chunks for `question` (whose embedding is `vector`) among the tenant's `knowledge_bases`;
+        by keywords alone without a vector (the embedding endpoint failed). With `min_similarity`, chunks less
+        similar to the question than that are left out, however their keywords matched. Raises
+        KnowledgeStoreUnavailable when a knowledge base must be (re)loaded and the store cannot be reached, and
+        KnowledgeBaseChanging when one keeps changing and was never loaded."""
         names = list(dict.fromkeys(knowledge_bases))
         for name in names:
             validate_name(name)
         loaded, missing = await self._current(tenant, names)
-        question_vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-        length = float(np.linalg.norm(question_vector))
-        if length > 0:
-            question_vector = question_vector / length
+        question_vector = None
+        if vector is not None:
+            question_vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+            length = float(np.linalg.norm(question_vector))
+            if length > 0:
+                question_vector = question_vector / length
+        elif min_similarity is not None:
+            raise ValueError("min_similarity needs a question vector")
         searched = {}
         mismatched = []
         for name, base in loaded.items():
             if base.embedding_model not in (self._embedding_model, "") or (
-                len(base.chunks) and base.matrix.shape[1] != question_vector.size
+                question_vector is not None and len(base.chunks) and base.matrix.shape[1] != question_vector.size
             ):
                 mismatched.append(name)
             else:
@@ -188,10 +195,19 @@ class Retriever:
             tuple(mismatched),
         )
 
+    async def versions(self, tenant: str, knowledge_bases: Sequence[str]) -> dict[str, str]:
+        """The version of each of the tenant's `knowledge_bases` that a search now would read ("" for one that does
+        not exist), loading them if needed. Raises as `search` does."""
+        names = list(dict.fromkeys(knowledge_bases))
+        for name in names:
+            validate_name(name)
+        loaded, missing = await self._current(tenant, names)
+        return {**{name: base.version for name, base in loaded.items()}, **dict.fromkeys(missing, "")}
+
     def _best(
         self,
         searched: Mapping[str, _LoadedKnowledgeBase],
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         query_terms: Sequence[str],
         k: int,
         min_similarity: float | None,
