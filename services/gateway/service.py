@@ -73,6 +73,9 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         if regions.foreign_home(request.conversation_id, self._settings.region) is not None:
             await _reply_headers(context, request_id)
             await self._refuse_other_regions(context, request.conversation_id)
+        if not request.options.knowledge_bases:
+            # A request that names no knowledge bases searches its tenant's defaults.
+            request.options.knowledge_bases.extend(caller.knowledge_bases)
         timeout = downstream_timeout(context, self._settings.default_deadline_seconds)
         try:
             holds_slot = await self._admission.admit(caller, request_id, timeout)

@@ -176,6 +176,7 @@ def _check_options(options: chat_pb2.ChatOptions, settings: Settings) -> Violati
             violations.append((f"options.{name}", "must be between -2 and 2"))
     if options.HasField("response_format"):
         violations.extend(_check_response_format(options.response_format))
+    violations.extend(check_knowledge_bases("options.knowledge_bases", options.knowledge_bases))
     return violations + _check_tools(options, settings)
 
 

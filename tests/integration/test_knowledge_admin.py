@@ -27,7 +27,7 @@ from support.redis_server import RedisServer
 
 from chatmesh.dialogue.knowledge.chunking import Chunk
 from chatmesh.dialogue.knowledge.store import RedisKnowledgeStore
-from chatmesh.v1 import admin_pb2, admin_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
+from chatmesh.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
 
 ADMIN_TOKEN = "knowledge-admin-token"
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -402,3 +402,37 @@ async def test_bad_default_knowledge_bases_are_refused_naming_each(
     )
     assert bad_fields(repeated) == ["knowledge_bases[1]", "knowledge_bases[2]"]
     assert "knowledge_bases" not in answer(tenants(cluster, "get", tenant))["tenant"]
+
+
+async def test_a_turn_that_names_no_knowledge_bases_is_answered_from_its_tenants_defaults(
+    cluster: Cluster, corpus: Path
+) -> None:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    answer(tenants(cluster, "create", name, "--knowledge-bases", "help"))
+    ingest(cluster, corpus, name)
+    api_key = json.loads(
+        chatmesh_cli(
+            "keys",
+            "create",
+            "--tenant",
+            name,
+            "--target",
+            cluster.gateway_target,
+            env={"CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN},
+        ).stdout
+    )["api_key"]
+    async with grpc.aio.insecure_channel(cluster.gateway_target) as channel:
+        chat = chat_pb2_grpc.ChatServiceStub(channel)
+
+        async def ask(*knowledge_bases: str) -> chat_pb2.ChatResponse:
+            request = chat_pb2.ChatRequest(
+                user_id="reader",
+                message="Can I get my money back for an annual subscription?",
+                options=chat_pb2.ChatOptions(knowledge_bases=knowledge_bases),
+            )
+            return await chat.Chat(request, metadata=(("authorization", f"Bearer {api_key}"),), timeout=30)
+
+        defaults = await ask()
+        assert defaults.citations and {citation.knowledge_base for citation in defaults.citations} == {"help"}
+        # A request's own knowledge bases replace the defaults (this one does not exist: nothing to cite).
+        assert not (await ask("other")).citations

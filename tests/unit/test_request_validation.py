@@ -211,6 +211,21 @@ def test_a_document_to_ingest_must_fit_in_a_grpc_message_and_overlap_in_half_a_c
     )
 
 
+# Knowledge bases: what a turn searches.
+
+
+def test_a_request_names_at_most_eight_knowledge_bases_each_once() -> None:
+    assert fields_of(request(knowledge_bases=["help", "billing.v2", "FAQ_1", "a" * 64])) == []
+    assert fields_of(request(knowledge_bases=[f"kb{number}" for number in range(9)])) == ["options.knowledge_bases"]
+    assert fields_of(request(knowledge_bases=["help", "", "has space", "-dash", "a" * 65, "help"])) == [
+        "options.knowledge_bases[1]",
+        "options.knowledge_bases[2]",
+        "options.knowledge_bases[3]",
+        "options.knowledge_bases[4]",
+        "options.knowledge_bases[5]",
+    ]
+
+
 # Tools: what the caller offers the model, and the results it sends back.
 
 WEATHER = chat_pb2.Tool(
