@@ -1,6 +1,6 @@
 """Server-side tools: functions the model may call that dialogue runs itself, as a request enables them by name
-(ChatOptions.server_tools). They are the built-in `current_time` and the operator's HTTP endpoints, declared in
-the YAML file `CHATMESH_TOOLS_FILE`:
+(ChatOptions.server_tools). They are the built-in `current_time` and `knowledge_search`, and the operator's HTTP
+endpoints, declared in the YAML file `CHATMESH_TOOLS_FILE`:
 
     tools:
       - name: order_status              # ^[a-zA-Z0-9_-]{1,64}$, unique, not a built-in's name
@@ -25,6 +25,11 @@ elsewhere, or a body longer than tool_max_result_chars.
 
 The built-in `current_time` takes an optional IANA `timezone` (UTC when omitted) and answers
 `{"timezone": ..., "time": <ISO 8601 with offset, to the second>, "weekday": ..., "unix": ...}`.
+
+The built-in `knowledge_search` takes a `query` and an optional `k` (the most passages; knowledge_top_k when
+omitted) and searches the knowledge bases of the turn. The search itself is the turn's: dialogue hands `run_all` a
+`KnowledgeSearch` for the turn's knowledge bases (None for a turn without any, which makes the call an error
+result saying so), within the tool timeout like an HTTP tool.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import json
 import os
 import time
 import zoneinfo
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -54,6 +59,13 @@ from chatmesh.runtime.settings import ConfigurationError, Settings
 log = get_logger(__name__)
 
 CURRENT_TIME = "current_time"
+KNOWLEDGE_SEARCH = "knowledge_search"
+# The most passages a knowledge_search call may ask for (CHATMESH_KNOWLEDGE_TOP_K's bound).
+MAX_SEARCH_PASSAGES = 50
+MAX_QUERY_CHARS = 2000
+NO_KNOWLEDGE_BASES = (
+    "this turn has no knowledge bases to search: its request names none, and its tenant has no default ones"
+)
 MAX_REDIRECTS = 3
 # What a non-2xx answer's result quotes of its body, in characters.
 ERROR_BODY_CHARS = 200
@@ -74,6 +86,10 @@ class ToolOutcome:
 
     content: str
     is_error: bool
+
+
+# A turn's knowledge_search: (query, k) -> the call's outcome. It must not raise for the store's failures.
+KnowledgeSearch = Callable[[str, int], Awaitable[ToolOutcome]]
 
 
 class ToolCallLike(Protocol):
@@ -137,6 +153,28 @@ _CURRENT_TIME_PARAMETERS = {
 }
 
 
+def _knowledge_search_parameters(default_k: int) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "query": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_QUERY_CHARS,
+                "description": "What to look for: a question, or the words the passages would use",
+            },
+            "k": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_SEARCH_PASSAGES,
+                "description": f"The most passages to return; {default_k} when omitted",
+            },
+        },
+        "required": ["query"],
+        "additionalProperties": False,
+    }
+
+
 def built_in_tools(settings: Settings) -> list[ServerTool]:
     return [
         ServerTool(
@@ -144,7 +182,14 @@ def built_in_tools(settings: Settings) -> list[ServerTool]:
             description="The current date and time in a time zone, with the day of the week.",
             parameters=_CURRENT_TIME_PARAMETERS,
             timeout_seconds=settings.tool_timeout_seconds,
-        )
+        ),
+        ServerTool(
+            name=KNOWLEDGE_SEARCH,
+            description="Searches the knowledge bases of this conversation (the operator's documents) for passages "
+            "that answer a query; returns them numbered, to cite by number.",
+            parameters=_knowledge_search_parameters(settings.knowledge_top_k),
+            timeout_seconds=settings.tool_timeout_seconds,
+        ),
     ]
 
 
@@ -294,6 +339,7 @@ class ServerTools:
         if len(self._tools) != len(every):
             raise ValueError("server-side tools need distinct names")
         self._max_result_chars = settings.tool_max_result_chars
+        self._default_passages = settings.knowledge_top_k
         # Made on the first HTTP call, inside the event loop.
         self._session: aiohttp.ClientSession | None = None
         metrics.server_tools_declared(self._tools)
@@ -329,11 +375,20 @@ class ServerTools:
         """The OpenAI `tools` entries of these tools, in that order. Raises KeyError for a name of none."""
         return [self._tools[name].definition() for name in names]
 
-    async def run_all(self, calls: Sequence[ToolCallLike], deadline: float) -> list[ToolOutcome]:
-        """Runs the calls concurrently; their outcomes in the calls' order."""
-        return list(await asyncio.gather(*(self.run(call.id, call.name, call.arguments, deadline) for call in calls)))
+    async def run_all(
+        self, calls: Sequence[ToolCallLike], deadline: float, *, knowledge: KnowledgeSearch | None = None
+    ) -> list[ToolOutcome]:
+        """Runs the calls concurrently; their outcomes in the calls' order. `knowledge` searches the turn's
+        knowledge bases (None: it has none)."""
+        return list(
+            await asyncio.gather(
+                *(self.run(call.id, call.name, call.arguments, deadline, knowledge=knowledge) for call in calls)
+            )
+        )
 
-    async def run(self, call_id: str, name: str, arguments: str, deadline: float) -> ToolOutcome:
+    async def run(
+        self, call_id: str, name: str, arguments: str, deadline: float, *, knowledge: KnowledgeSearch | None = None
+    ) -> ToolOutcome:
         """Runs one call, within min(the tool's timeout, what is left until `deadline`, a loop.time()). A tool's
         failure is never raised: it is an outcome with is_error set, which tells the model what went wrong."""
         started = time.perf_counter()
@@ -341,7 +396,7 @@ class ServerTools:
         if tool is None:
             outcome, kind = ToolOutcome(f"there is no server-side tool named {name!r}", True), "error"
         else:
-            outcome, kind = await self._run(tool, arguments, deadline)
+            outcome, kind = await self._run(tool, arguments, deadline, knowledge)
         seconds = time.perf_counter() - started
         label = name if tool is not None else UNKNOWN_TOOL
         metrics.server_tool_call(label, kind, seconds)
@@ -355,18 +410,26 @@ class ServerTools:
         if self._session is not None:
             await self._session.close()
 
-    async def _run(self, tool: ServerTool, arguments: str, deadline: float) -> tuple[ToolOutcome, str]:
+    async def _run(
+        self, tool: ServerTool, arguments: str, deadline: float, knowledge: KnowledgeSearch | None
+    ) -> tuple[ToolOutcome, str]:
         """The call's outcome and its metric outcome (one of metrics.SERVER_TOOL_OUTCOMES)."""
         parsed, problem = _parse_arguments(tool, arguments)
         if problem:
             return ToolOutcome(problem, True), "invalid_arguments"
-        if tool.endpoint is None:
+        if tool.name == CURRENT_TIME:
             return _current_time(parsed)
+        if tool.name == KNOWLEDGE_SEARCH and knowledge is None:
+            return ToolOutcome(NO_KNOWLEDGE_BASES, True), "error"
         timeout = min(tool.timeout_seconds, deadline - asyncio.get_running_loop().time())
         if timeout <= 0:
             return ToolOutcome("the turn's deadline passed before the tool could run", True), "timeout"
         try:
             async with asyncio.timeout(timeout):
+                if tool.endpoint is None:  # knowledge_search: current_time has answered above
+                    assert knowledge is not None
+                    outcome = await knowledge(parsed["query"], parsed.get("k", self._default_passages))
+                    return outcome, "error" if outcome.is_error else "ok"
                 return await self._post(tool.endpoint, parsed)
         except TimeoutError:
             return ToolOutcome(f"the tool did not answer within {round(timeout, 2):g} s", True), "timeout"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf import timestamp_pb2
 
 from chatmesh.dialogue import tools
@@ -31,13 +32,13 @@ from chatmesh.dialogue.context_window import (
     stored_image,
     window_tokens,
 )
-from chatmesh.dialogue.grounding import Sources, citations, sources_message
-from chatmesh.dialogue.knowledge.retrieval import RetrievedChunk, Retriever
+from chatmesh.dialogue.grounding import Sources, citations, search_result, sources_message
+from chatmesh.dialogue.knowledge.retrieval import Retrieval, RetrievedChunk, Retriever
 from chatmesh.dialogue.knowledge.store import KnowledgeBaseChanging, KnowledgeStoreUnavailable
 from chatmesh.dialogue.model_options import model_options, provider_user, response_format_param
 from chatmesh.dialogue.output_screen import OutputBlocked, OutputVerdict, SafetyUnavailable, screen_output
 from chatmesh.dialogue.redaction import Placeholders, StreamRestorer, kinds_of, redact
-from chatmesh.dialogue.server_tools import ServerTools, ToolOutcome
+from chatmesh.dialogue.server_tools import KnowledgeSearch, ServerTools, ToolOutcome
 from chatmesh.dialogue.spend import SpendLedger, SpendScope
 from chatmesh.dialogue.store import (
     ClaimState,
@@ -374,32 +375,9 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         if not turn.knowledge_bases or not turn.chat.message:
             return turn
         request = turn.model_request
-        question = _text_of(request.messages[-1])
         settings = self._settings
-        vector = None
-        try:
-            (vector,) = await self._model.embed(
-                [question],
-                model=settings.embedding_model,
-                dimensions=settings.embedding_dimensions,
-                deadline=min(turn.deadline, asyncio.get_running_loop().time() + settings.embedding_timeout_seconds),
-            )
-        except ModelError as error:
-            log.warning("knowledge_embedding_failed", extra={"error": error.kind.value})
         async with _knowledge_errors(context):
-            retrieval = await self._retriever.search(
-                turn.scope.tenant,
-                turn.knowledge_bases,
-                question,
-                vector,
-                k=settings.knowledge_top_k,
-                # A floor on similarity applies only where there is one: not by keywords alone.
-                min_similarity=settings.knowledge_min_similarity
-                if vector is not None and settings.knowledge_min_similarity
-                else None,
-            )
-        for name in retrieval.missing:
-            log.warning("knowledge_base_missing", extra={"tenant": turn.scope.tenant, "knowledge_base": name})
+            retrieval, vector = await self._retrieve(turn, _text_of(request.messages[-1]), settings.knowledge_top_k)
         sources = sources_message(retrieval.chunks, self._tokens, turn.model, settings.knowledge_context_max_tokens)
         embedding = None
         if vector is not None:
@@ -414,6 +392,62 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             sources=sources.chunks if sources is not None else (),
             question_embedding=embedding,
         )
+
+    async def _retrieve(self, turn: _Turn, question: str, k: int) -> tuple[Retrieval, np.ndarray | None]:
+        """The `k` chunks of the turn's knowledge bases that best match `question`, and its embedding (None when the
+        embedding endpoint failed: the chunks are then found by keywords alone). Raises KnowledgeStoreUnavailable
+        and KnowledgeBaseChanging."""
+        settings = self._settings
+        vector = None
+        try:
+            (vector,) = await self._model.embed(
+                [question],
+                model=settings.embedding_model,
+                dimensions=settings.embedding_dimensions,
+                deadline=min(turn.deadline, asyncio.get_running_loop().time() + settings.embedding_timeout_seconds),
+            )
+        except ModelError as error:
+            log.warning("knowledge_embedding_failed", extra={"error": error.kind.value})
+        retrieval = await self._retriever.search(
+            turn.scope.tenant,
+            turn.knowledge_bases,
+            question,
+            vector,
+            k=k,
+            # A floor on similarity applies only where there is one: not by keywords alone.
+            min_similarity=settings.knowledge_min_similarity
+            if vector is not None and settings.knowledge_min_similarity
+            else None,
+        )
+        for name in retrieval.missing:
+            log.warning("knowledge_base_missing", extra={"tenant": turn.scope.tenant, "knowledge_base": name})
+        return retrieval, vector
+
+    def _knowledge_search(self, turn: _Turn, answer: _Answer) -> KnowledgeSearch | None:
+        """The turn's server-side tool `knowledge_search` (None for a turn without knowledge bases): the chunks that
+        best match the model's query, numbered after the turn's sources so far, which they join (`answer.
+        tool_sources`) so that the reply may cite them. A store that cannot be read is an error result, not the
+        turn's failure: the model may answer without it."""
+        if not turn.knowledge_bases:
+            return None
+
+        async def search(query: str, k: int) -> ToolOutcome:
+            try:
+                retrieval, _ = await self._retrieve(turn, query, k)
+            except (KnowledgeStoreUnavailable, KnowledgeBaseChanging):
+                log.warning("knowledge_search_unavailable", extra={"request_id": turn.request_id})
+                return ToolOutcome("the knowledge bases cannot be read now; answer without them", is_error=True)
+            result = search_result(
+                retrieval.chunks,
+                (*turn.sources, *answer.tool_sources),
+                self._tokens,
+                turn.model,
+                self._settings.knowledge_context_max_tokens,
+            )
+            answer.tool_sources.extend(result.added)
+            return ToolOutcome(result.text, is_error=False)
+
+        return search
 
     async def _window(
         self,
@@ -750,7 +784,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         events.append(calls_event)
         server_calls = [call for call in calls if call.server_side]
         if server_calls:
-            results = await self._run_server_tools(turn, server_calls)
+            results = await self._run_server_tools(turn, answer, server_calls)
             if screened and (
                 refused := await self._refused_tool_texts(context, turn, answer, [result.content for result in results])
             ):
@@ -776,13 +810,17 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             annotate(input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)
             yield completed
 
-    async def _run_server_tools(self, turn: _Turn, calls: Sequence[StoredToolCall]) -> list[StoredMessage]:
+    async def _run_server_tools(
+        self, turn: _Turn, answer: _Answer, calls: Sequence[StoredToolCall]
+    ) -> list[StoredMessage]:
         """Runs the calls concurrently, each as its tool's result (an error result when it failed, or names no
         server-side tool the request enabled), in the calls' order."""
         enabled = [call.name in turn.chat.options.server_tools for call in calls]
         outcomes = iter(
             await self._server_tools.run_all(
-                [call for call, run in zip(calls, enabled, strict=True) if run], turn.deadline
+                [call for call, run in zip(calls, enabled, strict=True) if run],
+                turn.deadline,
+                knowledge=self._knowledge_search(turn, answer),
             )
         )
         now = time.time()
@@ -866,7 +904,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
             StoredMessage("assistant", stored_text, time.time(), placeholders=turn.placeholders.take_added()),
         )
         finish_reason = _FINISH_REASONS.get(end.outcome.finish_reason, chat_pb2.FINISH_REASON_UNSPECIFIED)
-        cited = citations(end.text, turn.sources)
+        cited = citations(end.text, (*turn.sources, *answer.tool_sources))
         completed = _completed(finish_reason, answer, cited)
         if stored_text:
             answer.events.append(chat_pb2.ChatEvent(delta=chat_pb2.Delta(text=stored_text)))
@@ -1542,6 +1580,8 @@ class _Answer:
     # What a retry with the same idempotency key is replayed before Completed.
     events: list[chat_pb2.ChatEvent] = field(default_factory=list)
     step: _StepEnd = field(default_factory=_StepEnd)
+    # The chunks knowledge_search calls gave the model, numbered after the turn's sources in the window.
+    tool_sources: list[RetrievedChunk] = field(default_factory=list)
 
     def add(self, model: str, input_tokens: int, output_tokens: int, cost: float) -> None:
         self.model = model

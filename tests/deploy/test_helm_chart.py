@@ -31,7 +31,7 @@ from support.chart import (
     values_file,
 )
 
-from chatmesh.dialogue.server_tools import CURRENT_TIME, ServerTools
+from chatmesh.dialogue.server_tools import CURRENT_TIME, KNOWLEDGE_SEARCH, ServerTools
 from chatmesh.runtime.deployments import parse_deployments
 from chatmesh.runtime.settings import Settings
 
@@ -1447,7 +1447,7 @@ def test_server_tools_are_mounted_in_dialogue_only_and_load_as_dialogue_loads_th
     tools = ServerTools.load(
         settings.model_copy(update={"tools_file": str(copy)}), {"ORDERS_API_AUTHORIZATION": "Bearer x"}
     )
-    assert tools.names() == [CURRENT_TIME, "order_status", "weather"]
+    assert tools.names() == [CURRENT_TIME, KNOWLEDGE_SEARCH, "order_status", "weather"]
     order_status, weather = tools.get("order_status"), tools.get("weather")
     assert order_status is not None and weather is not None
     assert (order_status.timeout_seconds, weather.timeout_seconds) == (3, 4)

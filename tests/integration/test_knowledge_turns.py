@@ -1,10 +1,13 @@
 """Turns answered from a knowledge base, on a real cluster with Redis and modelsim: the best chunks go into the
 window as numbered sources, the reply's citations come back in Completed, a cached answer keeps them and is shared
-only under the same version of the knowledge base, and one tenant never reads another's."""
+only under the same version of the knowledge base, and one tenant never reads another's. The model may also search
+the turn's knowledge bases itself (the server-side tool knowledge_search), and cite what it found."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,8 +17,9 @@ from support.cluster import Cluster
 from support.knowledge import CORPUS
 from support.redis_server import RedisServer
 
-from chatmesh.dialogue.grounding import INSTRUCTION
+from chatmesh.dialogue.grounding import INSTRUCTION, SEARCH_INSTRUCTION
 from chatmesh.dialogue.knowledge.documents import read_documents
+from chatmesh.dialogue.server_tools import KNOWLEDGE_SEARCH, NO_KNOWLEDGE_BASES
 from chatmesh.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
 
 TENANT = "default"  # auth is off: every caller is the default tenant
@@ -25,6 +29,8 @@ ANSWERED_BY = ("en/plans-and-billing.md", "Plans and billing > Refunds")
 CHINESE_QUESTION = "可以用公司的单点登录账号登录吗？"  # noqa: RUF001
 CHINESE_ANSWERED_BY = ("zh/快速入门.md", "Kestrel 同步快速入门 > 登录账号")
 ATTEMPTS = 100
+# A numbered source's head, `[n] title (source)`, on a line of its own.
+SOURCE_HEAD = re.compile(r"^\[(\d+)\] (.+) \(([^()\n]+)\)$", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +162,61 @@ async def test_a_tenant_never_answers_from_another_tenants_knowledge_base(
 
     assert not reply.citations
     assert "0000" not in reply.text
+
+
+def numbered_sources(text: str) -> dict[int, tuple[str, str]]:
+    """The sources a text numbers: number -> (source, title)."""
+    return {int(number): (source, title) for number, title, source in SOURCE_HEAD.findall(text)}
+
+
+async def ask_searching(
+    chat: chat_pb2_grpc.ChatServiceStub, message: str, *knowledge_bases: str
+) -> chat_pb2.ChatResponse:
+    request = chat_pb2.ChatRequest(
+        user_id="reader",
+        message=message,
+        options=chat_pb2.ChatOptions(knowledge_bases=knowledge_bases, server_tools=[KNOWLEDGE_SEARCH]),
+    )
+    return await chat.Chat(request, timeout=30)
+
+
+async def test_knowledge_search_gives_the_model_more_sources_numbered_after_the_windows_and_the_reply_cites_them(
+    cluster: Cluster, stubs
+) -> None:
+    chat, _ = stubs
+    cluster.sim_reset()
+    # The window's sources are found for the whole message; the model searches for the Chinese question alone.
+    arguments = json.dumps({"query": CHINESE_QUESTION, "k": 6}, ensure_ascii=False)
+
+    reply = await ask_searching(chat, f"{QUESTION} call {KNOWLEDGE_SEARCH} {arguments}", KNOWLEDGE_BASE)
+
+    (call,) = reply.tool_calls
+    assert (call.name, call.server_side) == (KNOWLEDGE_SEARCH, True)
+    (result,) = reply.tool_results
+    assert result.call_id == call.id and not result.is_error
+    assert result.content.startswith(SEARCH_INSTRUCTION + "\n\n")
+    first_call = cluster.sim_requests(2)[0]["messages"]
+    (window_message,) = [m["content"] for m in first_call if m["role"] == "system"]
+    in_window = numbered_sources(window_message)
+    found = numbered_sources(result.content)
+    assert len(found) == 6 and CHINESE_ANSWERED_BY in found.values()
+    # A passage the window numbers keeps its number; the others are numbered after the window's, in order.
+    kept = {number: head for number, head in found.items() if head in in_window.values()}
+    added = sorted(number for number in found if number not in kept)
+    assert all(in_window[number] == head for number, head in kept.items())
+    assert kept and added and added == list(range(len(in_window) + 1, len(in_window) + 1 + len(added)))
+    # modelsim answers tool results by repeating them: the reply cites every passage the search gave it.
+    assert reply.text == f"tool results: {call.id}={result.content}"
+    assert [(c.number, c.knowledge_base, c.source, c.title) for c in reply.citations] == [
+        (number, KNOWLEDGE_BASE, *found[number]) for number in sorted(found)
+    ]
+
+
+async def test_knowledge_search_in_a_turn_without_knowledge_bases_tells_the_model_there_are_none(stubs) -> None:
+    chat, _ = stubs
+
+    reply = await ask_searching(chat, f'call {KNOWLEDGE_SEARCH} {{"query": "refunds"}}')
+
+    (result,) = reply.tool_results
+    assert result.is_error and result.content == NO_KNOWLEDGE_BASES
+    assert not reply.citations

@@ -2,7 +2,16 @@
 
 import pytest
 
-from chatmesh.dialogue.grounding import INSTRUCTION, citations, sources_message
+from chatmesh.dialogue.grounding import (
+    INSTRUCTION,
+    NOTHING_FITS,
+    NOTHING_FOUND,
+    SEARCH_INSTRUCTION,
+    SearchResult,
+    citations,
+    search_result,
+    sources_message,
+)
 from chatmesh.dialogue.knowledge.chunking import Chunk
 from chatmesh.dialogue.knowledge.retrieval import RetrievedChunk
 from chatmesh.dialogue.tokens import DEFAULT_MODEL_ENCODINGS, TokenCounter
@@ -78,3 +87,38 @@ def test_a_reply_that_cites_nothing_has_no_citations() -> None:
     assert citations("I do not know.", [RESET]) == []
     assert citations("Set items[1] to true.", [RESET]) == []
     assert citations("See [1].", []) == []
+
+
+# knowledge_search's result: more sources, numbered after the turn's.
+
+SHIPPING = retrieved("shipping.md", "Shipping", "Orders ship within two days.")
+
+
+def test_a_search_result_numbers_its_chunks_after_the_turns_sources_headed_as_in_the_window(
+    counter: TokenCounter,
+) -> None:
+    result = search_result([SHIPPING, LONG], [REFUNDS, RESET], counter, MODEL, 200)
+
+    assert result.text == f"{SEARCH_INSTRUCTION}\n\n[3] Shipping (shipping.md)\nOrders ship within two days."
+    assert result.added == (SHIPPING,)  # LONG did not fit
+    assert citations(f"It ships in two days [3]. {result.text}", [REFUNDS, RESET, *result.added]) == [
+        chat_pb2.Citation(number=3, knowledge_base="handbook", source="shipping.md", title="Shipping", position=0)
+    ]
+
+
+def test_a_chunk_the_turn_has_numbered_keeps_its_number_in_a_search_result(counter: TokenCounter) -> None:
+    # The same chunk as found by another query: another score, the same passage.
+    refunds_again = RetrievedChunk("handbook", REFUNDS.chunk, 0.4, 0.3, 0.2)
+
+    result = search_result([SHIPPING, refunds_again], [REFUNDS, RESET], counter, MODEL, 1000)
+
+    assert "[3] Shipping (shipping.md)" in result.text and "[1] Billing > Refunds (billing.md)" in result.text
+    assert result.added == (SHIPPING,)
+    # The same document and position in another knowledge base is another source.
+    elsewhere = RetrievedChunk("other-handbook", REFUNDS.chunk, 1.0, 0.9, 1.0)
+    assert search_result([elsewhere], [REFUNDS], counter, MODEL, 1000).added == (elsewhere,)
+
+
+def test_a_search_result_says_when_nothing_was_found_or_nothing_fits(counter: TokenCounter) -> None:
+    assert search_result([], [REFUNDS], counter, MODEL, 1000) == SearchResult(NOTHING_FOUND, ())
+    assert search_result([LONG], [REFUNDS], counter, MODEL, 200) == SearchResult(NOTHING_FITS, ())

@@ -21,6 +21,8 @@ from support.ports import free_port
 
 from chatmesh.dialogue.server_tools import (
     CURRENT_TIME,
+    KNOWLEDGE_SEARCH,
+    NO_KNOWLEDGE_BASES,
     ServerTool,
     ServerTools,
     ToolOutcome,
@@ -398,6 +400,120 @@ async def test_current_time_refuses_arguments_it_does_not_take(make_tools: Calla
     assert outcome.is_error and "Additional properties are not allowed ('zone' was unexpected)" in outcome.content
 
 
+# The built-in knowledge_search: the search is the turn's, handed in by dialogue.
+
+
+@dataclass
+class TurnSearch:
+    """A turn's knowledge_search that records what it was asked and answers `outcome` after `seconds`."""
+
+    outcome: ToolOutcome = field(default_factory=lambda: ToolOutcome("[1] Refunds (billing.md)\nFive days.", False))
+    seconds: float = 0.0
+    asked: list[tuple[str, int]] = field(default_factory=list)
+
+    async def __call__(self, query: str, k: int) -> ToolOutcome:
+        self.asked.append((query, k))
+        await asyncio.sleep(self.seconds)
+        return self.outcome
+
+
+async def test_knowledge_search_asks_the_turns_search_and_its_answer_is_the_result(
+    make_tools: Callable[..., ServerTools],
+) -> None:
+    search = TurnSearch()
+    tools = make_tools()
+
+    outcome = await tools.run("call_1", KNOWLEDGE_SEARCH, '{"query": "refund", "k": 2}', deadline(), knowledge=search)
+    default_k = await tools.run("call_2", KNOWLEDGE_SEARCH, '{"query": "refund"}', deadline(), knowledge=search)
+
+    assert outcome == default_k == search.outcome
+    # Without k, as many passages as a turn's window takes (CHATMESH_KNOWLEDGE_TOP_K).
+    assert search.asked == [("refund", 2), ("refund", SETTINGS.knowledge_top_k)]
+
+
+async def test_knowledge_search_in_a_turn_without_knowledge_bases_is_an_error_saying_so(
+    make_tools: Callable[..., ServerTools],
+) -> None:
+    before = calls_counted(KNOWLEDGE_SEARCH, "error")
+
+    outcome = await make_tools().run("call_1", KNOWLEDGE_SEARCH, '{"query": "refund"}', deadline())
+
+    assert outcome == ToolOutcome(NO_KNOWLEDGE_BASES, True)
+    assert calls_counted(KNOWLEDGE_SEARCH, "error") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ("{}", "arguments: 'query' is a required property"),
+        ('{"query": ""}', "arguments.query: '' should be non-empty"),
+        ('{"query": "refund", "k": 0}', "arguments.k: 0 is less than the minimum of 1"),
+        ('{"query": "refund", "k": 51}', "arguments.k: 51 is greater than the maximum of 50"),
+        ('{"query": "refund", "kb": "secrets"}', "('kb' was unexpected)"),
+    ],
+)
+async def test_knowledge_search_with_arguments_that_do_not_fit_does_not_search(
+    make_tools: Callable[..., ServerTools], arguments: str, problem: str
+) -> None:
+    search = TurnSearch()
+
+    outcome = await make_tools().run("call_1", KNOWLEDGE_SEARCH, arguments, deadline(), knowledge=search)
+
+    assert error(problem)(outcome), outcome
+    assert search.asked == []
+
+
+async def test_knowledge_search_is_bounded_by_the_tool_timeout_and_the_turns_deadline(
+    make_tools: Callable[..., ServerTools],
+) -> None:
+    tools = ServerTools(Settings(tool_timeout_seconds=SHORT_TIMEOUT))
+    try:
+        slow = TurnSearch(seconds=5)
+        timed_out = await tools.run("call_1", KNOWLEDGE_SEARCH, '{"query": "refund"}', deadline(), knowledge=slow)
+        passed = await tools.run("call_2", KNOWLEDGE_SEARCH, '{"query": "refund"}', deadline(-1), knowledge=slow)
+    finally:
+        await tools.close()
+
+    assert timed_out == ToolOutcome(f"the tool did not answer within {SHORT_TIMEOUT:g} s", True)
+    assert passed == ToolOutcome("the turn's deadline passed before the tool could run", True)
+    assert slow.asked == [("refund", Settings().knowledge_top_k)]
+
+
+async def test_a_knowledge_search_that_fails_is_an_error_result_and_counted_as_one(
+    make_tools: Callable[..., ServerTools],
+) -> None:
+    unreadable = TurnSearch(outcome=ToolOutcome("the knowledge bases cannot be read now", True))
+
+    async def broken(query: str, k: int) -> ToolOutcome:
+        raise RuntimeError("surprise")
+
+    before = calls_counted(KNOWLEDGE_SEARCH, "error")
+    tools = make_tools()
+
+    failed = await tools.run("call_1", KNOWLEDGE_SEARCH, '{"query": "refund"}', deadline(), knowledge=unreadable)
+    raised = await tools.run("call_2", KNOWLEDGE_SEARCH, '{"query": "refund"}', deadline(), knowledge=broken)
+
+    assert failed == unreadable.outcome
+    assert raised == ToolOutcome("the tool failed", True)
+    assert calls_counted(KNOWLEDGE_SEARCH, "error") == before + 2
+
+
+async def test_run_all_hands_the_turns_search_to_each_knowledge_search_call(
+    make_tools: Callable[..., ServerTools],
+) -> None:
+    search = TurnSearch()
+    calls = [
+        chat_pb2.ToolCall(id="call_1", name=KNOWLEDGE_SEARCH, arguments='{"query": "refund"}'),
+        chat_pb2.ToolCall(id="call_2", name=CURRENT_TIME, arguments="{}"),
+        chat_pb2.ToolCall(id="call_3", name=KNOWLEDGE_SEARCH, arguments='{"query": "password", "k": 1}'),
+    ]
+
+    outcomes = await make_tools().run_all(calls, deadline(), knowledge=search)
+
+    assert outcomes[0] == outcomes[2] == search.outcome and not outcomes[1].is_error
+    assert sorted(search.asked) == [("password", 1), ("refund", SETTINGS.knowledge_top_k)]
+
+
 async def test_a_name_that_is_no_server_side_tool_is_an_error(make_tools: Callable[..., ServerTools]) -> None:
     outcome = await make_tools().run("call_1", "delete_everything", "{}", deadline())
 
@@ -410,15 +526,19 @@ async def test_a_name_that_is_no_server_side_tool_is_an_error(make_tools: Callab
 async def test_definitions_are_openai_tools_entries_in_the_order_asked(make_tools: Callable[..., ServerTools]) -> None:
     tools = make_tools(http_tool("order_status", "http://127.0.0.1/status", parameters=ORDER_PARAMETERS))
 
-    assert tools.names() == [CURRENT_TIME, "order_status"]
+    assert tools.names() == [CURRENT_TIME, KNOWLEDGE_SEARCH, "order_status"]
     assert "order_status" in tools and "other" not in tools and tools.get("other") is None
-    order_status, current_time = tools.definitions(["order_status", CURRENT_TIME])
+    order_status, current_time, knowledge_search = tools.definitions(["order_status", CURRENT_TIME, KNOWLEDGE_SEARCH])
     assert order_status == {
         "type": "function",
         "function": {"name": "order_status", "description": "The order_status tool.", "parameters": ORDER_PARAMETERS},
     }
     assert current_time["function"]["parameters"]["properties"]["timezone"]["type"] == "string"
     assert current_time["function"]["parameters"]["additionalProperties"] is False
+    search_parameters = knowledge_search["function"]["parameters"]
+    assert search_parameters["required"] == ["query"] and search_parameters["additionalProperties"] is False
+    assert set(search_parameters["properties"]) == {"query", "k"}
+    assert f"{SETTINGS.knowledge_top_k} when omitted" in search_parameters["properties"]["k"]["description"]
     with pytest.raises(KeyError):
         tools.definitions(["other"])
 
@@ -462,7 +582,7 @@ async def test_each_call_is_counted_timed_and_logged_by_outcome_without_its_argu
 
 
 def test_load_without_a_file_has_only_the_built_in_tools() -> None:
-    assert ServerTools.load(Settings(tools_file="")).names() == [CURRENT_TIME]
+    assert ServerTools.load(Settings(tools_file="")).names() == [CURRENT_TIME, KNOWLEDGE_SEARCH]
 
 
 def test_load_reads_the_file_and_the_header_values_from_the_environment(tmp_path: Path) -> None:
@@ -486,7 +606,7 @@ tools:
 
     tools = ServerTools.load(Settings(tools_file=str(path), tool_timeout_seconds=7), ENV)
 
-    assert tools.names() == [CURRENT_TIME, "order_status", "weather"]
+    assert tools.names() == [CURRENT_TIME, KNOWLEDGE_SEARCH, "order_status", "weather"]
     order_status, weather = tools.get("order_status"), tools.get("weather")
     assert order_status is not None and weather is not None and order_status.endpoint is not None
     assert order_status.timeout_seconds == 3 and order_status.parameters == ORDER_PARAMETERS
@@ -533,6 +653,10 @@ GOOD = declaration("order_status", "http://orders.internal:8080/v1/status", allo
         ({"name": "order status"}, "tools[0] (order status).name: String should match pattern"),
         ({"name": "x" * 65}, f"tools[0] ({'x' * 65}).name: String should match pattern"),
         ({"name": CURRENT_TIME}, "tools[0] (current_time).name: 'current_time' is already the name of a built-in tool"),
+        (
+            {"name": KNOWLEDGE_SEARCH},
+            "tools[0] (knowledge_search).name: 'knowledge_search' is already the name of a built-in tool",
+        ),
         ({"description": ""}, "tools[0] (order_status).description: String should have at least 1 character"),
         ({"allowed_hosts": None}, "tools[0] (order_status).allowed_hosts: Input should be a valid list"),
         ({"allowed_hosts": []}, "tools[0] (order_status).allowed_hosts: List should have at least 1 item"),
