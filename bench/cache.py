@@ -21,8 +21,9 @@ request's.
 The lookup's added latency is measured apart: a cache process with the semantic cache on and one with it off share
 one Redis; 10,000 answers in one scope are stored through the first's CacheService.Store, then questions that none of
 them was stored for (so exact misses: the workload's questions, asked in ways the sequence never sends) are looked up
-on both, one at a time, in turn with an embeddings call for the same question to the same modelsim: what the
-semantic lookup adds is reported with and without that call, which is the provider's latency.
+on both as dialogue looks them up (Lookup, then LookupSimilar where the first allows it), one at a time, in turn with
+an embeddings call for the same question to the same modelsim: what the semantic lookup adds is reported with and
+without that call, which is the provider's latency.
 
 The report also says how the workload's questions stand under modelsim's embeddings (near-misses above a threshold
 are refused by the guards or not at all), for choosing the threshold.
@@ -391,7 +392,7 @@ def _ms_stats(seconds: list[float]) -> dict[str, float | None]:
 
 
 async def measure_lookups(support: Any, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
-    """CacheService.Lookup of exact misses with `args.entries` answers in the scope, the semantic cache on and off."""
+    """Lookups of exact misses with `args.entries` answers in the scope, the semantic cache on and off."""
     print(f"bench-cache: lookup latency with {args.entries} answers", file=sys.stderr, flush=True)
     common = {"OPENAI_API_KEY": MODELSIM_API_KEY, **_threshold_env(args)}
     redis_server = support.RedisServer.start()
@@ -447,6 +448,16 @@ async def measure_lookups(support: Any, workload: Workload, args: argparse.Names
     }
 
 
+async def _lookup(stub: cache_pb2_grpc.CacheServiceStub, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
+    """A lookup as dialogue makes it: Lookup, then LookupSimilar after an exact miss that allows it."""
+    response = await stub.Lookup(request, timeout=CALL_TIMEOUT_SECONDS)
+    if response.hit or not response.similar_lookup:
+        return response
+    return await stub.LookupSimilar(
+        cache_pb2.LookupSimilarRequest(context=request.context), timeout=CALL_TIMEOUT_SECONDS
+    )
+
+
 async def _store_answers(
     stub: cache_pb2_grpc.CacheServiceStub, workload: Workload, texts: list[str]
 ) -> tuple[int, float]:
@@ -487,16 +498,14 @@ async def _warm_up(
     a stored question semantically (its scope is searchable); whether it did."""
     for index in range(WARMUP_LOOKUPS):
         request = cache_pb2.LookupRequest(context=_context(workload, f"warm-up question {index}"))
-        await asyncio.gather(
-            on.Lookup(request, timeout=CALL_TIMEOUT_SECONDS), off.Lookup(request, timeout=CALL_TIMEOUT_SECONDS)
-        )
+        await asyncio.gather(_lookup(on, request), _lookup(off, request))
     # Lower case and no question mark: not a stored text (those differ from their question in one way only), but
     # the same words.
     stored = workload.intents[0].questions[0]
     request = cache_pb2.LookupRequest(context=_context(workload, stored.lower().rstrip("?")))
     deadline = time.monotonic() + WARMUP_SECONDS
     while time.monotonic() < deadline:
-        response = await on.Lookup(request, timeout=CALL_TIMEOUT_SECONDS)
+        response = await _lookup(on, request)
         if response.match == chat_pb2.CACHE_MATCH_SEMANTIC:
             return True
         await asyncio.sleep(0.1)
@@ -525,7 +534,7 @@ async def _time_lookups(
                 timeout=CALL_TIMEOUT_SECONDS,
             )
             return None
-        return await stubs[name].Lookup(request, timeout=CALL_TIMEOUT_SECONDS)
+        return await _lookup(stubs[name], request)
 
     names = list(seconds)
     for index, text in enumerate(texts):
@@ -722,7 +731,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
         + " |",
         "",
-        f"Lookup latency: CacheService.Lookup of {lookups['lookups']} questions that miss exactly, on a cache process "
+        f"Lookup latency: CacheService.Lookup (then LookupSimilar where it allows it, as dialogue calls them) of "
+        f"{lookups['lookups']} questions that miss exactly, on a cache process "
         f"with the semantic cache off and one with it on (one Redis, {lookups['stored']:,} answers stored in the "
         f"scope), and an embeddings call ({lookups['embedding_model']}, {lookups['embedding_dimensions']} dimensions) "
         "for each to the same modelsim from this process, in turn:",
