@@ -27,6 +27,10 @@ fresh key on every call, on every chatmesh target, no baselines): in each of its
 chatmesh_open also run the same calls without a key against the same cluster (chatmesh_unkeyed,
 chatmesh_open_unkeyed), and the key's cost is the one minus the other; every other case sends no key.
 
+Beside the cases, the report measures in this process what building a window (bench/window.py), the PII screen
+(bench/pii.py) and knowledge-base retrieval (bench/knowledge.py) cost, and, after the cases, grounded turns against
+the same turns without knowledge bases on chatmesh_open (bench/knowledge.py).
+
 Usage: python -m bench [--mode full|quick|tiny] [--rounds N] [--reply-tokens N] [--cases a,b] [--out-dir DIR]
        [--profile SECONDS [--profile-case NAME]]
 """
@@ -54,6 +58,7 @@ import grpc
 import redis
 import uvloop
 
+from bench import knowledge as knowledge_cost
 from bench import pii as pii_cost
 from bench import window as window_cost
 from bench.cases import CASES, Case, Expect, Message, preparation_message, question
@@ -119,6 +124,9 @@ class Mode:
     turn_count: int
     turn_count_concurrent: int
     warmup: int
+    # The knowledge base's chunks and the grounded turns (and as many without) of bench/knowledge.py's turns.
+    knowledge_chunks: int
+    knowledge_calls: int
 
     def bounds(self, case: Case) -> tuple[int, float]:
         single = case.concurrency == 1
@@ -132,12 +140,12 @@ class Mode:
 MODES = {
     # About 8 minutes on 2 cores (more on a busy machine; 6 before chatmesh_tls), over half of it preparing the
     # conversations of the turn-10 cases, once for each chatmesh target (conversations belong to a tenant).
-    "full": Mode(5, 1.0, 1.6, 400, 2000, 40, 80, 200),
+    "full": Mode(5, 1.0, 1.6, 400, 2000, 40, 80, 200, knowledge_chunks=5000, knowledge_calls=200),
     # About 95 seconds; its c=32 turn-10 throughput comes from too few calls to mean much, and its differences
     # between the chatmesh targets (the turn-10 cases' above all) are within the machine's noise.
-    "quick": Mode(2, 0.4, 0.6, 120, 480, 10, 40, 32),
+    "quick": Mode(2, 0.4, 0.6, 120, 480, 10, 40, 32, knowledge_chunks=5000, knowledge_calls=60),
     # A few calls per case: for tests of the harness itself; its numbers mean nothing.
-    "tiny": Mode(1, 2.0, 4.0, 4, 32, 3, 32, 4),
+    "tiny": Mode(1, 2.0, 4.0, 4, 32, 3, 32, 4, knowledge_chunks=200, knowledge_calls=3),
 }
 
 
@@ -551,6 +559,15 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
             print(f"bench: {case.name} ({case.describe()})", file=sys.stderr, flush=True)
             entries.append(await bench.run_case(case))
         peaks = bench.rss.run_peak_mib()
+        # After the cases and their memory peaks: the knowledge base stays in chatmesh_open's dialogue.
+        print("bench: knowledge (grounded turns, chatmesh_open)", file=sys.stderr, flush=True)
+        open_cluster = clusters["chatmesh_open"]
+        knowledge_turns = await knowledge_cost.measure_turns(
+            open_cluster.gateway_target,
+            chunks=mode.knowledge_chunks,
+            calls=mode.knowledge_calls,
+            dialogue_metrics_port=open_cluster.metrics_ports["dialogue"],
+        )
         profile = None
         if args.profile:
             case = next(case for case in CASES if case.name == args.profile_case)
@@ -623,6 +640,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         "targets": evaluate_targets(entries, processes),
         "window": window_cost.measure(),
         "pii": pii_cost.measure(),
+        "knowledge": {"retrieval": await knowledge_cost.measure_retrieval(), "turns": knowledge_turns},
     }
     return report, bench.samples, bench
 

@@ -2,7 +2,8 @@
 chatmesh as the chart configures it without TLS (authentication and every limit on), on chatmesh_open (without
 authentication and limits) and on chatmesh_tls (chatmesh with TLS on every gRPC port), with what TLS adds
 (chatmesh_tls minus chatmesh), and with what an idempotency key adds (in a keyed case, the calls with a key minus
-the same calls without one, alternating with them within each round).
+the same calls without one, alternating with them within each round); and with what the window, the PII screen and
+knowledge-base retrieval cost.
 
 Timings are not checked here: the targets are read from the report, never asserted by a test.
 """
@@ -253,3 +254,13 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
         "zh_without": 0,
     }
     assert pii["cpu_ms_per_message"] == max(message["cpu_ms_per_message"] for message in pii["messages"].values())
+    # Knowledge-base retrieval: the search alone at 5,000 chunks (issue 18's target), and grounded turns against
+    # the same turns without knowledge bases (a small knowledge base in the tiny mode), every one answered.
+    assert "Retrieval adds ≤ 3 ms p50 to a turn with 5,000 chunks" in markdown
+    retrieval = report["knowledge"]["retrieval"]
+    assert (retrieval["chunks"], retrieval["dimensions"], retrieval["target_ms"]) == (5000, 256, 3.0)
+    assert 0 < retrieval["p50_ms"] <= retrieval["p90_ms"]
+    turns = report["knowledge"]["turns"]
+    assert turns["chunks"] == 200 and turns["grounded"]["calls"] == turns["plain"]["calls"] == 3
+    assert turns["cited_share"] == 1.0 and turns["embedding_mean_ms"] > 0
+    assert turns["added_p50_ms"] == round(turns["grounded"]["p50_ms"] - turns["plain"]["p50_ms"], 3)
