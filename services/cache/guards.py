@@ -31,9 +31,16 @@ candidate may answer, `guard_mismatch` compares what such near-misses differ in,
   word anywhere, in any case ("Brightbox: …" and "… the brightbox …"). Common words that open sentences
   (_ORDINARY_WORDS) never count. Everywhere else an entity must be an entity on both sides.
 
+- contrasts, compared as sets: words of opposite pairs and qualifiers that turn a question into another with
+  little change to its embedding (CONTRAST_WORDS: enable/disable, upload/download, before/after, monthly/yearly,
+  month/year, express, international …), the particle after turn, switch, log, sign, opt and check ("turn on"
+  and "turn off": on/off, in/out), and their Chinese counterparts (CJK_CONTRASTS: 开启/关闭, 上传/下载, 每月/每年,
+  按月/按年, 加急 …). "How much is Plus per month?" and "… per year?", "turn on two-factor" and "turn off
+  two-factor", "How long does shipping take?" and "How long does express shipping take?" differ in them.
+
 What the guards deliberately do not catch, and leave to the similarity threshold:
-- ordinary words that change the question: cancel/pause, on/off, doorbell/camera, 门铃/摄像头, before/after,
-  days/weeks (units, currencies and percent signs are not compared: "30 days" and "30 weeks" pass);
+- ordinary words that change the question and are not contrasts: cancel/pause, doorbell/camera, 门铃/摄像头
+  (units, currencies and percent signs are not compared: "30 days" and "30 weeks" pass);
 - who does what to whom: entities are a set, so "Is the Atlantic deeper than the Pacific?" and the reverse pass;
 - names that no rule sees: in lower case and not listed ("brightbox"), starting a sentence when the other
   question has the same word, Chinese names missing from the gazetteer (two-character personal names such as
@@ -87,6 +94,8 @@ class QuestionFeatures:
     initial_words: frozenset[str]
     # Every Latin-script word, case-folded: where an initial word of the other question is looked for.
     words: frozenset[str]
+    # Contrast words and particles, case-folded, and Chinese contrast terms.
+    contrasts: frozenset[str] = frozenset()
 
 
 def guard_mismatch(asked: QuestionFeatures, cached: QuestionFeatures) -> str | None:
@@ -97,6 +106,8 @@ def guard_mismatch(asked: QuestionFeatures, cached: QuestionFeatures) -> str | N
         return "negation"
     if not (_entities_found(asked, cached) and _entities_found(cached, asked)):
         return "entities"
+    if asked.contrasts != cached.contrasts:
+        return "contrast"
     return None
 
 
@@ -244,13 +255,95 @@ def question_features(text: str) -> QuestionFeatures:
     for quoted in _QUOTES.finditer(text):
         content = next(group for group in quoted.groups() if group is not None)
         entities.add(f"“{' '.join(content.split())}”")
+    words = frozenset(scan.words)
+    contrasts = {CONTRAST_WORDS[word] for word in words if word in CONTRAST_WORDS}
+    contrasts |= {match.group(1).casefold() for match in _PARTICLES.finditer(text)}
+    contrasts |= {concept for term, concept in CJK_CONTRASTS.items() if term in text}
     return QuestionFeatures(
         numbers=tuple(scan.numbers),
         negations=scan.negations,
         entities=frozenset(entities),
         initial_words=frozenset(scan.initial_words),
-        words=frozenset(scan.words),
+        words=words,
+        contrasts=frozenset(contrasts),
     )
+
+
+# Words whose opposite (or absence) asks another question, though an embedding barely moves (see the docstring),
+# each to what it is compared as: a period is one however it is said ("per month", "monthly", 每月, 一个月).
+_PERIODS = {
+    "month": "month",
+    "monthly": "month",
+    "year": "year",
+    "yearly": "year",
+    "annual": "year",
+    "annually": "year",
+    "week": "week",
+    "weekly": "week",
+    "day": "day",
+    "daily": "day",
+    "hour": "hour",
+    "hourly": "hour",
+    "minute": "minute",
+}
+CONTRAST_WORDS = {
+    **{
+        word: word
+        for word in _word_set(
+            """
+        enable enabled disable disabled activate deactivate upload download import export increase decrease raise
+        lower upgrade downgrade add remove lock unlock subscribe unsubscribe pause resume buy sell before after
+        earliest latest minimum maximum min max express overnight international domestic
+        """
+        )
+    },
+    **_PERIODS,
+}
+# The particle after a phrasal verb whose meaning it reverses: turn on / turn off, log in / log out.
+_PARTICLES = re.compile(
+    r"\b(?:turn|turning|turned|switch|switching|switched|log|logging|logged|sign|signing|signed|opt|opting|opted|"
+    r"check|checking|checked)\s+(on|off|in|out)\b",
+    re.IGNORECASE,
+)
+CJK_CONTRASTS = {
+    **{
+        term: term
+        for term in (
+            "开启",
+            "打开",
+            "关闭",
+            "关掉",
+            "上传",
+            "下载",
+            "导入",
+            "导出",
+            "升级",
+            "降级",
+            "增加",
+            "减少",
+            "添加",
+            "删除",
+            "登录",
+            "退出",
+            "之前",
+            "之后",
+            "以前",
+            "以后",
+            "最早",
+            "最晚",
+            "最多",
+            "最少",
+            "加急",
+            "特快",
+            "国际",
+            "国内",
+        )
+    },
+    **dict.fromkeys(("每月", "个月", "按月", "月付", "包月", "月费"), "month"),
+    **dict.fromkeys(("每年", "一年", "按年", "年付", "包年", "年费"), "year"),
+    **dict.fromkeys(("每周", "按周"), "week"),
+    **dict.fromkeys(("每天", "按天"), "day"),
+}
 
 
 class _Scan:

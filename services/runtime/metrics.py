@@ -726,10 +726,10 @@ SEMANTIC_LOOKUP_OUTCOMES = ("hit", "miss", "guarded", "error")
 _SEMANTIC_LOOKUP_OUTCOMES = {outcome: _SEMANTIC_LOOKUPS.labels(outcome) for outcome in SEMANTIC_LOOKUP_OUTCOMES}
 _SEMANTIC_GUARD_REFUSALS = Counter(
     "chatmesh_cache_semantic_guard_refusals_total",
-    "Candidates above the similarity threshold that a guard refused, by guard: numbers, negation, entities.",
+    "Candidates above the similarity threshold that a guard refused, by guard: numbers, negation, entities, contrast.",
     ("guard",),
 )
-for _guard in ("numbers", "negation", "entities"):
+for _guard in ("numbers", "negation", "entities", "contrast"):
     _SEMANTIC_GUARD_REFUSALS.labels(_guard)
 _SEMANTIC_BEST_SIMILARITY = Histogram(
     "chatmesh_cache_semantic_best_similarity",

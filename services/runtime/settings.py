@@ -254,8 +254,8 @@ class Settings(BaseSettings):
     # meaning, within the same scope, that passes the guards. Off by default: it answers paraphrases, and each
     # miss it looks up waits for one embedding call.
     semantic_cache: bool = False
-    # The cosine similarity a cached question needs, with the embedding model below.
-    semantic_cache_threshold: float = Field(default=0.9, gt=0, le=1)
+    # The cosine similarity a cached question needs, with the embedding model below (see the README on tuning it).
+    semantic_cache_threshold: float = Field(default=0.95, gt=0, le=1)
     # The questions kept per scope (tenant, model, system prompt, sampling options, embedding model); the oldest
     # go first. A full scope of 256-dimension vectors takes about 10 MiB of each cache process's memory.
     semantic_cache_max_entries: int = Field(default=10_000, ge=1)

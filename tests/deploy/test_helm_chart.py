@@ -1674,7 +1674,7 @@ def test_semantic_cache_and_embedding_settings_reach_the_processes_as_they_parse
             "cache": {
                 "semantic": {
                     "enabled": True,
-                    "threshold": 0.95,
+                    "threshold": 0.97,
                     "maxEntries": 2000,
                     "memoryMaxBytes": 4294967296,
                     "followUps": True,
@@ -1689,7 +1689,7 @@ def test_semantic_cache_and_embedding_settings_reach_the_processes_as_they_parse
         parsed = _process_settings(chart, monkeypatch, process)
         assert [getattr(parsed, field) for field in SEMANTIC_FIELDS] == [
             True,
-            0.95,
+            0.97,
             2000,
             4294967296,
             True,

@@ -64,6 +64,14 @@ PARAPHRASES = [
 
 # (asked, cached, the guard that refuses): most words shared, another question.
 NEAR_MISSES = [
+    # Contrasts: opposites and qualifiers.
+    ("How do I turn on two-factor authentication?", "How do I turn off two-factor authentication?", "contrast"),
+    ("How much is the Plus plan per month?", "How much is the Plus plan per year?", "contrast"),
+    ("How long does shipping take?", "How long does express shipping take?", "contrast"),
+    ("How do I enable notifications?", "How do I disable notifications?", "contrast"),
+    ("Can I upload videos from the app?", "Can I download videos from the app?", "contrast"),
+    ("怎么开启两步验证？", "怎么关闭两步验证？", "contrast"),
+    ("套餐按月付多少钱？", "套餐按年付多少钱？", "contrast"),
     # Another number.
     ("Can I return it within 30 days?", "Can I return it within 60 days?", "numbers"),
     ("Is the iPhone 14 waterproof?", "Is the iPhone 15 waterproof?", "numbers"),
