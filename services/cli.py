@@ -95,6 +95,10 @@ def _run_process(name: str) -> None:
 
 
 def _serve_process(name: str) -> None:
+    # numpy's BLAS would start a thread per core for each vector search, which a request path on an event loop
+    # loses to under load (10,000 questions: 8.6 ms under contention against 0.6 ms with one thread). Set before
+    # numpy is first imported; an operator's own value wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import uvloop
 
     from chatmesh.runtime.logs import configure_logging
