@@ -27,8 +27,10 @@ _WORD_WEIGHT = 1.0
 _TRIGRAM_WEIGHT = 0.25
 _CJK_CHAR_WEIGHT = 0.5
 _CJK_BIGRAM_WEIGHT = 1.0
-_TOKENS = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+|[^\W_]+")
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+_CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+# A CJK run, or a word of other letters and digits: "30天内" is the word "30" and the run "天内".
+_TOKENS = re.compile(f"[{_CJK_RANGES}]+|[^\\W_{_CJK_RANGES}]+")
+_CJK = re.compile(f"[{_CJK_RANGES}]")
 
 
 def embed(text: str, dimensions: int) -> list[float]:
