@@ -16,12 +16,11 @@ import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
-import numpy as np
 import openai
 
 from chatmesh.runtime import metrics, tracing
@@ -29,6 +28,9 @@ from chatmesh.runtime.deployments import ANY_MODEL, Deployment, Deployments, Mod
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.router import Router, parse_reset
 from chatmesh.runtime.settings import Settings
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = get_logger(__name__)
 
@@ -632,6 +634,9 @@ def _cost_usd(prices: Mapping[str, tuple[float, float]], family: str | None, out
 def _unit_vector(embedding: str | Sequence[float]) -> np.ndarray:
     """An embedding as the provider sent it (base64 of little-endian float32s, or floats) as a unit float32 vector;
     all zeros stays all zeros."""
+    # Imported here: safety and the gateway use this module without embeddings, and numpy costs them 10 MiB.
+    import numpy as np
+
     if isinstance(embedding, str):
         vector = np.frombuffer(base64.b64decode(embedding), dtype="<f4").astype(np.float32)
     else:
