@@ -375,7 +375,12 @@ async def _ingest(
         report.chunks += answer.chunks
         report.version = answer.version
     print(
-        json_format.MessageToJson(report, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        json_format.MessageToJson(
+            report,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+            ensure_ascii=False,
+        )
     )
     return 0
 
@@ -434,7 +439,11 @@ async def _call(
         return 1
     print(
         json_format.MessageToJson(
-            response, preserving_proto_field_name=True, always_print_fields_with_no_presence=every_field
+            response,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=every_field,
+            # Chinese paths and names as they are, not as \u escapes.
+            ensure_ascii=False,
         )
     )
     return 0
