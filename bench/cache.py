@@ -8,8 +8,7 @@ is a new conversation through the gateway's ChatService.Chat, one at a time, wit
 temperature 0.2. The sequence runs on three fresh clusters of the integration tests' kind (tests/support/cluster.py,
 each with its own redis-server), which differ only in their settings:
 
-- no_cache: CHATMESH_CACHE_MAX_TEMPERATURE=0, so that dialogue neither looks up nor stores any of the requests
-  (chatmesh has no setting that turns the answer cache off; this one changes no request, hence no token count);
+- no_cache: CHATMESH_CACHE_ANSWERS=false, so that dialogue neither looks up nor stores any of the requests;
 - exact: the answer cache as shipped (exact keys, in memory and Redis);
 - semantic: the same with CHATMESH_SEMANTIC_CACHE=true.
 
@@ -79,7 +78,7 @@ from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2, chat_pb2_grpc
 # A support bot's temperature: low, and within the cache's default bound (0.5).
 TEMPERATURE = 0.2
 RUNS = {
-    "no_cache": {"CHATMESH_CACHE_MAX_TEMPERATURE": "0"},
+    "no_cache": {"CHATMESH_CACHE_ANSWERS": "false"},
     "exact": {},
     "semantic": {"CHATMESH_SEMANTIC_CACHE": "true"},
 }

@@ -1040,12 +1040,14 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     def _answer_context(
         self, tenant: str, chat: chat_pb2.ChatRequest, model: str, window: Window
     ) -> cache_pb2.AnswerContext | None:
-        """What the cache keys an answer by; None when this request's answer may not be cached: a temperature
-        above the cache's bound, images in the turn or its window (never looked up nor stored), a summary in the
-        window, or tools (offered, or their calls and results in the turn or its window)."""
+        """What the cache keys an answer by; None when this request's answer may not be cached: the answer cache
+        turned off (CHATMESH_CACHE_ANSWERS), a temperature above the cache's bound, images in the turn or its window
+        (never looked up nor stored), a summary in the window, or tools (offered, or their calls and results in the
+        turn or its window)."""
         options = chat.options
         if (
-            chat.images
+            not self._settings.cache_answers
+            or chat.images
             or chat.tool_results
             or tools.offers_tools(options)
             or any(message.tool_calls or message.role == "tool" for message in window.history)

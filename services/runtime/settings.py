@@ -245,6 +245,8 @@ class Settings(BaseSettings):
     cache_memory_ttl_seconds: float = Field(default=60.0, gt=0)
     # Connect and reply timeout of the cache's Redis calls; past it the lookup is a miss.
     cache_redis_timeout_seconds: float = 0.5
+    # Off: dialogue neither looks up nor stores any answer (exact or semantic); the cache process still runs.
+    cache_answers: bool = True
     # Dialogue neither looks up nor stores requests with a temperature above this. A request that sets no
     # temperature is cached: set one above this bound to opt out.
     cache_max_temperature: float = 0.5

@@ -1643,6 +1643,13 @@ def test_bad_pii_policy_values_are_rejected(values: dict[str, Any], message: str
     assert message in str(rejected.value)
 
 
+def test_the_answer_cache_is_on_by_default_and_turned_off_for_dialogue_by_cache_answers(
+    defaults: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _process_settings(defaults, monkeypatch, "dialogue").cache_answers is True
+    assert _process_settings(render({"cache": {"answers": False}}), monkeypatch, "dialogue").cache_answers is False
+
+
 # The semantic cache and embeddings (cache.semantic.*, embeddings.*).
 
 SEMANTIC_FIELDS = (

@@ -346,13 +346,15 @@ def cluster() -> Iterator[Cluster]:
 
 
 def metric(cluster: Cluster, process: str, name: str, labels: dict[str, str]) -> float:
+    """The sum of the samples of `name` in `process` whose labels include `labels`."""
     with urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_ports[process]}/metrics", timeout=5) as response:
         text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items()):
-                return sample.value
-    return 0.0
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items())
+    )
 
 
 async def ask(chat: chat_pb2_grpc.ChatServiceStub, message: str) -> chat_pb2.ChatResponse:
@@ -418,3 +420,20 @@ async def test_through_the_gateway_a_question_with_personal_information_is_never
 
     assert not with_email.cached
     assert cluster.sim_stats()["embedding_requests"] == embedded_before
+
+
+async def test_with_the_answer_cache_off_every_turn_goes_to_the_model() -> None:
+    cluster = Cluster(env={"CHATMESH_CACHE_ANSWERS": "false", "CHATMESH_SEMANTIC_CACHE": "true"}).start()
+    try:
+        async with grpc.aio.insecure_channel(cluster.gateway_target) as channel:
+            chat = chat_pb2_grpc.ChatServiceStub(channel)
+            first = await ask(chat, QUESTION)
+            await asyncio.sleep(0.3)  # past the background store it would have made
+            again = await ask(chat, QUESTION)
+
+        assert not first.cached and not again.cached and again.usage.output_tokens > 0
+        assert metric(cluster, "cache", "chatmesh_cache_lookups_total", {}) == 0
+        assert metric(cluster, "dialogue", "chatmesh_dialogue_cache_lookups_total", {"outcome": "skipped"}) == 2
+        assert cluster.sim_stats()["embedding_requests"] == 0
+    finally:
+        cluster.stop()
