@@ -1,7 +1,6 @@
 """The moderation screen: modelsim's /v1/moderations, ModelClient.moderate over it, and the failure policy."""
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from support.ports import free_port
@@ -32,15 +31,6 @@ CATEGORIES = {
     "violence",
     "violence/graphic",
 }
-
-
-@pytest.fixture
-async def client(sim: Sim) -> AsyncIterator[ModelClient]:
-    model = ModelClient(sim.settings())
-    try:
-        yield model
-    finally:
-        await model.close()
 
 
 def deadline(seconds: float = 30) -> float:
@@ -88,9 +78,9 @@ async def test_modelsim_queues_moderation_faults_apart_from_chat_faults(sim: Sim
     assert stats["moderation_errors_injected"] == 1 and stats["errors_injected"] == 0
 
 
-async def test_moderate_reports_the_flagged_categories_and_every_score(client: ModelClient):
-    clean = await client.moderate("hello there", deadline=deadline())
-    flagged = await client.moderate("you simflag", deadline=deadline())
+async def test_moderate_reports_the_flagged_categories_and_every_score(model_client: ModelClient):
+    clean = await model_client.moderate("hello there", deadline=deadline())
+    flagged = await model_client.moderate("you simflag", deadline=deadline())
 
     assert (clean.flagged, clean.categories) == (False, [])
     assert set(clean.scores) == CATEGORIES and max(clean.scores.values()) < 0.01
@@ -98,13 +88,13 @@ async def test_moderate_reports_the_flagged_categories_and_every_score(client: M
     assert flagged.scores["harassment"] > 0.9 and flagged.scores["violence"] < 0.01
 
 
-async def test_modelsim_scores_the_words_it_is_given_and_flags_from_half(sim: Sim, client: ModelClient):
+async def test_modelsim_scores_the_words_it_is_given_and_flags_from_half(sim: Sim, model_client: ModelClient):
     scores = {"borderline": {"violence": 0.3}, "grim": {"violence": 0.6, "hate": 0.2}}
     status, config = await sim.call("POST", "/sim/config", {"moderation_word_scores": scores})
     assert status == 200 and config["moderation_word_scores"] == scores
 
-    low = await client.moderate("a BORDERLINE remark", deadline=deadline())
-    high = await client.moderate("borderline and grim", deadline=deadline())
+    low = await model_client.moderate("a BORDERLINE remark", deadline=deadline())
+    high = await model_client.moderate("borderline and grim", deadline=deadline())
 
     assert (low.flagged, low.categories, low.scores["violence"]) == (False, [], 0.3)
     assert (high.flagged, high.categories, high.scores["violence"], high.scores["hate"]) == (
@@ -117,19 +107,19 @@ async def test_modelsim_scores_the_words_it_is_given_and_flags_from_half(sim: Si
         assert (await sim.call("POST", "/sim/config", {"moderation_word_scores": bad}))[0] == 400
 
 
-async def test_moderate_retries_a_server_error(sim: Sim, client: ModelClient):
+async def test_moderate_retries_a_server_error(sim: Sim, model_client: ModelClient):
     await sim.call("POST", "/sim/faults", {"status": 500, "count": 1, "endpoint": "moderations"})
 
-    assert not (await client.moderate("hello", deadline=deadline())).flagged
+    assert not (await model_client.moderate("hello", deadline=deadline())).flagged
     _, stats = await sim.call("GET", "/sim/stats")
     assert stats["moderation_requests"] == 2
 
 
-async def test_moderate_fails_as_a_model_error_when_the_endpoint_keeps_failing(sim: Sim, client: ModelClient):
+async def test_moderate_fails_as_a_model_error_when_the_endpoint_keeps_failing(sim: Sim, model_client: ModelClient):
     await sim.call("POST", "/sim/faults", {"status": 500, "count": 100, "endpoint": "moderations"})
 
     with pytest.raises(ModelError) as raised:
-        await client.moderate("hello", deadline=deadline())
+        await model_client.moderate("hello", deadline=deadline())
     assert raised.value.kind is ModelErrorKind.UNAVAILABLE
     _, stats = await sim.call("GET", "/sim/stats")
     assert stats["moderation_requests"] == 4  # model_max_attempts
@@ -151,9 +141,9 @@ async def test_moderate_fails_as_a_model_error_when_nothing_listens():
     assert raised.value.kind in (ModelErrorKind.UNAVAILABLE, ModelErrorKind.TIMEOUT)
 
 
-async def test_the_screen_fails_closed_by_default_and_open_when_told(sim: Sim, client: ModelClient):
-    closed = ModerationScreen(client, fail_open=False)
-    opened = ModerationScreen(client, fail_open=True)
+async def test_the_screen_fails_closed_by_default_and_open_when_told(sim: Sim, model_client: ModelClient):
+    closed = ModerationScreen(model_client, fail_open=False)
+    opened = ModerationScreen(model_client, fail_open=True)
     assert await closed.screen("simflag", deadline()) == ("harassment",)
 
     await sim.call("POST", "/sim/faults", {"status": 500, "count": 100, "endpoint": "moderations"})
@@ -200,9 +190,9 @@ def test_a_category_matches_at_its_threshold_or_else_by_the_endpoints_flag(
     assert matched_categories(result, thresholds) == matched
 
 
-async def test_thresholds_apply_to_the_endpoints_scores(sim: Sim, client: ModelClient):
+async def test_thresholds_apply_to_the_endpoints_scores(sim: Sim, model_client: ModelClient):
     sim.config.moderation_word_scores = {"borderline": {"violence": 0.3}}
-    screen = ModerationScreen(client, fail_open=False, thresholds={"violence": 0.25, "harassment": 0.99})
+    screen = ModerationScreen(model_client, fail_open=False, thresholds={"violence": 0.25, "harassment": 0.99})
 
     assert await screen.screen("a borderline remark", deadline()) == ("violence",)
     assert await screen.screen("simflag", deadline()) == ()  # 0.97 is below its threshold
