@@ -108,7 +108,8 @@ class ReviewCases:
         case = NewCase(turn, stage, categories, source, action, excerpt(text, *span))
         fields = {"request_id": turn.request_id, "stage": STAGE_LABELS[stage], "action": ACTION_LABELS[action]}
         try:
-            case_id = await asyncio.wait_for(self._store.open_case(case), seconds_left)
+            async with asyncio.timeout(seconds_left):
+                case_id = await self._store.open_case(case)
         except Exception as error:  # whatever the store raises: the verdict stands without a case
             log.warning("review_case_failed", extra={**fields, "error": type(error).__name__})
             metrics.review_case_failed(STAGE_LABELS[stage])
@@ -133,7 +134,10 @@ class AddedTerms:
 
     async def refresh(self) -> None:
         try:
-            version, terms = await asyncio.wait_for(self._store.terms(), self.READ_SECONDS)
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for loses a cancellation that arrives as the read
+            # completes, and `follow` then never ends (a safety process that hung at shutdown).
+            async with asyncio.timeout(self.READ_SECONDS):
+                version, terms = await self._store.terms()
             if version != self._version:
                 await self._keywords.set_added_terms((term.category, term.term) for term in terms)
                 self._version = version
