@@ -160,14 +160,11 @@ async def run_sequence(
     """The sequence on a fresh cluster and Redis with `env`; its outcomes and modelsim's counters."""
     print(f"bench-cache: {name}", file=sys.stderr, flush=True)
     redis_server = support.RedisServer.start()
-    cluster = None
     try:
-        cluster = support.Cluster(redis_url=redis_server.url, env=env).start()
-        outcomes = await chat_sequence(cluster.gateway_target, workload, sequence)
-        stats = {**cluster.sim_stats(), "semantic": semantic_counters(cluster.metrics_ports["cache"])}
+        with support.Cluster(redis_url=redis_server.url, env=env) as cluster:
+            outcomes = await chat_sequence(cluster.gateway_target, workload, sequence)
+            stats = {**cluster.sim_stats(), "semantic": semantic_counters(cluster.metrics_ports["cache"])}
     finally:
-        if cluster is not None:
-            cluster.stop()
         redis_server.stop()
     return outcomes, stats
 

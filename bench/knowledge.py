@@ -251,13 +251,10 @@ async def _standalone_turns(calls: int) -> dict[str, Any]:
     support = _support()
     redis_server = support.RedisServer.start()
     try:
-        cluster = support.Cluster(redis_url=redis_server.url, env={"CHATMESH_AUTH": "off"}).start()
-        try:
+        with support.Cluster(redis_url=redis_server.url, env={"CHATMESH_AUTH": "off"}) as cluster:
             return await measure_turns(
                 cluster.gateway_target, calls=calls, dialogue_metrics_port=cluster.metrics_ports["dialogue"]
             )
-        finally:
-            cluster.stop()
     finally:
         redis_server.stop()
 

@@ -13,11 +13,8 @@ from chatmesh.v1 import chat_pb2_grpc
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """One cluster (memory store) shared by the tests of a module; the simulator is reset per test."""
-    running = Cluster().start()
-    try:
+    with Cluster() as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

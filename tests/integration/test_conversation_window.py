@@ -26,18 +26,15 @@ CALL_SECONDS = 20.0
 @pytest.fixture(scope="module")
 def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
     """This module's cluster: a model with a context of CONTEXT tokens, summaries past 300 left-out tokens."""
-    running = Cluster(
+    with Cluster(
         redis_url=module_redis.url,
         env={
             "CHATMESH_MODEL_CONTEXT_TOKENS": json.dumps({MODEL: CONTEXT}),
             "CHATMESH_WINDOW_MARGIN_TOKENS": str(MARGIN),
             "CHATMESH_SUMMARY_TRIGGER_TOKENS": "300",
         },
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def long_message(turn: int) -> str:

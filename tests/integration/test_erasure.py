@@ -41,15 +41,12 @@ CALL_TIMEOUT = 10.0
 
 @pytest.fixture(scope="module")
 def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
-    running = Cluster(
+    with Cluster(
         redis_url=module_redis.url,
         env={"CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN},
         replicas={"cache": 2},
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

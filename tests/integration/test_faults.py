@@ -43,15 +43,12 @@ def redis_with_aof() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def crashing(redis_with_aof: RedisServer) -> Iterator[Cluster]:
-    running = Cluster(
+    with Cluster(
         redis_url=redis_with_aof.url,
         env={"CHATMESH_MODELSIM_TOKEN_DELAY_SECONDS": "0.02", "CHATMESH_MODELSIM_REPLY_TOKENS": "20"},
         replicas={"gateway": 2, "dialogue": 2},
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @dataclass

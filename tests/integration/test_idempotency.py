@@ -17,11 +17,8 @@ USER = "user-i"
 @pytest.fixture(scope="module")
 def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
     """This module's cluster keeps conversations in Redis; conftest's `sim` and `chat` use it."""
-    running = Cluster(redis_url=module_redis.url).start()
-    try:
+    with Cluster(redis_url=module_redis.url) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def keyed_request(

@@ -36,14 +36,11 @@ CORPUS_PATHS = sorted(path.relative_to(CORPUS).as_posix() for path in CORPUS.rgl
 
 @pytest.fixture(scope="module")
 def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
-    running = Cluster(
+    with Cluster(
         redis_url=module_redis.url,
         env={"CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN},
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -36,11 +36,8 @@ SOURCE_HEAD = re.compile(r"^\[(\d+)\] (.+) \(([^()\n]+)\)$", re.MULTILINE)
 @pytest.fixture(scope="module")
 def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
     # A dialogue process sees a knowledge base's new version within this time (a second by default).
-    running = Cluster(redis_url=module_redis.url, env={"CHATMESH_KNOWLEDGE_VERSION_CHECK_SECONDS": "0.05"}).start()
-    try:
+    with Cluster(redis_url=module_redis.url, env={"CHATMESH_KNOWLEDGE_VERSION_CHECK_SECONDS": "0.05"}) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def documents(root: Path) -> list[knowledge_pb2.KnowledgeDocument]:

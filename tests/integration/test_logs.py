@@ -79,11 +79,8 @@ def logged_cluster(receiver: OtlpTraceReceiver) -> Iterator[Cluster]:
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "50",
     }
-    running = Cluster(env=env).start()
-    try:
+    with Cluster(env=env) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

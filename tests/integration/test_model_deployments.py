@@ -53,11 +53,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     running = Cluster(modelsim_deployments=[{}, {}], env=KEYS)
     path = write_deployments(tmp_path_factory.mktemp("deployments") / "deployments.yaml", running.modelsim_ports)
     running.env["CHATMESH_MODEL_DEPLOYMENTS_FILE"] = str(path)
-    running.start()
-    try:
+    with running:
         yield running
-    finally:
-        running.stop()
 
 
 def request(message: str) -> chat_pb2.ChatRequest:

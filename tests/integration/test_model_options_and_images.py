@@ -26,11 +26,8 @@ SMALL_IMAGE_TOKENS = 255
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """This module's cluster: input moderation on (modelsim's endpoint); conftest's `sim` and `chat` use it."""
-    running = Cluster(env={"CHATMESH_SAFETY_MODERATION": "on", "CHATMESH_SAFETY_MODERATE_OUTPUT": "false"}).start()
-    try:
+    with Cluster(env={"CHATMESH_SAFETY_MODERATION": "on", "CHATMESH_SAFETY_MODERATE_OUTPUT": "false"}) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def request(

@@ -13,14 +13,11 @@ MESSAGES = [{"role": "user", "content": "Tell me about the weather today"}]
 
 @pytest.fixture(scope="module")
 def sims() -> Iterator[Cluster]:
-    running = Cluster(
+    with Cluster(
         processes=["modelsim"],
         modelsim_deployments=[{"error_500_rate": 0.0}, {"reply_tokens": 3, "unauthorized_keys": ["revoked"]}],
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def chat(port: int, key: str = "test-key") -> tuple[int, dict]:

@@ -23,11 +23,8 @@ CALL_TIMEOUT = 20
 
 @pytest.fixture(scope="module")
 def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
-    running = Cluster(redis_url=module_redis.url, env={"CHATMESH_PII_POLICY": json.dumps(POLICY)}).start()
-    try:
+    with Cluster(redis_url=module_redis.url, env={"CHATMESH_PII_POLICY": json.dumps(POLICY)}) as running:
         yield running
-    finally:
-        running.stop()
 
 
 async def stored_messages(chat: chat_pb2_grpc.ChatServiceStub, conversation_id: str) -> list[str]:

@@ -70,11 +70,8 @@ class Sent:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    running = Cluster().start()
-    try:
+    with Cluster() as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

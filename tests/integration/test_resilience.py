@@ -19,20 +19,14 @@ USER = "user-r"
 
 @pytest.fixture
 def fresh_cluster() -> Iterator[Cluster]:
-    running = Cluster().start()
-    try:
+    with Cluster() as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
 def redis_cluster(redis_url: str) -> Iterator[Cluster]:
-    running = Cluster(redis_url=redis_url).start()
-    try:
+    with Cluster(redis_url=redis_url) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def chat_request(message: str, conversation_id: str = "") -> chat_pb2.ChatRequest:

@@ -34,7 +34,7 @@ SWEEP_SECONDS = 0.2
 @pytest.fixture(scope="module")
 def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
     """A gateway alone (ReviewService needs nothing else), keys required, sweeping often."""
-    running = Cluster(
+    with Cluster(
         redis_url=module_redis.url,
         processes=("gateway",),
         env={
@@ -43,11 +43,8 @@ def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
             "CHATMESH_REVIEW_SWEEP_SECONDS": str(SWEEP_SECONDS),
             "CHATMESH_REVIEW_LEASE_SECONDS": "120",
         },
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

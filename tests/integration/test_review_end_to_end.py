@@ -25,18 +25,15 @@ CALL_TIMEOUT = 20
 def cluster(module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     keywords: Path = tmp_path_factory.mktemp("keywords") / "lists.txt"
     keywords.write_text(KEYWORDS, encoding="utf-8")
-    running = Cluster(
+    with Cluster(
         redis_url=module_redis.url,
         env={
             "CHATMESH_SAFETY_KEYWORDS": str(keywords),
             "CHATMESH_SAFETY_KEYWORDS_RELOAD_SECONDS": str(RELOAD_SECONDS),
             "CHATMESH_REVIEW_POLICY": POLICY,
         },
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def keywords_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cluster(keywords_file: Path, module_redis: RedisServer) -> Iterator[Cluster]:
     """modelsim and two safety replicas sharing one Redis; moderation of input and output (windows of 40
     characters), a violence threshold of 0.25, and lists and added terms looked at every 0.2 s."""
-    running = Cluster(
+    with Cluster(
         processes=("modelsim", "safety"),
         replicas={"safety": 2},
         redis_url=module_redis.url,
@@ -77,11 +77,8 @@ def cluster(keywords_file: Path, module_redis: RedisServer) -> Iterator[Cluster]
             "CHATMESH_SAFETY_OUTPUT_MODERATION_WINDOW_CHARS": str(WINDOW),
             "CHATMESH_REVIEW_POLICY": POLICY,
         },
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def keywords_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cluster(keywords_file: Path) -> Iterator[Cluster]:
     """modelsim and safety only; safety moderates input (not output: these tests are about the keyword lists'
     stream) and polls its list every 0.1 s."""
-    running = Cluster(
+    with Cluster(
         processes=("modelsim", "safety"),
         env={
             "CHATMESH_SAFETY_KEYWORDS": str(keywords_file),
@@ -55,11 +55,8 @@ def cluster(keywords_file: Path) -> Iterator[Cluster]:
             "CHATMESH_SAFETY_MODERATION": "on",
             "CHATMESH_SAFETY_MODERATE_OUTPUT": "false",
         },
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

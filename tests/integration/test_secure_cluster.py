@@ -46,7 +46,7 @@ def tls_redis(pki: TestPki) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def secure(pki: TestPki, tls_redis: RedisServer) -> Iterator[Cluster]:
-    running = Cluster(
+    with Cluster(
         redis_url=tls_redis.url,
         pki=pki,
         env={
@@ -56,11 +56,8 @@ def secure(pki: TestPki, tls_redis: RedisServer) -> Iterator[Cluster]:
             "CHATMESH_TLS_RELOAD_SECONDS": str(RELOAD_SECONDS),
             "CHATMESH_REGION": REGION,
         },
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

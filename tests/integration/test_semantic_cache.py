@@ -336,13 +336,10 @@ async def test_an_embedding_endpoint_that_fails_or_is_slow_makes_a_logged_miss_n
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """The whole path with the semantic cache on, memory-backed."""
-    running = Cluster(
+    with Cluster(
         env={"CHATMESH_SEMANTIC_CACHE": "true", "CHATMESH_SEMANTIC_CACHE_THRESHOLD": PARAPHRASE_THRESHOLD}
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def metric(cluster: Cluster, process: str, name: str, labels: dict[str, str]) -> float:
@@ -423,8 +420,7 @@ async def test_through_the_gateway_a_question_with_personal_information_is_never
 
 
 async def test_with_the_answer_cache_off_every_turn_goes_to_the_model() -> None:
-    cluster = Cluster(env={"CHATMESH_CACHE_ANSWERS": "false", "CHATMESH_SEMANTIC_CACHE": "true"}).start()
-    try:
+    with Cluster(env={"CHATMESH_CACHE_ANSWERS": "false", "CHATMESH_SEMANTIC_CACHE": "true"}) as cluster:
         async with grpc.aio.insecure_channel(cluster.gateway_target) as channel:
             chat = chat_pb2_grpc.ChatServiceStub(channel)
             first = await ask(chat, QUESTION)
@@ -435,5 +431,3 @@ async def test_with_the_answer_cache_off_every_turn_goes_to_the_model() -> None:
         assert metric(cluster, "cache", "chatmesh_cache_lookups_total", {}) == 0
         assert metric(cluster, "dialogue", "chatmesh_dialogue_cache_lookups_total", {"outcome": "skipped"}) == 2
         assert cluster.sim_stats()["embedding_requests"] == 0
-    finally:
-        cluster.stop()

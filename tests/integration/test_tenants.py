@@ -37,7 +37,7 @@ REPLY_TOKENS = 12
 @pytest.fixture(scope="module")
 def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
     """This module's cluster (conftest's `sim` resets its simulator per test)."""
-    running = Cluster(
+    with Cluster(
         redis_url=module_redis.url,
         env={
             "CHATMESH_AUTH": "required",
@@ -45,11 +45,8 @@ def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
             "CHATMESH_LIMITS_DEFAULT_MAX_TOKENS": str(DEFAULT_MAX_TOKENS),
         },
         replicas={"gateway": 3, "dialogue": 2},
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -127,18 +127,15 @@ def cluster(
         ),
         encoding="utf-8",
     )
-    running = Cluster(
+    with Cluster(
         redis_url=module_redis.url,
         env={
             "CHATMESH_SAFETY_KEYWORDS": str(keywords),
             "CHATMESH_TOOLS_FILE": str(tools_file),
             "CHATMESH_TOOL_MAX_STEPS": str(MAX_STEPS),
         },
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

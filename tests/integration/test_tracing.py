@@ -41,11 +41,8 @@ def traced_cluster(receiver: OtlpTraceReceiver) -> Iterator[Cluster]:
         "OTEL_BSP_SCHEDULE_DELAY": "50",
         "CHATMESH_MODEL_MAX_ATTEMPTS": "3",
     }
-    running = Cluster(env=env).start()
-    try:
+    with Cluster(env=env) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

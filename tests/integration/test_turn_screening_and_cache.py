@@ -26,16 +26,13 @@ def keywords(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(keywords: Path) -> Iterator[Cluster]:
     """This module's cluster, with keyword files the tests change; conftest's `sim` and `chat` use it."""
-    running = Cluster(
+    with Cluster(
         env={
             "CHATMESH_SAFETY_KEYWORDS": str(keywords),
             "CHATMESH_SAFETY_KEYWORDS_RELOAD_SECONDS": str(RELOAD_SECONDS),
         }
-    ).start()
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def request(message: str, user_id: str = "alice", conversation_id: str = "", **options) -> chat_pb2.ChatRequest:

@@ -256,6 +256,13 @@ class Cluster:
     def stop(self) -> dict[str, int | None]:
         return {name: self.processes[name].stop() for name in reversed(self._names)}
 
+    def __enter__(self) -> Cluster:
+        """`with Cluster(...) as running:` starts every process, and stops them all when the block ends."""
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     # The simulator's control endpoints.
 
     def sim(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
