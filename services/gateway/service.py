@@ -83,7 +83,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
             await _reply_headers(context, request_id)
             await abort_with(context, refused.status)
         # Creating the call sends it; the response headers go out while dialogue starts working.
-        call = self._dialogue.Turn(
+        call = self._dialogue.RunTurn(
             dialogue_pb2.TurnRequest(
                 request=request, request_id=request_id, tenant=caller.tenant, limits=caller.limits.to_proto()
             ),
@@ -92,8 +92,9 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         try:
             await _reply_headers(context, request_id)
             event = None
-            async for event in call:
-                yield event
+            async for events in call:
+                for event in events.events:
+                    yield event
             if event is not None and event.HasField("completed"):
                 usage = event.completed.usage
                 annotate(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)

@@ -5,7 +5,7 @@ The server interceptor opens a RequestRecord when a call starts (its request id 
 the line when the call ends, however it ends:
 
     {"timestamp": …, "level": "info", "service": "dialogue", "event": "request",
-     "method": "chatmesh.v1.DialogueService/Turn", "request_id": …, "trace_id": …, "span_id": …,
+     "method": "chatmesh.v1.DialogueService/RunTurn", "request_id": …, "trace_id": …, "span_id": …,
      "user_id": "<HMAC-SHA256 of the id, 16 hex>", "model": …, "input_tokens": …, "output_tokens": …,
      "latency_ms": …, "grpc_code": "OK", "error": null}
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from chatmesh.v1 import chat_pb2 as chatmesh_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63hatmesh/v1/dialogue.proto\x12\x0b\x63hatmesh.v1\x1a\x16\x63hatmesh/v1/chat.proto\"\x87\x01\n\x0bTurnRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.chatmesh.v1.ChatRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12)\n\x06limits\x18\x04 \x01(\x0b\x32\x19.chatmesh.v1.TenantLimits\"d\n\x1cTenantGetConversationRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x34\n\x07request\x18\x02 \x01(\x0b\x32#.chatmesh.v1.GetConversationRequest\"j\n\x1fTenantDeleteConversationRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x37\n\x07request\x18\x02 \x01(\x0b\x32&.chatmesh.v1.DeleteConversationRequest\"Q\n\x14GetTokenUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.chatmesh.v1.TenantLimits\"X\n\x16TenantEraseUserRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.chatmesh.v1.EraseUserRequest2\xc3\x03\n\x0f\x44ialogueService\x12:\n\x04Turn\x12\x18.chatmesh.v1.TurnRequest\x1a\x16.chatmesh.v1.ChatEvent0\x01\x12\x62\n\x0fGetConversation\x12).chatmesh.v1.TenantGetConversationRequest\x1a$.chatmesh.v1.GetConversationResponse\x12k\n\x12\x44\x65leteConversation\x12,.chatmesh.v1.TenantDeleteConversationRequest\x1a\'.chatmesh.v1.DeleteConversationResponse\x12P\n\tEraseUser\x12#.chatmesh.v1.TenantEraseUserRequest\x1a\x1e.chatmesh.v1.EraseUserResponse\x12Q\n\rGetTokenUsage\x12!.chatmesh.v1.GetTokenUsageRequest\x1a\x1d.chatmesh.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63hatmesh/v1/dialogue.proto\x12\x0b\x63hatmesh.v1\x1a\x16\x63hatmesh/v1/chat.proto\"\x87\x01\n\x0bTurnRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.chatmesh.v1.ChatRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12)\n\x06limits\x18\x04 \x01(\x0b\x32\x19.chatmesh.v1.TenantLimits\"4\n\nTurnEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.chatmesh.v1.ChatEvent\"d\n\x1cTenantGetConversationRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x34\n\x07request\x18\x02 \x01(\x0b\x32#.chatmesh.v1.GetConversationRequest\"j\n\x1fTenantDeleteConversationRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x37\n\x07request\x18\x02 \x01(\x0b\x32&.chatmesh.v1.DeleteConversationRequest\"Q\n\x14GetTokenUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.chatmesh.v1.TenantLimits\"X\n\x16TenantEraseUserRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.chatmesh.v1.EraseUserRequest2\xc7\x03\n\x0f\x44ialogueService\x12>\n\x07RunTurn\x12\x18.chatmesh.v1.TurnRequest\x1a\x17.chatmesh.v1.TurnEvents0\x01\x12\x62\n\x0fGetConversation\x12).chatmesh.v1.TenantGetConversationRequest\x1a$.chatmesh.v1.GetConversationResponse\x12k\n\x12\x44\x65leteConversation\x12,.chatmesh.v1.TenantDeleteConversationRequest\x1a\'.chatmesh.v1.DeleteConversationResponse\x12P\n\tEraseUser\x12#.chatmesh.v1.TenantEraseUserRequest\x1a\x1e.chatmesh.v1.EraseUserResponse\x12Q\n\rGetTokenUsage\x12!.chatmesh.v1.GetTokenUsageRequest\x1a\x1d.chatmesh.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TURNREQUEST']._serialized_start=68
   _globals['_TURNREQUEST']._serialized_end=203
-  _globals['_TENANTGETCONVERSATIONREQUEST']._serialized_start=205
-  _globals['_TENANTGETCONVERSATIONREQUEST']._serialized_end=305
-  _globals['_TENANTDELETECONVERSATIONREQUEST']._serialized_start=307
-  _globals['_TENANTDELETECONVERSATIONREQUEST']._serialized_end=413
-  _globals['_GETTOKENUSAGEREQUEST']._serialized_start=415
-  _globals['_GETTOKENUSAGEREQUEST']._serialized_end=496
-  _globals['_TENANTERASEUSERREQUEST']._serialized_start=498
-  _globals['_TENANTERASEUSERREQUEST']._serialized_end=586
-  _globals['_DIALOGUESERVICE']._serialized_start=589
-  _globals['_DIALOGUESERVICE']._serialized_end=1040
+  _globals['_TURNEVENTS']._serialized_start=205
+  _globals['_TURNEVENTS']._serialized_end=257
+  _globals['_TENANTGETCONVERSATIONREQUEST']._serialized_start=259
+  _globals['_TENANTGETCONVERSATIONREQUEST']._serialized_end=359
+  _globals['_TENANTDELETECONVERSATIONREQUEST']._serialized_start=361
+  _globals['_TENANTDELETECONVERSATIONREQUEST']._serialized_end=467
+  _globals['_GETTOKENUSAGEREQUEST']._serialized_start=469
+  _globals['_GETTOKENUSAGEREQUEST']._serialized_end=550
+  _globals['_TENANTERASEUSERREQUEST']._serialized_start=552
+  _globals['_TENANTERASEUSERREQUEST']._serialized_end=640
+  _globals['_DIALOGUESERVICE']._serialized_start=643
+  _globals['_DIALOGUESERVICE']._serialized_end=1098
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,8 @@
 from chatmesh.v1 import chat_pb2 as _chat_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -17,6 +18,12 @@ class TurnRequest(_message.Message):
     tenant: str
     limits: _chat_pb2.TenantLimits
     def __init__(self, request: _Optional[_Union[_chat_pb2.ChatRequest, _Mapping]] = ..., request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., limits: _Optional[_Union[_chat_pb2.TenantLimits, _Mapping]] = ...) -> None: ...
+
+class TurnEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_chat_pb2.ChatEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[_chat_pb2.ChatEvent, _Mapping]]] = ...) -> None: ...
 
 class TenantGetConversationRequest(_message.Message):
     __slots__ = ("tenant", "request")

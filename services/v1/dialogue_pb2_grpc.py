@@ -38,10 +38,10 @@ class DialogueServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Turn = channel.unary_stream(
-                '/chatmesh.v1.DialogueService/Turn',
+        self.RunTurn = channel.unary_stream(
+                '/chatmesh.v1.DialogueService/RunTurn',
                 request_serializer=chatmesh_dot_v1_dot_dialogue__pb2.TurnRequest.SerializeToString,
-                response_deserializer=chatmesh_dot_v1_dot_chat__pb2.ChatEvent.FromString,
+                response_deserializer=chatmesh_dot_v1_dot_dialogue__pb2.TurnEvents.FromString,
                 _registered_method=True)
         self.GetConversation = channel.unary_unary(
                 '/chatmesh.v1.DialogueService/GetConversation',
@@ -71,8 +71,13 @@ class DialogueServiceServicer:
     derives it, and every record it reads or writes belongs to it.
     """
 
-    def Turn(self, request, context):
-        """Runs one turn: the same events the caller of StreamChat receives.
+    def RunTurn(self, request, context):
+        """Runs one turn: the events the caller of StreamChat receives, in order,
+        several to a message where they are ready together (Started comes with
+        the turn's first Delta, or with its Completed), so that the hop carries
+        one message less per turn. A new name rather than Turn's with a new
+        response type: during a rolling upgrade a gateway and a dialogue of
+        different releases get UNIMPLEMENTED, not events misread.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,10 +117,10 @@ class DialogueServiceServicer:
 
 def add_DialogueServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Turn': grpc.unary_stream_rpc_method_handler(
-                    servicer.Turn,
+            'RunTurn': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunTurn,
                     request_deserializer=chatmesh_dot_v1_dot_dialogue__pb2.TurnRequest.FromString,
-                    response_serializer=chatmesh_dot_v1_dot_chat__pb2.ChatEvent.SerializeToString,
+                    response_serializer=chatmesh_dot_v1_dot_dialogue__pb2.TurnEvents.SerializeToString,
             ),
             'GetConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetConversation,
@@ -152,7 +157,7 @@ class DialogueService:
     """
 
     @staticmethod
-    def Turn(request,
+    def RunTurn(request,
             target,
             options=(),
             channel_credentials=None,
@@ -165,9 +170,9 @@ class DialogueService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/chatmesh.v1.DialogueService/Turn',
+            '/chatmesh.v1.DialogueService/RunTurn',
             chatmesh_dot_v1_dot_dialogue__pb2.TurnRequest.SerializeToString,
-            chatmesh_dot_v1_dot_chat__pb2.ChatEvent.FromString,
+            chatmesh_dot_v1_dot_dialogue__pb2.TurnEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ from chatmesh.v1 import chat_pb2, chat_pb2_grpc
 MODEL = "gpt-4o-mini"
 CHAT_SPAN = f"chat {MODEL}"
 GATEWAY_STREAM = "/chatmesh.v1.ChatService/StreamChat"
-TURN = "/chatmesh.v1.DialogueService/Turn"
+TURN = "/chatmesh.v1.DialogueService/RunTurn"
 SCREEN_INPUT = "/chatmesh.v1.SafetyService/ScreenInput"
 SCREEN_OUTPUT = "/chatmesh.v1.SafetyService/ScreenOutput"
 LOOKUP = "/chatmesh.v1.CacheService/Lookup"

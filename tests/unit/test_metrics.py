@@ -32,9 +32,9 @@ class Safety(safety_pb2_grpc.SafetyServiceServicer):
 
 
 class Dialogue(dialogue_pb2_grpc.DialogueServiceServicer):
-    async def Turn(self, request, context):
+    async def RunTurn(self, request, context):
         for _ in range(int(request.request.message or "0")):
-            yield chat_pb2.ChatEvent(delta=chat_pb2.Delta(text="x"))
+            yield dialogue_pb2.TurnEvents(events=[chat_pb2.ChatEvent(delta=chat_pb2.Delta(text="x"))])
 
 
 def sample(name: str, side: str, method: str, **labels: str) -> float:
@@ -84,7 +84,7 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 
 SCREEN_INPUT = "chatmesh.v1.SafetyService/ScreenInput"
 SCREEN_OUTPUT = "chatmesh.v1.SafetyService/ScreenOutput"
-TURN = "chatmesh.v1.DialogueService/Turn"
+TURN = "chatmesh.v1.DialogueService/RunTurn"
 
 
 async def test_unary_calls_are_counted_by_code_on_both_sides(stubs):
@@ -109,7 +109,7 @@ async def test_unary_calls_are_counted_by_code_on_both_sides(stubs):
 async def test_a_server_stream_counts_each_message_and_its_code_when_it_ends(stubs):
     _, dialogue, _ = stubs
     before = {side: counts(side, TURN, "server_stream") for side in ("server", "client")}
-    call = dialogue.Turn(dialogue_pb2.TurnRequest(request=chat_pb2.ChatRequest(message="5")))
+    call = dialogue.RunTurn(dialogue_pb2.TurnRequest(request=chat_pb2.ChatRequest(message="5")))
     assert len([event async for event in call]) == 5
     assert delta(before["server"], counts("server", TURN, "server_stream")) == {
         "started": 1,
