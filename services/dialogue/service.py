@@ -1048,12 +1048,14 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         self, tenant: str, chat: chat_pb2.ChatRequest, model: str, window: Window
     ) -> cache_pb2.AnswerContext | None:
         """What the cache keys an answer by; None when this request's answer may not be cached: the answer cache
-        turned off (CHATMESH_CACHE_ANSWERS), a temperature above the cache's bound, images in the turn or its window
-        (never looked up nor stored), a summary in the window, or tools (offered, or their calls and results in the
-        turn or its window)."""
+        turned off (CHATMESH_CACHE_ANSWERS), a follow-up while follow-ups are not cached (CHATMESH_CACHE_FOLLOW_UPS), a
+        temperature above the cache's bound, images in the turn or its window (never looked up nor stored), a summary
+        in the window, or tools (offered, or their calls and results in the turn or its window)."""
         options = chat.options
+        settings = self._settings
         if (
-            not self._settings.cache_answers
+            not settings.cache_answers
+            or (window.history and not (settings.cache_follow_ups or settings.semantic_cache_follow_ups))
             or chat.images
             or chat.tool_results
             or tools.offers_tools(options)

@@ -247,6 +247,10 @@ class Settings(BaseSettings):
     cache_redis_timeout_seconds: float = 0.5
     # Off: dialogue neither looks up nor stores any answer (exact or semantic); the cache process still runs.
     cache_answers: bool = True
+    # Off: dialogue looks up and stores first turns only. A follow-up's answer is keyed by the whole history before
+    # it, which another conversation seldom repeats word for word, so storing it would cost a cache write per turn
+    # for nothing. On (or with semantic_cache_follow_ups on): follow-ups too.
+    cache_follow_ups: bool = False
     # Dialogue neither looks up nor stores requests with a temperature above this. A request that sets no
     # temperature is cached: set one above this bound to opt out.
     cache_max_temperature: float = 0.5
@@ -264,7 +268,7 @@ class Settings(BaseSettings):
     # The bytes of vectors a cache process keeps in memory across scopes; the least recently searched go first.
     semantic_cache_memory_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     # Off: only first turns are looked up semantically. On: follow-ups too, matched only among questions asked
-    # after exactly the same history.
+    # after exactly the same history (dialogue then asks the cache about follow-ups, as with cache_follow_ups).
     semantic_cache_follow_ups: bool = False
     # The provider's embedding model, and the dimensions asked of it (0: the model's own). Both are part of every
     # semantic scope, so changing them never mixes vectors.

@@ -222,6 +222,33 @@ async def test_a_follow_up_with_another_history_is_not_answered_from_the_cache(
     assert sim.sim_stats()["requests"] == 4
 
 
+def follow_ups_after_the_same_history(chat: chat_pb2_grpc.ChatServiceStub) -> tuple[bool, bool]:
+    """Two users ask the same first question (the second is answered from the cache, so both conversations hold the
+    same history), then the same follow-up; whether each follow-up was answered from the cache."""
+    first_question, follow_up = f"topic {uuid.uuid4().hex}", f"and why? {uuid.uuid4().hex}"
+    alice = chat.Chat(request(first_question, user_id="alice"), timeout=20)
+    bob = chat.Chat(request(first_question, user_id="bob"), timeout=20)
+    assert bob.cached and bob.text == alice.text
+    return (
+        chat.Chat(request(follow_up, user_id="alice", conversation_id=alice.conversation_id), timeout=20).cached,
+        chat.Chat(request(follow_up, user_id="bob", conversation_id=bob.conversation_id), timeout=20).cached,
+    )
+
+
+def test_by_default_follow_ups_are_neither_looked_up_nor_stored(cluster: Cluster):
+    cluster.sim_reset()
+    with grpc.insecure_channel(cluster.gateway_target) as channel:
+        assert follow_ups_after_the_same_history(chat_pb2_grpc.ChatServiceStub(channel)) == (False, False)
+    assert cluster.sim_stats()["requests"] == 3
+
+
+def test_with_cache_follow_ups_on_a_follow_up_after_the_same_history_is_answered_from_the_cache():
+    with Cluster(env={"CHATMESH_CACHE_FOLLOW_UPS": "true"}) as running:
+        with grpc.insecure_channel(running.gateway_target) as channel:
+            assert follow_ups_after_the_same_history(chat_pb2_grpc.ChatServiceStub(channel)) == (False, True)
+        assert running.sim_stats()["requests"] == 2
+
+
 @pytest.mark.parametrize(
     ("why", "options"),
     [("a reply cut by max_tokens", {"max_tokens": 3}), ("a temperature above the bound", {"temperature": 0.9})],
