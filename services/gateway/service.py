@@ -1,11 +1,13 @@
 """ChatService: the public API. Names the call, authenticates its tenant, validates, admits it under the
 tenant's limits, sets the deadline, relays dialogue."""
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
+from chatmesh.gateway import metrics
 from chatmesh.gateway.admission import Admission
 from chatmesh.gateway.auth import Authenticator, AuthError, Caller, record_failure
 from chatmesh.gateway.usage import UsageReader, UsageUnavailable
@@ -61,8 +63,12 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
         self._usage = usage
 
     async def StreamChat(
-        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
+        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext, *, time_first_token: bool = True
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """The turn's events as dialogue sends them. Its time to first token (the latency objective's, see
+        chatmesh.gateway.metrics) is recorded unless `time_first_token` is false: Chat reads the same events
+        without a first token of its own."""
+        started = time.perf_counter()
         annotate(user_id=request.user_id, model=request.options.model or self._settings.default_model)
         request_id = _name_call(context)
         caller = await self._authenticate(context, request_id)
@@ -94,6 +100,9 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
             event = None
             async for events in call:
                 for event in events.events:
+                    if time_first_token and event.HasField("delta"):
+                        metrics.stream_first_token(time.perf_counter() - started)
+                        time_first_token = False
                     yield event
             if event is not None and event.HasField("completed"):
                 usage = event.completed.usage
@@ -108,7 +117,7 @@ class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
     async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
         response = chat_pb2.ChatResponse()
         text: list[str] = []
-        async for event in self.StreamChat(request, context):
+        async for event in self.StreamChat(request, context, time_first_token=False):
             kind = event.WhichOneof("event")
             if kind == "delta":
                 text.append(event.delta.text)

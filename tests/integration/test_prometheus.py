@@ -1,5 +1,6 @@
 """A real Prometheus scrapes every chatmesh process while known traffic runs through the cluster; what it
-computes (success ratio, P90, tokens, cost) must match that traffic, and every expression of the rules
+computes (success ratio, P90 of StreamChat's time to first token and of Chat's whole call, tokens, cost) must
+match that traffic, and every expression of the rules
 (deploy/prometheus) and of the dashboard (deploy/grafana) must evaluate and return data.
 
 Prometheus scrapes and evaluates every second. The served methods' series exist at 0 from the start,
@@ -61,6 +62,8 @@ class Sent:
     method: str
     code: str  # Go's name of the status code, as in grpc_code
     seconds: float
+    # StreamChat: when its first Delta came, if one did.
+    first_token_seconds: float | None = None
     model: str = ""  # the model label its tokens count under
     input_tokens: int = 0
     output_tokens: int = 0
@@ -102,18 +105,31 @@ async def call(stub: chat_pb2_grpc.ChatServiceStub, method: str, message: chat_p
     requested = message.options.model or "gpt-4o-mini"
     model = requested if requested in ("gpt-4o-mini", "gpt-4o") else "other"
     started = time.perf_counter()
+    first_token = None
     try:
         if method == "Chat":
             response = await stub.Chat(message)
             usage, cost, cached = response.usage, response.cost_usd, response.cached
         else:
-            events = [event async for event in stub.StreamChat(message)]
+            events = []
+            async for event in stub.StreamChat(message):
+                if first_token is None and event.HasField("delta"):
+                    first_token = time.perf_counter() - started
+                events.append(event)
             completed = events[-1].completed
             usage, cost, cached = completed.usage, completed.cost_usd, completed.cached
     except grpc.aio.AioRpcError as error:
-        return Sent(method, GO_CODE_NAMES[error.code()], time.perf_counter() - started)
+        return Sent(method, GO_CODE_NAMES[error.code()], time.perf_counter() - started, first_token_seconds=first_token)
     return Sent(
-        method, "OK", time.perf_counter() - started, model, usage.input_tokens, usage.output_tokens, cost, cached
+        method,
+        "OK",
+        time.perf_counter() - started,
+        first_token,
+        model,
+        usage.input_tokens,
+        usage.output_tokens,
+        cost,
+        cached,
     )
 
 
@@ -224,14 +240,34 @@ def p90_bucket(seconds: list[float]) -> tuple[float, float]:
     return bounds[index - 1], bounds[index]
 
 
-def test_the_p90_is_in_the_bucket_of_the_true_p90(traffic: list[Sent], prometheus: PrometheusServer):
-    seconds = [s.seconds for s in traffic if s.method in ("Chat", "StreamChat")]
-    # The gateway times a call a little shorter than the client does: its bucket is one of these.
-    lower, _ = p90_bucket([max(0.0, t - CLIENT_SLACK_SECONDS) for t in seconds])
-    _, upper = p90_bucket(seconds)
-    assert lower >= 1.0, f"the slow calls did not make the P90: {sorted(seconds)}"
-    p90 = prometheus.value("chatmesh:chat_latency_seconds:p90_rate5m")
-    assert p90 is not None and lower < p90 <= upper, (p90, sorted(seconds))
+def test_every_stream_that_sent_a_delta_counts_its_time_to_first_token(
+    traffic: list[Sent], prometheus: PrometheusServer
+):
+    streams = [s for s in traffic if s.method == "StreamChat"]
+    # Refused and failed streams sent no Delta: they count in the success ratio, not here.
+    assert any(s.first_token_seconds is None for s in streams)
+    timed = [s.first_token_seconds for s in streams if s.first_token_seconds is not None]
+    counted = prometheus.values("sum by (grpc_method) (chatmesh_time_to_first_token_seconds_count)", "grpc_method")
+    assert counted == {"StreamChat": float(len(timed))}
+    # The gateway's clock starts after the client's and stops before the Delta reaches it.
+    total = prometheus.value("sum(chatmesh_time_to_first_token_seconds_sum)")
+    assert total is not None and 0 < total <= sum(timed)
+
+
+def test_the_p90_of_each_method_is_in_the_bucket_of_its_true_p90(traffic: list[Sent], prometheus: PrometheusServer):
+    """StreamChat's objective is its time to first token; Chat's, its whole call."""
+    waited = {
+        "StreamChat": [s.first_token_seconds for s in traffic if s.method == "StreamChat" and s.first_token_seconds],
+        "Chat": [s.seconds for s in traffic if s.method == "Chat"],
+    }
+    p90 = prometheus.values("chatmesh:chat_latency_seconds:p90_rate5m", "grpc_method")
+    assert set(p90) == set(waited)
+    for method, seconds in waited.items():
+        # The gateway times a call a little shorter than the client does: its bucket is one of these.
+        lower, _ = p90_bucket([max(0.0, t - CLIENT_SLACK_SECONDS) for t in seconds])
+        _, upper = p90_bucket(seconds)
+        assert lower >= 1.0, f"the slow calls did not make {method}'s P90: {sorted(seconds)}"
+        assert lower < p90[method] <= upper, (method, p90[method], sorted(seconds))
 
 
 def test_tokens_and_cost_match_the_usage_the_calls_returned(traffic: list[Sent], prometheus: PrometheusServer):
