@@ -13,7 +13,7 @@ help:
 	@echo "make test   install what the tests need, lint, and run every test"
 	@echo "make proto  regenerate services/v1 from protos/"
 	@echo "make lint   ruff, buf lint, and a check that services/v1 matches protos/"
-	@echo "make bench  what chatmesh adds over calling the model directly (bench-quick: about 95 s)"
+	@echo "make bench  what chatmesh adds over calling the model directly (bench-quick: about 2 minutes)"
 	@echo "make bench-cache  the answer cache's hit rates, wrong hits and tokens saved (about 3 minutes)"
 	@echo "make dist   build the wheel (dist/) that deploy/Dockerfile installs; make chart-files syncs the Helm chart's copies"
 
@@ -61,7 +61,7 @@ run: install
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
 
-# Benchmarks (bench/run.py, then bench/resilience.py): results in bench/results/. `make bench` takes about 12 minutes
+# Benchmarks (bench/run.py, then bench/resilience.py): results in bench/results/. `make bench` takes about 15 minutes
 # on 2 cores.
 .PHONY: bench bench-quick bench-cache
 bench: install

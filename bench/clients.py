@@ -1,8 +1,8 @@
 """The ways of getting a reply that the benchmark compares, one call at a time.
 
 - chatmesh: the gateway over grpc.aio, as a backend service calls it, with the tenant's API key in
-  `authorization` metadata on every call (chatmesh_open: the same client, without a key; chatmesh_tls: the
-  same client, over TLS), and an `idempotency_key` in the request when the case sends one;
+  `authorization` metadata on every call (chatmesh_open and run: the same client, without a key; chatmesh_tls:
+  the same client, over TLS), and an `idempotency_key` in the request when the case sends one;
 - floor: straight to the model with a lean aiohttp client and a minimal SSE parser, the least any
   caller can spend;
 - sdk: straight to the model with the openai SDK's `AsyncOpenAI` (stream=True, typed chunks), what a
@@ -191,7 +191,7 @@ class SdkClient:
 
 # The bench tenant's limits: every kind of limit is set, so that every check runs on every call, and each
 # is far above what a run can use, so that none refuses. chatmesh_tls has a tenant of its own with the same
-# limits: the clusters share one Redis, and a tenant's cache entries would answer the other cluster's calls.
+# limits, in its own Redis.
 BENCH_TENANT = "bench"
 BENCH_TLS_TENANT = "bench-tls"
 BENCH_LIMITS = chat_pb2.TenantLimits(

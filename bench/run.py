@@ -1,35 +1,53 @@
-"""`make bench`: what chatmesh adds over calling the model directly, in latency, throughput, CPU and memory,
-and what authentication and tenant limits, and TLS, add to that.
+"""`make bench`: what chatmesh adds over calling the model directly, in latency, throughput, CPU and memory, in
+two configurations side by side, the Helm chart's defaults and `make run`'s; and what authentication and tenant
+limits, and TLS, add.
 
-It starts a real redis-server (tests/support/redis_server.py) and three clusters of the kind the integration
-tests start (tests/support/cluster.py: every chatmesh process, free loopback ports), all keeping
-conversations, cache entries, tenants and usage in that Redis, over plaintext:
+It starts two real redis-servers (tests/support/redis_server.py; one plaintext, one TLS only) and four clusters of
+the kind the integration tests start (tests/support/cluster.py: every chatmesh process, free loopback ports):
 
-- chatmesh: the Helm chart's configuration without TLS: CHATMESH_AUTH=required, an admin token, and a tenant
-  created through the AdminService with every kind of limit set (far above what the run uses, so that every
-  check runs on every call and none refuses); every call sends the tenant's API key. It also runs modelsim,
-  set to zero latency and a fixed reply length.
-- chatmesh_open: the same without them: CHATMESH_AUTH=off and no key, so calls act as the tenant `default`,
-  which has no limits. It calls the first cluster's modelsim. Its processes are reported as `open-<name>`.
-- chatmesh_tls: chatmesh plus TLS, as the chart's default runs it (tests/support/certificates.py makes the
-  certificates): every gRPC port with TLS, mutual between the processes, the gateway's with a certificate of a
-  public CA and no client certificate asked. Its own admin token, and a tenant of its own (created through its
-  AdminService) with the same limits, since a tenant's cache entries would answer another cluster's calls; the
-  client calls it on one TLS channel that every call reuses. It calls the first cluster's modelsim. Its
-  processes are reported as `tls-<name>`.
+- chatmesh: the Helm chart's default configuration without TLS: CHATMESH_AUTH=required, an admin token, and a
+  tenant created through the AdminService with every kind of limit set (far above what the run uses, so that every
+  check runs on every call and none refuses); every call sends the tenant's API key. Tenants, usage,
+  conversations and cache entries in that Redis, over plaintext. Moderation on, for input and output (the chart's
+  "auto" with a provider's key, and safety.moderation.output), against modelsim's /v1/moderations; PII screening
+  with the chart's (and the settings') policy; no tracing (the chart sets no OTLP endpoint); logs at INFO. It also
+  runs modelsim, set to zero latency and a fixed reply length.
+- chatmesh_open: the same without authentication and limits: CHATMESH_AUTH=off and no key, so calls act as the
+  tenant `default`, which has no limits. Same Redis. It calls the first cluster's modelsim. Its processes are
+  reported as `open-<name>`.
+- chatmesh_tls, the **chart** configuration of issue 19's targets: chatmesh plus TLS, as the chart's default runs it
+  (tests/support/certificates.py makes the certificates): every gRPC port with TLS, mutual between the processes,
+  the gateway's with a certificate of a public CA and no client certificate asked; and a Redis of its own that
+  serves TLS only, with a username and password (the chart's bundled Redis with tls.enabled). Its own admin token,
+  and a tenant of its own with the same limits; the client calls it on one TLS channel that every call reuses. It
+  calls the first cluster's modelsim. Its processes are reported as `tls-<name>`, its Redis as `tls-redis`.
+- run, the **run** configuration: `make run`'s defaults (`chatmesh up` with no settings): every store in the
+  processes' memory (no Redis), CHATMESH_AUTH=off, no TLS, and moderation off ("auto" with the simulator's key).
+  It calls the first cluster's modelsim. Its processes are reported as `run-<name>`.
 
-Each case of bench/cases.py runs against all three, and against two baselines that call modelsim directly
-(floor: lean aiohttp + minimal SSE parser; sdk: the openai SDK). The targets alternate within each of
-several short rounds, so that the machine's noise hits all of them alike. What chatmesh adds is measured
-against the baselines; what authentication and limits add is chatmesh minus chatmesh_open; what TLS adds is
-chatmesh_tls minus chatmesh. What an idempotency key adds is measured within a keyed case (stream_c1_new_keyed: a
-fresh key on every call, on every chatmesh target, no baselines): in each of its rounds, chatmesh and
-chatmesh_open also run the same calls without a key against the same cluster (chatmesh_unkeyed,
-chatmesh_open_unkeyed), and the key's cost is the one minus the other; every other case sends no key.
+What the chart's defaults do that this machine does not reproduce (listed in the report's run.configurations):
+two replicas of each process behind Kubernetes Services (one process each here, dialed by address); a separate
+cache Redis (the chart's cache.bundled; here the cache uses the data Redis, as the chart does without one); a
+real provider behind moderation and the model (modelsim here, on loopback, with zero latency).
+
+Each case of bench/cases.py runs against all four, and against two baselines that call modelsim directly (floor:
+lean aiohttp + minimal SSE parser; sdk: the openai SDK). The targets alternate within each of several short rounds,
+so that the machine's noise hits all of them alike. What chatmesh adds is measured against the baselines: issue
+19's targets are read for run and for chart (chatmesh_tls), each over the floor of the same case; what
+authentication and limits add is chatmesh minus chatmesh_open; what TLS adds is chatmesh_tls minus chatmesh. What
+an idempotency key adds is measured within a keyed case (stream_c1_new_keyed: a fresh key on every call, on every
+chatmesh target, no baselines): in each of its rounds, chatmesh and chatmesh_open also run the same calls without a
+key against the same cluster (chatmesh_unkeyed, chatmesh_open_unkeyed), and the key's cost is the one minus the
+other; every other case sends no key.
 
 Beside the cases, the report measures in this process what building a window (bench/window.py), the PII screen
 (bench/pii.py) and knowledge-base retrieval (bench/knowledge.py) cost, and, after the cases, grounded turns against
 the same turns without knowledge bases on chatmesh_open (bench/knowledge.py).
+
+`--profile SECONDS` then samples each process of the chart cluster with `py-spy record --native` while
+`--profile-case` runs (stream_c32_new by default). py-spy cannot read native stacks without stopping the process
+it samples (it refuses --native with --nonblocking), so the profile pauses each process at every sample: its
+latencies mean nothing, which is why it runs after the measurements.
 
 Usage: python -m bench [--mode full|quick|tiny] [--rounds N] [--reply-tokens N] [--cases a,b] [--out-dir DIR]
        [--profile SECONDS [--profile-case NAME]]
@@ -77,7 +95,7 @@ from bench.procstat import CpuMeter, RssMonitor
 from bench.profile import markdown as profile_markdown
 from bench.report import (
     CHATMESH_TARGETS,
-    REDIS_PROCESS,
+    CONFIGURATIONS,
     TARGET_NAMES,
     UNKEYED,
     added_over,
@@ -97,13 +115,43 @@ RESULTS = ROOT / "bench" / "results"
 # Processes of the cluster that are not chatmesh: measured, but not counted as chatmesh's cost.
 MODEL_PROCESSES = frozenset({"modelsim"})
 # How each cluster's processes are named in the report: chatmesh_open's `open-<process>`, chatmesh_tls's
-# `tls-<process>`.
-PROCESS_PREFIX = {"chatmesh": "", "chatmesh_open": "open-", "chatmesh_tls": "tls-"}
+# `tls-<process>`, run's `run-<process>`.
+PROCESS_PREFIX = {"chatmesh": "", "chatmesh_open": "open-", "chatmesh_tls": "tls-", "run": "run-"}
 # The cluster each target that calls chatmesh calls (an unkeyed target calls its keyed target's).
 CLUSTER_OF = {**{target: target for target in CHATMESH_TARGETS}, **{unkeyed: t for t, unkeyed in UNKEYED.items()}}
 # The order of those targets in a round (of those a case runs); reversed every other round. chatmesh runs right
 # next to chatmesh_tls in every case: what TLS adds has the tightest target (0.3 ms).
-CHATMESH_ORDER = ("chatmesh_open", UNKEYED["chatmesh_open"], UNKEYED["chatmesh"], "chatmesh", "chatmesh_tls")
+CHATMESH_ORDER = ("run", "chatmesh_open", UNKEYED["chatmesh_open"], UNKEYED["chatmesh"], "chatmesh", "chatmesh_tls")
+# The chart configuration's cluster, which --profile samples.
+CHART = CONFIGURATIONS["chart"]
+# How each configuration of issue 19's targets is run, and what of the chart's defaults one machine does not
+# reproduce (values.yaml; those that change no request path, such as resources and probes, are left out).
+CONFIGURATION_NOTES = {
+    "run": {
+        "target": CONFIGURATIONS["run"],
+        "as": "`make run` (`chatmesh up` without settings): every store in memory, no Redis; CHATMESH_AUTH=off; no "
+        "TLS; moderation off (auto, with the simulator's key); PII screening with the default policy; the cache on "
+        "(exact answers, no semantic cache); no tracing; logs at INFO",
+    },
+    "chart": {
+        "target": CONFIGURATIONS["chart"],
+        "as": "the chart's values.yaml defaults: CHATMESH_AUTH=required with a tenant whose every limit is set and an "
+        "API key on every call; TLS on every gRPC hop (mutual inside) and to Redis; Redis for tenants, usage, "
+        "conversations, idempotency keys and the cache; moderation on for input and output (auto with a "
+        "provider's key; safety.moderation.output) in windows of 1,000 characters; PII screening with the chart's "
+        "policy (email, phone, cn_id, payment_card: storage); the cache on, no semantic cache; no tracing "
+        "(tracing.otlpEndpoint empty); logs at INFO; the auth cache at 1 s",
+        "not_reproduced": [
+            "two replicas of each process behind Kubernetes Services, dialed through DNS: one process each here, "
+            "dialed by address, since two cores cannot run eight processes per configuration apart",
+            "a separate cache Redis (redis.cache.bundled, allkeys-lru, also TLS): the cache uses the data Redis here, "
+            "as the chart does without one; the commands are the same, on one process instead of two",
+            "a model provider (and its moderation endpoint) across a network: modelsim on loopback with zero latency "
+            "here, so that what is measured is chatmesh's own cost",
+            "the bundled Redis's append-only file on a volume: this Redis keeps no file",
+        ],
+    },
+}
 PREPARATION_CONCURRENCY = 32
 # After each segment, the meters keep running this long: work a call leaves behind once its caller has the
 # reply (releasing its stream slot, settling its usage) counts for its target, not for the next one.
@@ -138,10 +186,11 @@ class Mode:
 
 
 MODES = {
-    # About 8 minutes on 2 cores (more on a busy machine; 6 before chatmesh_tls), over half of it preparing the
-    # conversations of the turn-10 cases, once for each chatmesh target (conversations belong to a tenant).
+    # About 12 minutes on 2 cores (an estimate: more on a busy machine; 10 before run and moderation, 6 before
+    # chatmesh_tls), over half of it preparing the conversations of the turn-10 cases, once for each chatmesh target
+    # (conversations belong to a tenant).
     "full": Mode(5, 1.0, 1.6, 400, 2000, 40, 80, 200, knowledge_chunks=5000, knowledge_calls=200),
-    # About 95 seconds; its c=32 turn-10 throughput comes from too few calls to mean much, and its differences
+    # About 2 minutes; its c=32 turn-10 throughput comes from too few calls to mean much, and its differences
     # between the chatmesh targets (the turn-10 cases' above all) are within the machine's noise.
     "quick": Mode(2, 0.4, 0.6, 120, 480, 10, 40, 32, knowledge_chunks=5000, knowledge_calls=60),
     # A few calls per case: for tests of the harness itself; its numbers mean nothing.
@@ -174,24 +223,31 @@ def _support() -> Any:
 
 
 class RedisCommands:
-    """The shared redis-server's own count of the commands it has run (INFO commandstats), Lua scripts
-    (EVALSHA, EVAL) apart; the INFO calls that read it are left out."""
+    """The redis-servers' own count of the commands they have run (INFO commandstats), summed over them, Lua
+    scripts (EVALSHA, EVAL) apart; the INFO calls that read it are left out. `servers` by the name the report gives
+    each (REDIS_PROCESSES)."""
 
     SCRIPTS = frozenset({"cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro", "cmdstat_eval_ro"})
 
-    def __init__(self, url: str) -> None:
-        self._client = redis.Redis.from_url(url, socket_timeout=5)
-        self.pid = int(self._client.info("server")["process_id"])
+    def __init__(self, servers: dict[str, Any]) -> None:
+        self._clients = {
+            name: redis.Redis.from_url(server.url, socket_timeout=5, **server.client_options())
+            for name, server in servers.items()
+        }
+        self.pids = {name: int(client.info("server")["process_id"]) for name, client in self._clients.items()}
 
     def count(self) -> tuple[int, int]:
         """(commands, scripts) so far."""
-        stats = self._client.info("commandstats")
-        commands = sum(value["calls"] for name, value in stats.items() if name != "cmdstat_info")
-        scripts = sum(value["calls"] for name, value in stats.items() if name in self.SCRIPTS)
+        commands = scripts = 0
+        for client in self._clients.values():
+            stats = client.info("commandstats")
+            commands += sum(value["calls"] for name, value in stats.items() if name != "cmdstat_info")
+            scripts += sum(value["calls"] for name, value in stats.items() if name in self.SCRIPTS)
         return commands, scripts
 
     def close(self) -> None:
-        self._client.close()
+        for client in self._clients.values():
+            client.close()
 
 
 def _git(*args: str) -> subprocess.CompletedProcess[str]:
@@ -253,7 +309,7 @@ class Bench:
                 if name not in MODEL_PROCESSES:
                     self.processes_of[target].append(prefix + name)
                     self.process_kind[prefix + name] = name
-        self.pids[REDIS_PROCESS] = redis_commands.pid
+        self.pids.update(redis_commands.pids)
         self.redis_commands = redis_commands
         self.chatmesh_processes = self.processes_of["chatmesh"]
         self.rss = RssMonitor(self.pids)
@@ -451,6 +507,7 @@ class Bench:
             cpu_ms_per_call=cpu,
             cpu_ms_per_call_open=cpu_open,
             cpu_ms_per_call_tls=cpu_tls,
+            cpu_ms_per_call_run=cpus["run"],
             rss_mib={name: {"idle": idle[name], "peak": peak[name]} for name in self.pids},
             turns=None if window is None else {"measured_turn": case.turn, "model_messages": len(window)},
             other_load_cores=None if other_load is None else round(max(0.0, other_load), 2),
@@ -461,16 +518,18 @@ class Bench:
         return entry
 
     async def profile(self, case: Case, seconds: float, out_prefix: Path) -> dict[str, str]:
-        """Samples each process of the chatmesh target with py-spy while `case` runs (after, not during, the
-        measurements). Writes collapsed stacks per process; returns their paths."""
+        """Samples each process of the chart configuration's cluster with `py-spy record --native` (Python and C
+        frames: grpc's core, protobuf, the TLS library) while `case` runs. py-spy stops a process to read its
+        native stacks (it refuses --native with --nonblocking), so this runs after the measurements, never during.
+        Writes collapsed stacks per process; returns their paths."""
         spy = Path(sys.executable).parent / "py-spy"
         if not spy.exists():
             raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
         pool = None
         if case.turn > 1:
             # Conversations are reused here (turns 10, 11, ...): the window is full either way.
-            pool = _Cycle(await self._prepare("chatmesh", case, 2 * case.concurrency))
-        paths = {name: f"{out_prefix}-profile-{name}.txt" for name in self.chatmesh_processes}
+            pool = _Cycle(await self._prepare(CHART, case, 2 * case.concurrency))
+        paths = {name: f"{out_prefix}-profile-{name}.txt" for name in self.processes_of[CHART]}
         spies = [
             await asyncio.create_subprocess_exec(
                 str(spy),
@@ -483,7 +542,7 @@ class Bench:
                 "250",
                 "--format",
                 "raw",
-                "--nonblocking",
+                "--native",
                 "--output",
                 path,
                 stdout=subprocess.DEVNULL,
@@ -493,7 +552,7 @@ class Bench:
         ]
         await asyncio.sleep(0.5)
         await run_segment(
-            self._chatmesh_send("chatmesh", case, pool), concurrency=case.concurrency, count=10**9, seconds=seconds + 1
+            self._chatmesh_send(CHART, case, pool), concurrency=case.concurrency, count=10**9, seconds=seconds + 1
         )
         await asyncio.gather(*(spy_process.wait() for spy_process in spies))
         return paths
@@ -508,39 +567,56 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
     started = time.time()
     loadavg_before = _loadavg()
     support = _support()
-    redis_server = support.RedisServer.start()
-    # The simulator's own key, as `make run` uses it: the default configuration, where moderation ("auto") is
-    # off because the simulator stands in for the provider.
-    common = {"CHATMESH_MODELSIM_REPLY_TOKENS": str(args.reply_tokens), "OPENAI_API_KEY": MODELSIM_API_KEY}
-    admin_token, tls_admin_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     pki = support.TestPki()
+    redis_servers = {"redis": support.RedisServer.start()}
+    # The simulator's own key, as `make run` uses it. The test launcher turns output moderation off; the settings'
+    # default, which both `make run` and the chart keep, is on.
+    common = {
+        "CHATMESH_MODELSIM_REPLY_TOKENS": str(args.reply_tokens),
+        "OPENAI_API_KEY": MODELSIM_API_KEY,
+        "CHATMESH_SAFETY_MODERATE_OUTPUT": "true",
+    }
+    # The chart's defaults against a provider: moderation ("auto") is on with a real key, for input and output
+    # (safety.moderation.output); with the simulator's key it is off, as in `make run`, unless set on.
+    chart = {**common, "CHATMESH_SAFETY_MODERATION": "on"}
+    admin_token, tls_admin_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     clusters: dict[str, Any] = {}
     clients: dict[str, ChatmeshClient] = {}
     bench = None
     try:
         # The chart's configuration without TLS: authentication required, tenants and limits in Redis.
         clusters["chatmesh"] = support.Cluster(
-            redis_url=redis_server.url,
-            env={**common, "CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": admin_token},
+            redis_url=redis_servers["redis"].url,
+            env={**chart, "CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": admin_token},
         ).start()
         cluster = clusters["chatmesh"]
+        others = [name for name in support.START_ORDER if name not in MODEL_PROCESSES]
         # The same without them, on the same Redis and the same modelsim.
         clusters["chatmesh_open"] = support.Cluster(
-            redis_url=redis_server.url,
-            env={**common, "CHATMESH_AUTH": "off", "OPENAI_BASE_URL": cluster.env["OPENAI_BASE_URL"]},
-            processes=[name for name in support.START_ORDER if name not in MODEL_PROCESSES],
+            redis_url=redis_servers["redis"].url,
+            env={**chart, "CHATMESH_AUTH": "off", "OPENAI_BASE_URL": cluster.env["OPENAI_BASE_URL"]},
+            processes=others,
         ).start()
-        # chatmesh plus TLS on every gRPC port (Redis and modelsim stay plaintext), with its own admin token.
+        # chatmesh plus TLS, as the chart runs it: on every gRPC port, and to a Redis of its own that serves TLS only
+        # (modelsim stays plaintext); its own admin token.
+        tls_redis = redis_servers["tls-redis"] = support.RedisServer.start(tls=pki.internal)
         clusters["chatmesh_tls"] = support.Cluster(
-            redis_url=redis_server.url,
+            redis_url=tls_redis.url,
             env={
-                **common,
+                **chart,
                 "CHATMESH_AUTH": "required",
                 "CHATMESH_ADMIN_TOKEN": tls_admin_token,
                 "OPENAI_BASE_URL": cluster.env["OPENAI_BASE_URL"],
+                "CHATMESH_REDIS_USERNAME": tls_redis.USERNAME,
+                "CHATMESH_REDIS_PASSWORD": tls_redis.PASSWORD,
+                "CHATMESH_REDIS_TLS_CA_FILE": pki.internal.ca,
             },
-            processes=[name for name in support.START_ORDER if name not in MODEL_PROCESSES],
+            processes=others,
             pki=pki,
+        ).start()
+        # `make run`'s defaults: no Redis (every store in memory), authentication off, no TLS, moderation off.
+        clusters["run"] = support.Cluster(
+            env={**common, "OPENAI_BASE_URL": cluster.env["OPENAI_BASE_URL"]}, processes=others
         ).start()
         tls_target = clusters["chatmesh_tls"].gateway_target
         cluster.sim_config(reply_tokens=args.reply_tokens, first_token_latency_seconds=0, token_delay_seconds=0)
@@ -549,7 +625,8 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         clients["chatmesh"] = ChatmeshClient(cluster.gateway_target, api_key)
         clients["chatmesh_open"] = ChatmeshClient(clusters["chatmesh_open"].gateway_target)
         clients["chatmesh_tls"] = ChatmeshClient(tls_target, tls_api_key, pki.public_ca_pem())
-        bench = Bench(clusters, RedisCommands(redis_server.url), clients, mode, args.reply_tokens)
+        clients["run"] = ChatmeshClient(clusters["run"].gateway_target)
+        bench = Bench(clusters, RedisCommands(redis_servers), clients, mode, args.reply_tokens)
         bench.rss.start()
         await bench.warm_up()
         gc.collect()
@@ -580,14 +657,18 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
             await asyncio.gather(*(client.close() for client in clients.values()))
         for running in reversed(clusters.values()):
             running.stop()
-        redis_server.stop()
+        for server in redis_servers.values():
+            server.stop()
 
     target_of = {name: target for target, names in bench.processes_of.items() for name in names}
     processes = {
         name: {
-            # The chatmesh target's own processes (the ones the RSS target reads).
+            # The chatmesh target's own processes.
             "chatmesh": name in bench.chatmesh_processes,
+            # The target whose cluster it belongs to (the RSS target reads run's and chatmesh_tls's).
             "target": target_of.get(name),
+            # What it is (gateway, dialogue, ...) for a chatmesh process; None for modelsim and the Redises.
+            "kind": bench.process_kind.get(name),
             "rss_idle_mib": bench.rss_at_start[name],
             "rss_peak_mib": peaks[name],
         }
@@ -602,7 +683,11 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         # 5: the chatmesh_tls target (chatmesh plus TLS; processes tls-<name>, chatmesh_tls_processes), tls_added
         # and cpu_ms_per_call_tls in every case, run.tls; chatmesh_tls sends the key in the keyed case but has no
         # unkeyed twin, so idempotency_key_added still covers chatmesh and chatmesh_open only.
-        "schema": 5,
+        # 6: the run target (`make run`'s defaults; processes run-<name>, run_processes, cpu_ms_per_call_run);
+        # chatmesh_tls on a TLS Redis of its own (process tls-redis); moderation on in chatmesh, chatmesh_open and
+        # chatmesh_tls; run.configurations; processes' kind; targets of issue 19, each row with its configuration
+        # (run, chart, or None for those of a difference), RSS for run's and chatmesh_tls's processes.
+        "schema": 6,
         "run": {
             "date": now.strftime("%Y-%m-%d"),
             "finished_at": now.isoformat(timespec="seconds"),
@@ -624,17 +709,21 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
                 "chatmesh_open": "CHATMESH_AUTH=off, no key: tenant default, without limits",
                 "chatmesh_tls": f"as chatmesh (its own admin token, tenant {BENCH_TLS_TENANT} with the same limits), "
                 "plus TLS",
+                "run": "CHATMESH_AUTH=off, no key: tenant default, without limits; every store in memory",
             },
             "tls": "chatmesh_tls has TLS on every gRPC port: the gateway's with a certificate of a public CA and no "
             "client certificate asked, mutual TLS between its processes (an internal CA); the load generator calls "
-            "it on one TLS channel that every call reuses (the handshake is made in the warm-up). Redis and modelsim "
-            "are plaintext for every cluster.",
+            "it on one TLS channel that every call reuses (the handshake is made in the warm-up). Its Redis serves "
+            "TLS only (rediss://, a username and password). modelsim is plaintext for every cluster, and so are the "
+            "other clusters' Redis.",
+            "configurations": CONFIGURATION_NOTES,
             "bench_tenant_limits": {field.name: value for field, value in BENCH_LIMITS.ListFields()},
             "profile": profile,
         },
         "chatmesh_processes": bench.chatmesh_processes,
         "chatmesh_open_processes": bench.processes_of["chatmesh_open"],
         "chatmesh_tls_processes": bench.processes_of["chatmesh_tls"],
+        "run_processes": bench.processes_of["run"],
         "processes": processes,
         "cases": entries,
         "targets": evaluate_targets(entries, processes),
@@ -647,12 +736,14 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=sorted(MODES), default="full", help="full (~6 min), quick (~75 s), tiny")
+    parser.add_argument("--mode", choices=sorted(MODES), default="full", help="full (~12 min), quick (~2 min), tiny")
     parser.add_argument("--rounds", type=int, default=0, help="rounds per case (default: the mode's)")
     parser.add_argument("--reply-tokens", type=int, default=50, help="tokens in each modelsim reply")
     parser.add_argument("--cases", type=lambda text: set(text.split(",")), default=None, help="only these cases")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results go")
-    parser.add_argument("--profile", type=float, default=0, metavar="SECONDS", help="then py-spy each process")
+    parser.add_argument(
+        "--profile", type=float, default=0, metavar="SECONDS", help="then py-spy --native each chart process"
+    )
     parser.add_argument(
         "--profile-case", default="stream_c32_new", choices=[case.name for case in CASES if case.available]
     )

@@ -1,7 +1,9 @@
 """`make bench`'s harness, run in its tiny mode: it writes a report with every case of issue 5, measured on
 chatmesh as the chart configures it without TLS (authentication and every limit on), on chatmesh_open (without
-authentication and limits) and on chatmesh_tls (chatmesh with TLS on every gRPC port), with what TLS adds
-(chatmesh_tls minus chatmesh), and with what an idempotency key adds (in a keyed case, the calls with a key minus
+authentication and limits), on chatmesh_tls (chatmesh with TLS on every gRPC port and to its own Redis: the chart's
+defaults) and on run (`make run`'s defaults: every store in memory); with issue 19's targets read for both
+configurations side by side (run and chart), with what TLS adds (chatmesh_tls minus chatmesh), and with what an
+idempotency key adds (in a keyed case, the calls with a key minus
 the same calls without one, alternating with them within each round); and with what the window, the PII screen and
 knowledge-base retrieval cost.
 
@@ -12,6 +14,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +49,7 @@ CASE_KEYS = {
     "cpu_ms_per_call",
     "cpu_ms_per_call_open",
     "cpu_ms_per_call_tls",
+    "cpu_ms_per_call_run",
     "rss_mib",
 }
 STATS_KEYS = {
@@ -58,7 +63,17 @@ STATS_KEYS = {
     "process_cpu_ms_per_call",
 }
 ADDED_KEYS = {"p50_ms", "p99_ms", "ttfd_p50_ms", "ttfd_p99_ms", "rps_ratio"}
-CHATMESH_TARGETS = ("chatmesh", "chatmesh_open", "chatmesh_tls")
+CHATMESH_TARGETS = ("chatmesh", "chatmesh_open", "chatmesh_tls", "run")
+# Issue 19's targets are read for both configurations, each on its cluster.
+CONFIGURATIONS = {"run": "run", "chart": "chatmesh_tls"}
+PROCESS_PREFIX = {"chatmesh_open": "open-", "chatmesh_tls": "tls-", "run": "run-"}
+STREAM_P50_TARGET = "StreamChat c=1: added p50 over floor ≤ 3 ms"
+STREAM_TTFD_TARGET = "StreamChat c=1: added time to first delta p50 over floor ≤ 2.5 ms"
+THROUGHPUT_TARGET = "StreamChat c=32: ≥ 300 streams per second"
+STREAM_CPU_TARGET = "CPU per 50-token stream, summed over every chatmesh process ≤ 5 ms"
+CHAT_P50_TARGET = "Chat c=1: added p50 over floor ≤ 3 ms"
+CACHE_HIT_TARGET = "A cache hit at c=1: p50 end to end ≤ 2 ms"
+RSS_TARGET = "RSS ≤ 100 MiB per process at peak"
 AUTH_P50_TARGET = "auth and limits: added p50 at c=1 ≤ 0.5 ms"
 AUTH_CPU_TARGET = "auth and limits: added CPU per call ≤ 0.5 ms"
 KEY_P50_TARGET = "idempotency key: added p50 at c=1 ≤ 0.3 ms"
@@ -66,13 +81,15 @@ TLS_P50_TARGET = "TLS adds ≤ 0.3 ms p50 at c=1"
 TLS_SECTION = "## What TLS adds (chatmesh_tls minus chatmesh, same case, same run)"
 
 
+# Four clusters and two Redises start, and every case runs on each: about 2 minutes on a quiet machine.
+@pytest.mark.timeout(400)
 def test_the_tiny_run_reports_every_case(tmp_path: Path):
     finished = subprocess.run(
         [sys.executable, "-m", "bench", "--mode", "tiny", "--out-dir", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=360,
     )
     assert finished.returncode == 0, finished.stderr[-4000:]
 
@@ -86,14 +103,15 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
     assert "modelsim" not in report["chatmesh_processes"]
     # The cluster without authentication and limits: the same processes, measured apart from the first's.
     assert report["chatmesh_open_processes"] == [f"open-{name}" for name in report["chatmesh_processes"]]
-    # The cluster with TLS likewise.
-    assert report["chatmesh_tls_processes"] == [f"tls-{name}" for name in report["chatmesh_processes"]]
+    # The cluster with TLS likewise, and the one of `make run`'s defaults.
+    for target, prefix in PROCESS_PREFIX.items():
+        assert report[f"{target}_processes"] == [prefix + name for name in report["chatmesh_processes"]], target
     assert set(report["processes"]) == {
         *report["chatmesh_processes"],
-        *report["chatmesh_open_processes"],
-        *report["chatmesh_tls_processes"],
+        *(name for target in PROCESS_PREFIX for name in report[f"{target}_processes"]),
         "modelsim",
         "redis",
+        "tls-redis",  # chatmesh_tls's own, serving TLS only; run has none
     }
     for name, process in report["processes"].items():
         assert process["rss_idle_mib"] > 0 and process["rss_peak_mib"] >= process["rss_idle_mib"], name
@@ -103,8 +121,12 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
             None,
         )
         assert process["target"] == expected_target, name
+        assert process["kind"] == (None if expected_target is None else name.split("-")[-1]), name
     assert set(report["run"]["auth"]) == set(CHATMESH_TARGETS)
-    assert "Redis and modelsim are plaintext" in report["run"]["tls"]
+    assert "Its Redis serves TLS only" in report["run"]["tls"]
+    configurations = report["run"]["configurations"]
+    assert {name: notes["target"] for name, notes in configurations.items()} == CONFIGURATIONS
+    assert configurations["chart"]["not_reproduced"], "say what of the chart's defaults this run does not do"
     assert set(report["run"]["bench_tenant_limits"]) == {
         "requests_per_minute",
         "tokens_per_minute",
@@ -146,8 +168,9 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
         assert added["cpu_ms_per_call"]["total"] == round(
             entry["cpu_ms_per_call"]["total"] - entry["cpu_ms_per_call_open"]["total"], 3
         ), name
-        assert set(entry["cpu_ms_per_call_tls"]) == {*report["chatmesh_processes"], "total"}
-        assert entry["cpu_ms_per_call_tls"]["total"] > 0, name
+        for cpu in ("cpu_ms_per_call_tls", "cpu_ms_per_call_run"):
+            assert set(entry[cpu]) == {*report["chatmesh_processes"], "total"}, (name, cpu)
+            assert entry[cpu]["total"] > 0, (name, cpu)
         # What TLS adds: chatmesh_tls minus chatmesh, as auth_and_limits is chatmesh minus chatmesh_open.
         tls_added = entry["tls_added"]
         assert set(tls_added) == {*ADDED_KEYS, "cpu_ms_per_call", "redis_cpu_ms_per_call"}, name
@@ -172,6 +195,8 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
         assert redis_calls["chatmesh"]["scripts"] >= redis_calls["chatmesh_open"]["scripts"] > 0, (name, redis_calls)
         # chatmesh_tls is chatmesh's configuration, tenant limits included.
         assert redis_calls["chatmesh_tls"]["commands"] > redis_calls["chatmesh_open"]["commands"], (name, redis_calls)
+        # run keeps everything in memory: what Redis runs in its windows is only the other clusters' leftovers.
+        assert redis_calls["run"]["commands"] < redis_calls["chatmesh_open"]["commands"], (name, redis_calls)
         if name.endswith("turn10"):
             assert cases[name]["turns"]["measured_turn"] == 10
             assert cases[name]["turns"]["model_messages"] > 1
@@ -220,7 +245,38 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
 
     assert {row["status"] for row in report["targets"]} <= {"met", "not met", "not available", "not measured"}
     assert {"cache_hit", "process gateway, whole run"} <= {row["case"] for row in report["targets"]}
-    rows = {(row["target"], row["case"]): row for row in report["targets"]}
+    assert {row["configuration"] for row in report["targets"]} == {*CONFIGURATIONS, None}
+    # Issue 19's targets: every one in every case it names, for both configurations, read on its own cluster.
+    by_configuration = {
+        (row["target"], row["case"], row["configuration"]): row for row in report["targets"] if row["configuration"]
+    }
+    for configuration, target in CONFIGURATIONS.items():
+        floor_cases = {
+            STREAM_P50_TARGET: ("stream_c1_new", "stream_c1_turn10"),
+            STREAM_TTFD_TARGET: ("stream_c1_new", "stream_c1_turn10"),
+            CHAT_P50_TARGET: ("chat_c1_new", "chat_c1_turn10"),
+        }
+        for statement, names in floor_cases.items():
+            figure = ("ttfd_ms", "p50") if statement == STREAM_TTFD_TARGET else ("latency_ms", "p50")
+            for name in names:
+                row = by_configuration[statement, name, configuration]
+                assert row["status"] in {"met", "not met"}, row
+                measured, floor = cases[name]["targets"][target], cases[name]["targets"]["floor"]
+                assert row["measured"] == round(measured[figure[0]][figure[1]] - floor[figure[0]][figure[1]], 3)
+        for name in ("stream_c32_new", "stream_c32_turn10"):
+            row = by_configuration[THROUGHPUT_TARGET, name, configuration]
+            assert row["measured"] == cases[name]["targets"][target]["rps"], row
+        cpu = {"run": "cpu_ms_per_call_run", "chart": "cpu_ms_per_call_tls"}[configuration]
+        for name in ("stream_c1_new", "stream_c1_turn10", "stream_c32_new", "stream_c32_turn10"):
+            row = by_configuration[STREAM_CPU_TARGET, name, configuration]
+            assert row["measured"] == cases[name][cpu]["total"], row
+        row = by_configuration[CACHE_HIT_TARGET, "cache_hit", configuration]
+        if cases["cache_hit"]["available"]:
+            assert row["measured"] == cases["cache_hit"]["targets"][target]["latency_ms"]["p50"], row
+        for name in report["chatmesh_processes"]:
+            row = by_configuration[RSS_TARGET, f"process {name}, whole run", configuration]
+            assert row["measured"] == report["processes"][PROCESS_PREFIX[target] + name]["rss_peak_mib"], row
+    rows = {(row["target"], row["case"]): row for row in report["targets"] if row["configuration"] is None}
     single = [name for name in cases if cases[name]["concurrency"] == 1]
     for target, names in ((AUTH_P50_TARGET, single), (AUTH_CPU_TARGET, list(cases))):
         for name in names:
@@ -243,7 +299,11 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
     assert "Nothing is added when no key is sent" in markdown
     assert KEY_P50_TARGET in markdown
     assert TLS_SECTION in markdown and TLS_P50_TARGET in markdown
-    assert "| chatmesh_tls |" in markdown  # a row of the latency table
+    assert "| chatmesh_tls |" in markdown and "| run |" in markdown  # rows of the latency table
+    # Issue 19's targets in one table, a column for each configuration.
+    assert "| target | case | run (run) | chart (chatmesh_tls) |" in markdown
+    throughput_row = next(line for line in markdown.splitlines() if line.startswith(f"| {THROUGHPUT_TARGET} |"))
+    assert throughput_row.count("met") == 2, throughput_row
     # The PII screen's CPU per message, every message measured and found what it holds.
     assert "PII screen ≤ 0.2 ms CPU per message under 2,000 characters" in markdown
     pii = report["pii"]
