@@ -131,7 +131,7 @@ CONFIGURATION_NOTES = {
         "target": CONFIGURATIONS["run"],
         "as": "`make run` (`chatmesh up` without settings): every store in memory, no Redis; CHATMESH_AUTH=off; no "
         "TLS; moderation off (auto, with the simulator's key); PII screening with the default policy; the cache on "
-        "(exact answers, no semantic cache); no tracing; logs at INFO",
+        "(exact answers of first turns only, no semantic cache); no tracing; logs at INFO",
     },
     "chart": {
         "target": CONFIGURATIONS["chart"],
@@ -139,8 +139,8 @@ CONFIGURATION_NOTES = {
         "API key on every call; TLS on every gRPC hop (mutual inside) and to Redis; Redis for tenants, usage, "
         "conversations, idempotency keys and the cache; moderation on for input and output (auto with a "
         "provider's key; safety.moderation.output) in windows of 1,000 characters; PII screening with the chart's "
-        "policy (email, phone, cn_id, payment_card: storage); the cache on, no semantic cache; no tracing "
-        "(tracing.otlpEndpoint empty); logs at INFO; the auth cache at 1 s",
+        "policy (email, phone, cn_id, payment_card: storage); the cache on for first turns (cache.followUps "
+        "false), no semantic cache; no tracing (tracing.otlpEndpoint empty); logs at INFO; the auth cache at 1 s",
         "not_reproduced": [
             "two replicas of each process behind Kubernetes Services, dialed through DNS: one process each here, "
             "dialed by address, since two cores cannot run eight processes per configuration apart",
