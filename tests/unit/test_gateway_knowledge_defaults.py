@@ -24,7 +24,7 @@ class RecordingDialogue:
     def __init__(self) -> None:
         self.turns: list[dialogue_pb2.TurnRequest] = []
 
-    def Turn(self, request: dialogue_pb2.TurnRequest, timeout: float) -> NoEvents:
+    def RunTurn(self, request: dialogue_pb2.TurnRequest, timeout: float) -> NoEvents:
         self.turns.append(request)
         return NoEvents()
 
