@@ -8,8 +8,7 @@ the kind the integration tests start (tests/support/cluster.py: every chatmesh p
 - chatmesh: the Helm chart's default configuration without TLS: CHATMESH_AUTH=required, an admin token, and a
   tenant created through the AdminService with every kind of limit set (far above what the run uses, so that every
   check runs on every call and none refuses); every call sends the tenant's API key. Tenants, usage,
-  conversations and cache entries in that Redis, over plaintext. Moderation on, for input and output (the chart's
-  "auto" with a provider's key, and safety.moderation.output), against modelsim's /v1/moderations; PII screening
+  conversations and cache entries in that Redis, over plaintext. Moderation off (see below); PII screening
   with the chart's (and the settings') policy; no tracing (the chart sets no OTLP endpoint); logs at INFO. It also
   runs modelsim, set to zero latency and a fixed reply length.
 - chatmesh_open: the same without authentication and limits: CHATMESH_AUTH=off and no key, so calls act as the
@@ -28,7 +27,9 @@ the kind the integration tests start (tests/support/cluster.py: every chatmesh p
 What the chart's defaults do that this machine does not reproduce (listed in the report's run.configurations):
 two replicas of each process behind Kubernetes Services (one process each here, dialed by address); a separate
 cache Redis (the chart's cache.bundled; here the cache uses the data Redis, as the chart does without one); a
-real provider behind moderation and the model (modelsim here, on loopback, with zero latency).
+real provider behind moderation and the model (modelsim here, on loopback, with zero latency); and moderation,
+which the chart turns on with a provider's key: issue 19's target configuration (keys and limits, TLS, PII
+screening, Redis) leaves it out, since its cost is the provider's round trips.
 
 Each case of bench/cases.py runs against all four, and against two baselines that call modelsim directly (floor:
 lean aiohttp + minimal SSE parser; sdk: the openai SDK). The targets alternate within each of several short rounds,
@@ -137,8 +138,7 @@ CONFIGURATION_NOTES = {
         "target": CONFIGURATIONS["chart"],
         "as": "the chart's values.yaml defaults: CHATMESH_AUTH=required with a tenant whose every limit is set and an "
         "API key on every call; TLS on every gRPC hop (mutual inside) and to Redis; Redis for tenants, usage, "
-        "conversations, idempotency keys and the cache; moderation on for input and output (auto with a "
-        "provider's key; safety.moderation.output) in windows of 1,000 characters; PII screening with the chart's "
+        "conversations, idempotency keys and the cache; PII screening with the chart's "
         "policy (email, phone, cn_id, payment_card: storage); the cache on for first turns (cache.followUps "
         "false), no semantic cache; no tracing (tracing.otlpEndpoint empty); logs at INFO; the auth cache at 1 s",
         "not_reproduced": [
@@ -149,6 +149,9 @@ CONFIGURATION_NOTES = {
             "a model provider (and its moderation endpoint) across a network: modelsim on loopback with zero latency "
             "here, so that what is measured is chatmesh's own cost",
             "the bundled Redis's append-only file on a volume: this Redis keeps no file",
+            "moderation: the chart's auto turns it on with a provider's key, for input and output; it is off here, as "
+            "issue 19's target configuration (keys and limits, TLS, PII screening, Redis) leaves it out: its cost is "
+            "the provider's, two moderation round trips a turn, and a reply held back until its window is moderated",
         ],
     },
 }
@@ -569,16 +572,9 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
     support = _support()
     pki = support.TestPki()
     redis_servers = {"redis": support.RedisServer.start()}
-    # The simulator's own key, as `make run` uses it. The test launcher turns output moderation off; the settings'
-    # default, which both `make run` and the chart keep, is on.
-    common = {
-        "CHATMESH_MODELSIM_REPLY_TOKENS": str(args.reply_tokens),
-        "OPENAI_API_KEY": MODELSIM_API_KEY,
-        "CHATMESH_SAFETY_MODERATE_OUTPUT": "true",
-    }
-    # The chart's defaults against a provider: moderation ("auto") is on with a real key, for input and output
-    # (safety.moderation.output); with the simulator's key it is off, as in `make run`, unless set on.
-    chart = {**common, "CHATMESH_SAFETY_MODERATION": "on"}
+    # The simulator's own key, as `make run` uses it: moderation ("auto") is then off in every cluster (see
+    # CONFIGURATION_NOTES on why the chart's is too).
+    common = {"CHATMESH_MODELSIM_REPLY_TOKENS": str(args.reply_tokens), "OPENAI_API_KEY": MODELSIM_API_KEY}
     admin_token, tls_admin_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     clusters: dict[str, Any] = {}
     clients: dict[str, ChatmeshClient] = {}
@@ -587,14 +583,14 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         # The chart's configuration without TLS: authentication required, tenants and limits in Redis.
         clusters["chatmesh"] = support.Cluster(
             redis_url=redis_servers["redis"].url,
-            env={**chart, "CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": admin_token},
+            env={**common, "CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": admin_token},
         ).start()
         cluster = clusters["chatmesh"]
         others = [name for name in support.START_ORDER if name not in MODEL_PROCESSES]
         # The same without them, on the same Redis and the same modelsim.
         clusters["chatmesh_open"] = support.Cluster(
             redis_url=redis_servers["redis"].url,
-            env={**chart, "CHATMESH_AUTH": "off", "OPENAI_BASE_URL": cluster.env["OPENAI_BASE_URL"]},
+            env={**common, "CHATMESH_AUTH": "off", "OPENAI_BASE_URL": cluster.env["OPENAI_BASE_URL"]},
             processes=others,
         ).start()
         # chatmesh plus TLS, as the chart runs it: on every gRPC port, and to a Redis of its own that serves TLS only
@@ -603,7 +599,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         clusters["chatmesh_tls"] = support.Cluster(
             redis_url=tls_redis.url,
             env={
-                **chart,
+                **common,
                 "CHATMESH_AUTH": "required",
                 "CHATMESH_ADMIN_TOKEN": tls_admin_token,
                 "OPENAI_BASE_URL": cluster.env["OPENAI_BASE_URL"],
@@ -684,9 +680,9 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, d
         # and cpu_ms_per_call_tls in every case, run.tls; chatmesh_tls sends the key in the keyed case but has no
         # unkeyed twin, so idempotency_key_added still covers chatmesh and chatmesh_open only.
         # 6: the run target (`make run`'s defaults; processes run-<name>, run_processes, cpu_ms_per_call_run);
-        # chatmesh_tls on a TLS Redis of its own (process tls-redis); moderation on in chatmesh, chatmesh_open and
-        # chatmesh_tls; run.configurations; processes' kind; targets of issue 19, each row with its configuration
-        # (run, chart, or None for those of a difference), RSS for run's and chatmesh_tls's processes.
+        # chatmesh_tls on a TLS Redis of its own (process tls-redis); run.configurations; processes' kind; targets
+        # of issue 19, each row with its configuration (run, chart, or None for those of a difference), RSS for
+        # run's and chatmesh_tls's processes.
         "schema": 6,
         "run": {
             "date": now.strftime("%Y-%m-%d"),
