@@ -11,11 +11,11 @@ from chatmesh.dialogue.spend import SpendLedger
 from chatmesh.dialogue.store import create_conversation_store
 from chatmesh.dialogue.summary import Summarizer
 from chatmesh.dialogue.tokens import DEFAULT_MODEL_ENCODINGS, TokenCounter
+from chatmesh.model.client import ModelClient
 from chatmesh.review.store import create_review_store
 from chatmesh.runtime import metrics, redis_connection
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
-from chatmesh.runtime.model_client import ModelClient
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import create_usage_ledger

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from chatmesh.dialogue.coalesce import coalesce
+from chatmesh.model.client import ModelOutcome
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.model_client import ModelOutcome
 from chatmesh.v1 import safety_pb2, safety_pb2_grpc
 
 log = get_logger(__name__)

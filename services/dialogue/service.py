@@ -57,20 +57,20 @@ from chatmesh.dialogue.store import (
 )
 from chatmesh.dialogue.summary import Summarizer
 from chatmesh.dialogue.tokens import OFF_LOOP_TEXT_CHARS, TokenCounter, context_tokens
-from chatmesh.review.store import ReviewStore, ReviewStoreUnavailable
-from chatmesh.runtime import metrics, regions
-from chatmesh.runtime.access_log import ErrorKind, UserIdHasher
-from chatmesh.runtime.channels import downstream_timeout
-from chatmesh.runtime.logs import annotate, get_logger
-from chatmesh.runtime.model_client import (
+from chatmesh.model.client import (
     ModelClient,
     ModelError,
     ModelErrorKind,
     ModelOutcome,
     ModelRequest,
     StreamProgress,
-    price_family,
 )
+from chatmesh.model.pricing import price_family
+from chatmesh.review.store import ReviewStore, ReviewStoreUnavailable
+from chatmesh.runtime import metrics, regions
+from chatmesh.runtime.access_log import ErrorKind, UserIdHasher
+from chatmesh.runtime.channels import downstream_timeout
+from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import Refused, abort, abort_with, invalid_argument, retry_later
 from chatmesh.runtime.tasks import BackgroundTasks

@@ -17,9 +17,10 @@ from typing import Any
 import grpc
 
 from chatmesh.dialogue.tokens import TokenCounter
+from chatmesh.model.client import ModelRequest
+from chatmesh.model.pricing import cost_usd, price_family
 from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.model_client import ModelRequest, cost_usd, price_family
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import Refused, failure
 from chatmesh.runtime.tasks import BackgroundTasks

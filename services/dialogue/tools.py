@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from chatmesh.dialogue.store import StoredMessage, StoredToolCall
-from chatmesh.runtime.model_client import ModelToolCall
+from chatmesh.model.client import ModelToolCall
 from chatmesh.v1 import chat_pb2
 
 # A tool without parameters takes an empty object.

@@ -40,7 +40,7 @@ Model calls, cache and safety (label values from closed sets only, never an id o
     chatmesh_model_cost_usd_total{model}                           from `model_prices_usd_per_million`
     chatmesh_model_retries_total{operation, kind}                  attempts retried, by why
     chatmesh_model_upstream_errors_total{operation, kind}          failed attempts, by kind
-    chatmesh_model_deployment_attempts_total{deployment, outcome}  chat attempts by deployment (runtime.deployments);
+    chatmesh_model_deployment_attempts_total{deployment, outcome}  chat attempts by deployment (model.deployments);
                                                                    outcome: ok, rate_limited, unauthorized,
                                                                    server_error, connection_error, timeout,
                                                                    first_token_timeout, rejected
@@ -625,7 +625,7 @@ class ModelMetrics:
         return children
 
 
-# The model router (chatmesh.runtime.router): deployments, their key pools and breakers. Labels are the names
+# The model router (chatmesh.model.router): deployments, their key pools and breakers. Labels are the names
 # of the deployments file (bounded by it); the gauges are read from the router when scraped.
 
 _DEPLOYMENT_ATTEMPTS = Counter(
@@ -676,7 +676,7 @@ class DeploymentAttempts:
 
 
 def watch_model_router(router: Any) -> None:
-    """Serves the breaker, key and health gauges of `router` (a chatmesh.runtime.router.Router) from its state
+    """Serves the breaker, key and health gauges of `router` (a chatmesh.model.router.Router) from its state
     at each scrape; the latest router of a process wins."""
     for route in router.deployments.models.values():
         _HEALTHY_DEPLOYMENTS.labels(route.name).set_function(functools.partial(router.healthy_count, route))

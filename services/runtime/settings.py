@@ -197,7 +197,7 @@ class Settings(BaseSettings):
     model_max_attempts: int = 4
     model_backoff_initial_seconds: float = 0.25
     model_backoff_max_seconds: float = 8.0
-    # Model deployments (chatmesh.runtime.deployments): a YAML file mapping each model name callers use to its
+    # Model deployments (chatmesh.model.deployments): a YAML file mapping each model name callers use to its
     # deployments (base URL, keys from the environment or files, upstream name, price, weight), key pools and
     # circuit breakers; checked at start. Empty: one deployment from OPENAI_API_KEY / OPENAI_BASE_URL.
     model_deployments_file: str = ""

@@ -12,7 +12,7 @@ Context crosses processes in gRPC metadata (W3C `traceparent`, through the globa
 servers take it with opentelemetry-instrumentation-grpc's aio server interceptor; channels send it
 from a CLIENT span of each call (chatmesh.runtime.propagation says why not from a client
 interceptor). It reaches the model provider in the HTTP request's headers
-(chatmesh.runtime.model_client). The spans of a process are flushed when `serve()` stops it.
+(chatmesh.model.client). The spans of a process are flushed when `serve()` stops it.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+from chatmesh.model.client import ModelClient
 from chatmesh.review.store import create_review_store
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.model_client import ModelClient
 from chatmesh.runtime.settings import Settings
 from chatmesh.safety.keywords import KeywordScreen
 from chatmesh.safety.moderation import ModerationScreen, moderation_enabled

@@ -4,8 +4,8 @@ per-category score thresholds; and its windowed form for a streamed reply."""
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 
+from chatmesh.model.client import ModelClient, ModelError, ModerationResult
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.model_client import ModelClient, ModelError, ModerationResult
 from chatmesh.runtime.settings import MODELSIM_API_KEY, Settings
 
 log = get_logger(__name__)

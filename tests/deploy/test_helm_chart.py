@@ -32,7 +32,7 @@ from support.chart import (
 )
 
 from chatmesh.dialogue.server_tools import CURRENT_TIME, KNOWLEDGE_SEARCH, ServerTools
-from chatmesh.runtime.deployments import parse_deployments
+from chatmesh.model.deployments import parse_deployments
 from chatmesh.runtime.settings import Settings
 
 CORE = ("gateway", "dialogue", "safety", "cache")

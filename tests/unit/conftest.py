@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import pytest
 from support.sim import Sim, running_sim
 
-from chatmesh.runtime.model_client import ModelClient
+from chatmesh.model.client import ModelClient
 
 
 @pytest.fixture

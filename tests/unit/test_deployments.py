@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chatmesh.runtime.deployments import (
+from chatmesh.model.deployments import (
     ANY_MODEL,
     DeploymentsError,
     load_deployments,

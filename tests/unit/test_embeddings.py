@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from support.sim import Sim
 
+from chatmesh.model.client import ModelClient, ModelError, ModelErrorKind
 from chatmesh.modelsim.embeddings import embed
-from chatmesh.runtime.model_client import ModelClient, ModelError, ModelErrorKind
 
 
 def deadline(seconds: float = 10) -> float:

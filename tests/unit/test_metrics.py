@@ -8,9 +8,10 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from chatmesh.model.client import ModelClient
+from chatmesh.model.pricing import cost_usd, price_family
 from chatmesh.runtime import metrics
 from chatmesh.runtime.interceptors import observed
-from chatmesh.runtime.model_client import ModelClient, cost_usd, price_family
 from chatmesh.runtime.settings import Settings
 from chatmesh.v1 import cache_pb2, chat_pb2, dialogue_pb2, dialogue_pb2_grpc, safety_pb2, safety_pb2_grpc
 

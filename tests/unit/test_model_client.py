@@ -10,7 +10,7 @@ import openai
 import pytest
 from support.ports import free_port
 
-from chatmesh.runtime.model_client import (
+from chatmesh.model.client import (
     ModelClient,
     ModelError,
     ModelErrorKind,

@@ -3,7 +3,7 @@
 import json
 
 from chatmesh.dialogue.model_options import model_options, provider_user
-from chatmesh.runtime.model_client import ModelRequest, moderation_input
+from chatmesh.model.client import ModelRequest, moderation_input
 from chatmesh.v1 import chat_pb2
 
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -6,7 +6,7 @@ import pytest
 from support.ports import free_port
 from support.sim import Sim
 
-from chatmesh.runtime.model_client import ModelClient, ModelError, ModelErrorKind, ModerationResult
+from chatmesh.model.client import ModelClient, ModelError, ModelErrorKind, ModerationResult
 from chatmesh.runtime.settings import MODELSIM_API_KEY, Settings
 from chatmesh.safety.moderation import (
     MODERATION_UNAVAILABLE,

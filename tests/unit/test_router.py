@@ -10,9 +10,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from chatmesh.modelsim.server import SimConfig, build_app
-from chatmesh.runtime.deployments import BreakerSpec, parse_deployments
-from chatmesh.runtime.model_client import (
+from chatmesh.model.client import (
     ModelClient,
     ModelError,
     ModelErrorKind,
@@ -20,7 +18,9 @@ from chatmesh.runtime.model_client import (
     ModelRequest,
     StreamProgress,
 )
-from chatmesh.runtime.router import BreakerState, CircuitBreaker, KeyState, parse_reset
+from chatmesh.model.deployments import BreakerSpec, parse_deployments
+from chatmesh.model.router import BreakerState, CircuitBreaker, KeyState, parse_reset
+from chatmesh.modelsim.server import SimConfig, build_app
 from chatmesh.runtime.settings import Settings
 
 

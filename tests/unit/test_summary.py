@@ -9,7 +9,7 @@ from chatmesh.dialogue import summary as summary_module
 from chatmesh.dialogue.context_window import Window
 from chatmesh.dialogue.store import CommittedTurn, MemoryConversationStore, StoredMessage, StoredToolCall
 from chatmesh.dialogue.summary import Summarizer
-from chatmesh.runtime.model_client import ModelOutcome, ModelRequest
+from chatmesh.model.client import ModelOutcome, ModelRequest
 from chatmesh.runtime.settings import Settings
 
 TENANT = "acme"

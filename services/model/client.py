@@ -23,10 +23,11 @@ import aiohttp
 import httpx2
 import openai
 
+from chatmesh.model.deployments import ANY_MODEL, Deployment, Deployments, ModelRoute, load_deployments
+from chatmesh.model.pricing import cost_usd, price_family, priced_usd
+from chatmesh.model.router import Router, parse_reset
 from chatmesh.runtime import metrics, tracing
-from chatmesh.runtime.deployments import ANY_MODEL, Deployment, Deployments, ModelRoute, load_deployments
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.router import Router, parse_reset
 from chatmesh.runtime.settings import Settings
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ class StreamProgress:
 
 
 class ModelClient:
-    """One per process: the deployments of the model (chatmesh.runtime.deployments), one SDK client and
+    """One per process: the deployments of the model (chatmesh.model.deployments), one SDK client and
     connection pool per deployment, and the router that keeps each deployment's key pool and breaker."""
 
     def __init__(self, settings: Settings, deployments: Deployments | None = None) -> None:
@@ -214,7 +215,7 @@ class ModelClient:
         one, else by the price table for `model`."""
         price = self._deployment_prices.get(deployment)
         if price is not None:
-            return (input_tokens * price[0] + output_tokens * price[1]) / 1_000_000
+            return priced_usd(price, input_tokens, output_tokens)
         return cost_usd(self._prices, model, input_tokens, output_tokens)
 
     async def stream_chat(
@@ -609,26 +610,6 @@ def _end_chat_span(span: Any, last: object, error_type: str) -> None:
         if error_type != "cancelled":
             tracing.mark_error(span)
     span.end()
-
-
-def price_family(prices: Mapping[str, tuple[float, float]], model: str) -> str | None:
-    """The price table's entry for `model`: the longest name it starts with, so that a dated snapshot
-    ("gpt-4o-mini-2024-07-18") takes its family's price ("gpt-4o-mini"); None when there is none."""
-    matches = [name for name in prices if model.startswith(name)]
-    return max(matches, key=len) if matches else None
-
-
-def cost_usd(prices: Mapping[str, tuple[float, float]], model: str, input_tokens: int, output_tokens: int) -> float:
-    """What the tokens of a call to `model` cost in USD by the price table; 0 for a model it does not list."""
-    outcome = ModelOutcome(input_tokens=input_tokens, output_tokens=output_tokens)
-    return _cost_usd(prices, price_family(prices, model), outcome)
-
-
-def _cost_usd(prices: Mapping[str, tuple[float, float]], family: str | None, outcome: ModelOutcome) -> float:
-    if family is None:
-        return 0.0
-    input_price, output_price = prices[family]
-    return (outcome.input_tokens * input_price + outcome.output_tokens * output_price) / 1_000_000
 
 
 def _unit_vector(embedding: str | Sequence[float]) -> np.ndarray:
