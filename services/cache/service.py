@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.message import DecodeError
 
+from chatmesh.cache import metrics
 from chatmesh.cache.keys import answer_key, conversation_index, user_index
 from chatmesh.cache.tiers import AnswerCache, CacheHit, EraseFailed, TierKind
-from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.status import abort, abort_with, invalid_argument
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2

@@ -31,8 +31,9 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from chatmesh.cache import metrics
 from chatmesh.cache.keys import KEY_PREFIX
-from chatmesh.runtime import metrics, redis_connection
+from chatmesh.runtime import redis_connection
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 

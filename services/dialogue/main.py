@@ -13,12 +13,13 @@ from chatmesh.dialogue.summary import Summarizer
 from chatmesh.dialogue.tokens import DEFAULT_MODEL_ENCODINGS, TokenCounter
 from chatmesh.model.client import ModelClient
 from chatmesh.review.store import create_review_store
-from chatmesh.runtime import metrics, redis_connection
+from chatmesh.runtime import redis_connection
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import create_usage_ledger
+from chatmesh.tenancy.metrics import TenantMetrics
 from chatmesh.v1 import (
     cache_pb2_grpc,
     dialogue_pb2,
@@ -50,7 +51,7 @@ async def main(settings: Settings) -> None:
     knowledge_store = create_knowledge_store(settings.redis_url, options=redis_options)
     reviews = create_review_store(settings)
     background = BackgroundTasks()
-    spend = SpendLedger(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants), background)
+    spend = SpendLedger(settings, ledger, TenantMetrics(settings.metrics_max_tenants), background)
     safety_channel = open_channel(settings.safety_target, settings)
     cache_channel = open_channel(settings.cache_target, settings)
     servicer = DialogueServicer(

@@ -52,7 +52,7 @@ import jsonschema
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from chatmesh.runtime import metrics
+from chatmesh.dialogue import metrics
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import ConfigurationError, Settings
 

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 
-from chatmesh.dialogue import tools
+from chatmesh.dialogue import metrics, tools
 from chatmesh.dialogue.coalesce import coalesce
 from chatmesh.dialogue.context_window import (
     Budget,
@@ -67,10 +67,11 @@ from chatmesh.model.client import (
 )
 from chatmesh.model.pricing import price_family
 from chatmesh.review.store import ReviewStore, ReviewStoreUnavailable
-from chatmesh.runtime import metrics, regions
+from chatmesh.runtime import regions
 from chatmesh.runtime.access_log import ErrorKind, UserIdHasher
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import annotate, get_logger
+from chatmesh.runtime.metrics import OTHER
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import Refused, abort, abort_with, invalid_argument, retry_later
 from chatmesh.runtime.tasks import BackgroundTasks
@@ -639,7 +640,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
         )
         saved_input = turn.model_request.prompt_tokens or 0
         metrics.cache_hit_saved(
-            price_family(self._settings.model_prices_usd_per_million, turn.model) or metrics.OTHER,
+            price_family(self._settings.model_prices_usd_per_million, turn.model) or OTHER,
             "semantic" if found.match == chat_pb2.CACHE_MATCH_SEMANTIC else "exact",
             saved_input + cached.output_tokens,
             self._model.cost_usd(turn.model, saved_input, cached.output_tokens),

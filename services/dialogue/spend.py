@@ -19,11 +19,11 @@ import grpc
 from chatmesh.dialogue.tokens import TokenCounter
 from chatmesh.model.client import ModelRequest
 from chatmesh.model.pricing import cost_usd, price_family
-from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import Refused, failure
 from chatmesh.runtime.tasks import BackgroundTasks
+from chatmesh.tenancy import metrics
 from chatmesh.tenancy.ledger import LedgerUnavailable, LimitExceeded, UsageLedger
 from chatmesh.tenancy.limits import NANO_USD_PER_USD, LimitName, Limits, cost_to_nano
 from chatmesh.tenancy.messages import TOKEN_QUOTAS, beyond_limit_status, rejection_status, usage_response

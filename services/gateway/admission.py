@@ -16,11 +16,11 @@ from collections.abc import Sequence
 import grpc
 
 from chatmesh.gateway.auth import Caller
-from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import Refused, failure
 from chatmesh.runtime.tasks import BackgroundTasks
+from chatmesh.tenancy import metrics
 from chatmesh.tenancy.ledger import LedgerUnavailable, LimitExceeded, UsageLedger
 from chatmesh.tenancy.messages import rejection_status
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
+from chatmesh.tenancy import metrics
 from chatmesh.tenancy.directory import DirectoryUnavailable, KeyRecord, TenantDirectory, TenantRecord
 from chatmesh.tenancy.keys import KeyHasher, parse_key_id
 from chatmesh.tenancy.limits import Limits

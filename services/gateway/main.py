@@ -11,7 +11,7 @@ from chatmesh.gateway.review import ReviewServicer, sweep_periodically
 from chatmesh.gateway.service import ChatGateway
 from chatmesh.gateway.usage import UsageReader
 from chatmesh.review.store import create_review_store
-from chatmesh.runtime import metrics, redis_connection
+from chatmesh.runtime import redis_connection
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, is_loopback, serve
 from chatmesh.runtime.logs import get_logger
@@ -19,6 +19,7 @@ from chatmesh.runtime.settings import Settings
 from chatmesh.tenancy.directory import create_tenant_directory
 from chatmesh.tenancy.keys import KeyHasher
 from chatmesh.tenancy.ledger import create_usage_ledger
+from chatmesh.tenancy.metrics import TenantMetrics
 from chatmesh.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -60,7 +61,7 @@ async def main(settings: Settings) -> None:
     ledger = create_usage_ledger(settings.redis_url, redis_options)
     hasher = KeyHasher(settings.api_key_pepper.get_secret_value())
     usage = UsageReader(settings, ledger, dialogue)
-    admission = Admission(settings, ledger, metrics.TenantMetrics(settings.metrics_max_tenants))
+    admission = Admission(settings, ledger, TenantMetrics(settings.metrics_max_tenants))
     gateway = ChatGateway(settings, dialogue, Authenticator(settings, directory), admission, usage)
     admin = AdminServicer(settings, directory, usage, hasher, dialogue)
     knowledge = KnowledgeGateway(settings, directory, knowledge_pb2_grpc.KnowledgeServiceStub(dialogue_channel))

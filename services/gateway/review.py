@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from chatmesh.gateway.admin import TENANT_NAME, AdminToken
+from chatmesh.review import metrics
 from chatmesh.review.store import CaseConflict, CaseNotFound, InvalidPageToken, ReviewStore, ReviewStoreUnavailable
-from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import abort, abort_with, invalid_argument

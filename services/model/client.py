@@ -23,10 +23,11 @@ import aiohttp
 import httpx2
 import openai
 
+from chatmesh.model import metrics
 from chatmesh.model.deployments import ANY_MODEL, Deployment, Deployments, ModelRoute, load_deployments
 from chatmesh.model.pricing import cost_usd, price_family, priced_usd
 from chatmesh.model.router import Router, parse_reset
-from chatmesh.runtime import metrics, tracing
+from chatmesh.runtime import tracing
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
 

@@ -18,8 +18,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from enum import IntEnum
 
+from chatmesh.model import metrics
 from chatmesh.model.deployments import BreakerSpec, Deployment, Deployments, ModelRoute
-from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
 
 log = get_logger(__name__)

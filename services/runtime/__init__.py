@@ -1,1 +1,1 @@
-"""What every chatmesh process runs on: settings, the gRPC server and channels, logging, the model client."""
+"""What every chatmesh process runs on: settings, the gRPC server and channels, logging, metrics and tracing."""

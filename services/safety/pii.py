@@ -52,7 +52,7 @@ import phonenumbers
 from stdnum import luhn
 from stdnum.cn import ric
 
-from chatmesh.runtime import metrics
+from chatmesh.safety import metrics
 from chatmesh.v1 import safety_pb2
 
 EMAIL = safety_pb2.PII_KIND_EMAIL

@@ -6,8 +6,8 @@ import asyncio
 import re
 
 from chatmesh.review.store import NewCase, ReviewStore
-from chatmesh.runtime import metrics
 from chatmesh.runtime.logs import get_logger
+from chatmesh.safety import metrics
 from chatmesh.safety.keywords import KeywordScreen
 from chatmesh.safety.pii import NAME_BY_KIND, find_pii
 from chatmesh.v1 import chat_pb2, review_pb2, safety_pb2

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from chatmesh.dialogue.content import image_url
-from chatmesh.runtime import metrics
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
+from chatmesh.safety import metrics
 from chatmesh.safety.keywords import KeywordScreen, ScreenStep
 from chatmesh.safety.moderation import ModerationScreen, WindowedModeration
 from chatmesh.safety.pii import PiiScreen

@@ -10,11 +10,11 @@ import pytest
 from chatmesh.gateway.admission import Admission
 from chatmesh.gateway.auth import DEFAULT_TENANT, Authenticator
 from chatmesh.gateway.service import ChatGateway
-from chatmesh.runtime import metrics
 from chatmesh.runtime.settings import Settings
 from chatmesh.tenancy.directory import MemoryTenantDirectory
 from chatmesh.tenancy.ledger import create_usage_ledger
 from chatmesh.tenancy.limits import Limits
+from chatmesh.tenancy.metrics import TenantMetrics
 from chatmesh.v1 import chat_pb2, dialogue_pb2
 
 
@@ -64,7 +64,7 @@ async def gateway_and_dialogue() -> tuple[ChatGateway, RecordingDialogue]:
     directory = MemoryTenantDirectory()
     await directory.create_tenant(DEFAULT_TENANT, Limits(), now=1.0, knowledge_bases=["help", "billing"])
     dialogue = RecordingDialogue()
-    admission = Admission(settings, create_usage_ledger(None), metrics.TenantMetrics(0))
+    admission = Admission(settings, create_usage_ledger(None), TenantMetrics(0))
     gateway = ChatGateway(settings, dialogue, Authenticator(settings, directory), admission, usage=None)  # type: ignore[arg-type]
     return gateway, dialogue
 

@@ -1,5 +1,5 @@
-"""chatmesh.runtime.metrics: the gRPC interceptors on a real in-process server and channel, and the closed
-label sets of the model, cache and safety metrics."""
+"""chatmesh.runtime.metrics: the gRPC interceptors on a real in-process server and channel, and capped labels;
+chatmesh.model.metrics: the model's closed label sets."""
 
 from collections.abc import AsyncIterator, Iterator
 
@@ -9,6 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from chatmesh.model.client import ModelClient
+from chatmesh.model.metrics import ModelMetrics
 from chatmesh.model.pricing import cost_usd, price_family
 from chatmesh.runtime import metrics
 from chatmesh.runtime.interceptors import observed
@@ -172,7 +173,7 @@ def test_served_methods_start_at_zero_for_every_code(monkeypatch: pytest.MonkeyP
 
 
 def test_model_labels_come_from_the_price_table():
-    model_metrics = metrics.ModelMetrics(PRICES)
+    model_metrics = ModelMetrics(PRICES)
     assert price_family(PRICES, "gpt-4o-mini-2024-07-18") == "gpt-4o-mini"
     assert price_family(PRICES, "gpt-4o-2024-08-06") == "gpt-4o"
     assert price_family(PRICES, "someone's fine-tune") is None
@@ -185,7 +186,7 @@ def test_model_labels_come_from_the_price_table():
 
 
 def test_an_unexpected_failure_kind_is_counted_as_error():
-    model_metrics = metrics.ModelMetrics(PRICES)
+    model_metrics = ModelMetrics(PRICES)
     labels = {"operation": "chat", "model": "gpt-4o", "outcome": "error"}
     before = REGISTRY.get_sample_value("chatmesh_model_requests_total", labels)
     model_metrics.call("chat", "gpt-4o").failed("KeyError")
@@ -212,8 +213,8 @@ async def test_a_call_that_ended_without_usage_counts_its_tokens_and_cost_but_no
     assert REGISTRY.get_sample_value("chatmesh_model_requests_total", ok) == before[2]
 
 
-def test_safety_categories_are_capped():
-    capped = metrics._CappedLabel(2)
+def test_a_capped_label_keeps_its_first_values_and_counts_the_rest_as_other():
+    capped = metrics.CappedLabel(2)
     assert [capped(value) for value in ("a", "b", "c", "a", "d")] == ["a", "b", "other", "a", "other"]
 
 
