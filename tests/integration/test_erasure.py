@@ -43,7 +43,8 @@ CALL_TIMEOUT = 10.0
 def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
     with Cluster(
         redis_url=module_redis.url,
-        env={"CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN},
+        # Follow-ups cached too (off by default), so that the user's text is in every store erasure must reach.
+        env={"CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN, "CHATMESH_CACHE_FOLLOW_UPS": "true"},
         replicas={"cache": 2},
     ) as running:
         yield running
