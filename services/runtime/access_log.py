@@ -1,13 +1,16 @@
 """One JSON line per served call, in every process, and the request id that ties a request's lines together.
 
-The server interceptor opens a RequestRecord when a call starts (its request id from the caller's
-`x-request-id` metadata, its trace and span id from the server span when tracing is on) and writes
-the line when the call ends, however it ends:
+AccessLog opens a RequestRecord when a call starts (its request id from the caller's `x-request-id`
+metadata, its trace and span id from the server span when tracing is on) and writes the line when the
+call ends, however it ends (chatmesh.runtime.call_observer calls it around every served call):
 
     {"timestamp": …, "level": "info", "service": "dialogue", "event": "request",
      "method": "chatmesh.v1.DialogueService/RunTurn", "request_id": …, "trace_id": …, "span_id": …,
      "user_id": "<HMAC-SHA256 of the id, 16 hex>", "model": …, "input_tokens": …, "output_tokens": …,
      "latency_ms": …, "grpc_code": "OK", "error": null}
+
+A handler that fails unexpectedly (it raises, rather than aborting) adds `exception` and `traceback` to its
+line: the exception's type and its frames, never its message (chatmesh.runtime.logs).
 
 Handlers add what only they know with `chatmesh.runtime.logs.annotate(...)`. Channels pass the current
 request id on as `x-request-id` (chatmesh.runtime.propagation), so dialogue's, safety's and cache's
@@ -21,7 +24,6 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
 from enum import StrEnum
 from typing import Any
 
@@ -29,7 +31,6 @@ import grpc
 
 from chatmesh.runtime.logs import REQUEST_ID_KEY, RequestRecord, begin_request
 from chatmesh.runtime.settings import Settings
-from chatmesh.runtime.status import served_code
 from chatmesh.runtime.tracing import current_trace_ids
 
 # The tenant of the call being served, passed downstream for log lines only: services take the tenant
@@ -80,121 +81,57 @@ class UserIdHasher:
         return digest.hexdigest()[:16]
 
 
-def _request_id(metadata: Any) -> str:
-    for key, value in metadata or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
-            return value
-    return ""
-
-
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
-def _tenant(metadata: Any) -> str:
+def _caller_ids(metadata: Any) -> tuple[str, str]:
+    """The request id and the tenant a call's metadata carries, each "" when absent or malformed."""
+    request_id = tenant = ""
     for key, value in metadata or ():
-        if key == TENANT_KEY and isinstance(value, str) and _TENANT.fullmatch(value):
-            return value
-    return ""
+        if key == REQUEST_ID_KEY:
+            if not request_id and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+                request_id = value
+        elif key == TENANT_KEY and not tenant and isinstance(value, str) and _TENANT.fullmatch(value):
+            tenant = value
+    return request_id, tenant
 
 
-class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """Writes one `request` line per call that `observed(method)` admits, whatever its outcome.
+class AccessLog:
+    """The `request` line of each served call: `begin` when the call starts, `end` when it has its status.
 
-    Each method's handler is wrapped once and the wrapper reused: a call costs its record and its line."""
+    chatmesh.runtime.call_observer calls both, however the call ends."""
 
-    def __init__(self, settings: Settings, observed: Callable[[str], bool]) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._hash_user_id = UserIdHasher(settings.log_user_id_salt.get_secret_value())
-        self._observed = observed
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not self._observed(method):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method.lstrip("/"))
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        if handler.response_streaming:
-            behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
-            factory = (
-                grpc.stream_stream_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
-            wrapped = self._streaming(behavior, method)
-        else:
-            behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
-            factory = (
-                grpc.stream_unary_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_unary_rpc_method_handler
-            )
-            wrapped = self._unary(behavior, method)
-        return factory(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            record = self._begin(method, context)
-            try:
-                response = await behavior(request, context)
-            except BaseException as error:
-                self._end(record, context, error)
-                raise
-            self._end(record, context, None)
-            return response
-
-        return unary
-
-    def _streaming(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            record = self._begin(method, context)
-            error: BaseException | None = None
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except BaseException as failure:
-                error = failure
-                raise
-            finally:
-                self._end(record, context, error)
-
-        return streaming
-
-    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> RequestRecord:
+    def begin(self, method: str, metadata: Any) -> RequestRecord:
+        """Opens the record of a call of `method` ("package.Service/Method") and makes it the current one
+        (chatmesh.runtime.logs.current_request) in the calling task."""
         trace_id, span_id = current_trace_ids()
-        metadata = context.invocation_metadata()
+        request_id, tenant = _caller_ids(metadata)
         record = RequestRecord(
             method=method,
             started=time.perf_counter(),
-            request_id=_request_id(metadata),
-            tenant=_tenant(metadata),
+            request_id=request_id,
+            tenant=tenant,
             trace_id=trace_id,
             span_id=span_id,
         )
         begin_request(record)
         return record
 
-    def _end(self, record: RequestRecord, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+    def end(self, record: RequestRecord, code: grpc.StatusCode, error: BaseException | None = None) -> None:
+        """Writes the call's line, unless its level is off. `error` is what the handler raised, if anything:
+        an unexpected one (not an abort, a cancellation or a closed stream) adds its type and traceback."""
+        level = _LEVELS.get(code, logging.INFO)
+        if not log.isEnabledFor(level):
+            return
         latency_ms = (time.perf_counter() - record.started) * 1000
-        code = served_code(context, error)
-        kind = None if code is grpc.StatusCode.OK else (record.error or code.name.lower())
+        unexpected = isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError)
         log.log(
-            _LEVELS.get(code, logging.INFO),
+            level,
             "request",
+            exc_info=error if unexpected else None,
             extra={
                 "method": record.method,
                 "request_id": record.request_id,
@@ -207,6 +144,6 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 "output_tokens": record.output_tokens,
                 "latency_ms": round(latency_ms, 3),
                 "grpc_code": code.name,
-                "error": kind,
+                "error": None if code is grpc.StatusCode.OK else (record.error or code.name.lower()),
             },
         )

@@ -2,8 +2,8 @@
 
 `serve()` builds its server with `server_interceptors(settings)` and `open_channel()` its channels
 with `client_interceptors(settings)`; add an interceptor here and every process has it. The first
-in a list is the outermost: tracing comes first, so that what runs inside it (the access log, and
-anything that logs) sees the call's span as current.
+in a list is the outermost: tracing comes first, so that what runs inside it (the call observer's access
+log and metrics, and anything that logs) sees the call's span as current.
 
 Health checks and reflection are not observed (`observed`): they are probes and tooling, not traffic.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import grpc
 
 from chatmesh.runtime import metrics, tracing
-from chatmesh.runtime.access_log import AccessLogInterceptor
+from chatmesh.runtime.call_observer import CallObserver
 from chatmesh.runtime.decoding import DecodeGuardInterceptor
 from chatmesh.runtime.settings import Settings
 
@@ -34,10 +34,10 @@ def observed(method: str | bytes) -> bool:
 def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
     return [
         *tracing.server_interceptors(observed),
-        AccessLogInterceptor(settings, observed),
-        *metrics.server_interceptors(observed),
-        # Innermost: it ends an undecodable request with INVALID_ARGUMENT, which the others then see, log
-        # and count like any other answer.
+        # One wrapper per call for its access-log line and its grpc_server_* metrics.
+        CallObserver(settings, observed, metered=metrics.enabled()),
+        # Innermost: it ends an undecodable request with INVALID_ARGUMENT, which the observer then logs and
+        # counts like any other answer. It hands out one wrapper per method, so the observer's stays cached.
         DecodeGuardInterceptor(observed),
     ]
 

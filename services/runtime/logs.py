@@ -2,26 +2,37 @@
 
 Log events and closed-set fields only: never message text, replies, or keys.
 
-While a gRPC call is served, `current_request()` is its RequestRecord (set by the access-log
-interceptor, chatmesh.runtime.access_log); handlers add what only they know with `annotate(...)`,
-and every line logged meanwhile carries the call's request_id, trace_id and span_id.
+While a gRPC call is served, `current_request()` is its RequestRecord (opened by the call observer,
+chatmesh.runtime.call_observer, through chatmesh.runtime.access_log); handlers add what only they know
+with `annotate(...)`, and every line logged meanwhile carries the call's request_id, trace_id and span_id.
+
+A line logged with an exception (`log.exception(...)`, or the access line of a handler that failed
+unexpectedly) carries its type, `exception`, and its frames, `traceback` (file, line and function of
+each, innermost last), never its message: an exception's message can hold a user's text.
+
+A line is encoded once, with orjson; a level that is off costs a level check only, so build nothing for a
+line before `log.isEnabledFor(level)` says it will be written.
 """
 
 import json
 import logging
 import sys
 import time
+import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
+
+import orjson
 
 # The metadata key of a call's request id: sent by callers and passed downstream as request metadata, and
 # returned to callers in the response headers and, with an error, in its trailers.
 REQUEST_ID_KEY = "x-request-id"
 
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-# One encoder for every line: json.dumps with options builds a new one per call.
-_ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode
+# For the rare line orjson refuses (an integer beyond 64 bits, a key that is not a string).
+_ENCODE_ANYTHING = json.JSONEncoder(default=str, ensure_ascii=False).encode
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,7 +64,19 @@ class JsonFormatter(logging.Formatter):
                 entry.setdefault("span_id", request.span_id)
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
-        return _ENCODE(entry)
+            entry["traceback"] = _frames(record.exc_info[2])
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:
+            return _ENCODE_ANYTHING(entry)
+
+
+def _frames(trace: TracebackType | None) -> list[dict[str, Any]]:
+    """Where an exception went, outermost frame first: file, line and function of each, and no source text."""
+    return [
+        {"file": frame.f_code.co_filename, "line": line, "function": frame.f_code.co_name}
+        for frame, line in traceback.walk_tb(trace)
+    ]
 
 
 def configure_logging(service: str, level: str) -> None:
@@ -63,6 +86,12 @@ def configure_logging(service: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # What a LogRecord gathers that the formatter never writes: the thread, the process, and the caller's
+    # file and line (findCaller walks the stack; `_srcfile = None` is logging's documented switch for it).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     # Libraries' own per-request lines carry URLs and free text; only their warnings are wanted.
     for noisy in ("httpx2", "httpcore2", "openai", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -21,9 +21,10 @@ ScreenOutput once safety has answered). Health checks and reflection are not cou
 methods' series exist from the start, at 0, for every code, so that `rate()` and `increase()` see a
 method's first call and its first failure.
 
-Served calls are measured by ServerMetricsInterceptor (in `interceptors.server_interceptors`); calls
-made, by MeteredChannel, which `open_channel` wraps around every channel (a grpc.aio client
-interceptor would cost far more: see MeteredChannel).
+Served calls are measured by chatmesh.runtime.call_observer.CallObserver (in
+`interceptors.server_interceptors`), in the same wrapper as their access-log line; calls made, by
+MeteredChannel, which `open_channel` wraps around every channel (a grpc.aio client interceptor would
+cost far more: see MeteredChannel).
 
 The hot path: a streamed message costs one counter increment and one coroutine step (together about
 0.5 µs). Everything a call needs (its labelled children) is bound once per method, when the server
@@ -41,7 +42,6 @@ or text; a label bounded only by use (a tenant, a category) is a CappedLabel.
 from __future__ import annotations
 
 import functools
-import inspect
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -53,7 +53,6 @@ from prometheus_client import Counter, Histogram, disable_created_metrics, start
 
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import Settings
-from chatmesh.runtime.status import served_code
 from chatmesh.runtime.wrapped_channel import WrappedChannel
 
 log = get_logger(__name__)
@@ -114,7 +113,7 @@ _SERVER = _GrpcFamilies("server", "Messages received from clients (requests).", 
 _CLIENT = _GrpcFamilies("client", "Messages received from servers (responses).", "Messages sent to servers (requests).")
 
 
-class _MethodMetrics:
+class MethodMetrics:
     """One method's labelled children, bound once, so that a call or a message costs no label lookup."""
 
     __slots__ = ("handled", "handling_seconds", "msg_received", "msg_sent", "started")
@@ -142,7 +141,7 @@ def grpc_type(request_streaming: bool, response_streaming: bool) -> str:
 # Which processes measure: set once at start by `serve_metrics`.
 _enabled = False
 _lock = threading.Lock()
-_server_methods: dict[str, _MethodMetrics] = {}
+_server_methods: dict[str, MethodMetrics] = {}
 
 
 def enabled() -> bool:
@@ -179,126 +178,19 @@ def initialize_server_metrics(service_names: Iterable[str]) -> None:
             continue
         for method in service.methods:
             path = f"/{service.full_name}/{method.name}"
-            _server_method(path, grpc_type(method.client_streaming, method.server_streaming))
+            server_method(path, grpc_type(method.client_streaming, method.server_streaming))
 
 
-def _server_method(path: str, kind: str) -> _MethodMetrics:
+def server_method(path: str, kind: str) -> MethodMetrics:
+    """The labelled children of the served method `path` ("/package.Service/Method") of type `kind`, made
+    at its first use and shared after that."""
     metrics = _server_methods.get(path)
     if metrics is None:
         with _lock:
             metrics = _server_methods.get(path)
             if metrics is None:
-                metrics = _server_methods[path] = _MethodMetrics(_SERVER, kind, path)
+                metrics = _server_methods[path] = MethodMetrics(_SERVER, kind, path)
     return metrics
-
-
-class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every served call that `observed(method)` admits.
-
-    Wraps the method's handler once and reuses the wrapper while the service hands out the same handler,
-    which it does when this interceptor is the innermost (last) one. Handlers are async functions and
-    async generators, as every chatmesh servicer's are; a streaming handler written as a coroutine (with
-    `context.write`) is timed and counted, but its messages sent are not."""
-
-    def __init__(self, observed: Callable[[str], bool]) -> None:
-        self._observed = observed
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = (
-            _wrap_handler(
-                handler, _server_method(method, grpc_type(handler.request_streaming, handler.response_streaming))
-            )
-            if self._observed(method)
-            else handler
-        )
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-
-def _wrap_handler(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMethodHandler:
-    if handler.request_streaming and handler.response_streaming:
-        behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    else:
-        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-    if inspect.isasyncgenfunction(behavior):
-        wrapped = _response_stream(behavior, metrics, handler.request_streaming)
-    elif inspect.iscoroutinefunction(behavior):
-        wrapped = _single_response(behavior, metrics, handler.request_streaming, handler.response_streaming)
-    else:
-        return handler  # a synchronous handler (run in a thread by grpc.aio); chatmesh has none
-    return factory(
-        wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
-
-
-def _single_response(
-    behavior: Callable[..., Any], metrics: _MethodMetrics, request_streaming: bool, response_streaming: bool
-) -> Callable[..., Any]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        metrics.started.inc()
-        started_at = time.perf_counter()
-        if request_streaming:
-            request = _Counted(request, metrics.msg_received.inc)
-        else:
-            metrics.msg_received.inc()
-        error: BaseException | None = None
-        try:
-            response = await behavior(request, context)
-        except BaseException as caught:
-            error = caught
-            raise
-        finally:
-            code = served_code(context, error)
-            metrics.finish(code, started_at)
-        if code is grpc.StatusCode.OK and not response_streaming:
-            metrics.msg_sent.inc()
-        return response
-
-    return handle
-
-
-def _response_stream(
-    behavior: Callable[..., AsyncIterator[Any]], metrics: _MethodMetrics, request_streaming: bool
-) -> Callable[..., AsyncIterator[Any]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        metrics.started.inc()
-        started_at = time.perf_counter()
-        if request_streaming:
-            request = _Counted(request, metrics.msg_received.inc)
-        else:
-            metrics.msg_received.inc()
-        sent = metrics.msg_sent.inc
-        responses = behavior(request, context)
-        error: BaseException | None = None
-        try:
-            async for response in responses:
-                sent()
-                yield response
-        except BaseException as caught:
-            error = caught
-            if isinstance(caught, GeneratorExit):
-                await responses.aclose()
-            raise
-        finally:
-            metrics.finish(served_code(context, error), started_at)
-
-    return handle
 
 
 class MeteredChannel(WrappedChannel):
@@ -315,7 +207,7 @@ class MeteredChannel(WrappedChannel):
     def _wrap(self, callable_: Any, method: str, request_streaming: bool, response_streaming: bool) -> Any:
         if not self._observed(method):
             return callable_
-        metrics = _MethodMetrics(_CLIENT, grpc_type(request_streaming, response_streaming), method)
+        metrics = MethodMetrics(_CLIENT, grpc_type(request_streaming, response_streaming), method)
         return _MeteredMultiCallable(callable_, metrics, request_streaming, response_streaming)
 
 
@@ -324,7 +216,7 @@ class _MeteredMultiCallable:
 
     __slots__ = ("_callable", "_metrics", "_streamed", "_streaming")
 
-    def __init__(self, callable_: Any, metrics: _MethodMetrics, streamed: bool, streaming: bool) -> None:
+    def __init__(self, callable_: Any, metrics: MethodMetrics, streamed: bool, streaming: bool) -> None:
         self._callable = callable_
         self._metrics = metrics
         self._streamed = streamed
@@ -336,9 +228,9 @@ class _MeteredMultiCallable:
         if not self._streamed:
             metrics.msg_sent.inc()
         elif args and args[0] is not None:  # a request iterator (else the caller writes)
-            args = (_Counted(args[0], metrics.msg_sent.inc), *args[1:])
+            args = (Counted(args[0], metrics.msg_sent.inc), *args[1:])
         elif kwargs.get("request_iterator") is not None:
-            kwargs["request_iterator"] = _Counted(kwargs["request_iterator"], metrics.msg_sent.inc)
+            kwargs["request_iterator"] = Counted(kwargs["request_iterator"], metrics.msg_sent.inc)
         started_at = time.perf_counter()
         call = self._callable(*args, **kwargs)
         call.add_done_callback(functools.partial(_client_call_done, metrics, started_at, self._streaming))
@@ -352,7 +244,7 @@ class _MeteredStreamCall:
 
     __slots__ = ("_call", "_received", "_sent")
 
-    def __init__(self, call: Any, metrics: _MethodMetrics) -> None:
+    def __init__(self, call: Any, metrics: MethodMetrics) -> None:
         self._call = call
         self._received = metrics.msg_received.inc
         self._sent = metrics.msg_sent.inc
@@ -377,7 +269,7 @@ class _MeteredStreamCall:
         self._sent()
 
 
-class _Counted:
+class Counted:
     """Passes `messages` on, counting each. A class rather than an async generator: a generator that its
     reader leaves unfinished (safety stops reading at the `final` piece) costs a finalizer task when it
     is collected; this costs nothing."""
@@ -388,7 +280,7 @@ class _Counted:
         self._messages = messages.__aiter__()
         self._inc = inc
 
-    def __aiter__(self) -> _Counted:
+    def __aiter__(self) -> Counted:
         return self
 
     async def __anext__(self) -> Any:
@@ -418,7 +310,7 @@ class _CountedResponses:
         return message
 
 
-def _client_call_done(metrics: _MethodMetrics, started_at: float, streaming: bool, call: Any) -> None:
+def _client_call_done(metrics: MethodMetrics, started_at: float, streaming: bool, call: Any) -> None:
     code = _finished_code(call)
     metrics.finish(code, started_at)
     if code is grpc.StatusCode.OK and not streaming:
@@ -437,12 +329,6 @@ def _finished_code(call: Any) -> grpc.StatusCode:
         return grpc.StatusCode.UNKNOWN
     step.close()
     return grpc.StatusCode.CANCELLED if call.cancelled() else grpc.StatusCode.UNKNOWN
-
-
-def server_interceptors(observed: Callable[[str], bool]) -> list[grpc.aio.ServerInterceptor]:
-    """The metrics interceptor of servers when this process measures; keep it inside the others (only the
-    decode guard, which hands out one wrapper per method, may come after it)."""
-    return [ServerMetricsInterceptor(observed)] if _enabled else []
 
 
 def metered_channel(channel: grpc.aio.Channel, observed: Callable[[str], bool]) -> grpc.aio.Channel:

@@ -1,4 +1,5 @@
-"""The access log's pieces that need no server: user id hashing, status codes, and the formatter's request fields."""
+"""The access log's pieces that need no server: user id hashing, caller ids, status codes, and the JSON formatter
+(request fields, exceptions, what logging skips)."""
 
 import asyncio
 import contextvars
@@ -6,12 +7,22 @@ import hashlib
 import hmac
 import json
 import logging
+import sys
+from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from chatmesh.runtime.access_log import UserIdHasher, _request_id
-from chatmesh.runtime.logs import JsonFormatter, RequestRecord, annotate, begin_request, current_request
+from chatmesh.runtime.access_log import TENANT_KEY, AccessLog, UserIdHasher
+from chatmesh.runtime.logs import (
+    JsonFormatter,
+    RequestRecord,
+    annotate,
+    begin_request,
+    configure_logging,
+    current_request,
+)
+from chatmesh.runtime.settings import Settings
 from chatmesh.runtime.status import served_code
 from chatmesh.runtime.tracing import tracing_requested
 
@@ -24,11 +35,24 @@ def test_user_ids_are_an_hmac_of_the_salt_truncated_to_16_hex_digits():
     assert UserIdHasher("other")("alice@example.com") != expected
 
 
-def test_only_well_formed_request_ids_are_taken_from_metadata():
-    assert _request_id((("x-request-id", "abc-123"),)) == "abc-123"
-    assert _request_id((("x-request-id", "has space"),)) == ""
-    assert _request_id((("x-request-id", "x" * 129),)) == ""
-    assert _request_id(None) == ""
+@pytest.mark.parametrize(
+    ("metadata", "request_id", "tenant"),
+    [
+        ((("x-request-id", "abc-123"), (TENANT_KEY, "acme")), "abc-123", "acme"),
+        ((("x-request-id", "has space"), (TENANT_KEY, "Not A Tenant")), "", ""),
+        ((("x-request-id", "x" * 129),), "", ""),
+        ((("x-request-id", "first"), ("x-request-id", "second")), "first", ""),
+        (None, "", ""),
+    ],
+)
+def test_only_well_formed_request_ids_and_tenants_are_taken_from_metadata(
+    metadata: object, request_id: str, tenant: str
+):
+    def begin() -> RequestRecord:
+        return AccessLog(Settings()).begin("chatmesh.v1.SafetyService/ScreenInput", metadata)
+
+    record = contextvars.copy_context().run(begin)
+    assert (record.request_id, record.tenant) == (request_id, tenant)
 
 
 class FakeContext:
@@ -98,3 +122,72 @@ def test_lines_logged_during_a_call_carry_its_request_and_trace_ids_and_annotate
 )
 def test_tracing_is_on_only_when_an_otlp_endpoint_is_set(environ: dict[str, str], on: bool):
     assert tracing_requested(environ) is on
+
+
+def formatted(record: logging.LogRecord) -> str:
+    return JsonFormatter("safety").format(record)
+
+
+def test_an_exception_is_logged_with_its_type_and_frames_never_its_message():
+    def failing_step() -> None:
+        raise ValueError("a user's secret text")
+
+    try:
+        failing_step()
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "step_failed", None, sys.exc_info())
+    text = formatted(record)
+    line = json.loads(text)
+    assert "secret" not in text
+    assert line["event"] == "step_failed" and line["exception"] == "ValueError"
+    frames = line["traceback"]
+    assert [frame["function"] for frame in frames] == [
+        "test_an_exception_is_logged_with_its_type_and_frames_never_its_message",
+        "failing_step",
+    ]
+    assert all(frame["file"] == __file__ and isinstance(frame["line"], int) for frame in frames)
+
+
+def test_a_value_the_fast_encoder_refuses_is_still_written():
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "counted", None, None)
+    record.__dict__.update(big=2**70, by_code={404: 1}, kinds={"a"})
+    assert json.loads(formatted(record)) | {"timestamp": None} == {
+        "timestamp": None,
+        "level": "info",
+        "service": "safety",
+        "event": "counted",
+        "big": 2**70,
+        "by_code": {"404": 1},
+        "kinds": "{'a'}",
+    }
+
+
+@pytest.fixture
+def configured_logging() -> Iterator[None]:
+    """configure_logging's changes to the process's logging, undone afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    switches = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing, logging._srcfile)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing, logging._srcfile = switches
+
+
+def test_records_skip_what_the_formatter_never_writes(configured_logging: None):
+    configure_logging("safety", "info")
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("chatmesh.test_records")
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        logger.info("something_happened")
+    finally:
+        logger.removeHandler(handler)
+    (record,) = records
+    assert (record.thread, record.threadName, record.process, record.processName) == (None, None, None, None)
+    # logging._srcfile = None skips findCaller: this fails if logging stops honouring it.
+    assert (record.pathname, record.lineno, record.funcName) == ("(unknown file)", 0, "(unknown function)")

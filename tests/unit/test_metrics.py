@@ -1,4 +1,5 @@
-"""chatmesh.runtime.metrics: the gRPC interceptors on a real in-process server and channel, and capped labels;
+"""chatmesh.runtime.metrics: the grpc_server_* metrics of the call observer and the grpc_client_* ones of a metered
+channel, on a real in-process server and channel, and capped labels;
 chatmesh.model.metrics: the model's closed label sets."""
 
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +13,7 @@ from chatmesh.model.client import ModelClient
 from chatmesh.model.metrics import ModelMetrics
 from chatmesh.model.pricing import cost_usd, price_family
 from chatmesh.runtime import metrics
+from chatmesh.runtime.call_observer import CallObserver
 from chatmesh.runtime.interceptors import observed
 from chatmesh.runtime.settings import Settings
 from chatmesh.v1 import cache_pb2, chat_pb2, dialogue_pb2, dialogue_pb2_grpc, safety_pb2, safety_pb2_grpc
@@ -51,7 +53,7 @@ def sample(name: str, side: str, method: str, **labels: str) -> float:
 async def stubs() -> AsyncIterator[
     tuple[safety_pb2_grpc.SafetyServiceStub, dialogue_pb2_grpc.DialogueServiceStub, object]
 ]:
-    server = grpc.aio.server(interceptors=[metrics.ServerMetricsInterceptor(observed)])
+    server = grpc.aio.server(interceptors=[CallObserver(Settings(), observed, metered=True)])
     safety_pb2_grpc.add_SafetyServiceServicer_to_server(Safety(), server)
     dialogue_pb2_grpc.add_DialogueServiceServicer_to_server(Dialogue(), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
