@@ -60,9 +60,10 @@ class CallObserver(grpc.aio.ServerInterceptor):
         """`behavior`, an `async (request, context) -> response`, observed as a served unary call of `method`
         ("package.Service/Method") is: its `request` line and its grpc_server_* metrics under that method.
 
-        `context` needs only `invocation_metadata()`, `code()` and `time_remaining()`, and an `abort()` that
-        raises a grpc.aio.AbortError. Make the wrapper once per method and keep it. Run each call in its own
-        task, as grpc.aio runs each served call: the call's request record is set in the task's context."""
+        `context` needs only `invocation_metadata()`, `time_remaining()`, an `abort()` that raises a
+        grpc.aio.AbortError, and `code()`: None, or the code `abort()` was given. Make the wrapper once per
+        method and keep it. Run each call in its own task, as grpc.aio runs each served call: the call's
+        request record is set in the task's context."""
         if not self._observed(method):
             return behavior
         return self._single_response(behavior, method.lstrip("/"), False, False)
@@ -134,24 +135,21 @@ class CallObserver(grpc.aio.ServerInterceptor):
 
         async def observed_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             record = access_log.begin(method, context.invocation_metadata())
-            sent = None
             if counted is not None:
                 counted.started.inc()
                 if request_streaming:
                     request = metrics.Counted(request, counted.msg_received.inc)
                 else:
                     counted.msg_received.inc()
-                sent = counted.msg_sent.inc
             responses = behavior(request, context)
+            # Messages sent are added to their counter once, when the stream ends: a counter increment takes
+            # a lock, and a reply streams tens of messages.
+            sent = 0
             error: BaseException | None = None
             try:
-                if sent is None:
-                    async for response in responses:
-                        yield response
-                else:
-                    async for response in responses:
-                        sent()
-                        yield response
+                async for response in responses:
+                    sent += 1
+                    yield response
             except BaseException as caught:
                 error = caught
                 if isinstance(caught, GeneratorExit):
@@ -160,6 +158,7 @@ class CallObserver(grpc.aio.ServerInterceptor):
             finally:
                 code = served_code(context, error)
                 if counted is not None:
+                    counted.msg_sent.inc(sent)
                     counted.finish(code, record.started)
                 access_log.end(record, code, error)
 

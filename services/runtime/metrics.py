@@ -26,9 +26,10 @@ Served calls are measured by chatmesh.runtime.call_observer.CallObserver (in
 MeteredChannel, which `open_channel` wraps around every channel (a grpc.aio client interceptor would
 cost far more: see MeteredChannel).
 
-The hot path: a streamed message costs one counter increment and one coroutine step (together about
-0.5 µs). Everything a call needs (its labelled children) is bound once per method, when the server
-starts or when a stub is made.
+The hot path: a message a server streams costs one coroutine step, and is added to
+grpc_server_msg_sent_total when its stream ends; any other streamed message costs one counter increment
+and one coroutine step (together about 0.5 µs). Everything a call needs (its labelled children) is bound
+once per method, when the server starts or when a stub is made.
 
 The domains' metrics live with their owners, each module listing its series: chatmesh.model.metrics
 (model calls, deployments and the router: dialogue, safety, cache), chatmesh.cache.metrics (the cache),
