@@ -28,6 +28,24 @@ START_ORDER = ("modelsim", "safety", "cache", "dialogue", "gateway")
 METRICS_PROCESSES = ("safety", "cache", "dialogue", "gateway")
 
 
+def log_lines(log: str) -> list[dict[str, Any]]:
+    """The JSON lines of a process's log, parsed; anything else it printed is skipped. Read a log through this
+    rather than by searching its text: a line's spacing is the encoder's choice."""
+    lines = []
+    for text in log.splitlines():
+        if text.startswith("{"):
+            try:
+                lines.append(json.loads(text))
+            except ValueError:
+                continue
+    return lines
+
+
+def logged_events(log: str) -> set[str]:
+    """The `event` of every JSON line of a process's log."""
+    return {line["event"] for line in log_lines(log) if "event" in line}
+
+
 class ServiceProcess:
     """One chatmesh process (`python -m chatmesh COMMAND`), its output kept in a log file. `name` is the
     command, or for a further replica the command and its number (`gateway-2`)."""

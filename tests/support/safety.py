@@ -4,7 +4,6 @@ waiting for a process to log an event."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +12,7 @@ import grpc
 
 from chatmesh.v1 import safety_pb2_grpc
 
-from .cluster import Cluster, ServiceProcess
+from .cluster import Cluster, ServiceProcess, log_lines
 from .ports import free_port
 
 POLLS = 400  # at most 400 polls 50 ms apart (20 s)
@@ -53,8 +52,8 @@ async def another_safety(
 async def poll_log(process: ServiceProcess, event: str) -> dict:
     """The first line the process logged with this event, waiting for it (bounded)."""
     for _ in range(POLLS):
-        for line in process.log().splitlines():
-            if f'"event": "{event}"' in line:
-                return json.loads(line)
+        for line in log_lines(process.log()):
+            if line.get("event") == event:
+                return line
         await asyncio.sleep(POLL_SECONDS)
     raise AssertionError(f"{process.name} did not log {event} within {POLLS} polls")
