@@ -139,14 +139,16 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 if handler.request_streaming
                 else grpc.unary_unary_rpc_method_handler
             )
-            wrapped = self._unary(behavior, method)
+            wrapped = self.unary(behavior, method)
         return factory(
             wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        """`behavior`, a unary handler of `method` ("package.Service/Method"), writing its call's line."""
+
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             record = self._begin(method, context)
             try:

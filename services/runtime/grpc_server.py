@@ -22,10 +22,12 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Servicer:
-    """One gRPC service to host: its full name (for health and reflection) and how to add it."""
+    """One gRPC service to host: its full name (for health and reflection), how to add it, and what it does when the
+    process starts draining (chatmesh.runtime.multiplex ends its long-lived streams)."""
 
     full_name: str
     add_to_server: Callable[[grpc.aio.Server], None]
+    drain: Callable[[], None] | None = None
 
 
 def transport_options(settings: Settings) -> list[tuple[str, int]]:
@@ -105,6 +107,9 @@ async def serve(
 
     log.info("draining", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await health_servicer.enter_graceful_shutdown()
+    for servicer in servicers:
+        if servicer.drain is not None:
+            servicer.drain()
     if settings.shutdown_delay_seconds > 0:
         await asyncio.sleep(settings.shutdown_delay_seconds)
     await server.stop(settings.shutdown_grace_seconds)

@@ -5,10 +5,14 @@ with `client_interceptors(settings)`; add an interceptor here and every process 
 in a list is the outermost: tracing comes first, so that what runs inside it (the access log, and
 anything that logs) sees the call's span as current.
 
-Health checks and reflection are not observed (`observed`): they are probes and tooling, not traffic.
+Health checks and reflection are not observed (`observed`): they are probes and tooling, not traffic; nor are
+multiplexed streams, whose calls are observed one by one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -17,10 +21,15 @@ from chatmesh.runtime.access_log import AccessLogInterceptor
 from chatmesh.runtime.decoding import DecodeGuardInterceptor
 from chatmesh.runtime.settings import Settings
 
+UnaryBehavior = Callable[[Any, Any], Awaitable[Any]]
+
 UNOBSERVED_SERVICES = (
     "grpc.health.v1.Health/",
     "grpc.reflection.v1alpha.ServerReflection/",
     "grpc.reflection.v1.ServerReflection/",
+    # Each call on a multiplexed stream is traced, logged and counted under its own method
+    # (chatmesh.runtime.multiplex); the long-lived stream that carries them is plumbing.
+    "chatmesh.v1.MultiplexService/",
 )
 
 
@@ -40,6 +49,21 @@ def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
         # and count like any other answer.
         DecodeGuardInterceptor(observed),
     ]
+
+
+def unary_call_observer(settings: Settings) -> Callable[[str, UnaryBehavior], UnaryBehavior]:
+    """What the server interceptors put around a unary method's handler (its span, its access line, its metrics),
+    for unary calls served without a gRPC call of their own: those that come on a multiplexed stream
+    (chatmesh.runtime.multiplex). Given the method ("/package.Service/Method") and its handler, returns the handler
+    observed."""
+    access_log = AccessLogInterceptor(settings, observed)
+
+    def observe(method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        return tracing.traced_unary(
+            method, access_log.unary(metrics.observed_unary(method, behavior), method.lstrip("/"))
+        )
+
+    return observe
 
 
 def client_interceptors(settings: Settings) -> list[grpc.aio.ClientInterceptor]:

@@ -445,6 +445,41 @@ def server_interceptors(observed: Callable[[str], bool]) -> list[grpc.aio.Server
     return [ServerMetricsInterceptor(observed)] if _enabled else []
 
 
+def observed_unary(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """`behavior`, a unary handler of `method` ("/package.Service/Method"), counted and timed in the grpc_server_*
+    metrics as the interceptor counts a served unary call; `behavior` itself when this process does not measure."""
+    if not _enabled:
+        return behavior
+    return _single_response(behavior, _server_method(method, "unary"), False, False)
+
+
+_client_unary_methods: dict[str, _MethodMetrics] = {}
+
+
+def client_unary_call(method: str) -> Callable[[grpc.StatusCode], None]:
+    """Counts a unary call of `method` made without a stub (chatmesh.runtime.multiplex sends it on a stream) in the
+    grpc_client_* metrics, as MeteredChannel counts a stub's; returns what records how it ended."""
+    if not _enabled:
+        return _ignore_code
+    metrics = _client_unary_methods.get(method)
+    if metrics is None:
+        metrics = _client_unary_methods[method] = _MethodMetrics(_CLIENT, "unary", method)
+    metrics.started.inc()
+    metrics.msg_sent.inc()
+    started_at = time.perf_counter()
+
+    def done(code: grpc.StatusCode) -> None:
+        if code is grpc.StatusCode.OK:
+            metrics.msg_received.inc()
+        metrics.finish(code, started_at)
+
+    return done
+
+
+def _ignore_code(code: grpc.StatusCode) -> None:
+    pass
+
+
 def metered_channel(channel: grpc.aio.Channel, observed: Callable[[str], bool]) -> grpc.aio.Channel:
     """`channel` with its calls counted (MeteredChannel) when this process measures; else `channel`."""
     return MeteredChannel(channel, observed) if _enabled else channel
