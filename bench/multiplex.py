@@ -30,7 +30,7 @@ from bench.procstat import cpu_seconds
 from chatmesh.runtime import metrics
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.multiplex import Multiplexer, multiplexed
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2, safety_pb2, safety_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ class Calls:
 
 
 def _calls(way: str, safety_target: str, cache_target: str) -> tuple[Calls, list[Any]]:
-    settings = Settings(multiplex_streams=4 if way == "multiplexed" else 0)
+    settings = DialogueSettings(multiplex_streams=4 if way == "multiplexed" else 0)
     safety_channel, cache_channel = open_channel(safety_target, settings), open_channel(cache_target, settings)
     safety, safety_streams = multiplexed(
         safety_pb2_grpc.SafetyServiceStub(safety_channel),
@@ -131,7 +131,9 @@ async def measure(turns: int, rounds: int, concurrencies: list[int]) -> dict[str
             f"CHATMESH_{name.upper()}_METRICS_PORT": str(support.ports.free_port()),
         }
         processes[name] = support.cluster.ServiceProcess(name, port, env, log_dir)
-    metrics.serve_metrics(Settings(bind_host="127.0.0.1", dialogue_metrics_port=support.ports.free_port()), "dialogue")
+    metrics.serve_metrics(
+        DialogueSettings(bind_host="127.0.0.1", dialogue_metrics_port=support.ports.free_port()), "dialogue"
+    )
     # Per way and concurrency: CPU seconds per process and latencies, summed over rounds.
     totals: dict[tuple[str, int], dict[str, Any]] = {
         (way, c): {"cpu": dict.fromkeys(("safety", "cache", "client"), 0.0), "latencies": [], "turns": 0}

@@ -4,11 +4,11 @@ from chatmesh.cache.service import CacheServicer
 from chatmesh.cache.tiers import AnswerCache
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.multiplex import UnaryMethod, multiplex_servicer
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import CacheSettings
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc
 
 
-async def main(settings: Settings) -> None:
+async def main(settings: CacheSettings) -> None:
     cache = AnswerCache.from_settings(settings)
     semantic = None
     if settings.semantic_cache:

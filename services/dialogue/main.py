@@ -17,7 +17,7 @@ from chatmesh.runtime import redis_connection
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.multiplex import multiplexed
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import create_usage_ledger
 from chatmesh.tenancy.metrics import TenantMetrics
@@ -33,7 +33,7 @@ from chatmesh.v1 import (
 )
 
 
-async def main(settings: Settings) -> None:
+async def main(settings: DialogueSettings) -> None:
     redis_options = redis_connection.connection_options(settings, settings.redis_url or "")
     store = create_conversation_store(
         settings.redis_url,

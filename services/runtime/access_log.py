@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 
 from chatmesh.runtime.logs import REQUEST_ID_KEY, RequestRecord, begin_request
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.status import served_code
 from chatmesh.runtime.tracing import current_trace_ids
 
@@ -102,7 +102,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
 
     Each method's handler is wrapped once and the wrapper reused: a call costs its record and its line."""
 
-    def __init__(self, settings: Settings, observed: Callable[[str], bool]) -> None:
+    def __init__(self, settings: ProcessSettings, observed: Callable[[str], bool]) -> None:
         self._hash_user_id = UserIdHasher(settings.log_user_id_salt.get_secret_value())
         self._observed = observed
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}

@@ -19,7 +19,7 @@ import grpc
 from chatmesh.runtime import metrics, tracing
 from chatmesh.runtime.access_log import AccessLogInterceptor
 from chatmesh.runtime.decoding import DecodeGuardInterceptor
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ProcessSettings
 
 UnaryBehavior = Callable[[Any, Any], Awaitable[Any]]
 
@@ -40,7 +40,7 @@ def observed(method: str | bytes) -> bool:
     return not method.lstrip("/").startswith(UNOBSERVED_SERVICES)
 
 
-def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(settings: ProcessSettings) -> list[grpc.aio.ServerInterceptor]:
     return [
         *tracing.server_interceptors(observed),
         AccessLogInterceptor(settings, observed),
@@ -51,7 +51,7 @@ def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
     ]
 
 
-def unary_call_observer(settings: Settings) -> Callable[[str, UnaryBehavior], UnaryBehavior]:
+def unary_call_observer(settings: ProcessSettings) -> Callable[[str, UnaryBehavior], UnaryBehavior]:
     """What the server interceptors put around a unary method's handler (its span, its access line, its metrics),
     for unary calls served without a gRPC call of their own: those that come on a multiplexed stream
     (chatmesh.runtime.multiplex). Given the method ("/package.Service/Method") and its handler, returns the handler
@@ -66,7 +66,7 @@ def unary_call_observer(settings: Settings) -> Callable[[str, UnaryBehavior], Un
     return observe
 
 
-def client_interceptors(settings: Settings) -> list[grpc.aio.ClientInterceptor]:
+def client_interceptors(settings: ProcessSettings) -> list[grpc.aio.ClientInterceptor]:
     # The request id and the trace context are not sent by an interceptor but by the channel's stubs
     # (chatmesh.runtime.propagation, wrapped around every channel by open_channel): any client interceptor
     # moves a channel's calls onto grpc.aio's intercepted path, about 40 µs of CPU per message written

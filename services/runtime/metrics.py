@@ -52,7 +52,7 @@ from google.protobuf import descriptor_pool
 from prometheus_client import Counter, Histogram, disable_created_metrics, start_http_server
 
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.status import served_code
 from chatmesh.runtime.wrapped_channel import WrappedChannel
 
@@ -150,7 +150,7 @@ def enabled() -> bool:
     return _enabled
 
 
-def serve_metrics(settings: Settings, process: str) -> bool:
+def serve_metrics(settings: ProcessSettings, process: str) -> bool:
     """Serves `/metrics` for `process` on `<process>_metrics_port` at `bind_host`, from a thread.
 
     A thread rather than a handler on the event loop: the stdlib HTTP server sleeps in accept() between

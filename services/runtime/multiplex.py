@@ -39,7 +39,7 @@ from chatmesh.runtime.grpc_server import Servicer
 from chatmesh.runtime.interceptors import unary_call_observer
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.propagation import observe_multiplexed_call
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings, ProcessSettings
 from chatmesh.v1 import multiplex_pb2, multiplex_pb2_grpc
 
 log = get_logger(__name__)
@@ -413,7 +413,7 @@ class MultiplexedStub:
 ROTATE_SECONDS = 30.0
 
 
-def multiplex_servicer(methods: Mapping[str, UnaryMethod], settings: Settings) -> Servicer:
+def multiplex_servicer(methods: Mapping[str, UnaryMethod], settings: ProcessSettings) -> Servicer:
     """The MultiplexService of a process that serves `methods` on multiplexed streams too, each call traced, logged
     and counted as a unary call of its method."""
     servicer = MultiplexServicer(methods, unary_call_observer(settings))
@@ -425,7 +425,11 @@ def multiplex_servicer(methods: Mapping[str, UnaryMethod], settings: Settings) -
 
 
 def multiplexed(
-    stub: Any, service: str, methods: Mapping[str, type[Message]], channel: grpc.aio.Channel, settings: Settings
+    stub: Any,
+    service: str,
+    methods: Mapping[str, type[Message]],
+    channel: grpc.aio.Channel,
+    settings: DialogueSettings,
 ) -> tuple[Any, Multiplexer | None]:
     """`stub` (of `service` on `channel`) with `methods` (name -> response type) sent on multiplexed streams, and
     the Multiplexer to close at the end; `stub` itself when `multiplex_streams` is 0."""

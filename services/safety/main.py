@@ -9,7 +9,7 @@ from chatmesh.review.store import create_review_store
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.multiplex import UnaryMethod, multiplex_servicer
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import SafetySettings
 from chatmesh.safety.keywords import KeywordScreen
 from chatmesh.safety.moderation import ModerationScreen, moderation_enabled
 from chatmesh.safety.review import AddedTerms, ReviewCases
@@ -19,7 +19,7 @@ from chatmesh.v1 import safety_pb2, safety_pb2_grpc
 log = get_logger(__name__)
 
 
-async def main(settings: Settings) -> None:
+async def main(settings: SafetySettings) -> None:
     # A keyword list that cannot be loaded at start stops the process: better no safety process
     # (dialogue then fails closed) than one that lets everything through.
     keywords = KeywordScreen(Path(settings.safety_keywords) if settings.safety_keywords else None)

@@ -13,7 +13,7 @@ from support.cache_calls import answer_context, cache_process
 
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.multiplex import multiplexed
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc
 
 CALL_SECONDS = 2.0
@@ -34,7 +34,7 @@ def replicas() -> Iterator[list]:
 @pytest.fixture
 async def cache(replicas) -> AsyncIterator[cache_pb2_grpc.CacheServiceStub]:
     """A cache stub as dialogue builds it: one channel over both replicas, lookups on four multiplexed streams."""
-    settings = Settings(multiplex_streams=4)
+    settings = DialogueSettings(multiplex_streams=4)
     channel = open_channel(f"ipv4:{','.join(f'127.0.0.1:{process.port}' for process in replicas)}", settings)
     stub, streams = multiplexed(
         cache_pb2_grpc.CacheServiceStub(channel),
