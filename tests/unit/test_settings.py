@@ -2,10 +2,12 @@
 of a setting it reads, naming it, and another process's bad value does not stop it."""
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from support.bad_settings import BAD_SETTINGS, EVERY_PROCESS, bad_settings_of_others
+from support.bad_settings import BAD_SETTINGS, EVERY_PROCESS, EVERY_SERVICE, bad_settings_of_others
 
 from chatmesh.runtime.settings import (
     PROCESS_SETTINGS,
@@ -79,3 +81,17 @@ def test_the_provider_and_the_targets_are_read_from_their_variables(monkeypatch:
     assert GatewaySettings().dialogue_target == "dns:///dialogue:50052"
     assert DialogueSettings().cache_target == "dns:///cache:50054"
     assert DialogueSettings().safety_target == "127.0.0.1:50053"
+
+
+def test_the_readme_says_which_processes_read_each_setting() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("| variable | default | read by | meaning |\n|---|---|---|---|\n")[1].split("\n\n")[0]
+    named = {"all": sorted(EVERY_PROCESS), "services": sorted(EVERY_SERVICE)}
+    for row in table.splitlines():
+        variables, _, read_by, _ = row.strip("|").split(" | ", 3)
+        for variable in re.findall(r"`((?:CHATMESH|OPENAI)_[A-Z_]+)`", variables):
+            field = variable.removeprefix("CHATMESH_").lower()
+            readers = sorted(
+                process for process, settings in PROCESS_SETTINGS.items() if field in settings.model_fields
+            )
+            assert named.get(read_by, sorted(read_by.split(", "))) == readers, variable
