@@ -41,7 +41,8 @@ def _set_in_pairs(settings: BaseSettings, pairs: tuple[tuple[str, str], ...]) ->
 
 
 class ProcessSettings(BaseSettings):
-    """What every process reads: where each process listens, TLS, gRPC transport, shutdown and logs."""
+    """What every process parses: where each process listens, TLS, gRPC transport, shutdown and logs. modelsim, an
+    HTTP server, uses only its address, the shutdown grace and the log level of these."""
 
     model_config = SettingsConfigDict(env_prefix="CHATMESH_", extra="ignore")
 
