@@ -9,7 +9,7 @@ import jsonschema
 import jsonschema.validators
 
 from chatmesh.dialogue.knowledge.names import NAME_RULE, is_valid_name
-from chatmesh.runtime.settings import GatewaySettings
+from chatmesh.runtime.settings import GatewaySettings, ServiceSettings
 from chatmesh.v1 import chat_pb2
 
 MAX_ID_CHARS = 128
@@ -224,7 +224,7 @@ def _check_tools(options: chat_pb2.ChatOptions, settings: GatewaySettings) -> Vi
     return violations
 
 
-def _check_tool_results(results: Sequence[chat_pb2.ToolResult], settings: GatewaySettings) -> Violations:
+def _check_tool_results(results: Sequence[chat_pb2.ToolResult], settings: ServiceSettings) -> Violations:
     """Each result names a call once, with a well-formed id, and holds at most tool_max_result_chars; which calls
     are pending is dialogue's to check."""
     if len(results) > MAX_TOOL_RESULTS:
