@@ -948,7 +948,7 @@ def test_each_region_file_lints_strictly_validates_and_sets_its_region(
     assert lint_findings(values) == []
     chart = render(values)  # checked against values.schema.json
     assert [error for obj in chart.objects if obj["kind"] not in CRD_KINDS for error in schema_errors(obj)] == []
-    # CHATMESH_REGION, which every process reads, is the file's region, and a valid one for the settings.
+    # CHATMESH_REGION, which every service reads, is the file's region, and a valid one for the settings.
     assert settings_data(chart)["CHATMESH_REGION"] == path.stem
     for variable in list(os.environ):
         if variable.startswith("CHATMESH_"):
