@@ -165,11 +165,12 @@ class ServiceSettings(ProcessSettings):
     # response (else the model is told the result was too long).
     tool_max_result_chars: int = Field(default=32_000, ge=1)
     # Personal information (safety's PII screen finds it, dialogue applies this), per kind: email, phone, cn_id,
-    # payment_card, ip_address. "leave": nothing changes. "storage": the stored history (so every later window),
-    # cached answers and logs hold placeholders such as [PHONE_1], while the model and the caller see the
-    # original in the turn it is sent. "model": the model sees placeholders too, and the caller's reply has the
-    # originals restored, the same placeholder for the same value in every turn of a conversation. A kind left
-    # out is left; an unknown kind or mode stops the process, naming it.
+    # payment_card, ip_address. "leave": nothing changes. "storage": the stored history (so every later window)
+    # holds placeholders such as [PHONE_1], while the model and the caller see the original in the turn it is
+    # sent; logs hold no text, and a turn with such information is never cached. "model": the model sees
+    # placeholders too, and the caller's reply has the originals restored, the same placeholder for the same
+    # value in every turn of a conversation. A kind left out is left; an unknown kind or mode stops the process,
+    # naming it.
     pii_policy: dict[
         Literal["email", "phone", "cn_id", "payment_card", "ip_address"], Literal["leave", "storage", "model"]
     ] = {
