@@ -67,6 +67,7 @@ clean:
 bench: install
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.resilience
+	$(BIN)/python -m bench.multiplex --out bench/results/multiplex.json
 
 bench-quick: install
 	$(BIN)/python -m bench --mode quick

@@ -72,7 +72,7 @@ from chatmesh.cache.guards import QuestionFeatures, guard_mismatch, question_fea
 from chatmesh.cache.keys import normalize_text
 from chatmesh.dialogue.tokens import TokenCounter
 from chatmesh.modelsim.embeddings import embed
-from chatmesh.runtime.settings import MODELSIM_API_KEY, Settings
+from chatmesh.runtime.settings import MODELSIM_API_KEY, CacheSettings
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2, chat_pb2_grpc
 
 # A support bot's temperature: low, and within the cache's default bound (0.5).
@@ -117,7 +117,7 @@ class Outcome:
 
 
 def _setting_default(name: str) -> Any:
-    return Settings.model_fields[name].default
+    return CacheSettings.model_fields[name].default
 
 
 async def chat_sequence(target: str, workload: Workload, sequence: list[Request]) -> list[Outcome | None]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import grpc
 
-    from chatmesh.runtime.settings import Settings
+    from chatmesh.runtime.settings import GatewaySettings, ProcessSettings
 
 # gRPC's C core logs to stderr in its own format; only errors from it belong among our JSON lines.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -102,14 +102,15 @@ def _serve_process(name: str) -> None:
     import uvloop
 
     from chatmesh.runtime.logs import configure_logging
-    from chatmesh.runtime.settings import get_settings
+    from chatmesh.runtime.settings import PROCESS_SETTINGS
 
-    settings = get_settings()
+    # Each process parses its own settings only: another process's bad setting does not stop it.
+    settings = PROCESS_SETTINGS[name]()
     configure_logging(name, settings.log_level)
     if name == "modelsim":
-        from chatmesh.modelsim.server import main as modelsim_main
+        from chatmesh.modelsim.server import serve
 
-        modelsim_main()
+        uvloop.run(serve(settings))
         return
     from chatmesh.runtime.metrics import serve_metrics
     from chatmesh.runtime.tracing import setup_tracing
@@ -124,13 +125,16 @@ def _serve_process(name: str) -> None:
 async def _up() -> int:
     """Runs every process as a child, each log line prefixed with its name. Ctrl-C or SIGTERM stops
     them all; if one exits on its own, the others are stopped and the exit status is 1."""
-    from chatmesh.runtime.settings import MODELSIM_API_KEY, get_settings
+    from chatmesh.runtime.settings import MODELSIM_API_KEY, GatewaySettings, ModelSettings
 
-    settings = get_settings()
+    # What `up` itself reads: the model provider (or modelsim), and the gateway's address and auth, which it
+    # announces; each child parses and checks its own settings.
+    model = ModelSettings()
+    settings = GatewaySettings()
     env = dict(os.environ)
     names = list(PROCESSES)
-    if settings.openai_api_key is None:
-        base_url, _ = settings.model_endpoint()
+    if model.openai_api_key is None:
+        base_url, _ = model.model_endpoint()
         env.update(OPENAI_API_KEY=MODELSIM_API_KEY, OPENAI_BASE_URL=base_url)
     else:
         names.remove("modelsim")
@@ -182,7 +186,7 @@ async def _up() -> int:
 READY_SECONDS = 60.0
 
 
-async def _announce_ready(settings: "Settings", names: list[str]) -> None:
+async def _announce_ready(settings: "ProcessSettings", names: list[str]) -> None:
     """Prints one line once every gRPC process answers its health check with SERVING: a call made after it
     succeeds."""
     import grpc
@@ -212,7 +216,7 @@ async def _announce_ready(settings: "Settings", names: list[str]) -> None:
     )
 
 
-def _health_channel(settings: "Settings", host: str, name: str) -> "grpc.aio.Channel":
+def _health_channel(settings: "ProcessSettings", host: str, name: str) -> "grpc.aio.Channel":
     """Where `up` asks a process whether it serves: its plaintext health port if it has one, else its gRPC
     port (with the certificate its peers present, when TLS is on)."""
     import grpc
@@ -229,7 +233,7 @@ def _health_channel(settings: "Settings", host: str, name: str) -> "grpc.aio.Cha
     return grpc.aio.secure_channel(target, tls.channel_credentials(pair))
 
 
-def _auth_banner(settings: "Settings") -> str:
+def _auth_banner(settings: "GatewaySettings") -> str:
     """How callers are identified, said once at start."""
     if settings.auth == "off":
         return (

@@ -3,11 +3,12 @@
 from chatmesh.cache.service import CacheServicer
 from chatmesh.cache.tiers import AnswerCache
 from chatmesh.runtime.grpc_server import Servicer, serve
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.multiplex import UnaryMethod, multiplex_servicer
+from chatmesh.runtime.settings import CacheSettings
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc
 
 
-async def main(settings: Settings) -> None:
+async def main(settings: CacheSettings) -> None:
     cache = AnswerCache.from_settings(settings)
     semantic = None
     if settings.semantic_cache:
@@ -30,7 +31,17 @@ async def main(settings: Settings) -> None:
             Servicer(
                 cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name,
                 lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
-            )
+            ),
+            multiplex_servicer(
+                {
+                    "/chatmesh.v1.CacheService/Lookup": UnaryMethod(cache_pb2.LookupRequest, servicer.Lookup),
+                    "/chatmesh.v1.CacheService/LookupSimilar": UnaryMethod(
+                        cache_pb2.LookupSimilarRequest, servicer.LookupSimilar
+                    ),
+                    "/chatmesh.v1.CacheService/Store": UnaryMethod(cache_pb2.StoreRequest, servicer.Store),
+                },
+                settings,
+            ),
         ],
         on_stopped=stopped,
     )

@@ -42,7 +42,7 @@ from chatmesh.cache.keys import normalize_text, question_key, scope_members, sco
 from chatmesh.cache.tiers import ADDITIONS_CHANNEL, AnswerCache, CacheHit
 from chatmesh.model.client import ModelClient, ModelError
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import CacheSettings
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.v1 import cache_pb2
 
@@ -250,7 +250,7 @@ class SemanticCache:
         metrics.watch_semantic_vectors(self._vector_count)
 
     @classmethod
-    def from_settings(cls, settings: Settings, cache: AnswerCache) -> SemanticCache:
+    def from_settings(cls, settings: CacheSettings, cache: AnswerCache) -> SemanticCache:
         """The semantic cache as the settings describe it, embedding through a model client of its own."""
         client = ModelClient(settings)
         model, dimensions = settings.embedding_model, settings.embedding_dimensions

@@ -35,7 +35,7 @@ from chatmesh.cache import metrics
 from chatmesh.cache.keys import KEY_PREFIX
 from chatmesh.runtime import redis_connection
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import CacheSettings
 
 log = get_logger(__name__)
 
@@ -344,7 +344,7 @@ class AnswerCache:
         self._watchers: list[CacheWatcher] = []
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> AnswerCache:
+    def from_settings(cls, settings: CacheSettings) -> AnswerCache:
         """Redis when `CHATMESH_CACHE_REDIS_URL` (by default `CHATMESH_REDIS_URL`) is set and not empty,
         memory alone otherwise."""
         url = settings.cache_redis_url

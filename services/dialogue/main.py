@@ -16,21 +16,24 @@ from chatmesh.review.store import create_review_store
 from chatmesh.runtime import redis_connection
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.multiplex import multiplexed
+from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import create_usage_ledger
 from chatmesh.tenancy.metrics import TenantMetrics
 from chatmesh.v1 import (
+    cache_pb2,
     cache_pb2_grpc,
     dialogue_pb2,
     dialogue_pb2_grpc,
     knowledge_pb2,
     knowledge_pb2_grpc,
+    safety_pb2,
     safety_pb2_grpc,
 )
 
 
-async def main(settings: Settings) -> None:
+async def main(settings: DialogueSettings) -> None:
     redis_options = redis_connection.connection_options(settings, settings.redis_url or "")
     store = create_conversation_store(
         settings.redis_url,
@@ -54,12 +57,30 @@ async def main(settings: Settings) -> None:
     spend = SpendLedger(settings, ledger, TenantMetrics(settings.metrics_max_tenants), background)
     safety_channel = open_channel(settings.safety_target, settings)
     cache_channel = open_channel(settings.cache_target, settings)
+    safety, safety_streams = multiplexed(
+        safety_pb2_grpc.SafetyServiceStub(safety_channel),
+        "chatmesh.v1.SafetyService",
+        {"ScreenInput": safety_pb2.ScreenInputResponse, "ScreenTool": safety_pb2.ScreenToolResponse},
+        safety_channel,
+        settings,
+    )
+    cache, cache_streams = multiplexed(
+        cache_pb2_grpc.CacheServiceStub(cache_channel),
+        "chatmesh.v1.CacheService",
+        {
+            "Lookup": cache_pb2.LookupResponse,
+            "LookupSimilar": cache_pb2.LookupResponse,
+            "Store": cache_pb2.StoreResponse,
+        },
+        cache_channel,
+        settings,
+    )
     servicer = DialogueServicer(
         settings,
         store,
         model,
-        safety_pb2_grpc.SafetyServiceStub(safety_channel),
-        cache_pb2_grpc.CacheServiceStub(cache_channel),
+        safety,
+        cache,
         spend,
         tokens,
         Summarizer(settings, store, model),
@@ -79,6 +100,9 @@ async def main(settings: Settings) -> None:
     async def release() -> None:
         await background.wait()
         await ledger.close()
+        for streams in (safety_streams, cache_streams):
+            if streams is not None:
+                await streams.close()
         await safety_channel.close()
         await cache_channel.close()
         await model.close()

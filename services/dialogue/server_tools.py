@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chatmesh.dialogue import metrics
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import ConfigurationError, Settings
+from chatmesh.runtime.settings import ConfigurationError, DialogueSettings
 
 log = get_logger(__name__)
 
@@ -175,7 +175,7 @@ def _knowledge_search_parameters(default_k: int) -> dict[str, Any]:
     }
 
 
-def built_in_tools(settings: Settings) -> list[ServerTool]:
+def built_in_tools(settings: DialogueSettings) -> list[ServerTool]:
     return [
         ServerTool(
             name=CURRENT_TIME,
@@ -222,7 +222,7 @@ class ToolsFile(BaseModel):
 
 
 def parse_tools(
-    document: Any, settings: Settings, environ: Mapping[str, str], source: str = "tools file"
+    document: Any, settings: DialogueSettings, environ: Mapping[str, str], source: str = "tools file"
 ) -> list[ServerTool]:
     """The operator's tools of a tools file's parsed YAML. Raises ToolsFileError naming every bad tool and field."""
     if not isinstance(document, dict):
@@ -332,7 +332,7 @@ def _report(source: str, problems: list[str]) -> str:
 class ServerTools:
     """The server-side tools of a dialogue process, and the HTTP session they are called through (close() it)."""
 
-    def __init__(self, settings: Settings, tools: Iterable[ServerTool] = ()) -> None:
+    def __init__(self, settings: DialogueSettings, tools: Iterable[ServerTool] = ()) -> None:
         """The built-in tools and `tools` (an operator's, e.g. from parse_tools)."""
         every = [*built_in_tools(settings), *tools]
         self._tools = {tool.name: tool for tool in every}
@@ -345,7 +345,7 @@ class ServerTools:
         metrics.server_tools_declared(self._tools)
 
     @classmethod
-    def load(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> ServerTools:
+    def load(cls, settings: DialogueSettings, environ: Mapping[str, str] | None = None) -> ServerTools:
         """The built-in tools and those of `settings.tools_file` (none without it). Raises ToolsFileError."""
         tools: list[ServerTool] = []
         if settings.tools_file:

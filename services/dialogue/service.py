@@ -72,7 +72,7 @@ from chatmesh.runtime.access_log import ErrorKind, UserIdHasher
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.metrics import OTHER
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.runtime.status import Refused, abort, abort_with, invalid_argument, retry_later
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import LedgerUnavailable
@@ -115,7 +115,7 @@ _MODEL_ERROR_KINDS = {
 class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     def __init__(
         self,
-        settings: Settings,
+        settings: DialogueSettings,
         store: ConversationStore,
         model: ModelClient,
         safety: safety_pb2_grpc.SafetyServiceStub,

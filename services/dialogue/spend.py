@@ -20,7 +20,7 @@ from chatmesh.dialogue.tokens import TokenCounter
 from chatmesh.model.client import ModelRequest
 from chatmesh.model.pricing import cost_usd, price_family
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.runtime.status import Refused, failure
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy import metrics
@@ -90,7 +90,7 @@ class SpendLedger:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: DialogueSettings,
         ledger: UsageLedger,
         tenant_metrics: metrics.TenantMetrics,
         background: BackgroundTasks,

@@ -16,7 +16,7 @@ from chatmesh.dialogue.context_window import Window
 from chatmesh.dialogue.store import ConversationStore, StoredMessage, Summary, TurnHistory
 from chatmesh.model.client import ModelClient, ModelError, ModelOutcome, ModelRequest
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings
 
 log = get_logger(__name__)
 
@@ -59,7 +59,7 @@ def _lines(messages: list[StoredMessage]) -> list[str]:
 
 
 class Summarizer:
-    def __init__(self, settings: Settings, store: ConversationStore, model: ModelClient) -> None:
+    def __init__(self, settings: DialogueSettings, store: ConversationStore, model: ModelClient) -> None:
         self._settings = settings
         self._store = store
         self._model = model

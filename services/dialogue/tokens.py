@@ -48,7 +48,7 @@ ENCODINGS_DIR = Path(__file__).resolve().with_name("encodings")
 # The encodings that ship in ENCODINGS_DIR, as `<name>.tiktoken`.
 SHIPPED_ENCODINGS = ("cl100k_base", "o200k_base")
 
-# Model-name prefix → encoding name; the longest prefix that matches wins. A default for Settings.
+# Model-name prefix → encoding name; the longest prefix that matches wins. Settings (model_encodings) add to it.
 DEFAULT_MODEL_ENCODINGS: Mapping[str, str] = MappingProxyType(
     {
         "gpt-4o": "o200k_base",  # gpt-4o, gpt-4o-mini, gpt-4o-2024-08-06, ...

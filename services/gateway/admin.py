@@ -22,7 +22,7 @@ from chatmesh.gateway.usage import UsageReader, UsageUnavailable
 from chatmesh.gateway.validation import check_knowledge_bases, check_user_id
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import annotate, get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings
 from chatmesh.runtime.status import abort, abort_with, invalid_argument, is_deliberate
 from chatmesh.tenancy.directory import (
     DirectoryUnavailable,
@@ -54,7 +54,7 @@ _KNOWLEDGE_BASES_PATH = "knowledge_bases"
 class AdminToken:
     """The check of the admin token, for every admin service the gateway serves (AdminService, ReviewService)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: GatewaySettings) -> None:
         token = settings.admin_token
         self._token = None if token is None else token.get_secret_value()
         self._open = token is None and settings.auth == "off"
@@ -86,7 +86,7 @@ class AdminToken:
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(
         self,
-        settings: Settings,
+        settings: GatewaySettings,
         directory: TenantDirectory,
         usage: UsageReader,
         hasher: KeyHasher,

@@ -17,7 +17,7 @@ import grpc
 
 from chatmesh.gateway.auth import Caller
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings
 from chatmesh.runtime.status import Refused, failure
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy import metrics
@@ -33,7 +33,7 @@ RELEASE_DELAY_SECONDS = 0.02
 
 
 class Admission:
-    def __init__(self, settings: Settings, ledger: UsageLedger, tenant_metrics: metrics.TenantMetrics) -> None:
+    def __init__(self, settings: GatewaySettings, ledger: UsageLedger, tenant_metrics: metrics.TenantMetrics) -> None:
         self._ledger = ledger
         self._fail_open = settings.request_limits_fail_open
         self._metrics = tenant_metrics

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings
 from chatmesh.tenancy import metrics
 from chatmesh.tenancy.directory import DirectoryUnavailable, KeyRecord, TenantDirectory, TenantRecord
 from chatmesh.tenancy.keys import KeyHasher, parse_key_id
@@ -53,7 +53,7 @@ class _Entry:
 
 
 class Authenticator:
-    def __init__(self, settings: Settings, directory: TenantDirectory) -> None:
+    def __init__(self, settings: GatewaySettings, directory: TenantDirectory) -> None:
         self._required = settings.auth == "required"
         self._directory = directory
         self._hasher = KeyHasher(settings.api_key_pepper.get_secret_value())

@@ -20,7 +20,7 @@ from chatmesh.gateway.auth import DEFAULT_TENANT
 from chatmesh.gateway.validation import Violations
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings
 from chatmesh.runtime.status import abort, abort_with, invalid_argument, is_deliberate
 from chatmesh.tenancy.directory import DirectoryUnavailable, TenantDirectory
 from chatmesh.v1 import knowledge_pb2, knowledge_pb2_grpc
@@ -38,7 +38,7 @@ _DETAILS_KEY = "grpc-status-details-bin"
 
 class KnowledgeGateway(knowledge_pb2_grpc.KnowledgeServiceServicer):
     def __init__(
-        self, settings: Settings, directory: TenantDirectory, knowledge: knowledge_pb2_grpc.KnowledgeServiceStub
+        self, settings: GatewaySettings, directory: TenantDirectory, knowledge: knowledge_pb2_grpc.KnowledgeServiceStub
     ) -> None:
         self._settings = settings
         self._admin_token = AdminToken(settings)

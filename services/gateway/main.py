@@ -11,11 +11,11 @@ from chatmesh.gateway.review import ReviewServicer, sweep_periodically
 from chatmesh.gateway.service import ChatGateway
 from chatmesh.gateway.usage import UsageReader
 from chatmesh.review.store import create_review_store
-from chatmesh.runtime import redis_connection
+from chatmesh.runtime import redis_connection, tls
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, is_loopback, serve
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings
 from chatmesh.tenancy.directory import create_tenant_directory
 from chatmesh.tenancy.keys import KeyHasher
 from chatmesh.tenancy.ledger import create_usage_ledger
@@ -35,7 +35,7 @@ from chatmesh.v1 import (
 log = get_logger(__name__)
 
 
-def check_auth_settings(settings: Settings) -> None:
+def check_auth_settings(settings: GatewaySettings) -> None:
     """Refuses to serve unauthenticated callers beyond this machine."""
     if settings.auth == "off" and not is_loopback(settings.bind_host):
         raise SystemExit(
@@ -44,7 +44,7 @@ def check_auth_settings(settings: Settings) -> None:
         )
 
 
-async def main(settings: Settings) -> None:
+async def main(settings: GatewaySettings) -> None:
     check_auth_settings(settings)
     log.info(
         "auth",
@@ -83,7 +83,7 @@ async def main(settings: Settings) -> None:
         settings,
         port=settings.gateway_port,
         health_port=settings.gateway_health_port,
-        public=True,
+        public_tls=tls.public_pair(settings),
         servicers=[
             Servicer(
                 chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,

@@ -18,7 +18,7 @@ from chatmesh.gateway.admin import TENANT_NAME, AdminToken
 from chatmesh.review import metrics
 from chatmesh.review.store import CaseConflict, CaseNotFound, InvalidPageToken, ReviewStore, ReviewStoreUnavailable
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings
 from chatmesh.runtime.status import abort, abort_with, invalid_argument
 from chatmesh.safety.keywords import normalize
 from chatmesh.v1 import review_pb2, review_pb2_grpc
@@ -45,7 +45,7 @@ Violations = list[tuple[str, str]]
 
 
 class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
-    def __init__(self, settings: Settings, store: ReviewStore) -> None:
+    def __init__(self, settings: GatewaySettings, store: ReviewStore) -> None:
         self._admin_token = AdminToken(settings)
         self._store = store
         self._lease_seconds = settings.review_lease_seconds

@@ -23,7 +23,7 @@ from chatmesh.runtime import regions
 from chatmesh.runtime.access_log import ErrorKind
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import REQUEST_ID_KEY, annotate, get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings
 from chatmesh.runtime.status import Refused, abort, abort_with, invalid_argument, is_deliberate
 from chatmesh.v1 import chat_pb2, chat_pb2_grpc, dialogue_pb2, dialogue_pb2_grpc
 
@@ -50,7 +50,7 @@ _DETAILS_KEY = "grpc-status-details-bin"
 class ChatGateway(chat_pb2_grpc.ChatServiceServicer):
     def __init__(
         self,
-        settings: Settings,
+        settings: GatewaySettings,
         dialogue: dialogue_pb2_grpc.DialogueServiceStub,
         authenticator: Authenticator,
         admission: Admission,

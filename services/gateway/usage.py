@@ -9,7 +9,7 @@ import grpc
 
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ServiceSettings
 from chatmesh.tenancy.ledger import LedgerUnavailable, UsageLedger
 from chatmesh.tenancy.limits import LimitName, Limits
 from chatmesh.tenancy.messages import REQUEST_QUOTAS, usage_response
@@ -26,7 +26,7 @@ class UsageUnavailable(Exception):
 
 class UsageReader:
     def __init__(
-        self, settings: Settings, ledger: UsageLedger, dialogue: dialogue_pb2_grpc.DialogueServiceStub
+        self, settings: ServiceSettings, ledger: UsageLedger, dialogue: dialogue_pb2_grpc.DialogueServiceStub
     ) -> None:
         self._settings = settings
         self._ledger = ledger

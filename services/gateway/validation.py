@@ -9,7 +9,7 @@ import jsonschema
 import jsonschema.validators
 
 from chatmesh.dialogue.knowledge.names import NAME_RULE, is_valid_name
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings, ServiceSettings
 from chatmesh.v1 import chat_pb2
 
 MAX_ID_CHARS = 128
@@ -88,7 +88,7 @@ def check_knowledge_bases(field: str, names: Sequence[str]) -> Violations:
     return violations
 
 
-def check_chat_request(request: chat_pb2.ChatRequest, settings: Settings) -> Violations:
+def check_chat_request(request: chat_pb2.ChatRequest, settings: GatewaySettings) -> Violations:
     violations = check_user_id(request.user_id) + check_conversation_id(request.conversation_id, required=False)
     if request.idempotency_key and not is_well_formed_id(request.idempotency_key):
         violations.append(("idempotency_key", f"must be 1 to {MAX_ID_CHARS} characters of A-Z a-z 0-9 _ . : @ -"))
@@ -105,7 +105,7 @@ def check_chat_request(request: chat_pb2.ChatRequest, settings: Settings) -> Vio
     )
 
 
-def check_images(images: Sequence[chat_pb2.Image], settings: Settings) -> Violations:
+def check_images(images: Sequence[chat_pb2.Image], settings: GatewaySettings) -> Violations:
     """At most max_images_per_message; each an https URL, or inline bytes of at most max_image_bytes of a PNG,
     JPEG, WebP or GIF that begin as that type's do."""
     if len(images) > settings.max_images_per_message:
@@ -154,7 +154,7 @@ def _check_inline_image(field: str, image: chat_pb2.InlineImage, max_bytes: int)
     return []
 
 
-def _check_options(options: chat_pb2.ChatOptions, settings: Settings) -> Violations:
+def _check_options(options: chat_pb2.ChatOptions, settings: GatewaySettings) -> Violations:
     violations: Violations = []
     if len(options.model) > MAX_MODEL_CHARS:
         violations.append(("options.model", f"must be at most {MAX_MODEL_CHARS} characters"))
@@ -180,7 +180,7 @@ def _check_options(options: chat_pb2.ChatOptions, settings: Settings) -> Violati
     return violations + _check_tools(options, settings)
 
 
-def _check_tools(options: chat_pb2.ChatOptions, settings: Settings) -> Violations:
+def _check_tools(options: chat_pb2.ChatOptions, settings: GatewaySettings) -> Violations:
     """Tool names unique across `tools` and `server_tools` (whether a server-side tool exists is dialogue's to
     say), each tool's description and schema, and a tool_choice and parallel_tool_calls that have tools to
     apply to."""
@@ -224,7 +224,7 @@ def _check_tools(options: chat_pb2.ChatOptions, settings: Settings) -> Violation
     return violations
 
 
-def _check_tool_results(results: Sequence[chat_pb2.ToolResult], settings: Settings) -> Violations:
+def _check_tool_results(results: Sequence[chat_pb2.ToolResult], settings: ServiceSettings) -> Violations:
     """Each result names a call once, with a well-formed id, and holds at most tool_max_result_chars; which calls
     are pending is dialogue's to check."""
     if len(results) > MAX_TOOL_RESULTS:

@@ -29,7 +29,7 @@ from chatmesh.model.pricing import cost_usd, price_family, priced_usd
 from chatmesh.model.router import Router, parse_reset
 from chatmesh.runtime import tracing
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ModelSettings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -167,7 +167,7 @@ class ModelClient:
     """One per process: the deployments of the model (chatmesh.model.deployments), one SDK client and
     connection pool per deployment, and the router that keeps each deployment's key pool and breaker."""
 
-    def __init__(self, settings: Settings, deployments: Deployments | None = None) -> None:
+    def __init__(self, settings: ModelSettings, deployments: Deployments | None = None) -> None:
         self._deployments = deployments or load_deployments(settings)
         self._router = Router(self._deployments)
         self._clients: dict[str, openai.AsyncOpenAI] = {}

@@ -32,7 +32,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from chatmesh.runtime.settings import ConfigurationError, Settings
+from chatmesh.runtime.settings import ConfigurationError, ModelSettings
 
 ANY_MODEL = "*"
 DEFAULT_DEPLOYMENT = "default"
@@ -145,7 +145,7 @@ class Deployments:
         return route.deployments[0]
 
 
-def default_deployments(settings: Settings) -> Deployments:
+def default_deployments(settings: ModelSettings) -> Deployments:
     """Without a file: one deployment, "default", for every model, from settings.model_endpoint()."""
     base_url, api_key = settings.model_endpoint()
     deployment = Deployment(
@@ -160,7 +160,7 @@ def default_deployments(settings: Settings) -> Deployments:
     return Deployments({ANY_MODEL: ModelRoute(ANY_MODEL, (deployment,), None)}, BreakerSpec(), from_file=False)
 
 
-def load_deployments(settings: Settings, environ: Mapping[str, str] | None = None) -> Deployments:
+def load_deployments(settings: ModelSettings, environ: Mapping[str, str] | None = None) -> Deployments:
     """The deployments of `settings.model_deployments_file`, or the default one without it. Raises
     DeploymentsError naming every bad entry."""
     if not settings.model_deployments_file:
@@ -176,7 +176,7 @@ def load_deployments(settings: Settings, environ: Mapping[str, str] | None = Non
 
 
 def parse_deployments(
-    document: Any, settings: Settings, environ: Mapping[str, str], source: str = "deployments file"
+    document: Any, settings: ModelSettings, environ: Mapping[str, str], source: str = "deployments file"
 ) -> Deployments:
     try:
         spec = DeploymentsFile.model_validate(document)

@@ -66,7 +66,7 @@ from aiohttp import web
 from chatmesh.dialogue.content import image_size
 from chatmesh.dialogue.tokens import TokenCounter, context_tokens
 from chatmesh.modelsim.embeddings import EMBEDDING_MODELS, SHORTENABLE, as_base64, embed
-from chatmesh.runtime.settings import ModelsimDeployment, Settings, get_settings
+from chatmesh.runtime.settings import ModelContextSettings, ModelsimDeployment, ModelsimSettings
 
 MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "modelsim-1")
 REQUEST_LOG_SIZE = 256
@@ -172,16 +172,16 @@ class SimConfig:
     # Each model's context in tokens (longest model-name prefix), as chatmesh's settings give them: a request
     # whose prompt and max_tokens pass it is refused as OpenAI refuses it (context_length_exceeded).
     context_tokens: dict[str, int] = field(
-        default_factory=lambda: dict(Settings.model_fields["model_context_tokens"].default)
+        default_factory=lambda: dict(ModelContextSettings.model_fields["model_context_tokens"].default)
     )
-    default_context_tokens: int = Settings.model_fields["default_context_tokens"].default
+    default_context_tokens: int = ModelContextSettings.model_fields["default_context_tokens"].default
     # POST /v1/embeddings waits this long before answering, and answers with this HTTP status (an OpenAI error
     # body) when it is not 0: an embedding endpoint that is slow, or failing.
     embedding_latency_seconds: float = 0.0
     embedding_error_status: int = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings, deployment: ModelsimDeployment | None = None) -> Self:
+    def from_settings(cls, settings: ModelsimSettings, deployment: ModelsimDeployment | None = None) -> Self:
         """The modelsim_* settings, with what `deployment` (an entry of modelsim_deployments) sets instead."""
         config = cls(
             reply_tokens=settings.modelsim_reply_tokens,
@@ -1355,10 +1355,11 @@ def build_app(config: SimConfig) -> web.Application:
 def main() -> None:
     """Run modelsim until SIGTERM or SIGINT: on settings.bind_host:settings.modelsim_port, or as each of
     settings.modelsim_deployments on its own port."""
-    uvloop.run(_serve(get_settings()))
+    uvloop.run(serve(ModelsimSettings()))
 
 
-async def _serve(settings: Settings) -> None:
+async def serve(settings: ModelsimSettings) -> None:
+    """modelsim as `settings` describe it, until SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

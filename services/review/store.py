@@ -70,7 +70,7 @@ from redis.asyncio import Redis
 
 from chatmesh.runtime import redis_connection
 from chatmesh.runtime.redis_errors import unavailable_on_redis_error
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ServiceSettings
 from chatmesh.v1 import chat_pb2, review_pb2, safety_pb2
 
 OPEN = review_pb2.CASE_STATE_OPEN
@@ -947,7 +947,7 @@ class RedisReviewStore(ReviewStore):
         await self._client.aclose()
 
 
-def create_review_store(settings: Settings) -> ReviewStore:
+def create_review_store(settings: ServiceSettings) -> ReviewStore:
     """Redis when CHATMESH_REDIS_URL is set, the in-memory store otherwise."""
     if settings.redis_url:
         return RedisReviewStore.from_url(

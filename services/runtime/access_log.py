@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 
 from chatmesh.runtime.logs import REQUEST_ID_KEY, RequestRecord, begin_request
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.tracing import current_trace_ids
 
 # The tenant of the call being served, passed downstream for log lines only: services take the tenant
@@ -101,7 +101,7 @@ class AccessLog:
 
     chatmesh.runtime.call_observer calls both, however the call ends."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ProcessSettings) -> None:
         self._hash_user_id = UserIdHasher(settings.log_user_id_salt.get_secret_value())
 
     def begin(self, method: str, metadata: Any) -> RequestRecord:

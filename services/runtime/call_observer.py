@@ -20,7 +20,7 @@ import grpc
 
 from chatmesh.runtime import metrics
 from chatmesh.runtime.access_log import AccessLog
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.status import served_code
 
 UnaryBehavior = Callable[[Any, Any], Awaitable[Any]]
@@ -34,7 +34,7 @@ class CallObserver(grpc.aio.ServerInterceptor):
     sent are not counted; a synchronous handler (run in a thread by grpc.aio; chatmesh has none) is left
     as it is."""
 
-    def __init__(self, settings: Settings, observed: Callable[[str], bool], *, metered: bool) -> None:
+    def __init__(self, settings: ProcessSettings, observed: Callable[[str], bool], *, metered: bool) -> None:
         self._access_log = AccessLog(settings)
         self._observed = observed
         self._metered = metered

@@ -13,7 +13,7 @@ from chatmesh.runtime.grpc_server import transport_options
 from chatmesh.runtime.interceptors import client_interceptors, observed
 from chatmesh.runtime.metrics import metered_channel
 from chatmesh.runtime.propagation import PropagatingChannel
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ServiceSettings
 
 # With a `dns:///` target that resolves to several pods, spread calls over all of them. A call that found
 # no process to take it (connection refused or lost before any answer, as when one restarts) is tried again,
@@ -44,7 +44,7 @@ _RECONNECT_OPTIONS = [
 ]
 
 
-def open_channel(target: str, settings: Settings) -> grpc.aio.Channel:
+def open_channel(target: str, settings: ServiceSettings) -> grpc.aio.Channel:
     """A channel to another chatmesh process: mutual TLS when the settings name certificates, else
     plaintext. Its stubs pass on the request id and trace context of the call being served."""
     options = [*transport_options(settings), *_RECONNECT_OPTIONS, ("grpc.service_config", _SERVICE_CONFIG)]

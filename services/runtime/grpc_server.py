@@ -14,7 +14,7 @@ from chatmesh.runtime import tls
 from chatmesh.runtime.interceptors import server_interceptors
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.metrics import initialize_server_metrics
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.tracing import shutdown_tracing
 
 log = get_logger(__name__)
@@ -22,13 +22,15 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Servicer:
-    """One gRPC service to host: its full name (for health and reflection) and how to add it."""
+    """One gRPC service to host: its full name (for health and reflection), how to add it, and what it does when the
+    process starts draining (chatmesh.runtime.multiplex ends its long-lived streams)."""
 
     full_name: str
     add_to_server: Callable[[grpc.aio.Server], None]
+    drain: Callable[[], None] | None = None
 
 
-def transport_options(settings: Settings) -> list[tuple[str, int]]:
+def transport_options(settings: ProcessSettings) -> list[tuple[str, int]]:
     """Message-size and keepalive options shared by servers and channels."""
     return [
         ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
@@ -40,7 +42,7 @@ def transport_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def server_options(settings: Settings) -> list[tuple[str, int]]:
+def server_options(settings: ProcessSettings) -> list[tuple[str, int]]:
     return [
         *transport_options(settings),
         # Accept the pings our own channels send; the default minimum (5 min) would answer them with GOAWAY.
@@ -52,10 +54,10 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def _listen(server: grpc.aio.Server, settings: Settings, port: int, public: bool) -> str:
+def _listen(server: grpc.aio.Server, settings: ProcessSettings, port: int, public_tls: tls.KeyPair | None) -> str:
     """Adds the port, with TLS when the settings name a certificate for it; returns how it is secured."""
     address = f"{settings.bind_host}:{port}"
-    pair = tls.public_pair(settings) if public else tls.internal_pair(settings)
+    pair = public_tls if public_tls is not None else tls.internal_pair(settings)
     if pair is None:
         server.add_insecure_port(address)
         return "plaintext"
@@ -64,20 +66,21 @@ def _listen(server: grpc.aio.Server, settings: Settings, port: int, public: bool
 
 
 async def serve(
-    settings: Settings,
+    settings: ProcessSettings,
     *,
     port: int,
     health_port: int,
     servicers: Sequence[Servicer],
-    public: bool = False,
+    public_tls: tls.KeyPair | None = None,
     on_stopped: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serves until SIGTERM or SIGINT, then drains: health NOT_SERVING, new calls refused, in-flight
     calls given `shutdown_grace_seconds` to finish; then `on_stopped` releases the service's resources.
 
-    `public` is the gateway's port, with its own certificate and no client certificate asked for; every
-    other port asks for one when TLS is on. A `health_port` (0: none) serves grpc.health.v1 alone, in
-    plaintext, for probes that cannot present a certificate."""
+    `public_tls` is the certificate of the gateway's public port (tls.public_pair), which asks for no client
+    certificate; every other port asks for one when TLS is on (tls.internal_pair; without TLS, both are None
+    and the port is plaintext). A `health_port` (0: none) serves grpc.health.v1 alone, in plaintext, for probes
+    that cannot present a certificate."""
     server = grpc.aio.server(options=server_options(settings), interceptors=server_interceptors(settings))
     for servicer in servicers:
         servicer.add_to_server(server)
@@ -88,7 +91,7 @@ async def serve(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    transport = _listen(server, settings, port, public)
+    transport = _listen(server, settings, port, public_tls)
     await server.start()
     health_server = await _start_health_server(settings, health_port, health_servicer)
     for name in ["", *names]:
@@ -105,6 +108,9 @@ async def serve(
 
     log.info("draining", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await health_servicer.enter_graceful_shutdown()
+    for servicer in servicers:
+        if servicer.drain is not None:
+            servicer.drain()
     if settings.shutdown_delay_seconds > 0:
         await asyncio.sleep(settings.shutdown_delay_seconds)
     await server.stop(settings.shutdown_grace_seconds)
@@ -118,7 +124,7 @@ async def serve(
 
 
 async def _start_health_server(
-    settings: Settings, port: int, health_servicer: health.aio.HealthServicer
+    settings: ProcessSettings, port: int, health_servicer: health.aio.HealthServicer
 ) -> grpc.aio.Server | None:
     """A plaintext server with grpc.health.v1 only, sharing the main port's health states."""
     if port == 0:

@@ -5,22 +5,28 @@ with `client_interceptors(settings)`; add an interceptor here and every process 
 in a list is the outermost: tracing comes first, so that what runs inside it (the call observer's access
 log and metrics, and anything that logs) sees the call's span as current.
 
-Health checks and reflection are not observed (`observed`): they are probes and tooling, not traffic.
+Health checks and reflection are not observed (`observed`): they are probes and tooling, not traffic; nor are
+multiplexed streams, whose calls are observed one by one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 
 from chatmesh.runtime import metrics, tracing
-from chatmesh.runtime.call_observer import CallObserver
+from chatmesh.runtime.call_observer import CallObserver, UnaryBehavior
 from chatmesh.runtime.decoding import DecodeGuardInterceptor
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ProcessSettings
 
 UNOBSERVED_SERVICES = (
     "grpc.health.v1.Health/",
     "grpc.reflection.v1alpha.ServerReflection/",
     "grpc.reflection.v1.ServerReflection/",
+    # Each call on a multiplexed stream is traced, logged and counted under its own method
+    # (chatmesh.runtime.multiplex); the long-lived stream that carries them is plumbing.
+    "chatmesh.v1.MultiplexService/",
 )
 
 
@@ -31,7 +37,7 @@ def observed(method: str | bytes) -> bool:
     return not method.lstrip("/").startswith(UNOBSERVED_SERVICES)
 
 
-def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(settings: ProcessSettings) -> list[grpc.aio.ServerInterceptor]:
     return [
         *tracing.server_interceptors(observed),
         # One wrapper per call for its access-log line and its grpc_server_* metrics.
@@ -42,7 +48,20 @@ def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
     ]
 
 
-def client_interceptors(settings: Settings) -> list[grpc.aio.ClientInterceptor]:
+def unary_call_observer(settings: ProcessSettings) -> Callable[[str, UnaryBehavior], UnaryBehavior]:
+    """What the server interceptors put around a unary method's handler (its span, its access line, its metrics),
+    for unary calls served without a gRPC call of their own: those that come on a multiplexed stream
+    (chatmesh.runtime.multiplex). Given the method ("/package.Service/Method") and its handler, returns the handler
+    observed."""
+    observer = CallObserver(settings, observed, metered=metrics.enabled())
+
+    def observe(method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        return tracing.traced_unary(method, observer.unary(method, behavior))
+
+    return observe
+
+
+def client_interceptors(settings: ProcessSettings) -> list[grpc.aio.ClientInterceptor]:
     # The request id and the trace context are not sent by an interceptor but by the channel's stubs
     # (chatmesh.runtime.propagation, wrapped around every channel by open_channel): any client interceptor
     # moves a channel's calls onto grpc.aio's intercepted path, about 40 µs of CPU per message written

@@ -53,7 +53,7 @@ from google.protobuf import descriptor_pool
 from prometheus_client import Counter, Histogram, disable_created_metrics, start_http_server
 
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.wrapped_channel import WrappedChannel
 
 log = get_logger(__name__)
@@ -150,7 +150,7 @@ def enabled() -> bool:
     return _enabled
 
 
-def serve_metrics(settings: Settings, process: str) -> bool:
+def serve_metrics(settings: ProcessSettings, process: str) -> bool:
     """Serves `/metrics` for `process` on `<process>_metrics_port` at `bind_host`, from a thread.
 
     A thread rather than a handler on the event loop: the stdlib HTTP server sleeps in accept() between
@@ -330,6 +330,33 @@ def _finished_code(call: Any) -> grpc.StatusCode:
         return grpc.StatusCode.UNKNOWN
     step.close()
     return grpc.StatusCode.CANCELLED if call.cancelled() else grpc.StatusCode.UNKNOWN
+
+
+_client_unary_methods: dict[str, MethodMetrics] = {}
+
+
+def client_unary_call(method: str) -> Callable[[grpc.StatusCode], None]:
+    """Counts a unary call of `method` made without a stub (chatmesh.runtime.multiplex sends it on a stream) in the
+    grpc_client_* metrics, as MeteredChannel counts a stub's; returns what records how it ended."""
+    if not _enabled:
+        return _ignore_code
+    metrics = _client_unary_methods.get(method)
+    if metrics is None:
+        metrics = _client_unary_methods[method] = MethodMetrics(_CLIENT, "unary", method)
+    metrics.started.inc()
+    metrics.msg_sent.inc()
+    started_at = time.perf_counter()
+
+    def done(code: grpc.StatusCode) -> None:
+        if code is grpc.StatusCode.OK:
+            metrics.msg_received.inc()
+        metrics.finish(code, started_at)
+
+    return done
+
+
+def _ignore_code(code: grpc.StatusCode) -> None:
+    pass
 
 
 def metered_channel(channel: grpc.aio.Channel, observed: Callable[[str], bool]) -> grpc.aio.Channel:

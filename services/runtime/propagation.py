@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from chatmesh.runtime import tracing
+from chatmesh.runtime import metrics, tracing
 from chatmesh.runtime.access_log import TENANT_KEY
 from chatmesh.runtime.logs import REQUEST_ID_KEY, current_request
 from chatmesh.runtime.wrapped_channel import WrappedChannel
@@ -64,3 +64,26 @@ class PropagatingChannel(WrappedChannel):
         self, callable_: Any, method: str, request_streaming: bool, response_streaming: bool
     ) -> _PropagatingMultiCallable:
         return _PropagatingMultiCallable(callable_, method, self._observed(method))
+
+
+def observe_multiplexed_call(method: str, metadata: dict[str, str]) -> Callable[[grpc.StatusCode], None]:
+    """For a unary call sent on a multiplexed stream (chatmesh.runtime.multiplex): adds to its `metadata` what a
+    stub's call of `method` carries (the request id, the tenant, the trace context of a CLIENT span of its own) and
+    counts it in the grpc_client_* metrics as a unary call; returns what ends both with the call's status."""
+    record = current_request()
+    if record is not None:
+        if record.request_id:
+            metadata[REQUEST_ID_KEY] = record.request_id
+        if record.tenant:
+            metadata[TENANT_KEY] = record.tenant
+    span = tracing.start_rpc_client_span(method)
+    if span is not None:
+        metadata.update(tracing.inject_headers(span))
+    counted = metrics.client_unary_call(method)
+
+    def done(code: grpc.StatusCode) -> None:
+        if span is not None:
+            tracing.end_rpc_span(span, code)
+        counted(code)
+
+    return done

@@ -2,10 +2,10 @@
 
 from typing import Any
 
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ServiceSettings
 
 
-def connection_options(settings: Settings, url: str) -> dict[str, Any]:
+def connection_options(settings: ServiceSettings, url: str) -> dict[str, Any]:
     """Keyword arguments for `Redis.from_url(url, ...)`. Credentials in the URL itself win over
     CHATMESH_REDIS_USERNAME and CHATMESH_REDIS_PASSWORD; the TLS files apply to rediss:// URLs only."""
     options: dict[str, Any] = {}

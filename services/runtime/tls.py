@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings, ProcessSettings
 from chatmesh.runtime.tasks import BackgroundTasks
 
 log = get_logger(__name__)
@@ -73,14 +73,14 @@ def _read(path: str) -> bytes:
         return file.read()
 
 
-def internal_pair(settings: Settings) -> KeyPair | None:
+def internal_pair(settings: ProcessSettings) -> KeyPair | None:
     """The certificate of every process's own gRPC port, and the CA its callers' certificates chain to."""
     if not settings.internal_tls:
         return None
     return KeyPair(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
 
 
-def public_pair(settings: Settings) -> KeyPair | None:
+def public_pair(settings: GatewaySettings) -> KeyPair | None:
     """The certificate of the gateway's public port, which asks callers for no certificate."""
     if settings.gateway_tls_cert_file:
         return KeyPair(settings.gateway_tls_cert_file, settings.gateway_tls_key_file)
@@ -89,7 +89,7 @@ def public_pair(settings: Settings) -> KeyPair | None:
     return None
 
 
-def client_pair(settings: Settings) -> KeyPair | None:
+def client_pair(settings: ProcessSettings) -> KeyPair | None:
     """What channels to other chatmesh processes present, and the CA they verify those processes against."""
     if not settings.internal_tls:
         return None

@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from chatmesh.runtime.logs import get_logger
+from chatmesh.runtime.status import served_code
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -134,10 +135,7 @@ def end_when_done(span: Span, call: grpc.aio.Call) -> None:
             code = await finished.code()
         except Exception:  # no status: cancelled here before it had one, or it never started
             code = grpc.StatusCode.CANCELLED if finished.cancelled() else grpc.StatusCode.UNKNOWN
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code is not grpc.StatusCode.OK:
-            span.set_status(_trace_api.Status(_trace_api.StatusCode.ERROR))
-        span.end()
+        end_rpc_span(span, code)
 
     def done(finished: grpc.aio.Call) -> None:
         task = asyncio.ensure_future(finish(finished))
@@ -145,6 +143,51 @@ def end_when_done(span: Span, call: grpc.aio.Call) -> None:
         task.add_done_callback(_finishing.discard)
 
     call.add_done_callback(done)
+
+
+def traced_unary(method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    """`behavior`, a unary handler of `method` served without a gRPC call of its own (one that came on a
+    multiplexed stream, chatmesh.runtime.multiplex), in a SERVER span named and described as the aio server
+    interceptor's are: child of the caller's span (`traceparent` in the call's metadata), current while the handler
+    runs, with the call's status. `behavior` itself when tracing is off."""
+    if _tracer is None:
+        return behavior
+    tracer = _tracer
+    service, _, name = method.lstrip("/").partition("/")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+    async def traced(request: Any, context: Any) -> Any:
+        error: BaseException | None = None
+        with tracer.start_as_current_span(
+            method,
+            context=_propagate_api.extract(dict(context.invocation_metadata())),
+            kind=_trace_api.SpanKind.SERVER,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                return await behavior(request, context)
+            except BaseException as caught:
+                error = caught
+                raise
+            finally:
+                set_rpc_status(span, served_code(context, error))
+
+    return traced
+
+
+def set_rpc_status(span: Span, code: grpc.StatusCode) -> None:
+    """A gRPC call's status code on its span (`rpc.grpc.status_code`; ERROR for any code but OK)."""
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is not grpc.StatusCode.OK:
+        span.set_status(_trace_api.Status(_trace_api.StatusCode.ERROR))
+
+
+def end_rpc_span(span: Span, code: grpc.StatusCode) -> None:
+    """Ends a gRPC call's span with its status code."""
+    set_rpc_status(span, code)
+    span.end()
 
 
 def current_trace_ids() -> tuple[str, str]:

@@ -8,7 +8,8 @@ from chatmesh.model.client import ModelClient
 from chatmesh.review.store import create_review_store
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.multiplex import UnaryMethod, multiplex_servicer
+from chatmesh.runtime.settings import SafetySettings
 from chatmesh.safety.keywords import KeywordScreen
 from chatmesh.safety.moderation import ModerationScreen, moderation_enabled
 from chatmesh.safety.review import AddedTerms, ReviewCases
@@ -18,7 +19,7 @@ from chatmesh.v1 import safety_pb2, safety_pb2_grpc
 log = get_logger(__name__)
 
 
-async def main(settings: Settings) -> None:
+async def main(settings: SafetySettings) -> None:
     # A keyword list that cannot be loaded at start stops the process: better no safety process
     # (dialogue then fails closed) than one that lets everything through.
     keywords = KeywordScreen(Path(settings.safety_keywords) if settings.safety_keywords else None)
@@ -69,7 +70,18 @@ async def main(settings: Settings) -> None:
                 Servicer(
                     safety_pb2.DESCRIPTOR.services_by_name["SafetyService"].full_name,
                     lambda server: safety_pb2_grpc.add_SafetyServiceServicer_to_server(servicer, server),
-                )
+                ),
+                multiplex_servicer(
+                    {
+                        "/chatmesh.v1.SafetyService/ScreenInput": UnaryMethod(
+                            safety_pb2.ScreenInputRequest, servicer.ScreenInput
+                        ),
+                        "/chatmesh.v1.SafetyService/ScreenTool": UnaryMethod(
+                            safety_pb2.ScreenToolRequest, servicer.ScreenTool
+                        ),
+                    },
+                    settings,
+                ),
             ],
             on_stopped=release,
         )

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from chatmesh.model.client import ModelClient, ModelError, ModerationResult
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import MODELSIM_API_KEY, Settings
+from chatmesh.runtime.settings import MODELSIM_API_KEY, SafetySettings
 
 log = get_logger(__name__)
 
@@ -14,7 +14,7 @@ log = get_logger(__name__)
 MODERATION_UNAVAILABLE = "moderation_unavailable"
 
 
-def moderation_enabled(settings: Settings) -> bool:
+def moderation_enabled(settings: SafetySettings) -> bool:
     """ "on" or "off" as set; "auto" is on when a real OPENAI_API_KEY is set (not the simulator's)."""
     if settings.safety_moderation != "auto":
         return settings.safety_moderation == "on"

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import SafetySettings
 from chatmesh.safety.keywords import KeywordList
 from chatmesh.safety.moderation import MODERATION_UNAVAILABLE
 from chatmesh.v1 import review_pb2
@@ -65,7 +65,7 @@ class PolicyVersion:
     added ones), the review policy, and the moderation settings that are in force. It changes when any of them
     does, and only then; computed once per keyword list."""
 
-    def __init__(self, settings: Settings, moderation: bool) -> None:
+    def __init__(self, settings: SafetySettings, moderation: bool) -> None:
         settled: dict[str, object] = {"review_policy": dict(sorted(settings.review_policy.items()))}
         if moderation:
             settled["moderation"] = {

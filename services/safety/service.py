@@ -10,7 +10,7 @@ import grpc
 from chatmesh.dialogue.content import image_url
 from chatmesh.runtime.channels import downstream_timeout
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import SafetySettings
 from chatmesh.safety import metrics
 from chatmesh.safety.keywords import KeywordScreen, ScreenStep
 from chatmesh.safety.moderation import ModerationScreen, WindowedModeration
@@ -37,7 +37,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
     The review policy decides what the categories found do, and opens review cases through `cases`."""
 
     def __init__(
-        self, settings: Settings, keywords: KeywordScreen, moderation: ModerationScreen | None, cases: ReviewCases
+        self, settings: SafetySettings, keywords: KeywordScreen, moderation: ModerationScreen | None, cases: ReviewCases
     ) -> None:
         self._settings = settings
         self._keywords = keywords

@@ -13,7 +13,7 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from chatmesh.cli import PROCESSES
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings, ProcessSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -100,10 +100,10 @@ def test_the_command_picks_the_process_and_the_image_is_read_only_friendly(parse
     assert env["CHATMESH_BIND_HOST"] == "0.0.0.0"
     # Listening on every address, an image run by hand never serves unauthenticated.
     assert env["CHATMESH_AUTH"] == "required"
-    assert Settings(auth=env["CHATMESH_AUTH"]).auth == "required"
+    assert GatewaySettings(auth=env["CHATMESH_AUTH"]).auth == "required"
     assert env["TMPDIR"] == "/tmp" and env["HOME"] == "/tmp"
     assert env["PATH"].startswith("/opt/chatmesh/bin:")
-    defaults = Settings()
+    defaults = ProcessSettings()
     exposed = {int(port) for value in instructions(final, "EXPOSE") for port in value.split()}
     assert {
         defaults.gateway_port,

@@ -33,7 +33,13 @@ from support.chart import (
 
 from chatmesh.dialogue.server_tools import CURRENT_TIME, KNOWLEDGE_SEARCH, ServerTools
 from chatmesh.model.deployments import parse_deployments
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import (
+    PROCESS_SETTINGS,
+    CacheSettings,
+    DialogueSettings,
+    ProcessSettings,
+    ServiceSettings,
+)
 
 CORE = ("gateway", "dialogue", "safety", "cache")
 INTERNAL = ("dialogue", "safety", "cache")
@@ -173,7 +179,8 @@ def test_all_features_adds_modelsim_redis_and_monitoring(full: Rendered) -> None
 
 def test_every_setting_the_chart_sets_is_a_chatmesh_setting(rendered: dict[str, Rendered]) -> None:
     """A misspelt variable would be ignored silently (the settings ignore unknown names)."""
-    known = {f"CHATMESH_{field.upper()}" for field in Settings.model_fields} | {"OPENAI_API_KEY", "OPENAI_BASE_URL"}
+    fields = {field for settings in PROCESS_SETTINGS.values() for field in settings.model_fields}
+    known = {f"CHATMESH_{field.upper()}" for field in fields} | {"OPENAI_API_KEY", "OPENAI_BASE_URL"}
     for chart in rendered.values():
         names = set(settings_data(chart))
         for deployment in deployments(chart).values():
@@ -941,12 +948,12 @@ def test_each_region_file_lints_strictly_validates_and_sets_its_region(
     assert lint_findings(values) == []
     chart = render(values)  # checked against values.schema.json
     assert [error for obj in chart.objects if obj["kind"] not in CRD_KINDS for error in schema_errors(obj)] == []
-    # CHATMESH_REGION, which every process reads, is the file's region, and a valid one for the settings.
+    # CHATMESH_REGION, which every service reads, is the file's region, and a valid one for the settings.
     assert settings_data(chart)["CHATMESH_REGION"] == path.stem
     for variable in list(os.environ):
         if variable.startswith("CHATMESH_"):
             monkeypatch.delenv(variable)
-    assert Settings(region=path.stem).region == path.stem
+    assert ServiceSettings(region=path.stem).region == path.stem
     # The region's own Redises (nothing bundled, so nothing of a region's data lives elsewhere), over TLS.
     assert set(workloads(chart)) == set(CORE)
     dialogue, cache = env_of(deployments(chart)["dialogue"]), env_of(deployments(chart)["cache"])
@@ -983,8 +990,9 @@ def _auth_data(chart: Rendered) -> dict[str, str]:
     }
 
 
-def _process_settings(chart: Rendered, monkeypatch: pytest.MonkeyPatch, process: str = "gateway") -> Settings:
-    """A process's Settings as its pod would read them: the settings ConfigMap, then its env (Secrets resolved)."""
+def _process_settings(chart: Rendered, monkeypatch: pytest.MonkeyPatch, process: str = "gateway") -> Any:
+    """A process's settings as its pod would read them (its own class of PROCESS_SETTINGS): the settings ConfigMap,
+    then its env (Secrets resolved)."""
     for variable in list(os.environ):
         if variable.startswith(("CHATMESH_", "OPENAI_", "OTEL_")):
             monkeypatch.delenv(variable)
@@ -998,7 +1006,15 @@ def _process_settings(chart: Rendered, monkeypatch: pytest.MonkeyPatch, process:
             environment[variable] = base64.b64decode(data[reference["key"]]).decode()
     for variable, value in environment.items():
         monkeypatch.setenv(variable, value)
-    return Settings()
+    return PROCESS_SETTINGS[process]()
+
+
+def _assert_read_as(parsed: ProcessSettings, expected: dict[str, Any]) -> set[str]:
+    """Asserts that the fields of `expected` that this process reads (its settings class has them) hold those
+    values; returns the fields it read."""
+    own = {field: value for field, value in expected.items() if field in type(parsed).model_fields}
+    assert {field: getattr(parsed, field) for field in own} == own
+    return set(own)
 
 
 @pytest.mark.parametrize("label", VALUE_SETS)
@@ -1097,17 +1113,22 @@ def test_an_existing_auth_secret_is_referenced_and_none_is_generated(per_process
     assert "ignored" not in yaml.safe_dump_all(chart.objects)
 
 
-def test_limit_settings_reach_the_gateway_as_it_parses_them(
+def test_limit_settings_reach_the_gateway_and_dialogue_as_they_parse_them(
     defaults: Rendered, full: Rendered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = _process_settings(defaults, monkeypatch)
+    spend = _process_settings(defaults, monkeypatch, "dialogue")
     assert settings.auth == "required"
-    assert (settings.auth_cache_seconds, settings.request_limits_fail_open, settings.spend_limits_fail_open) == (
+    assert (settings.auth_cache_seconds, settings.request_limits_fail_open, spend.spend_limits_fail_open) == (
         1.0,
         True,
         False,
     )
-    assert (settings.limits_default_max_tokens, settings.metrics_max_tenants) == (4096, 100)
+    assert (spend.limits_default_max_tokens, settings.metrics_max_tenants, spend.metrics_max_tenants) == (
+        4096,
+        100,
+        100,
+    )
     assert settings.admin_token is not None
     assert settings.admin_token.get_secret_value() == _auth_data(defaults)["CHATMESH_ADMIN_TOKEN"]
     assert settings.api_key_pepper.get_secret_value() == _auth_data(defaults)["CHATMESH_API_KEY_PEPPER"]
@@ -1115,14 +1136,15 @@ def test_limit_settings_reach_the_gateway_as_it_parses_them(
     assert settings.redis_password is not None and len(settings.redis_password.get_secret_value()) == 48
     assert settings.redis_tls_ca_file == settings.tls_ca_file == "/etc/chatmesh/tls/ca.crt"
     settings = _process_settings(full, monkeypatch)
-    assert (settings.auth_cache_seconds, settings.request_limits_fail_open, settings.spend_limits_fail_open) == (
+    spend = _process_settings(full, monkeypatch, "dialogue")
+    assert (settings.auth_cache_seconds, settings.request_limits_fail_open, spend.spend_limits_fail_open) == (
         0.5,
         False,
         True,
     )
     # A large integer stays an integer (Helm reads numbers as floats: 1000000 would otherwise be "1e+06").
     assert settings_data(full)["CHATMESH_LIMITS_DEFAULT_MAX_TOKENS"] == "1000000"
-    assert (settings.limits_default_max_tokens, settings.metrics_max_tenants) == (1_000_000, 0)
+    assert (spend.limits_default_max_tokens, settings.metrics_max_tenants) == (1_000_000, 0)
 
 
 @pytest.mark.parametrize(
@@ -1327,13 +1349,16 @@ def test_notes_say_how_to_get_the_admin_token_and_make_a_tenant_and_a_key(defaul
 def test_conversation_image_and_tls_values_reach_the_processes_as_they_parse_them(
     defaults: Rendered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    built_in = Settings.model_fields
-    parsed = _process_settings(defaults, monkeypatch)
+    built_in = DialogueSettings.model_fields
+    parsed = _process_settings(defaults, monkeypatch, "dialogue")
     for field in ("conversation_max_messages", "window_max_messages", "window_reply_tokens", "summary_trigger_tokens"):
         assert getattr(parsed, field) == built_in[field].default
     assert parsed.model_context_tokens == built_in["model_context_tokens"].default
-    assert (parsed.max_images_per_message, parsed.max_image_bytes) == (4, 5 * 1024 * 1024)
-    assert parsed.tls_reload_seconds == 5 and parsed.internal_tls
+    gateway = _process_settings(defaults, monkeypatch, "gateway")
+    assert (gateway.max_images_per_message, gateway.max_image_bytes) == (4, 5 * 1024 * 1024)
+    for process in CORE:
+        parsed = _process_settings(defaults, monkeypatch, process)
+        assert parsed.tls_reload_seconds == 5 and parsed.internal_tls, process
 
     chart = render(
         {
@@ -1346,12 +1371,12 @@ def test_conversation_image_and_tls_values_reach_the_processes_as_they_parse_the
             "images": {"maxPerMessage": 2},
         }
     )
-    parsed = _process_settings(chart, monkeypatch)
+    parsed = _process_settings(chart, monkeypatch, "dialogue")
     assert parsed.conversation_retention_seconds == 3600
     assert parsed.model_context_tokens == {"llama-3": 32768}
     assert parsed.model_encodings == {"llama-3": "cl100k_base"}
     assert (parsed.summary_model, parsed.summary_trigger_tokens) == ("gpt-4o-mini", 500)
-    assert parsed.max_images_per_message == 2
+    assert _process_settings(chart, monkeypatch, "gateway").max_images_per_message == 2
 
 
 MODEL_DEPLOYMENTS = {
@@ -1372,7 +1397,7 @@ def test_a_model_deployments_file_reaches_dialogue_and_safety_with_its_keys_from
     rendered = yaml.safe_load(chart.get("ConfigMap", f"{RELEASE}-model-deployments")["data"]["deployments.yaml"])
     assert rendered == MODEL_DEPLOYMENTS
     # What dialogue will read at start: the file as chatmesh parses it, its keys from the Secret's variables.
-    parsed = parse_deployments(rendered, Settings(), {"OPENAI_KEY_1": "sk-1", "VLLM_KEY": "sk-2"})
+    parsed = parse_deployments(rendered, DialogueSettings(), {"OPENAI_KEY_1": "sk-1", "VLLM_KEY": "sk-2"})
     assert [deployment.name for deployment in parsed.models["gpt-4o-mini"].deployments] == ["openai", "vllm"]
     path = settings_data(chart)["CHATMESH_MODEL_DEPLOYMENTS_FILE"]
     assert path == "/etc/chatmesh/model-deployments/deployments.yaml"
@@ -1502,19 +1527,25 @@ def test_the_tools_egress_is_a_value() -> None:
 def test_tool_settings_reach_the_processes_as_they_parse_them(
     defaults: Rendered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fields = ("tool_max_tools", "tool_max_steps", "tool_max_result_chars", "tool_timeout_seconds")
+    defaults_of = {
+        "tool_max_tools": 128,
+        "tool_max_steps": 8,
+        "tool_max_result_chars": 32_000,
+        "tool_timeout_seconds": 10,
+    }
+    read = set()
     for process in ("gateway", "dialogue"):
-        parsed = _process_settings(defaults, monkeypatch, process)
-        assert {field: getattr(parsed, field) for field in fields} == {
-            field: Settings.model_fields[field].default for field in fields
-        }
+        read |= _assert_read_as(_process_settings(defaults, monkeypatch, process), defaults_of)
+    assert read == set(defaults_of)
 
     chart = render({"tools": {"maxTools": 16, "maxSteps": 3, "maxResultChars": 1000000, "timeoutSeconds": 2.5}})
     # A large integer stays an integer (Helm reads numbers as floats: 1000000 would otherwise be "1e+06").
     assert settings_data(chart)["CHATMESH_TOOL_MAX_RESULT_CHARS"] == "1000000"
     for process in ("gateway", "dialogue"):
-        parsed = _process_settings(chart, monkeypatch, process)
-        assert [getattr(parsed, field) for field in fields] == [16, 3, 1_000_000, 2.5]
+        _assert_read_as(
+            _process_settings(chart, monkeypatch, process),
+            dict(zip(defaults_of, [16, 3, 1_000_000, 2.5], strict=True)),
+        )
 
 
 @pytest.mark.parametrize(
@@ -1576,11 +1607,8 @@ def test_review_queue_settings_reach_the_gateway_and_safety_as_they_parse_them(
 ) -> None:
     for process in ("gateway", "safety"):
         parsed = _process_settings(defaults, monkeypatch, process)
-        assert (parsed.review_lease_seconds, parsed.review_retention_seconds, parsed.review_sweep_seconds) == (
-            600,
-            604800,
-            30,
-        )
+        assert (parsed.review_lease_seconds, parsed.review_retention_seconds) == (600, 604800)
+    assert _process_settings(defaults, monkeypatch, "gateway").review_sweep_seconds == 30
     chart = render({"review": {"leaseSeconds": 300, "retentionSeconds": 86400, "sweepSeconds": 10}})
     parsed = _process_settings(chart, monkeypatch, "gateway")
     assert (parsed.review_lease_seconds, parsed.review_retention_seconds, parsed.review_sweep_seconds) == (
@@ -1670,11 +1698,13 @@ def test_semantic_cache_and_embedding_settings_reach_the_processes_as_they_parse
 ) -> None:
     # The settings ConfigMap is every process's: the cache runs the semantic cache, and dialogue embeds too (the
     # knowledge base) with the same embedding model.
+    read = set()
     for process in ("cache", "dialogue"):
-        parsed = _process_settings(defaults, monkeypatch, process)
-        assert {field: getattr(parsed, field) for field in SEMANTIC_FIELDS} == {
-            field: Settings.model_fields[field].default for field in SEMANTIC_FIELDS
-        }
+        read |= _assert_read_as(
+            _process_settings(defaults, monkeypatch, process),
+            {field: CacheSettings.model_fields[field].default for field in SEMANTIC_FIELDS},
+        )
+    assert read == set(SEMANTIC_FIELDS)
 
     chart = render(
         {
@@ -1693,17 +1723,10 @@ def test_semantic_cache_and_embedding_settings_reach_the_processes_as_they_parse
     # A large integer stays an integer (Helm reads numbers as floats: it would otherwise be "4.294967296e+09").
     assert settings_data(chart)["CHATMESH_SEMANTIC_CACHE_MEMORY_MAX_BYTES"] == "4294967296"
     for process in ("cache", "dialogue"):
-        parsed = _process_settings(chart, monkeypatch, process)
-        assert [getattr(parsed, field) for field in SEMANTIC_FIELDS] == [
-            True,
-            0.97,
-            2000,
-            4294967296,
-            True,
-            "bge-m3",
-            0,
-            1.5,
-        ]
+        _assert_read_as(
+            _process_settings(chart, monkeypatch, process),
+            dict(zip(SEMANTIC_FIELDS, [True, 0.97, 2000, 4294967296, True, "bge-m3", 0, 1.5], strict=True)),
+        )
 
 
 @pytest.mark.parametrize(
@@ -1813,11 +1836,18 @@ def test_knowledge_settings_reach_the_processes_as_they_parse_them(
     defaults: Rendered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Dialogue ingests and retrieves; the gateway checks ingestion requests against the same limits.
+    read = set()
     for process in ("dialogue", "gateway"):
-        parsed = _process_settings(defaults, monkeypatch, process)
-        assert {field: getattr(parsed, field) for field in KNOWLEDGE_FIELDS} == {
-            field: Settings.model_fields[field].default for field in KNOWLEDGE_FIELDS
-        }
+        settings = PROCESS_SETTINGS[process]
+        read |= _assert_read_as(
+            _process_settings(defaults, monkeypatch, process),
+            {
+                field: settings.model_fields[field].default
+                for field in KNOWLEDGE_FIELDS
+                if field in settings.model_fields
+            },
+        )
+    assert read == set(KNOWLEDGE_FIELDS)
 
     chart = render(
         {
@@ -1840,20 +1870,16 @@ def test_knowledge_settings_reach_the_processes_as_they_parse_them(
     assert settings_data(chart)["CHATMESH_KNOWLEDGE_MEMORY_MAX_BYTES"] == "4294967296"
     assert settings_data(chart)["CHATMESH_KNOWLEDGE_MAX_DOCUMENT_BYTES"] == "20971520"
     for process in ("dialogue", "gateway"):
-        parsed = _process_settings(chart, monkeypatch, process)
-        assert [getattr(parsed, field) for field in KNOWLEDGE_FIELDS] == [
-            800,
-            200,
-            8,
-            3000,
-            0.7,
-            0.2,
-            5,
-            4294967296,
-            60,
-            1000,
-            20971520,
-        ]
+        _assert_read_as(
+            _process_settings(chart, monkeypatch, process),
+            dict(
+                zip(
+                    KNOWLEDGE_FIELDS,
+                    [800, 200, 8, 3000, 0.7, 0.2, 5, 4294967296, 60, 1000, 20971520],
+                    strict=True,
+                )
+            ),
+        )
 
 
 @pytest.mark.parametrize(

@@ -324,3 +324,24 @@ def test_the_tiny_run_reports_every_case(tmp_path: Path):
     assert turns["chunks"] == 200 and turns["grounded"]["calls"] == turns["plain"]["calls"] == 3
     assert turns["cited_share"] == 1.0 and turns["embedding_mean_ms"] > 0
     assert turns["added_p50_ms"] == round(turns["grounded"]["p50_ms"] - turns["plain"]["p50_ms"], 3)
+
+
+@pytest.mark.timeout(120)
+def test_the_multiplex_bench_reports_both_ways_and_their_ratio_per_concurrency():
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.multiplex", "--turns", "20", "--rounds", "2", "--concurrency", "1", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    report = json.loads(finished.stdout)
+
+    assert set(report) == {"c1", "c4"}
+    for row in report.values():
+        for way in ("unary", "multiplexed"):
+            assert row[way]["turns"] == 40
+            assert set(row[way]["cpu_ms_per_turn"]) == {"safety", "cache", "client", "sum"}
+            assert row[way]["latency_p50_ms"] > 0
+        assert set(row["multiplexed_over_unary"]) == {"cpu_safety", "cpu_cache", "cpu_client", "cpu_sum", "latency_p50"}

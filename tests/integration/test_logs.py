@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,9 +18,11 @@ from typing import Any
 
 import grpc
 import pytest
+from support.bad_settings import bad_settings_of_others
 from support.cli import chatmesh_cli
-from support.cluster import Cluster
+from support.cluster import Cluster, ServiceProcess
 from support.otlp import OtlpTraceReceiver
+from support.ports import free_port
 
 from chatmesh.v1 import chat_pb2, chat_pb2_grpc
 
@@ -296,6 +299,9 @@ async def test_without_tracing_lines_have_no_trace_id_and_still_one_request_id(
     [
         ("dialogue", {"CHATMESH_TOOLS_FILE": "{path}"}, "tools[0] (bad name).name"),
         ("safety", {"CHATMESH_PII_POLICY": '{"passport": "model"}'}, "pii_policy.passport"),
+        ("gateway", {"CHATMESH_AUTH_CACHE_SECONDS": "9"}, "auth_cache_seconds"),
+        ("cache", {"CHATMESH_CACHE_TTL_SECONDS": str(30 * 24 * 3600)}, "CHATMESH_CACHE_TTL_SECONDS"),
+        ("modelsim", {"CHATMESH_MODELSIM_HANG_RATE": "2"}, "modelsim_hang_rate"),
     ],
 )
 def test_a_process_with_a_bad_setting_or_file_refuses_to_start_in_one_line(
@@ -314,3 +320,21 @@ def test_a_process_with_a_bad_setting_or_file_refuses_to_start_in_one_line(
     record = json.loads(line)
     assert (record["event"], record["level"], record["service"]) == ("configuration_invalid", "error", process)
     assert names in record["detail"] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("process", ["gateway", "dialogue", "safety", "cache", "modelsim"])
+def test_a_process_serves_despite_bad_settings_of_the_other_processes(tmp_path, process: str):
+    port = free_port()
+    env = {
+        **os.environ,
+        **bad_settings_of_others(process),
+        f"CHATMESH_{process.upper()}_PORT": str(port),
+        f"CHATMESH_{process.upper()}_METRICS_PORT": "0",
+    }
+    service = ServiceProcess(process, port, env, tmp_path)
+    try:
+        service.start()  # until it serves (its health check, or modelsim's /sim/stats)
+    finally:
+        status = service.stop()
+    assert status == 0, service.log()
+    assert "configuration_invalid" not in service.log()

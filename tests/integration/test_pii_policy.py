@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 from support.cluster import Cluster
+from support.redis_scan import keys_holding
 from support.redis_server import RedisServer
 
 from chatmesh.v1 import chat_pb2, chat_pb2_grpc
@@ -52,6 +53,25 @@ async def test_each_mode_from_the_model_to_the_store_to_the_caller(sim: Cluster,
         f"mail {EMAIL}, call [PHONE_1], pay with [CARD_1] [echo] ok: {EMAIL} [PHONE_1]",
         f"ok: {EMAIL} [PHONE_1]",
     ]
+
+
+async def test_a_storage_kind_is_kept_nowhere_and_a_model_kind_only_with_its_message(
+    sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub, module_redis: RedisServer
+):
+    """Beneath GetConversation: a scan of every Redis key and the processes' logs. The card (model) is kept with
+    the message that introduced it, so that later turns can restore it; the phone number (storage) nowhere."""
+    response = await chat.Chat(
+        chat_pb2.ChatRequest(user_id="alice", message=f"call {PHONE} or pay with {CARD} [echo] ok {PHONE} {CARD}"),
+        timeout=CALL_TIMEOUT,
+    )
+
+    assert response.text == f"ok {PHONE} {CARD}"
+    found = await keys_holding(module_redis.url, PHONE, PHONE.replace(" ", ""), CARD)
+    assert found[PHONE] == found[PHONE.replace(" ", "")] == []
+    assert found[CARD] and all(":m:" in key for key in found[CARD])
+    assert any(response.conversation_id in key for key in found[CARD])
+    log = "".join(process.log() for process in sim.processes.values() if process.command != "modelsim")
+    assert PHONE not in log and CARD not in log
 
 
 async def test_placeholders_the_model_writes_are_restored_for_the_caller_in_later_turns_too(

@@ -241,6 +241,27 @@ async def test_a_tool_round_trip(sim: Cluster, chat: chat_pb2_grpc.ChatServiceSt
     assert stored[3].content == text_of(second)
 
 
+async def test_a_finished_tool_turn_is_replayed_into_the_next_window(sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub):
+    response = await pending_calls(chat, weather_call("Paris"))
+    (call,) = response.tool_calls
+    answered = await chat.Chat(
+        request(
+            conversation_id=response.conversation_id, results=[chat_pb2.ToolResult(call_id=call.id, content="12 °C")]
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+
+    await chat.Chat(request("and tomorrow?", conversation_id=response.conversation_id), timeout=CALL_TIMEOUT)
+
+    sent = sim.sim_requests(limit=1)[-1]["messages"]
+    assert [message["role"] for message in sent] == ["user", "assistant", "tool", "assistant", "user"]
+    assert sent[1]["tool_calls"] == [
+        {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.arguments}}
+    ]
+    assert (sent[2]["tool_call_id"], sent[2]["content"]) == (call.id, "12 °C")
+    assert (sent[3]["content"], sent[4]["content"]) == (answered.text, "and tomorrow?")
+
+
 async def test_unary_chat_returns_the_calls_and_takes_results_with_a_new_message(
     sim: Cluster, chat: chat_pb2_grpc.ChatServiceStub
 ):

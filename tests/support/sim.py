@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from chatmesh.modelsim.server import SimConfig, build_app
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ModelSettings
 
 
 @dataclass
@@ -23,8 +23,8 @@ class Sim:
         async with self.http.request(method, f"{self.base_url}{path}", json=body, headers=headers) as response:
             return response.status, await response.json()
 
-    def settings(self, **fields: object) -> Settings:
-        return Settings(
+    def settings(self, **fields: object) -> ModelSettings:
+        return ModelSettings(
             OPENAI_API_KEY="test-key",
             OPENAI_BASE_URL=f"{self.base_url}/v1",
             model_backoff_initial_seconds=0.01,

@@ -22,7 +22,7 @@ from chatmesh.runtime.logs import (
     configure_logging,
     current_request,
 )
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.status import served_code
 from chatmesh.runtime.tracing import tracing_requested
 
@@ -49,7 +49,7 @@ def test_only_well_formed_request_ids_and_tenants_are_taken_from_metadata(
     metadata: object, request_id: str, tenant: str
 ):
     def begin() -> RequestRecord:
-        return AccessLog(Settings()).begin("chatmesh.v1.SafetyService/ScreenInput", metadata)
+        return AccessLog(ProcessSettings()).begin("chatmesh.v1.SafetyService/ScreenInput", metadata)
 
     record = contextvars.copy_context().run(begin)
     assert (record.request_id, record.tenant) == (request_id, tenant)

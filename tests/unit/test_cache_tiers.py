@@ -21,7 +21,7 @@ from chatmesh.cache.tiers import (
     Tier,
     TierKind,
 )
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import CacheSettings
 
 KEY = "chatmesh:cache:default:gpt-4o-mini:" + "ab" * 32
 VALUE = b"\x0a\x05Paris\x10\x01\x18\x02"
@@ -346,10 +346,10 @@ async def test_a_redis_failure_is_a_logged_miss_and_a_memory_only_store(caplog: 
 
 async def test_the_cache_uses_redis_only_when_a_url_is_set(redis_url: str) -> None:
     for url in (None, ""):
-        cache = AnswerCache.from_settings(Settings(redis_url=url))
+        cache = AnswerCache.from_settings(CacheSettings(redis_url=url))
         assert await cache.store(KEY, VALUE, INDEXES) == [TierKind.MEMORY]
         await cache.close()
-    cache = AnswerCache.from_settings(Settings(redis_url=redis_url))
+    cache = AnswerCache.from_settings(CacheSettings(redis_url=redis_url))
     try:
         assert await cache.store(KEY, VALUE, INDEXES) == [TierKind.MEMORY, TierKind.REDIS]
     finally:
@@ -521,5 +521,5 @@ async def test_an_erasure_fails_when_redis_cannot_be_reached_after_erasing_memor
 
 def test_answers_are_kept_no_longer_than_conversations() -> None:
     with pytest.raises(ValueError, match="CACHE_TTL_SECONDS must be at most"):
-        Settings(cache_ttl_seconds=3600, conversation_retention_seconds=600, review_retention_seconds=600)
-    assert Settings(cache_ttl_seconds=10**9, conversation_retention_seconds=0)
+        CacheSettings(cache_ttl_seconds=3600, conversation_retention_seconds=600, review_retention_seconds=600)
+    assert CacheSettings(cache_ttl_seconds=10**9, conversation_retention_seconds=0)

@@ -16,7 +16,7 @@ from chatmesh.runtime.call_observer import CallObserver
 from chatmesh.runtime.decoding import DecodeGuardInterceptor
 from chatmesh.runtime.interceptors import observed
 from chatmesh.runtime.logs import JsonFormatter, annotate
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.status import abort
 from chatmesh.v1 import chat_pb2, dialogue_pb2, dialogue_pb2_grpc, safety_pb2, safety_pb2_grpc
 
@@ -74,7 +74,7 @@ def lines() -> Iterator[Lines]:
 
 @pytest.fixture
 def observer() -> CallObserver:
-    return CallObserver(Settings(log_user_id_salt=SALT), observed, metered=True)
+    return CallObserver(ProcessSettings(log_user_id_salt=SALT), observed, metered=True)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from chatmesh.model.deployments import (
     load_deployments,
     parse_deployments,
 )
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ModelSettings
 
 ENV = {"OPENAI_KEY_1": "sk-one", "OPENAI_KEY_2": "sk-two", "VLLM_KEY": "v"}
 
@@ -49,7 +49,7 @@ def good(tmp_path: Path) -> dict:
 
 
 def parse(document: object, **settings: object):
-    return parse_deployments(document, Settings(**settings), ENV)
+    return parse_deployments(document, ModelSettings(**settings), ENV)
 
 
 def test_a_good_file_resolves_keys_names_and_defaults(tmp_path: Path):
@@ -77,7 +77,7 @@ def test_a_star_entry_serves_the_other_models_under_their_own_name():
 
 
 def test_without_a_file_one_default_deployment_serves_every_model():
-    deployments = load_deployments(Settings(OPENAI_API_KEY="sk-x", OPENAI_BASE_URL="http://h/v1"))
+    deployments = load_deployments(ModelSettings(OPENAI_API_KEY="sk-x", OPENAI_BASE_URL="http://h/v1"))
     route = deployments.route("gpt-4o-mini")
     assert route is not None and not deployments.from_file
     (deployment,) = route.deployments
@@ -89,13 +89,13 @@ def test_a_file_is_read_from_the_setting(tmp_path: Path, monkeypatch: pytest.Mon
         monkeypatch.setenv(name, value)
     path = tmp_path / "deployments.yaml"
     path.write_text(yaml.safe_dump(good(tmp_path), sort_keys=False))
-    deployments = load_deployments(Settings(model_deployments_file=str(path)))
+    deployments = load_deployments(ModelSettings(model_deployments_file=str(path)))
     assert deployments.from_file and [d.name for d in deployments.deployments()] == ["openai-a", "vllm", "openai-b"]
 
 
 def test_an_unreadable_file_is_named(tmp_path: Path):
     with pytest.raises(DeploymentsError, match="cannot be read"):
-        load_deployments(Settings(model_deployments_file=str(tmp_path / "missing.yaml")))
+        load_deployments(ModelSettings(model_deployments_file=str(tmp_path / "missing.yaml")))
 
 
 def broken(tmp_path: Path, change) -> dict:

@@ -10,7 +10,7 @@ import pytest
 from chatmesh.gateway.admission import Admission
 from chatmesh.gateway.auth import DEFAULT_TENANT, Authenticator
 from chatmesh.gateway.service import ChatGateway
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings
 from chatmesh.tenancy.directory import MemoryTenantDirectory
 from chatmesh.tenancy.ledger import create_usage_ledger
 from chatmesh.tenancy.limits import Limits
@@ -60,7 +60,7 @@ class CallContext:
 async def gateway_and_dialogue() -> tuple[ChatGateway, RecordingDialogue]:
     """A gateway without authentication (so calls are the tenant `default`), whose tenant has default knowledge
     bases."""
-    settings = Settings(auth="off", auth_cache_seconds=0.0)
+    settings = GatewaySettings(auth="off", auth_cache_seconds=0.0)
     directory = MemoryTenantDirectory()
     await directory.create_tenant(DEFAULT_TENANT, Limits(), now=1.0, knowledge_bases=["help", "billing"])
     dialogue = RecordingDialogue()

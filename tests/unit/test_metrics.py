@@ -15,7 +15,7 @@ from chatmesh.model.pricing import cost_usd, price_family
 from chatmesh.runtime import metrics
 from chatmesh.runtime.call_observer import CallObserver
 from chatmesh.runtime.interceptors import observed
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ModelSettings, ProcessSettings
 from chatmesh.v1 import cache_pb2, chat_pb2, dialogue_pb2, dialogue_pb2_grpc, safety_pb2, safety_pb2_grpc
 
 PRICES = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00)}
@@ -53,7 +53,7 @@ def sample(name: str, side: str, method: str, **labels: str) -> float:
 async def stubs() -> AsyncIterator[
     tuple[safety_pb2_grpc.SafetyServiceStub, dialogue_pb2_grpc.DialogueServiceStub, object]
 ]:
-    server = grpc.aio.server(interceptors=[CallObserver(Settings(), observed, metered=True)])
+    server = grpc.aio.server(interceptors=[CallObserver(ProcessSettings(), observed, metered=True)])
     safety_pb2_grpc.add_SafetyServiceServicer_to_server(Safety(), server)
     dialogue_pb2_grpc.add_DialogueServiceServicer_to_server(Dialogue(), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
@@ -197,7 +197,7 @@ def test_an_unexpected_failure_kind_is_counted_as_error():
 
 async def test_a_call_that_ended_without_usage_counts_its_tokens_and_cost_but_no_request():
     """A stream blocked at output, cancelled, or cut by its deadline: ModelClient.record_unfinished."""
-    client = ModelClient(Settings(model_prices_usd_per_million=PRICES))
+    client = ModelClient(ModelSettings(model_prices_usd_per_million=PRICES))
     tokens = {"model": "gpt-4o-mini", "kind": "output"}
     ok = {"operation": "chat", "model": "gpt-4o-mini", "outcome": "ok"}
     before = (

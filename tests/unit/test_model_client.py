@@ -20,7 +20,7 @@ from chatmesh.model.client import (
     _classify,
     _parse_sse,
 )
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ModelSettings
 
 STREAM = (
     'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
@@ -147,7 +147,7 @@ def test_provider_errors_are_classified_with_their_retry_after(status, headers, 
     assert failure.retry_after == retry_after
 
 
-async def _first_error(settings: Settings, deadline_seconds: float) -> ModelError:
+async def _first_error(settings: ModelSettings, deadline_seconds: float) -> ModelError:
     client = ModelClient(settings)
     loop = asyncio.get_running_loop()
     try:
@@ -164,7 +164,7 @@ async def _first_error(settings: Settings, deadline_seconds: float) -> ModelErro
 
 async def test_a_provider_that_refuses_connections_is_unavailable_well_before_the_deadline():
     """The SDK's aiohttp transport reports a refused connection as APITimeoutError; it is still unreachable."""
-    settings = Settings(
+    settings = ModelSettings(
         openai_api_key="key", openai_base_url=f"http://127.0.0.1:{free_port()}/v1", model_backoff_initial_seconds=0.01
     )
     started = time.monotonic()
@@ -182,7 +182,7 @@ async def test_a_provider_that_accepts_and_never_answers_misses_the_deadline():
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        settings = Settings(openai_api_key="key", openai_base_url=f"http://127.0.0.1:{port}/v1")
+        settings = ModelSettings(openai_api_key="key", openai_base_url=f"http://127.0.0.1:{port}/v1")
         error = await _first_error(settings, deadline_seconds=0.5)
     finally:
         server.close()

@@ -21,7 +21,7 @@ from support.images import gif, jpeg, png
 
 from chatmesh.dialogue.tokens import TokenCounter
 from chatmesh.modelsim.server import HANG, SimConfig, Simulator, _duration, build_app
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ModelsimSettings
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -582,7 +582,7 @@ def test_reset_durations_are_written_as_openai_writes_them(seconds: float, text:
 
 
 def test_a_deployment_overrides_the_settings_it_names() -> None:
-    settings = Settings(
+    settings = ModelsimSettings(
         modelsim_error_500_rate=0.5,
         modelsim_deployments=[{"port": 9001}, {"port": 9002, "hang_rate": 0.02, "unauthorized_keys": ["k"]}],
     )
@@ -610,7 +610,7 @@ def test_bad_deployments_fail_naming_the_entry(
     monkeypatch.setenv("CHATMESH_MODELSIM_DEPLOYMENTS", json.dumps(deployments))
 
     with pytest.raises(ValidationError) as caught:
-        Settings()
+        ModelsimSettings()
 
     assert named in str(caught.value)
 

@@ -7,7 +7,7 @@ from support.ports import free_port
 from support.sim import Sim
 
 from chatmesh.model.client import ModelClient, ModelError, ModelErrorKind, ModerationResult
-from chatmesh.runtime.settings import MODELSIM_API_KEY, Settings
+from chatmesh.runtime.settings import MODELSIM_API_KEY, SafetySettings
 from chatmesh.safety.moderation import (
     MODERATION_UNAVAILABLE,
     ModerationScreen,
@@ -126,7 +126,7 @@ async def test_moderate_fails_as_a_model_error_when_the_endpoint_keeps_failing(s
 
 
 async def test_moderate_fails_as_a_model_error_when_nothing_listens():
-    settings = Settings(
+    settings = SafetySettings(
         OPENAI_API_KEY="test-key",
         OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1",
         model_backoff_initial_seconds=0.01,
@@ -166,7 +166,7 @@ def test_moderation_is_on_by_default_only_with_a_real_key(
 ):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     fields = {"safety_moderation": mode} | ({"OPENAI_API_KEY": key} if key else {})
-    assert moderation_enabled(Settings(**fields)) is enabled
+    assert moderation_enabled(SafetySettings(**fields)) is enabled
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 from pii_cases import CASES, Case
 from prometheus_client import REGISTRY
 
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ServiceSettings
 from chatmesh.safety.pii import (
     ALL_KINDS,
     CN_ID,
@@ -27,7 +27,7 @@ from chatmesh.safety.pii import (
 )
 from chatmesh.v1 import safety_pb2
 
-DEFAULT_POLICY = Settings.model_fields["pii_policy"].default
+DEFAULT_POLICY = ServiceSettings.model_fields["pii_policy"].default
 
 
 def found(text: str, kinds: Iterable[int] = ALL_KINDS) -> list[tuple[str, str]]:
@@ -286,7 +286,7 @@ def test_the_screen_reports_the_kinds_the_policy_does_not_leave_and_counts_them(
 
 def test_the_policy_setting_refuses_unknown_kinds_and_modes_naming_them():
     with pytest.raises(pydantic.ValidationError) as refused:
-        Settings(pii_policy={"passport": "storage", "phone": "redact"})
+        ServiceSettings(pii_policy={"passport": "storage", "phone": "redact"})
 
     message = str(refused.value)
     assert "pii_policy.passport" in message and "'email', 'phone', 'cn_id', 'payment_card' or 'ip_address'" in message

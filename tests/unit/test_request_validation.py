@@ -6,10 +6,10 @@ import pytest
 from support.images import gif, jpeg, png, webp
 
 from chatmesh.gateway.validation import check_chat_request
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings, GatewaySettings
 from chatmesh.v1 import chat_pb2
 
-SETTINGS = Settings(max_images_per_message=3, max_image_bytes=1000)
+SETTINGS = GatewaySettings(max_images_per_message=3, max_image_bytes=1000)
 JSON_SCHEMA = chat_pb2.ResponseFormat.TYPE_JSON_SCHEMA
 SCHEMA = json.dumps({"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]})
 
@@ -186,14 +186,17 @@ def test_the_problem_says_what_is_wanted() -> None:
 def test_the_image_limits_are_settings() -> None:
     images = [inline(png() + bytes(5000))] * 5
 
-    assert check_chat_request(request(images=images), Settings(max_images_per_message=5, max_image_bytes=6000)) == []
+    assert (
+        check_chat_request(request(images=images), GatewaySettings(max_images_per_message=5, max_image_bytes=6000))
+        == []
+    )
     assert fields_of(request(images=images)) == ["images"]
 
 
 def test_image_limits_must_fit_in_a_grpc_message() -> None:
     with pytest.raises(ValueError, match="CHATMESH_GRPC_MAX_MESSAGE_BYTES"):
-        Settings(grpc_max_message_bytes=4 * 1024 * 1024)
-    Settings(
+        GatewaySettings(grpc_max_message_bytes=4 * 1024 * 1024)
+    GatewaySettings(
         grpc_max_message_bytes=4 * 1024 * 1024,
         max_images_per_message=1,
         max_image_bytes=3 * 1024 * 1024,
@@ -203,12 +206,11 @@ def test_image_limits_must_fit_in_a_grpc_message() -> None:
 
 def test_a_document_to_ingest_must_fit_in_a_grpc_message_and_overlap_in_half_a_chunk() -> None:
     with pytest.raises(ValueError, match="CHATMESH_KNOWLEDGE_MAX_DOCUMENT_BYTES"):
-        Settings(knowledge_max_document_bytes=24 * 1024 * 1024)
+        GatewaySettings(knowledge_max_document_bytes=24 * 1024 * 1024)
     with pytest.raises(ValueError, match="CHATMESH_KNOWLEDGE_CHUNK_OVERLAP_TOKENS"):
-        Settings(knowledge_chunk_tokens=100, knowledge_chunk_overlap_tokens=50)
-    Settings(
-        knowledge_chunk_tokens=100, knowledge_chunk_overlap_tokens=49, knowledge_max_document_bytes=23 * 1024 * 1024
-    )
+        DialogueSettings(knowledge_chunk_tokens=100, knowledge_chunk_overlap_tokens=50)
+    GatewaySettings(knowledge_max_document_bytes=23 * 1024 * 1024)
+    DialogueSettings(knowledge_chunk_tokens=100, knowledge_chunk_overlap_tokens=49)
 
 
 # Knowledge bases: what a turn searches.

@@ -20,7 +20,7 @@ from chatmesh.review.store import (
     case_id,
     create_review_store,
 )
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ServiceSettings
 from chatmesh.v1 import chat_pb2, review_pb2, safety_pb2
 
 RETENTION = 3600.0
@@ -60,7 +60,7 @@ def store_url(request: pytest.FixtureRequest) -> str | None:
 
 @pytest.fixture
 async def store(store_url: str | None) -> AsyncIterator[ReviewStore]:
-    review_store = create_review_store(Settings(redis_url=store_url, review_retention_seconds=RETENTION))
+    review_store = create_review_store(ServiceSettings(redis_url=store_url, review_retention_seconds=RETENTION))
     try:
         yield review_store
     finally:
@@ -284,11 +284,11 @@ async def test_terms_are_added_by_decisions_and_removed_with_a_new_version(store
 
 
 def test_the_settings_choose_redis_or_memory_and_keep_cases_no_longer_than_conversations(redis_server) -> None:
-    assert isinstance(create_review_store(Settings(redis_url=None)), MemoryReviewStore)
-    assert isinstance(create_review_store(Settings(redis_url=redis_server.url)), RedisReviewStore)
+    assert isinstance(create_review_store(ServiceSettings(redis_url=None)), MemoryReviewStore)
+    assert isinstance(create_review_store(ServiceSettings(redis_url=redis_server.url)), RedisReviewStore)
     with pytest.raises(ValueError, match="REVIEW_RETENTION_SECONDS must be at most"):
-        Settings(review_retention_seconds=3600, conversation_retention_seconds=600)
-    assert Settings(review_retention_seconds=10**9, conversation_retention_seconds=0)
+        ServiceSettings(review_retention_seconds=3600, conversation_retention_seconds=600)
+    assert ServiceSettings(review_retention_seconds=10**9, conversation_retention_seconds=0)
 
 
 # The Redis store's keys.

@@ -21,7 +21,7 @@ from chatmesh.model.client import (
 from chatmesh.model.deployments import BreakerSpec, parse_deployments
 from chatmesh.model.router import BreakerState, CircuitBreaker, KeyState, parse_reset
 from chatmesh.modelsim.server import SimConfig, build_app
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import ModelSettings
 
 
 @dataclass
@@ -79,7 +79,7 @@ async def upstreams() -> AsyncIterator[Callable[..., Any]]:
 
 
 ENV = {f"KEY_{index}": f"key-{index}" for index in range(4)}
-SETTINGS = Settings(model_backoff_initial_seconds=0.01, model_backoff_max_seconds=0.05)
+SETTINGS = ModelSettings(model_backoff_initial_seconds=0.01, model_backoff_max_seconds=0.05)
 
 
 def deployment(upstream: Upstream, keys: int = 1, **fields: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import SafetySettings
 from chatmesh.safety.keywords import KeywordEntry, KeywordList
 from chatmesh.safety.policy import PolicyVersion, ReviewPolicy
 from chatmesh.safety.review import EXCERPT_CHARS, excerpt
@@ -45,7 +45,7 @@ def test_the_star_sets_the_default_but_a_failed_moderation_endpoint_still_blocks
 
 def test_the_policy_version_changes_with_the_list_the_policy_and_the_moderation_settings_and_only_then():
     keywords = KeywordList([KeywordEntry("fruit", "forbidden fruit")])
-    base = Settings(review_policy={"fruit": "block_and_review"})
+    base = SafetySettings(review_policy={"fruit": "block_and_review"})
     version = PolicyVersion(base, moderation=True).of(keywords)
 
     assert len(version) == 16
@@ -53,7 +53,7 @@ def test_the_policy_version_changes_with_the_list_the_policy_and_the_moderation_
     changed = [
         PolicyVersion(base, moderation=True).of(KeywordList([KeywordEntry("fruit", "forbidden apple")])),
         PolicyVersion(base, moderation=False).of(keywords),
-        PolicyVersion(Settings(review_policy={"fruit": "block"}), moderation=True).of(keywords),
+        PolicyVersion(SafetySettings(review_policy={"fruit": "block"}), moderation=True).of(keywords),
         PolicyVersion(base.model_copy(update={"safety_moderation_thresholds": {"hate": 0.5}}), True).of(keywords),
         PolicyVersion(base.model_copy(update={"safety_moderate_output": False}), True).of(keywords),
     ]

@@ -30,10 +30,10 @@ from chatmesh.dialogue.server_tools import (
     _redirect_problem,
     parse_tools,
 )
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.v1 import chat_pb2
 
-SETTINGS = Settings(tool_max_result_chars=100, tool_timeout_seconds=5)
+SETTINGS = DialogueSettings(tool_max_result_chars=100, tool_timeout_seconds=5)
 ENV = {"ORDERS_API_AUTHORIZATION": "Bearer s3cret"}
 ORDER_PARAMETERS = {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}
 # The timeout of the tools that are meant to time out: short, so that the tests stay fast.
@@ -466,7 +466,7 @@ async def test_knowledge_search_with_arguments_that_do_not_fit_does_not_search(
 async def test_knowledge_search_is_bounded_by_the_tool_timeout_and_the_turns_deadline(
     make_tools: Callable[..., ServerTools],
 ) -> None:
-    tools = ServerTools(Settings(tool_timeout_seconds=SHORT_TIMEOUT))
+    tools = ServerTools(DialogueSettings(tool_timeout_seconds=SHORT_TIMEOUT))
     try:
         slow = TurnSearch(seconds=5)
         timed_out = await tools.run("call_1", KNOWLEDGE_SEARCH, '{"query": "refund"}', deadline(), knowledge=slow)
@@ -476,7 +476,7 @@ async def test_knowledge_search_is_bounded_by_the_tool_timeout_and_the_turns_dea
 
     assert timed_out == ToolOutcome(f"the tool did not answer within {SHORT_TIMEOUT:g} s", True)
     assert passed == ToolOutcome("the turn's deadline passed before the tool could run", True)
-    assert slow.asked == [("refund", Settings().knowledge_top_k)]
+    assert slow.asked == [("refund", DialogueSettings().knowledge_top_k)]
 
 
 async def test_a_knowledge_search_that_fails_is_an_error_result_and_counted_as_one(
@@ -582,7 +582,7 @@ async def test_each_call_is_counted_timed_and_logged_by_outcome_without_its_argu
 
 
 def test_load_without_a_file_has_only_the_built_in_tools() -> None:
-    assert ServerTools.load(Settings(tools_file="")).names() == [CURRENT_TIME, KNOWLEDGE_SEARCH]
+    assert ServerTools.load(DialogueSettings(tools_file="")).names() == [CURRENT_TIME, KNOWLEDGE_SEARCH]
 
 
 def test_load_reads_the_file_and_the_header_values_from_the_environment(tmp_path: Path) -> None:
@@ -604,7 +604,7 @@ tools:
 """
     )
 
-    tools = ServerTools.load(Settings(tools_file=str(path), tool_timeout_seconds=7), ENV)
+    tools = ServerTools.load(DialogueSettings(tools_file=str(path), tool_timeout_seconds=7), ENV)
 
     assert tools.names() == [CURRENT_TIME, KNOWLEDGE_SEARCH, "order_status", "weather"]
     order_status, weather = tools.get("order_status"), tools.get("weather")
@@ -635,12 +635,12 @@ def test_a_file_that_is_not_a_tools_document_stops_the_process(tmp_path: Path, c
     path.write_text(content)
 
     with pytest.raises(ToolsFileError, match=re.escape(message)):
-        ServerTools.load(Settings(tools_file=str(path)), ENV)
+        ServerTools.load(DialogueSettings(tools_file=str(path)), ENV)
 
 
 def test_a_missing_file_stops_the_process(tmp_path: Path) -> None:
     with pytest.raises(ToolsFileError, match=r"missing\.yaml: cannot be read \(No such file or directory\)"):
-        ServerTools.load(Settings(tools_file=str(tmp_path / "missing.yaml")), ENV)
+        ServerTools.load(DialogueSettings(tools_file=str(tmp_path / "missing.yaml")), ENV)
 
 
 GOOD = declaration("order_status", "http://orders.internal:8080/v1/status", allowed_hosts=["orders.internal"])
@@ -696,7 +696,7 @@ def test_a_bad_tool_stops_the_process_with_the_file_the_tool_and_the_field_named
     path.write_text(yaml.safe_dump({"tools": [{**GOOD, **changes}]}))
 
     with pytest.raises(ToolsFileError) as raised:
-        ServerTools.load(Settings(tools_file=str(path)), ENV)
+        ServerTools.load(DialogueSettings(tools_file=str(path)), ENV)
 
     assert str(raised.value).startswith(f"{path}: ")
     assert message in str(raised.value)

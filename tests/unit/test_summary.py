@@ -10,7 +10,7 @@ from chatmesh.dialogue.context_window import Window
 from chatmesh.dialogue.store import CommittedTurn, MemoryConversationStore, StoredMessage, StoredToolCall
 from chatmesh.dialogue.summary import Summarizer
 from chatmesh.model.client import ModelOutcome, ModelRequest
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings
 
 TENANT = "acme"
 CONVERSATION = "conv-1"
@@ -49,7 +49,7 @@ async def summarized(messages: list[StoredMessage], left_out: int) -> tuple[Reco
         TENANT, CONVERSATION, ALICE, CommittedTurn(tuple(messages), input_tokens=0, output_tokens=0), new=True
     )
     model = RecordingModel()
-    summarizer = Summarizer(Settings(summary_trigger_tokens=1), store, model)  # type: ignore[arg-type]
+    summarizer = Summarizer(DialogueSettings(summary_trigger_tokens=1), store, model)  # type: ignore[arg-type]
     history = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=100, lease_seconds=30)
     window = Window(messages=[], prompt_tokens=0, history=[], with_summary=False, left_out=left_out)
     assert summarizer.due(history, window)
@@ -95,5 +95,5 @@ async def test_uncounted_tool_calls_count_toward_the_trigger() -> None:
     history = await store.open_turn(TENANT, CONVERSATION, ALICE, limit=100, lease_seconds=30)
     window = Window(messages=[], prompt_tokens=0, history=[], with_summary=False, left_out=2)
 
-    assert Summarizer(Settings(summary_trigger_tokens=100), store, RecordingModel()).due(history, window)  # type: ignore[arg-type]
-    assert not Summarizer(Settings(summary_trigger_tokens=101), store, RecordingModel()).due(history, window)  # type: ignore[arg-type]
+    assert Summarizer(DialogueSettings(summary_trigger_tokens=100), store, RecordingModel()).due(history, window)  # type: ignore[arg-type]
+    assert not Summarizer(DialogueSettings(summary_trigger_tokens=101), store, RecordingModel()).due(history, window)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from chatmesh.gateway.auth import DEFAULT_TENANT, Authenticator, AuthError
 from chatmesh.gateway.main import check_auth_settings
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings
 from chatmesh.tenancy.directory import (
     DirectoryUnavailable,
     KeyNotFound,
@@ -158,7 +158,7 @@ def test_the_stored_hash_depends_on_the_pepper() -> None:
 
 
 async def test_a_verified_key_is_trusted_until_the_cache_time_passes(directory: TenantDirectory) -> None:
-    settings = Settings(auth="required", auth_cache_seconds=0.0)
+    settings = GatewaySettings(auth="required", auth_cache_seconds=0.0)
     authenticator = Authenticator(settings, directory)
     hasher = KeyHasher(settings.api_key_pepper.get_secret_value())
     key_id, key = generate_key()
@@ -175,7 +175,7 @@ async def test_a_verified_key_is_trusted_until_the_cache_time_passes(directory: 
 
 
 async def test_a_key_with_the_right_id_and_a_wrong_secret_is_unknown(directory: TenantDirectory) -> None:
-    settings = Settings(auth="required")
+    settings = GatewaySettings(auth="required")
     hasher = KeyHasher(settings.api_key_pepper.get_secret_value())
     key_id, key = generate_key()
     await directory.create_tenant("acme", Limits(), now=1.0)
@@ -187,7 +187,7 @@ async def test_a_key_with_the_right_id_and_a_wrong_secret_is_unknown(directory: 
 
 
 async def test_without_authentication_a_call_without_a_key_is_the_default_tenant(directory: TenantDirectory) -> None:
-    authenticator = Authenticator(Settings(auth="off", auth_cache_seconds=0.0), directory)
+    authenticator = Authenticator(GatewaySettings(auth="off", auth_cache_seconds=0.0), directory)
     assert (await authenticator.authenticate(())).limits == Limits()
     await directory.create_tenant(DEFAULT_TENANT, LIMITS, now=1.0, knowledge_bases=["help"])
     caller = await authenticator.authenticate(())
@@ -203,10 +203,10 @@ async def test_without_authentication_a_call_without_a_key_is_the_default_tenant
     ("host", "allowed"), [("127.0.0.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False)]
 )
 def test_authentication_may_be_off_only_on_loopback(host: str, allowed: bool) -> None:
-    settings = Settings(auth="off", bind_host=host)
+    settings = GatewaySettings(auth="off", bind_host=host)
     if allowed:
         check_auth_settings(settings)
     else:
         with pytest.raises(SystemExit, match="CHATMESH_AUTH=required"):
             check_auth_settings(settings)
-    check_auth_settings(Settings(auth="required", bind_host=host))
+    check_auth_settings(GatewaySettings(auth="required", bind_host=host))

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from support.certificates import LOOPBACK_NAMES, CertificateFiles, TestPki
 
 from chatmesh.runtime import tls
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import GatewaySettings, ProcessSettings
 
 CALL_SECONDS = 5.0
 
@@ -37,8 +37,8 @@ async def server(pki: TestPki) -> AsyncIterator[int]:
         await running.stop(None)
 
 
-def settings_of(pki: TestPki) -> Settings:
-    return Settings(**{name.removeprefix("CHATMESH_").lower(): value for name, value in pki.env().items()})
+def settings_of(pki: TestPki) -> GatewaySettings:
+    return GatewaySettings(**{name.removeprefix("CHATMESH_").lower(): value for name, value in pki.env().items()})
 
 
 @pytest.fixture
@@ -135,12 +135,12 @@ async def test_a_reloading_channel_moves_new_calls_to_the_new_certificate_and_le
 def test_tls_settings_come_in_pairs_and_mutual_tls_needs_its_ca(pki: TestPki) -> None:
     internal = pki.internal
     with pytest.raises(ValidationError, match="CHATMESH_TLS_CERT_FILE and CHATMESH_TLS_KEY_FILE must be set together"):
-        Settings(tls_cert_file=internal.cert)
+        ProcessSettings(tls_cert_file=internal.cert)
     with pytest.raises(ValidationError, match="needs CHATMESH_TLS_CA_FILE"):
-        Settings(tls_cert_file=internal.cert, tls_key_file=internal.key)
+        ProcessSettings(tls_cert_file=internal.cert, tls_key_file=internal.key)
     with pytest.raises(ValidationError, match="GATEWAY_TLS_CERT_FILE and CHATMESH_GATEWAY_TLS_KEY_FILE"):
-        Settings(gateway_tls_key_file=internal.key)
-    public_only = Settings(gateway_tls_cert_file=pki.public.cert, gateway_tls_key_file=pki.public.key)
+        GatewaySettings(gateway_tls_key_file=internal.key)
+    public_only = GatewaySettings(gateway_tls_cert_file=pki.public.cert, gateway_tls_key_file=pki.public.key)
     assert tls.public_pair(public_only) is not None and tls.internal_pair(public_only) is None
 
 

@@ -26,7 +26,7 @@ from chatmesh.dialogue.knowledge.store import EmbeddingMismatch, KnowledgeStore,
 from chatmesh.dialogue.tokens import TokenCounter
 from chatmesh.model.client import ModelClient, ModelError, ModelErrorKind
 from chatmesh.runtime.logs import annotate, get_logger
-from chatmesh.runtime.settings import Settings
+from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.runtime.status import abort, abort_with, invalid_argument
 from chatmesh.tenancy.messages import timestamp
 from chatmesh.v1 import knowledge_pb2, knowledge_pb2_grpc
@@ -35,7 +35,9 @@ log = get_logger(__name__)
 
 
 class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
-    def __init__(self, settings: Settings, store: KnowledgeStore, model: ModelClient, tokens: TokenCounter) -> None:
+    def __init__(
+        self, settings: DialogueSettings, store: KnowledgeStore, model: ModelClient, tokens: TokenCounter
+    ) -> None:
         self._store = store
         self._model = model
         self._tokens = tokens
