@@ -2,10 +2,14 @@
 SHA-256, never downloaded; an estimate with a margin for models with no known encoding; chat messages by OpenAI's
 cookbook rule and images by OpenAI's image rule; long counts off the event loop."""
 
+import ast
 import hashlib
+import inspect
+import pickle
 import shutil
 import socket
 import sys
+import textwrap
 import threading
 import types
 from pathlib import Path
@@ -133,6 +137,65 @@ def test_a_corrupted_encoding_file_is_refused_by_its_hash(tmp_path: Path) -> Non
 def test_a_missing_encoding_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EncodingFileError, match=r"cl100k_base\.tiktoken cannot be read"):
         load_encoding("cl100k_base", tmp_path)
+
+
+# ---- the ranks dict that tiktoken keeps and chatmesh drops ----
+
+SAMPLES = (
+    ENGLISH,
+    CHINESE,
+    "def f(x):\n\treturn x  **  2   # 🙂🚀 naïve café, Ελληνικά, русский, العربية, हिन्दी\r\n\n\n",
+    "<|endoftext|> and <|endofprompt|> as plain text, then 1234567890 and \u200b\u00a0 spaces",
+    "".join(chr(code) for code in range(32, 3000, 7)),
+)
+
+
+def _reference_encoding(name: str) -> tiktoken.Encoding:
+    """The encoding as tiktoken builds it (keeping its ranks dict), from the shipped file."""
+    constructor = tiktoken_ext.openai_public.ENCODING_CONSTRUCTORS[name]
+
+    def from_shipped_file(blobpath: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        return tokens._read_ranks(ENCODINGS_DIR / f"{name}.tiktoken", expected_hash)
+
+    globals_ = {**constructor.__globals__, "load_tiktoken_bpe": from_shipped_file}
+    return tiktoken.Encoding(**types.FunctionType(constructor.__code__, globals_)())
+
+
+def test_tiktoken_uses_its_ranks_dict_only_to_pickle_an_encoding() -> None:
+    """`load_encoding` drops `Encoding._mergeable_ranks`, a private attribute of tiktoken, to save its memory. This
+    fails when a tiktoken release renames it or reads it anywhere but where an encoding is built and pickled."""
+    ranks = {b"a": 0, b"b": 1, b"ab": 2}
+    assert tiktoken.Encoding("t", pat_str=r"\w+", mergeable_ranks=ranks, special_tokens={})._mergeable_ranks is ranks
+    source = ast.parse(textwrap.dedent(inspect.getsource(tiktoken.Encoding)))
+    readers = {
+        function.name
+        for function in ast.walk(source)
+        if isinstance(function, ast.FunctionDef)
+        and any(isinstance(node, ast.Attribute) and node.attr == "_mergeable_ranks" for node in ast.walk(function))
+    }
+    assert readers == {"__init__", "__getstate__"}
+
+
+@pytest.mark.parametrize("name", SHIPPED_ENCODINGS)
+def test_a_loaded_encoding_keeps_no_python_copy_of_its_ranks(name: str) -> None:
+    encoding = load_encoding(name)
+    assert not hasattr(encoding, "_mergeable_ranks")
+    with pytest.raises(AttributeError):
+        pickle.dumps(encoding)
+
+
+@pytest.mark.parametrize("name", SHIPPED_ENCODINGS)
+def test_an_encoding_without_its_ranks_dict_encodes_and_decodes_exactly_as_tiktoken_does(name: str) -> None:
+    loaded, reference = load_encoding(name), _reference_encoding(name)
+    assert loaded.n_vocab == reference.n_vocab
+    for sample in SAMPLES:
+        assert loaded.encode_ordinary(sample) == reference.encode_ordinary(sample)
+        encoded = reference.encode(sample, allowed_special="all")
+        assert loaded.encode(sample, allowed_special="all") == encoded
+        assert loaded.decode(encoded) == reference.decode(encoded) == sample
+    assert loaded.token_byte_values() == reference.token_byte_values()
+    every_ordinary_token = range(len(reference.token_byte_values()))
+    assert loaded.decode_tokens_bytes(every_ordinary_token) == reference.decode_tokens_bytes(every_ordinary_token)
 
 
 def test_only_the_shipped_encodings_can_be_named() -> None:
