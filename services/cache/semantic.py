@@ -40,7 +40,8 @@ from chatmesh.cache import metrics
 from chatmesh.cache.guards import guard_mismatch, question_features
 from chatmesh.cache.keys import normalize_text, question_key, scope_members, scope_of_question, semantic_scope
 from chatmesh.cache.tiers import ADDITIONS_CHANNEL, AnswerCache, CacheHit
-from chatmesh.model.client import ModelClient, ModelError
+from chatmesh.model.client import ModelClient
+from chatmesh.model.errors import ModelError
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import CacheSettings
 from chatmesh.runtime.tasks import BackgroundTasks

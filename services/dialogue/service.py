@@ -57,14 +57,8 @@ from chatmesh.dialogue.store import (
 )
 from chatmesh.dialogue.summary import Summarizer
 from chatmesh.dialogue.tokens import OFF_LOOP_TEXT_CHARS, TokenCounter, context_tokens
-from chatmesh.model.client import (
-    ModelClient,
-    ModelError,
-    ModelErrorKind,
-    ModelOutcome,
-    ModelRequest,
-    StreamProgress,
-)
+from chatmesh.model.client import ModelClient, ModelOutcome, ModelRequest, StreamProgress
+from chatmesh.model.errors import ModelError, ModelErrorKind
 from chatmesh.model.pricing import price_family
 from chatmesh.review.store import ReviewStore, ReviewStoreUnavailable
 from chatmesh.runtime import regions

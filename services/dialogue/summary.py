@@ -14,7 +14,8 @@ import time
 
 from chatmesh.dialogue.context_window import Window
 from chatmesh.dialogue.store import ConversationStore, StoredMessage, Summary, TurnHistory
-from chatmesh.model.client import ModelClient, ModelError, ModelOutcome, ModelRequest
+from chatmesh.model.client import ModelClient, ModelOutcome, ModelRequest
+from chatmesh.model.errors import ModelError
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import DialogueSettings
 

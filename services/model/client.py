@@ -15,7 +15,6 @@ import json
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -25,6 +24,7 @@ import openai
 
 from chatmesh.model import metrics
 from chatmesh.model.deployments import ANY_MODEL, Deployment, Deployments, ModelRoute, load_deployments
+from chatmesh.model.errors import ModelError, ModelErrorKind
 from chatmesh.model.pricing import cost_usd, price_family, priced_usd
 from chatmesh.model.router import Router, parse_reset
 from chatmesh.runtime import tracing
@@ -44,26 +44,6 @@ _STREAM_HEADERS = {"X-Stainless-Raw-Response": "stream"}
 
 _DATA_PREFIX = b"data:"
 _DONE = b"[DONE]"
-
-
-class ModelErrorKind(Enum):
-    RATE_LIMITED = "rate_limited"
-    UNAVAILABLE = "unavailable"
-    TIMEOUT = "timeout"
-    REJECTED = "rejected"  # the provider refused the request itself (4xx other than 429)
-
-
-class ModelError(Exception):
-    """The model call failed for good; `kind` says how, `retry_after` (seconds) when the provider said,
-    `http_status` when the provider answered with an error status."""
-
-    def __init__(
-        self, kind: ModelErrorKind, detail: str, retry_after: float | None = None, http_status: int | None = None
-    ) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.retry_after = retry_after
-        self.http_status = http_status
 
 
 @dataclass(slots=True)

@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from chatmesh.model.client import ModelClient
 from chatmesh.review.store import create_review_store
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.logs import get_logger
@@ -23,7 +22,12 @@ async def main(settings: SafetySettings) -> None:
     # A keyword list that cannot be loaded at start stops the process: better no safety process
     # (dialogue then fails closed) than one that lets everything through.
     keywords = KeywordScreen(Path(settings.safety_keywords) if settings.safety_keywords else None)
-    model = ModelClient(settings) if moderation_enabled(settings) else None
+    model = None
+    if moderation_enabled(settings):
+        # Only then: the model client loads the openai SDK and its HTTP stacks (about 60 MiB).
+        from chatmesh.model.client import ModelClient
+
+        model = ModelClient(settings)
     moderation = (
         None
         if model is None

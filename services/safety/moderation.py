@@ -1,12 +1,19 @@
 """The moderation screen: the model provider's /v1/moderations, through ModelClient, with a failure policy and
 per-category score thresholds; and its windowed form for a streamed reply."""
 
+from __future__ import annotations
+
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from chatmesh.model.client import ModelClient, ModelError, ModerationResult
+from chatmesh.model.errors import ModelError
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import MODELSIM_API_KEY, SafetySettings
+
+if TYPE_CHECKING:
+    # The client, and with it the openai SDK, is loaded only where moderation is on (chatmesh.safety.main).
+    from chatmesh.model.client import ModelClient, ModerationResult
 
 log = get_logger(__name__)
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from support.sim import Sim
 
-from chatmesh.model.client import ModelClient, ModelError, ModelErrorKind
+from chatmesh.model.client import ModelClient
+from chatmesh.model.errors import ModelError, ModelErrorKind
 from chatmesh.modelsim.embeddings import embed
 
 

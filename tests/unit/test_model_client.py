@@ -10,16 +10,8 @@ import openai
 import pytest
 from support.ports import free_port
 
-from chatmesh.model.client import (
-    ModelClient,
-    ModelError,
-    ModelErrorKind,
-    ModelOutcome,
-    ModelRequest,
-    ModelToolCall,
-    _classify,
-    _parse_sse,
-)
+from chatmesh.model.client import ModelClient, ModelOutcome, ModelRequest, ModelToolCall, _classify, _parse_sse
+from chatmesh.model.errors import ModelError, ModelErrorKind
 from chatmesh.runtime.settings import ModelSettings
 
 STREAM = (

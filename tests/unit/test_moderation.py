@@ -6,7 +6,8 @@ import pytest
 from support.ports import free_port
 from support.sim import Sim
 
-from chatmesh.model.client import ModelClient, ModelError, ModelErrorKind, ModerationResult
+from chatmesh.model.client import ModelClient, ModerationResult
+from chatmesh.model.errors import ModelError, ModelErrorKind
 from chatmesh.runtime.settings import MODELSIM_API_KEY, SafetySettings
 from chatmesh.safety.moderation import (
     MODERATION_UNAVAILABLE,

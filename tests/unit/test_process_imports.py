@@ -1,6 +1,8 @@
-"""Each process loads its own domains' code and no other's. The gateway calls no model, so neither the openai SDK
-nor chatmesh.model is loaded in it (about 40 MiB and a slower start); and since importing a domain's metrics module
-registers its series, a process exports only the metrics of the domains it uses."""
+"""Each process loads its own domains' code and no other's, and nothing that only some of its configurations use.
+The gateway calls no model, so neither the openai SDK nor chatmesh.model is loaded in it (about 60 MiB with its HTTP
+stacks, and a slower start); safety loads them only when moderation is on, cache only when the semantic cache is;
+and since importing a domain's metrics module registers its series, a process exports only the metrics of the
+domains it uses."""
 
 import subprocess
 import sys
@@ -24,9 +26,15 @@ OWN_AND_FOREIGN = {
         ("openai", "chatmesh.model.metrics", "chatmesh.dialogue.metrics", "chatmesh.tenancy.metrics"),
         ("chatmesh.cache", "chatmesh.safety.metrics", "chatmesh.review.metrics", "chatmesh.gateway"),
     ),
+    # The model client only when moderation is on (chatmesh.safety.main imports it then).
     "safety": (
-        ("openai", "chatmesh.model.metrics", "chatmesh.safety.metrics"),
+        ("chatmesh.safety.metrics",),
         (
+            "openai",
+            "aiohttp",
+            "httpx2",
+            "chatmesh.model.client",
+            "chatmesh.model.metrics",
             "chatmesh.cache",
             "chatmesh.dialogue.metrics",
             "chatmesh.review.metrics",

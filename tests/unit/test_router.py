@@ -10,15 +10,9 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from chatmesh.model.client import (
-    ModelClient,
-    ModelError,
-    ModelErrorKind,
-    ModelOutcome,
-    ModelRequest,
-    StreamProgress,
-)
+from chatmesh.model.client import ModelClient, ModelOutcome, ModelRequest, StreamProgress
 from chatmesh.model.deployments import BreakerSpec, parse_deployments
+from chatmesh.model.errors import ModelError, ModelErrorKind
 from chatmesh.model.router import BreakerState, CircuitBreaker, KeyState, parse_reset
 from chatmesh.modelsim.server import SimConfig, build_app
 from chatmesh.runtime.settings import ModelSettings

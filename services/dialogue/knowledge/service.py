@@ -24,7 +24,8 @@ from chatmesh.dialogue.knowledge.documents import DocumentError, SourceDocument,
 from chatmesh.dialogue.knowledge.ingest import Embed, ingest
 from chatmesh.dialogue.knowledge.store import EmbeddingMismatch, KnowledgeStore, KnowledgeStoreUnavailable
 from chatmesh.dialogue.tokens import TokenCounter
-from chatmesh.model.client import ModelClient, ModelError, ModelErrorKind
+from chatmesh.model.client import ModelClient
+from chatmesh.model.errors import ModelError, ModelErrorKind
 from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.runtime.status import abort, abort_with, invalid_argument
