@@ -16,15 +16,18 @@ OWN_AND_FOREIGN = {
         (
             "openai",
             "httpx2",
+            "numpy",
+            "tiktoken",
             "chatmesh.model",
             "chatmesh.cache",
             "chatmesh.dialogue.metrics",
             "chatmesh.safety.metrics",
         ),
     ),
+    # The knowledge bases' stemmer only on their first keyword search or ingest.
     "dialogue": (
         ("openai", "chatmesh.model.metrics", "chatmesh.dialogue.metrics", "chatmesh.tenancy.metrics"),
-        ("chatmesh.cache", "chatmesh.safety.metrics", "chatmesh.review.metrics", "chatmesh.gateway"),
+        ("snowballstemmer", "chatmesh.cache", "chatmesh.safety.metrics", "chatmesh.review.metrics", "chatmesh.gateway"),
     ),
     # The model client only when moderation is on (chatmesh.safety.main imports it then).
     "safety": (
@@ -33,6 +36,8 @@ OWN_AND_FOREIGN = {
             "openai",
             "aiohttp",
             "httpx2",
+            "numpy",
+            "tiktoken",
             "chatmesh.model.client",
             "chatmesh.model.metrics",
             "chatmesh.cache",
@@ -42,10 +47,20 @@ OWN_AND_FOREIGN = {
             "chatmesh.gateway",
         ),
     ),
-    # The model client only when the semantic cache is on (chatmesh.cache.main imports it then).
+    # The model client and numpy only when the semantic cache is on (chatmesh.cache.main imports it then).
     "cache": (
         ("chatmesh.cache.metrics",),
-        ("chatmesh.dialogue", "chatmesh.safety", "chatmesh.review", "chatmesh.tenancy", "chatmesh.gateway"),
+        (
+            "openai",
+            "numpy",
+            "chatmesh.model.client",
+            "chatmesh.cache.semantic",
+            "chatmesh.dialogue",
+            "chatmesh.safety",
+            "chatmesh.review",
+            "chatmesh.tenancy",
+            "chatmesh.gateway",
+        ),
     ),
 }
 

@@ -29,7 +29,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-import snowballstemmer
 
 K1 = 1.2
 B = 0.75
@@ -55,6 +54,10 @@ _MAX_REMEMBERED_STEMS = 200_000
 def _stem(word: str) -> str:
     stemmer = getattr(_STEMMERS, "english", None)
     if stemmer is None:
+        # Loaded on a process's first keyword search or ingest, not at start: a turn without knowledge bases never
+        # needs it (about 3 MiB).
+        import snowballstemmer
+
         stemmer = _STEMMERS.english = snowballstemmer.stemmer("english")
     stem = stemmer.stemWord(word)
     if len(_STEMS) < _MAX_REMEMBERED_STEMS:
