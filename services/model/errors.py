@@ -1,5 +1,5 @@
 """How a model call fails, apart from the client (`client`): a process that only handles these errors does not
-load the openai SDK and its HTTP stacks (about 60 MiB) by importing them."""
+load the openai SDK and its HTTP stacks (about 25 MiB) by importing them."""
 
 from enum import Enum
 

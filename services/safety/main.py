@@ -24,7 +24,7 @@ async def main(settings: SafetySettings) -> None:
     keywords = KeywordScreen(Path(settings.safety_keywords) if settings.safety_keywords else None)
     model = None
     if moderation_enabled(settings):
-        # Only then: the model client loads the openai SDK and its HTTP stacks (about 60 MiB).
+        # Only then: the model client loads the openai SDK and its HTTP stacks (about 25 MiB).
         from chatmesh.model.client import ModelClient
 
         model = ModelClient(settings)

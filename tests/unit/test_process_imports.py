@@ -1,5 +1,5 @@
 """Each process loads its own domains' code and no other's, and nothing that only some of its configurations use.
-The gateway calls no model, so neither the openai SDK nor chatmesh.model is loaded in it (about 60 MiB with its HTTP
+The gateway calls no model, so neither the openai SDK nor chatmesh.model is loaded in it (about 25 MiB with its HTTP
 stacks, and a slower start); safety loads them only when moderation is on, cache only when the semantic cache is;
 and since importing a domain's metrics module registers its series, a process exports only the metrics of the
 domains it uses."""
