@@ -27,11 +27,12 @@ from typing import Any
 import uvloop
 
 from bench.procstat import cpu_seconds
+from chatmesh.dialogue.main import cache_client, safety_client
 from chatmesh.runtime import metrics
 from chatmesh.runtime.channels import open_channel
-from chatmesh.runtime.multiplex import Multiplexer, multiplexed
+from chatmesh.runtime.multiplex import Multiplexer
 from chatmesh.runtime.settings import DialogueSettings
-from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2, safety_pb2, safety_pb2_grpc
+from chatmesh.v1 import cache_pb2, chat_pb2, safety_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 CALL_SECONDS = 10.0
@@ -84,20 +85,8 @@ class Calls:
 def _calls(way: str, safety_target: str, cache_target: str) -> tuple[Calls, list[Any]]:
     settings = DialogueSettings(multiplex_streams=4 if way == "multiplexed" else 0)
     safety_channel, cache_channel = open_channel(safety_target, settings), open_channel(cache_target, settings)
-    safety, safety_streams = multiplexed(
-        safety_pb2_grpc.SafetyServiceStub(safety_channel),
-        "chatmesh.v1.SafetyService",
-        {"ScreenInput": safety_pb2.ScreenInputResponse},
-        safety_channel,
-        settings,
-    )
-    cache, cache_streams = multiplexed(
-        cache_pb2_grpc.CacheServiceStub(cache_channel),
-        "chatmesh.v1.CacheService",
-        {"Lookup": cache_pb2.LookupResponse, "Store": cache_pb2.StoreResponse},
-        cache_channel,
-        settings,
-    )
+    safety, safety_streams = safety_client(safety_channel, settings)
+    cache, cache_streams = cache_client(cache_channel, settings)
     return Calls(safety, cache, [safety_streams, cache_streams]), [safety_channel, cache_channel]
 
 

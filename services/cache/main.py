@@ -3,7 +3,7 @@
 from chatmesh.cache.service import CacheServicer
 from chatmesh.cache.tiers import AnswerCache
 from chatmesh.runtime.grpc_server import Servicer, serve
-from chatmesh.runtime.multiplex import UnaryMethod, multiplex_servicer
+from chatmesh.runtime.multiplex import multiplex_servicer
 from chatmesh.runtime.settings import CacheSettings
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc
 
@@ -33,13 +33,9 @@ async def main(settings: CacheSettings) -> None:
                 lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
             ),
             multiplex_servicer(
-                {
-                    "/chatmesh.v1.CacheService/Lookup": UnaryMethod(cache_pb2.LookupRequest, servicer.Lookup),
-                    "/chatmesh.v1.CacheService/LookupSimilar": UnaryMethod(
-                        cache_pb2.LookupSimilarRequest, servicer.LookupSimilar
-                    ),
-                    "/chatmesh.v1.CacheService/Store": UnaryMethod(cache_pb2.StoreRequest, servicer.Store),
-                },
+                cache_pb2.DESCRIPTOR.services_by_name["CacheService"],
+                servicer,
+                ("Lookup", "LookupSimilar", "Store"),
                 settings,
             ),
         ],

@@ -1,6 +1,9 @@
 """Starts the dialogue process."""
 
 import asyncio
+from typing import Any
+
+import grpc
 
 from chatmesh.dialogue.knowledge.retrieval import Retriever
 from chatmesh.dialogue.knowledge.service import KnowledgeServicer
@@ -16,7 +19,7 @@ from chatmesh.review.store import create_review_store
 from chatmesh.runtime import redis_connection
 from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.grpc_server import Servicer, serve
-from chatmesh.runtime.multiplex import multiplexed
+from chatmesh.runtime.multiplex import Multiplexer, multiplexed
 from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.runtime.tasks import BackgroundTasks
 from chatmesh.tenancy.ledger import create_usage_ledger
@@ -31,6 +34,29 @@ from chatmesh.v1 import (
     safety_pb2,
     safety_pb2_grpc,
 )
+
+
+def safety_client(channel: grpc.aio.Channel, settings: DialogueSettings) -> tuple[Any, Multiplexer | None]:
+    """Safety's stub as dialogue uses it: the input and tool screens on multiplexed streams (safety serves them
+    there too), and the Multiplexer to close; the plain stub when `multiplex_streams` is 0."""
+    return multiplexed(
+        safety_pb2_grpc.SafetyServiceStub(channel),
+        safety_pb2.DESCRIPTOR.services_by_name["SafetyService"],
+        ("ScreenInput", "ScreenTool"),
+        channel,
+        settings,
+    )
+
+
+def cache_client(channel: grpc.aio.Channel, settings: DialogueSettings) -> tuple[Any, Multiplexer | None]:
+    """Cache's stub as dialogue uses it: lookups and stores on multiplexed streams, as `safety_client`."""
+    return multiplexed(
+        cache_pb2_grpc.CacheServiceStub(channel),
+        cache_pb2.DESCRIPTOR.services_by_name["CacheService"],
+        ("Lookup", "LookupSimilar", "Store"),
+        channel,
+        settings,
+    )
 
 
 async def main(settings: DialogueSettings) -> None:
@@ -57,24 +83,8 @@ async def main(settings: DialogueSettings) -> None:
     spend = SpendLedger(settings, ledger, TenantMetrics(settings.metrics_max_tenants), background)
     safety_channel = open_channel(settings.safety_target, settings)
     cache_channel = open_channel(settings.cache_target, settings)
-    safety, safety_streams = multiplexed(
-        safety_pb2_grpc.SafetyServiceStub(safety_channel),
-        "chatmesh.v1.SafetyService",
-        {"ScreenInput": safety_pb2.ScreenInputResponse, "ScreenTool": safety_pb2.ScreenToolResponse},
-        safety_channel,
-        settings,
-    )
-    cache, cache_streams = multiplexed(
-        cache_pb2_grpc.CacheServiceStub(cache_channel),
-        "chatmesh.v1.CacheService",
-        {
-            "Lookup": cache_pb2.LookupResponse,
-            "LookupSimilar": cache_pb2.LookupResponse,
-            "Store": cache_pb2.StoreResponse,
-        },
-        cache_channel,
-        settings,
-    )
+    safety, safety_streams = safety_client(safety_channel, settings)
+    cache, cache_streams = cache_client(cache_channel, settings)
     servicer = DialogueServicer(
         settings,
         store,

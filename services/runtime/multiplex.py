@@ -28,12 +28,14 @@ import asyncio
 import contextlib
 import contextvars
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
 from chatmesh.runtime.grpc_server import Servicer
 from chatmesh.runtime.interceptors import unary_call_observer
@@ -413,28 +415,44 @@ class MultiplexedStub:
 ROTATE_SECONDS = 30.0
 
 
-def multiplex_servicer(methods: Mapping[str, UnaryMethod], settings: ProcessSettings) -> Servicer:
-    """The MultiplexService of a process that serves `methods` on multiplexed streams too, each call traced, logged
-    and counted as a unary call of its method."""
-    servicer = MultiplexServicer(methods, unary_call_observer(settings))
+def _unary_method(service: ServiceDescriptor, name: str) -> MethodDescriptor:
+    method = service.methods_by_name[name]
+    if method.client_streaming or method.server_streaming:
+        raise ValueError(f"{service.full_name}/{name} is not a unary method")
+    return method
+
+
+def multiplex_servicer(
+    service: ServiceDescriptor, servicer: Any, names: Iterable[str], settings: ProcessSettings
+) -> Servicer:
+    """The MultiplexService of a process that also serves the unary methods `names` of `service` (as `servicer`
+    serves them) on multiplexed streams, each call traced, logged and counted as a unary call of its method."""
+    methods = {
+        f"/{service.full_name}/{name}": UnaryMethod(
+            GetMessageClass(_unary_method(service, name).input_type), getattr(servicer, name)
+        )
+        for name in names
+    }
+    multiplexing = MultiplexServicer(methods, unary_call_observer(settings))
     return Servicer(
         multiplex_pb2.DESCRIPTOR.services_by_name["MultiplexService"].full_name,
-        lambda server: multiplex_pb2_grpc.add_MultiplexServiceServicer_to_server(servicer, server),
-        drain=servicer.drain,
+        lambda server: multiplex_pb2_grpc.add_MultiplexServiceServicer_to_server(multiplexing, server),
+        drain=multiplexing.drain,
     )
 
 
 def multiplexed(
     stub: Any,
-    service: str,
-    methods: Mapping[str, type[Message]],
+    service: ServiceDescriptor,
+    names: Iterable[str],
     channel: grpc.aio.Channel,
     settings: DialogueSettings,
 ) -> tuple[Any, Multiplexer | None]:
-    """`stub` (of `service` on `channel`) with `methods` (name -> response type) sent on multiplexed streams, and
-    the Multiplexer to close at the end; `stub` itself when `multiplex_streams` is 0."""
+    """`stub` (of `service` on `channel`) with its unary methods `names` sent on multiplexed streams, and the
+    Multiplexer to close at the end; `stub` itself when `multiplex_streams` is 0."""
     if settings.multiplex_streams == 0:
         return stub, None
     rotate_seconds = min(ROTATE_SECONDS, settings.grpc_max_connection_age_ms / 2000)
     multiplexer = Multiplexer(channel, settings.multiplex_streams, rotate_seconds, observe_multiplexed_call)
-    return MultiplexedStub(stub, service, multiplexer, methods), multiplexer
+    methods = {name: GetMessageClass(_unary_method(service, name).output_type) for name in names}
+    return MultiplexedStub(stub, service.full_name, multiplexer, methods), multiplexer

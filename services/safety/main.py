@@ -7,7 +7,7 @@ from pathlib import Path
 from chatmesh.review.store import create_review_store
 from chatmesh.runtime.grpc_server import Servicer, serve
 from chatmesh.runtime.logs import get_logger
-from chatmesh.runtime.multiplex import UnaryMethod, multiplex_servicer
+from chatmesh.runtime.multiplex import multiplex_servicer
 from chatmesh.runtime.settings import SafetySettings
 from chatmesh.safety.keywords import KeywordScreen
 from chatmesh.safety.moderation import ModerationScreen, moderation_enabled
@@ -76,14 +76,9 @@ async def main(settings: SafetySettings) -> None:
                     lambda server: safety_pb2_grpc.add_SafetyServiceServicer_to_server(servicer, server),
                 ),
                 multiplex_servicer(
-                    {
-                        "/chatmesh.v1.SafetyService/ScreenInput": UnaryMethod(
-                            safety_pb2.ScreenInputRequest, servicer.ScreenInput
-                        ),
-                        "/chatmesh.v1.SafetyService/ScreenTool": UnaryMethod(
-                            safety_pb2.ScreenToolRequest, servicer.ScreenTool
-                        ),
-                    },
+                    safety_pb2.DESCRIPTOR.services_by_name["SafetyService"],
+                    servicer,
+                    ("ScreenInput", "ScreenTool"),
                     settings,
                 ),
             ],

@@ -11,8 +11,8 @@ import grpc
 import pytest
 from support.cache_calls import answer_context, cache_process
 
+from chatmesh.dialogue.main import cache_client
 from chatmesh.runtime.channels import open_channel
-from chatmesh.runtime.multiplex import multiplexed
 from chatmesh.runtime.settings import DialogueSettings
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc
 
@@ -33,16 +33,10 @@ def replicas() -> Iterator[list]:
 
 @pytest.fixture
 async def cache(replicas) -> AsyncIterator[cache_pb2_grpc.CacheServiceStub]:
-    """A cache stub as dialogue builds it: one channel over both replicas, lookups on four multiplexed streams."""
+    """The cache stub dialogue uses: one channel over both replicas, lookups on four multiplexed streams."""
     settings = DialogueSettings(multiplex_streams=4)
     channel = open_channel(f"ipv4:{','.join(f'127.0.0.1:{process.port}' for process in replicas)}", settings)
-    stub, streams = multiplexed(
-        cache_pb2_grpc.CacheServiceStub(channel),
-        "chatmesh.v1.CacheService",
-        {"Lookup": cache_pb2.LookupResponse},
-        channel,
-        settings,
-    )
+    stub, streams = cache_client(channel, settings)
     yield stub
     await streams.close()
     await channel.close()

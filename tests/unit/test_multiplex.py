@@ -10,7 +10,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from chatmesh.runtime.multiplex import Multiplexer, MultiplexServicer, UnaryMethod
+from chatmesh.runtime.multiplex import Multiplexer, MultiplexServicer, UnaryMethod, multiplex_servicer
+from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.status import abort_with, invalid_argument, is_deliberate
 from chatmesh.v1 import multiplex_pb2_grpc, safety_pb2
 
@@ -153,3 +154,9 @@ async def test_a_server_that_goes_away_fails_waiting_calls_with_unavailable():
         outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
         assert {outcome.code() for outcome in outcomes} == {grpc.StatusCode.UNAVAILABLE}
         await multiplexer.close()
+
+
+def test_only_unary_methods_can_be_multiplexed():
+    safety = safety_pb2.DESCRIPTOR.services_by_name["SafetyService"]
+    with pytest.raises(ValueError, match="ScreenOutput is not a unary method"):
+        multiplex_servicer(safety, object(), ("ScreenOutput",), ProcessSettings())
