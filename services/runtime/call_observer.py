@@ -104,12 +104,7 @@ class CallObserver(grpc.aio.ServerInterceptor):
 
         async def observed_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             record = access_log.begin(method, context.invocation_metadata())
-            if counted is not None:
-                counted.started.inc()
-                if request_streaming:
-                    request = metrics.Counted(request, counted.msg_received.inc)
-                else:
-                    counted.msg_received.inc()
+            request = _count_start(counted, request, request_streaming)
             error: BaseException | None = None
             try:
                 response = await behavior(request, context)
@@ -135,12 +130,7 @@ class CallObserver(grpc.aio.ServerInterceptor):
 
         async def observed_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             record = access_log.begin(method, context.invocation_metadata())
-            if counted is not None:
-                counted.started.inc()
-                if request_streaming:
-                    request = metrics.Counted(request, counted.msg_received.inc)
-                else:
-                    counted.msg_received.inc()
+            request = _count_start(counted, request, request_streaming)
             responses = behavior(request, context)
             # Messages sent are added to their counter once, when the stream ends: a counter increment takes
             # a lock, and a reply streams tens of messages.
@@ -163,3 +153,15 @@ class CallObserver(grpc.aio.ServerInterceptor):
                 access_log.end(record, code, error)
 
         return observed_stream
+
+
+def _count_start(counted: metrics.MethodMetrics | None, request: Any, request_streaming: bool) -> Any:
+    """Counts a served call's start and its request (each message of a request stream as it is read); returns the
+    request to hand to the handler."""
+    if counted is None:
+        return request
+    counted.started.inc()
+    if request_streaming:
+        return metrics.Counted(request, counted.msg_received.inc)
+    counted.msg_received.inc()
+    return request
