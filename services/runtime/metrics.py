@@ -312,7 +312,10 @@ class _CountedResponses:
 
 
 def _client_call_done(metrics: MethodMetrics, started_at: float, streaming: bool, call: Any) -> None:
-    code = _finished_code(call)
+    _client_call_ended(metrics, _finished_code(call), started_at, streaming)
+
+
+def _client_call_ended(metrics: MethodMetrics, code: grpc.StatusCode, started_at: float, streaming: bool) -> None:
     metrics.finish(code, started_at)
     if code is grpc.StatusCode.OK and not streaming:
         metrics.msg_received.inc()
@@ -348,9 +351,7 @@ def client_unary_call(method: str) -> Callable[[grpc.StatusCode], None]:
     started_at = time.perf_counter()
 
     def done(code: grpc.StatusCode) -> None:
-        if code is grpc.StatusCode.OK:
-            metrics.msg_received.inc()
-        metrics.finish(code, started_at)
+        _client_call_ended(metrics, code, started_at, streaming=False)
 
     return done
 

@@ -34,19 +34,14 @@ class _PropagatingMultiCallable:
         self._traced = traced
 
     def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
-        record = current_request()
-        request_id = "" if record is None else record.request_id
-        tenant = "" if record is None else record.tenant
         span = tracing.start_rpc_client_span(self._method) if self._traced else None
-        if not request_id and not tenant and span is None:
+        carried = _carried_downstream(span)
+        if not carried:
             return self._callable(*args, metadata=metadata, **kwargs)
         pairs = list(metadata) if metadata else []
-        if request_id and not any(key == REQUEST_ID_KEY for key, _ in pairs):
-            pairs.append((REQUEST_ID_KEY, request_id))
-        if tenant:
-            pairs.append((TENANT_KEY, tenant))
-        if span is not None:
-            pairs.extend(tracing.inject_headers(span).items())
+        if any(key == REQUEST_ID_KEY for key, _ in pairs):  # the caller's own request id stands
+            carried = [(key, value) for key, value in carried if key != REQUEST_ID_KEY]
+        pairs.extend(carried)
         call = self._callable(*args, metadata=tuple(pairs), **kwargs)
         if span is not None:
             tracing.end_when_done(span, call)
@@ -66,19 +61,27 @@ class PropagatingChannel(WrappedChannel):
         return _PropagatingMultiCallable(callable_, method, self._observed(method))
 
 
+def _carried_downstream(span: Any) -> list[tuple[str, str]]:
+    """What a call made while serving one carries downstream: the served call's request id and tenant, and the
+    trace context of the call's own CLIENT `span` (None: tracing is off, or the method is not observed)."""
+    record = current_request()
+    pairs: list[tuple[str, str]] = []
+    if record is not None:
+        if record.request_id:
+            pairs.append((REQUEST_ID_KEY, record.request_id))
+        if record.tenant:
+            pairs.append((TENANT_KEY, record.tenant))
+    if span is not None:
+        pairs.extend(tracing.inject_headers(span).items())
+    return pairs
+
+
 def observe_multiplexed_call(method: str, metadata: dict[str, str]) -> Callable[[grpc.StatusCode], None]:
     """For a unary call sent on a multiplexed stream (chatmesh.runtime.multiplex): adds to its `metadata` what a
     stub's call of `method` carries (the request id, the tenant, the trace context of a CLIENT span of its own) and
     counts it in the grpc_client_* metrics as a unary call; returns what ends both with the call's status."""
-    record = current_request()
-    if record is not None:
-        if record.request_id:
-            metadata[REQUEST_ID_KEY] = record.request_id
-        if record.tenant:
-            metadata[TENANT_KEY] = record.tenant
     span = tracing.start_rpc_client_span(method)
-    if span is not None:
-        metadata.update(tracing.inject_headers(span))
+    metadata.update(_carried_downstream(span))
     counted = metrics.client_unary_call(method)
 
     def done(code: grpc.StatusCode) -> None:
