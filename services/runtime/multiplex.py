@@ -15,8 +15,9 @@ What a unary call gives, and how the streams keep it:
 - **Load balancing**: internal channels balance round robin over the replicas' addresses, and each stream is a
   call of its own, so the streams spread over replicas as unary calls did. They are replaced every
   `rotate_seconds` (within the servers' max connection age), so new replicas get their share.
-- **Failures**: a draining server answers the calls it has read and ends its streams; a call it never read is sent
-  again on the next stream (another replica's, or a new one) while its deadline allows. When a stream breaks (a
+- **Failures**: a draining server answers the calls it has read and ends its streams; a call it never read, or one
+  that could not be written because its stream had ended, is sent again on the next stream (another replica's, or a
+  new one) while its deadline allows, at most MOST_SENDS times. When a stream breaks (a
   replica killed, a connection lost), each call waiting on it is sent once more on another stream, as the channels'
   retry policy resends a unary call that found no process; if that fails too, the call fails with UNAVAILABLE. An
   answer a handler gave (an error status included) is never resent.
@@ -47,6 +48,9 @@ from chatmesh.v1 import multiplex_pb2, multiplex_pb2_grpc
 log = get_logger(__name__)
 
 CALLS_METHOD = "/chatmesh.v1.MultiplexService/Calls"
+# The most streams one call is sent on. A call is resent without limit but this one (and its deadline) only while
+# no server can have read it: while replicas drain, new streams may still reach a draining one, which ends them.
+MOST_SENDS = 16
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -287,12 +291,13 @@ class Multiplexer:
         metadata: dict[str, str],
         deadline: float | None,
     ) -> multiplex_pb2.MultiplexedResult:
-        """The call's result, from the first stream that answers it. A call that a draining server never read is
-        sent again on the next stream (another replica's, or a new one) while its deadline allows; one that a broken
-        stream may have carried, once more only: a handler's answer, an error included, is never resent."""
+        """The call's result, from the first stream that answers it. A call that a draining server never read, or
+        that no stream took, is sent again on the next stream (another replica's, or a new one) while its deadline
+        allows; one that a broken stream may have carried, once more only: a handler's answer, an error included, is
+        never resent."""
         resends_after_break = 1
         failure: Exception | None = None
-        for _ in range(len(self._slots) + 2):
+        for _ in range(MOST_SENDS):
             stream = self._stream(loop)
             call_id = next(self._ids)
             waiter: asyncio.Future[multiplex_pb2.MultiplexedResult] = loop.create_future()
@@ -301,22 +306,31 @@ class Multiplexer:
             message = multiplex_pb2.MultiplexedCall(
                 id=call_id, method=method, request=payload, timeout_seconds=remaining, metadata=metadata
             )
+            written = False
             try:
                 async with asyncio.timeout_at(deadline):
                     async with stream.write_lock:
                         await stream.call.write(message)
+                    written = True
                     return await waiter
             except TimeoutError:
                 raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
             except (StreamEnded, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as ended:
                 self._forget(stream)
                 failure = ended
-                if not (isinstance(ended, StreamEnded) and ended.drained):
+                # A write that failed sent nothing (the stream had ended: its server drained or went away), and a
+                # drained stream's server read nothing more; only a call written on a stream that broke may have
+                # been served.
+                never_served = not written or (isinstance(ended, StreamEnded) and ended.drained)
+                if not never_served:
                     if resends_after_break == 0:
                         break
                     resends_after_break -= 1
             finally:
                 stream.pending.pop(call_id, None)
+                if waiter.done() and not waiter.cancelled():
+                    # Marked as seen: the stream's end that failed the write may have failed the waiter as well.
+                    waiter.exception()
                 self._retire_if_idle(stream)
         raise _rpc_error(grpc.StatusCode.UNAVAILABLE, f"the stream to the service ended: {failure}")
 
@@ -324,7 +338,12 @@ class Multiplexer:
         """The next slot's stream: opened when the slot has none, or its stream ended or is due to be replaced."""
         slot = next(self._next_slot)
         current = self._slots[slot]
-        if current is not None and not current.ended and loop.time() - current.opened_at < self._rotate_seconds:
+        if (
+            current is not None
+            and not current.ended
+            and not current.call.done()
+            and loop.time() - current.opened_at < self._rotate_seconds
+        ):
             return current
         stream = self._slots[slot] = self._open(loop)
         if current is not None:

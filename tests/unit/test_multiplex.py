@@ -10,6 +10,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.multiplex import Multiplexer, MultiplexServicer, UnaryMethod, multiplex_servicer
 from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.status import abort_with, invalid_argument, is_deliberate
@@ -130,12 +131,50 @@ async def test_a_draining_server_answers_what_it_read_and_later_calls_fail_unava
     await asyncio.sleep(0.05)
     servicer.drain()
     assert (await in_flight).text == "IN FLIGHT"
-    # This server takes no more calls, and there is no other replica: the call is tried on a new stream once.
+    # This server takes no more calls, and there is no other replica: new streams end unread until MOST_SENDS.
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await asyncio.wait_for(echo(multiplexer, "after drain"), 5)
     assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "after drain" not in handler.finished
     await multiplexer.close()
+
+
+async def test_while_one_of_two_replicas_drains_under_load_every_call_is_answered_by_the_other():
+    replicas = [Echo(), Echo()]
+    servicers = [MultiplexServicer({ECHO: UnaryMethod(safety_pb2.ScreenInputRequest, one.handle)}) for one in replicas]
+    servers, ports = [], []
+    for servicer in servicers:
+        server = grpc.aio.server()
+        multiplex_pb2_grpc.add_MultiplexServiceServicer_to_server(servicer, server)
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        servers.append(server)
+    channel = open_channel(f"ipv4:{','.join(f'127.0.0.1:{port}' for port in ports)}", ProcessSettings())
+    # Streams replaced often, so that they spread over both replicas once both are connected.
+    multiplexer = Multiplexer(channel, streams=4, rotate_seconds=0.02)
+
+    async def caller(index: int) -> list[str]:
+        return [(await echo(multiplexer, f"{index}.{turn}", delay_ms=2)).text for turn in range(60)]
+
+    callers = asyncio.gather(*(caller(index) for index in range(8)))
+    for _ in range(100):
+        if replicas[0].finished and replicas[1].finished:
+            break
+        await asyncio.sleep(0.01)
+    # As a process stops: its streams drain, then its server refuses new calls.
+    servicers[0].drain()
+    await asyncio.sleep(0.05)
+    await servers[0].stop(5)
+    answered = await asyncio.wait_for(callers, 30)
+
+    assert answered == [[f"{index}.{turn}" for turn in range(60)] for index in range(8)]
+    assert replicas[0].finished and replicas[1].finished
+    assert len(replicas[1].finished) > len(replicas[0].finished)
+    assert len(replicas[0].finished) + len(replicas[1].finished) == 8 * 60
+    await multiplexer.close()
+    await channel.close()
+    for server in servers:
+        await server.stop(None)
 
 
 async def test_a_server_that_goes_away_fails_waiting_calls_with_unavailable():
