@@ -83,13 +83,26 @@ def test_the_provider_and_the_targets_are_read_from_their_variables(monkeypatch:
     assert DialogueSettings().safety_target == "127.0.0.1:50053"
 
 
-def test_the_readme_says_which_processes_read_each_setting() -> None:
+def readme_settings_table() -> str:
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
-    table = readme.split("| variable | default | read by | meaning |\n|---|---|---|---|\n")[1].split("\n\n")[0]
+    return readme.split("| variable | default | read by | meaning |\n|---|---|---|---|\n")[1].split("\n\n")[0]
+
+
+def test_the_readme_documents_every_setting() -> None:
+    documented = set(re.findall(r"`((?:CHATMESH|OPENAI)_[A-Z0-9_]+)`", readme_settings_table()))
+    for settings in PROCESS_SETTINGS.values():
+        for field, info in settings.model_fields.items():
+            aliases = info.validation_alias.choices if info.validation_alias is not None else []
+            variables = set(aliases) or {f"CHATMESH_{field.upper()}"}
+            assert variables & documented, f"{field} has no row in the README's settings table"
+
+
+def test_the_readme_says_which_processes_read_each_setting() -> None:
+    table = readme_settings_table()
     named = {"all": sorted(EVERY_PROCESS), "services": sorted(EVERY_SERVICE)}
     for row in table.splitlines():
         variables, _, read_by, _ = row.strip("|").split(" | ", 3)
-        for variable in re.findall(r"`((?:CHATMESH|OPENAI)_[A-Z_]+)`", variables):
+        for variable in re.findall(r"`((?:CHATMESH|OPENAI)_[A-Z0-9_]+)`", variables):
             field = variable.removeprefix("CHATMESH_").lower()
             readers = sorted(
                 process for process, settings in PROCESS_SETTINGS.items() if field in settings.model_fields
