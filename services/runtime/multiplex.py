@@ -15,9 +15,11 @@ What a unary call gives, and how the streams keep it:
 - **Load balancing**: internal channels balance round robin over the replicas' addresses, and each stream is a
   call of its own, so the streams spread over replicas as unary calls did. They are replaced every
   `rotate_seconds` (within the servers' max connection age), so new replicas get their share.
-- **Failures**: a draining server answers the calls it has read and ends its streams; a call it never read, or one
-  that could not be written because its stream had ended, is sent again on the next stream (another replica's, or a
-  new one) while its deadline allows, at most MOST_SENDS times. When a stream breaks (a
+- **Failures**: a draining server says so on each of its streams (`draining`), answers the calls it has read and
+  ends them; a call it never read, or one that could not be written because its stream had so ended, is sent again
+  on the next stream (another replica's, or a new one) while its deadline allows, at most MOST_SENDS times. The
+  notice, not the stream's status, tells a drained stream: a write that fails as a stream ends turns its OK into
+  INTERNAL. When a stream breaks (a
   replica killed, a connection lost), each call waiting on it is sent once more on another stream, as the channels'
   retry policy resends a unary call that found no process; if that fails too, the call fails with UNAVAILABLE. An
   answer a handler gave (an error status included) is never resent.
@@ -48,8 +50,12 @@ from chatmesh.v1 import multiplex_pb2, multiplex_pb2_grpc
 log = get_logger(__name__)
 
 CALLS_METHOD = "/chatmesh.v1.MultiplexService/Calls"
+# What a draining server sends on each of its streams: it reads no more calls from it.
+DRAINING = multiplex_pb2.MultiplexedResult(draining=True)
+# The longest a failed write waits for its stream's reader to see the stream's end (it has come, or is coming).
+READER_END_SECONDS = 1.0
 # The most streams one call is sent on. A call is resent without limit but this one (and its deadline) only while
-# no server can have read it: while replicas drain, new streams may still reach a draining one, which ends them.
+# draining servers end its streams unread: while a replica drains, new streams may still reach it.
 MOST_SENDS = 16
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -151,13 +157,16 @@ class MultiplexServicer(multiplex_pb2_grpc.MultiplexServiceServicer):
                     running.add(task)
                     task.add_done_callback(running.discard)
             except asyncio.CancelledError:
-                pass  # draining: the calls read so far are answered below
+                # Draining: the caller learns that calls not answered by the end were not read; those read so far
+                # are answered below.
+                results.put_nowait(DRAINING)
             finally:
                 if running:
                     await asyncio.wait(running)
                 results.put_nowait(None)
 
         if self._draining:
+            yield DRAINING
             return
         reader = asyncio.create_task(read())
         self._readers.add(reader)
@@ -230,6 +239,8 @@ class _Stream:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reader: asyncio.Task[None] | None = None
     ended: bool = False
+    # Its server said it drains: calls it has not answered by the end were never read.
+    drained: bool = False
     retiring: bool = False
 
 
@@ -291,10 +302,10 @@ class Multiplexer:
         metadata: dict[str, str],
         deadline: float | None,
     ) -> multiplex_pb2.MultiplexedResult:
-        """The call's result, from the first stream that answers it. A call that a draining server never read, or
-        that no stream took, is sent again on the next stream (another replica's, or a new one) while its deadline
-        allows; one that a broken stream may have carried, once more only: a handler's answer, an error included, is
-        never resent."""
+        """The call's result, from the first stream that answers it. A call that a draining server never read is
+        sent again on the next stream (another replica's, or a new one) while its deadline allows; one that a broken
+        stream (or a stream that found no server) may have carried, once more only: a handler's answer, an error
+        included, is never resent."""
         resends_after_break = 1
         failure: Exception | None = None
         for _ in range(MOST_SENDS):
@@ -306,23 +317,17 @@ class Multiplexer:
             message = multiplex_pb2.MultiplexedCall(
                 id=call_id, method=method, request=payload, timeout_seconds=remaining, metadata=metadata
             )
-            written = False
             try:
                 async with asyncio.timeout_at(deadline):
                     async with stream.write_lock:
                         await stream.call.write(message)
-                    written = True
                     return await waiter
             except TimeoutError:
                 raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
             except (StreamEnded, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as ended:
                 self._forget(stream)
                 failure = ended
-                # A write that failed sent nothing (the stream had ended: its server drained or went away), and a
-                # drained stream's server read nothing more; only a call written on a stream that broke may have
-                # been served.
-                never_served = not written or (isinstance(ended, StreamEnded) and ended.drained)
-                if not never_served:
+                if not await _drained(stream, ended):
                     if resends_after_break == 0:
                         break
                     resends_after_break -= 1
@@ -341,6 +346,7 @@ class Multiplexer:
         if (
             current is not None
             and not current.ended
+            and not current.drained
             and not current.call.done()
             and loop.time() - current.opened_at < self._rotate_seconds
         ):
@@ -363,6 +369,9 @@ class Multiplexer:
         error: BaseException | None = None
         try:
             async for result in stream.call:
+                if result.draining:
+                    stream.drained = True
+                    continue
                 waiter = stream.pending.get(result.id)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(result)
@@ -372,10 +381,11 @@ class Multiplexer:
             pass
         finally:
             stream.ended = True
-            if isinstance(error, grpc.aio.AioRpcError):
-                why = StreamEnded(error.code().name, drained=False)
+            # A drained stream may still end with an error: a write that failed on it as it ended sets one.
+            if stream.drained or not isinstance(error, grpc.aio.AioRpcError):
+                why = StreamEnded("the server drained it", drained=True)
             else:
-                why = StreamEnded("the server ended it", drained=True)
+                why = StreamEnded(error.code().name, drained=False)
             for waiter in stream.pending.values():
                 if not waiter.done():
                     waiter.set_exception(why)
@@ -399,6 +409,18 @@ class Multiplexer:
                     with contextlib.suppress(asyncio.CancelledError):
                         await stream.reader
         self._slots = [None] * len(self._slots)
+
+
+async def _drained(stream: _Stream, failure: Exception) -> bool:
+    """Whether the call that failed with `failure` on `stream` was never read because the stream's server drained
+    it. Otherwise the stream broke (or never reached a server), and the call may have been served."""
+    if isinstance(failure, StreamEnded):
+        return failure.drained
+    # The call's write failed because the stream had ended: its reader, which ends with it, has seen whether its
+    # server said it drained.
+    if stream.reader is not None:
+        await asyncio.wait({stream.reader}, timeout=READER_END_SECONDS)
+    return stream.drained
 
 
 def _rpc_error(code: grpc.StatusCode, message: str, trailing: Any = ()) -> grpc.aio.AioRpcError:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63hatmesh/v1/multiplex.proto\x12\x0b\x63hatmesh.v1\"\xc6\x01\n\x0fMultiplexedCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12<\n\x08metadata\x18\x05 \x03(\x0b\x32*.chatmesh.v1.MultiplexedCall.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x87\x01\n\x11MultiplexedResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08response\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x35\n\x11trailing_metadata\x18\x05 \x03(\x0b\x32\x1a.chatmesh.v1.MetadataEntry\"+\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x32]\n\x10MultiplexService\x12I\n\x05\x43\x61lls\x12\x1c.chatmesh.v1.MultiplexedCall\x1a\x1e.chatmesh.v1.MultiplexedResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63hatmesh/v1/multiplex.proto\x12\x0b\x63hatmesh.v1\"\xc6\x01\n\x0fMultiplexedCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12<\n\x08metadata\x18\x05 \x03(\x0b\x32*.chatmesh.v1.MultiplexedCall.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\x11MultiplexedResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08response\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x35\n\x11trailing_metadata\x18\x05 \x03(\x0b\x32\x1a.chatmesh.v1.MetadataEntry\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\"+\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x32]\n\x10MultiplexService\x12I\n\x05\x43\x61lls\x12\x1c.chatmesh.v1.MultiplexedCall\x1a\x1e.chatmesh.v1.MultiplexedResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MULTIPLEXEDCALL_METADATAENTRY']._serialized_start=196
   _globals['_MULTIPLEXEDCALL_METADATAENTRY']._serialized_end=243
   _globals['_MULTIPLEXEDRESULT']._serialized_start=246
-  _globals['_MULTIPLEXEDRESULT']._serialized_end=381
-  _globals['_METADATAENTRY']._serialized_start=383
-  _globals['_METADATAENTRY']._serialized_end=426
-  _globals['_MULTIPLEXSERVICE']._serialized_start=428
-  _globals['_MULTIPLEXSERVICE']._serialized_end=521
+  _globals['_MULTIPLEXEDRESULT']._serialized_end=399
+  _globals['_METADATAENTRY']._serialized_start=401
+  _globals['_METADATAENTRY']._serialized_end=444
+  _globals['_MULTIPLEXSERVICE']._serialized_start=446
+  _globals['_MULTIPLEXSERVICE']._serialized_end=539
 # @@protoc_insertion_point(module_scope)

@@ -61,9 +61,11 @@ class MultiplexServiceServicer:
     """
 
     def Calls(self, request_iterator, context):
-        """A call's result comes back on the stream with the call's id. The server
-        ends the stream with OK when it drains (SIGTERM), after answering every
-        call it had; the caller opens a new stream for the next calls.
+        """A call's result comes back on the stream with the call's id. When the
+        server drains (SIGTERM), it stops reading calls, says so with a result
+        marked `draining`, answers every call it had read, and ends the stream
+        with OK; the caller sends the calls left unanswered, and its next ones,
+        on another stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -14,7 +14,7 @@ from chatmesh.runtime.channels import open_channel
 from chatmesh.runtime.multiplex import Multiplexer, MultiplexServicer, UnaryMethod, multiplex_servicer
 from chatmesh.runtime.settings import ProcessSettings
 from chatmesh.runtime.status import abort_with, invalid_argument, is_deliberate
-from chatmesh.v1 import multiplex_pb2_grpc, safety_pb2
+from chatmesh.v1 import multiplex_pb2, multiplex_pb2_grpc, safety_pb2
 
 ECHO = "/test.Echo/Echo"
 CALL_SECONDS = 5.0
@@ -137,6 +137,22 @@ async def test_a_draining_server_answers_what_it_read_and_later_calls_fail_unava
     assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "after drain" not in handler.finished
     await multiplexer.close()
+
+
+async def test_a_draining_server_says_so_on_each_stream_before_the_answers_it_still_owes(served):
+    _, servicer, channel = served
+    stream = multiplex_pb2_grpc.MultiplexServiceStub(channel).Calls()
+    request = safety_pb2.ScreenInputRequest(text="read", request_id="200")
+    await stream.write(multiplex_pb2.MultiplexedCall(id=7, method=ECHO, request=request.SerializeToString()))
+    await asyncio.sleep(0.05)
+    servicer.drain()
+
+    notice, answer = [result async for result in stream]
+    assert notice == multiplex_pb2.MultiplexedResult(draining=True)
+    assert (answer.id, answer.code) == (7, 0)
+    assert await stream.code() == grpc.StatusCode.OK
+    # A stream opened once the server drains is told at once.
+    assert [result async for result in multiplex_pb2_grpc.MultiplexServiceStub(channel).Calls()] == [notice]
 
 
 async def test_while_one_of_two_replicas_drains_under_load_every_call_is_answered_by_the_other():
