@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from support.cache_calls import answer_context, cache_process, erase, lookup, lookup_similar, reply, store
 from support.cluster import Cluster, ServiceProcess, logged_events
+from support.metrics import metric
 from support.ports import free_port
 
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2, chat_pb2_grpc
@@ -340,18 +340,6 @@ def cluster() -> Iterator[Cluster]:
         env={"CHATMESH_SEMANTIC_CACHE": "true", "CHATMESH_SEMANTIC_CACHE_THRESHOLD": PARAPHRASE_THRESHOLD}
     ) as running:
         yield running
-
-
-def metric(cluster: Cluster, process: str, name: str, labels: dict[str, str]) -> float:
-    """The sum of the samples of `name` in `process` whose labels include `labels`."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_ports[process]}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items())
-    )
 
 
 async def ask(chat: chat_pb2_grpc.ChatServiceStub, message: str) -> chat_pb2.ChatResponse:
