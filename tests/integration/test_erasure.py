@@ -1,9 +1,11 @@
-"""Erasure over real processes: EraseUser and DeleteConversation reach the conversations, the answer cache (in
-Redis and in the memory of each of two cache processes) and the review cases, and nothing of anyone else.
+"""Erasure over real processes: EraseUser and DeleteConversation reach the conversations with their summaries,
+the answer cache (exact and by meaning, in Redis and in the memory of each of two cache processes) and the review
+cases, and nothing of anyone else.
 
 One cluster for the module, on a real Redis, with keys required and two cache processes that dialogue spreads its
-calls over. Each test makes tenants of its own, and its users write a canary (a text no one else writes) that
-the replies echo, so that a scan of every Redis key can tell where the text is kept.
+calls over; the model's context is small, so that two long turns are enough for a summary. Each test makes tenants
+of its own, and its users write a canary (a text no one else writes) that the replies echo, so that a scan of every
+Redis key can tell where the text is kept.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import pytest
@@ -19,9 +21,11 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from support.cli import chatmesh_cli
 from support.cluster import Cluster, logged_events
+from support.metrics import metric
 from support.redis_scan import keys_holding
 from support.redis_server import RedisServer
 
+from chatmesh.cache.keys import QUESTION_PREFIX
 from chatmesh.review.store import NewCase, RedisReviewStore
 from chatmesh.v1 import (
     admin_pb2,
@@ -37,14 +41,33 @@ from chatmesh.v1 import (
 ADMIN_TOKEN = "admin-token-for-erasure"
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 CALL_TIMEOUT = 10.0
+MODEL = "gpt-4o-mini"  # the cluster's default
+# With no max_tokens, a reply may take half of the context, and the prompt the rest less a margin of 128: 287
+# tokens. A long message (110 to 250 tokens, see `long_message`) fits, but not with its reply and another one: at
+# the second long turn of a conversation, the first message is left out of the window, and summarized at once.
+# The summary's request (its instructions, the messages left out, and SUMMARY_TOKENS for the summary) fits the
+# context too, as the model checks.
+CONTEXT_TOKENS = 830
+SUMMARY_TOKENS = 64
+
+Caches = list[cache_pb2_grpc.CacheServiceStub]
 
 
 @pytest.fixture(scope="module")
 def cluster(module_redis: RedisServer) -> Iterator[Cluster]:
     with Cluster(
         redis_url=module_redis.url,
-        # Follow-ups cached too (off by default), so that the user's text is in every store erasure must reach.
-        env={"CHATMESH_AUTH": "required", "CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN, "CHATMESH_CACHE_FOLLOW_UPS": "true"},
+        env={
+            "CHATMESH_AUTH": "required",
+            "CHATMESH_ADMIN_TOKEN": ADMIN_TOKEN,
+            # Follow-ups cached too (off by default), questions cached by meaning too, and a summary as soon as a
+            # message no longer fits the window, so that the user's text is in every store erasure must reach.
+            "CHATMESH_CACHE_FOLLOW_UPS": "true",
+            "CHATMESH_SEMANTIC_CACHE": "true",
+            "CHATMESH_MODEL_CONTEXT_TOKENS": json.dumps({MODEL: CONTEXT_TOKENS}),
+            "CHATMESH_SUMMARY_TRIGGER_TOKENS": "1",
+            "CHATMESH_SUMMARY_MAX_TOKENS": str(SUMMARY_TOKENS),
+        },
         replicas={"cache": 2},
     ) as running:
         yield running
@@ -57,7 +80,7 @@ async def gateway(cluster: Cluster) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture
-async def caches(cluster: Cluster) -> AsyncIterator[list[cache_pb2_grpc.CacheServiceStub]]:
+async def caches(cluster: Cluster) -> AsyncIterator[Caches]:
     """A client of each cache process, to ask what it would answer."""
     channels = [
         grpc.aio.insecure_channel(f"127.0.0.1:{process.port}")
@@ -90,11 +113,20 @@ class Caller:
         self.metadata = (("authorization", f"Bearer {api_key}"),)
 
     async def chat(
-        self, user_id: str, message: str, conversation_id: str = "", idempotency_key: str = ""
+        self,
+        user_id: str,
+        message: str,
+        conversation_id: str = "",
+        idempotency_key: str = "",
+        options: chat_pb2.ChatOptions | None = None,
     ) -> chat_pb2.ChatResponse:
         return await self.stub.Chat(
             chat_pb2.ChatRequest(
-                user_id=user_id, message=message, conversation_id=conversation_id, idempotency_key=idempotency_key
+                user_id=user_id,
+                message=message,
+                conversation_id=conversation_id,
+                idempotency_key=idempotency_key,
+                options=options,
             ),
             metadata=self.metadata,
             timeout=CALL_TIMEOUT,
@@ -143,6 +175,36 @@ def echoed(text: str) -> str:
     return f"[echo] {text}"
 
 
+def long_message(text: str) -> str:
+    """`text` eight times, in a message whose reply repeats it: 110 to 250 tokens for the tests' texts (a word and
+    32 hexadecimal digits, which the tokenizer splits unevenly)."""
+    return echoed(" ".join([text] * 8))
+
+
+async def summarized(caller: Caller, user_id: str, text: str) -> chat_pb2.ChatResponse:
+    """A conversation whose summary holds `text`: a first turn of `long_message(text)` (cached, exactly and by
+    meaning), then a second one after which the first message no longer fits the window (above the cache's
+    temperature bound: not cached), so that it is summarized. Returns the first turn's response, once the summary
+    is written (after the reply: within 100 polls 50 ms apart)."""
+    first = await caller.chat(user_id, long_message(text))
+    uncached = chat_pb2.ChatOptions(temperature=0.9)
+    await caller.chat(user_id, long_message(text), first.conversation_id, options=uncached)
+    for _ in range(100):
+        summary = (await caller.conversation(user_id, first.conversation_id)).summary
+        if summary.message_count:
+            assert text in summary.text
+            return first
+        await asyncio.sleep(0.05)
+    raise AssertionError("the conversation was not summarized")
+
+
+def in_a_summary_and_a_question(keys: list[str]) -> bool:
+    """Whether these Redis keys include a conversation's summary and a question of the semantic cache."""
+    return any(key.startswith("chatmesh:conv:") and key.endswith(":summary") for key in keys) and any(
+        key.startswith(QUESTION_PREFIX) for key in keys
+    )
+
+
 def first_turn(caller: Caller, answered: chat_pb2.ChatResponse, message: str) -> cache_pb2.AnswerContext:
     """What the cache keys the answer to a conversation's first message by (no options set)."""
     return cache_pb2.AnswerContext(
@@ -160,29 +222,58 @@ def next_turn(before: cache_pb2.AnswerContext, reply: str, message: str) -> cach
     return following
 
 
-async def lookups(
-    caches: list[cache_pb2_grpc.CacheServiceStub], context: cache_pb2.AnswerContext
-) -> list[cache_pb2.LookupResponse]:
+async def lookups(caches: Caches, context: cache_pb2.AnswerContext) -> list[cache_pb2.LookupResponse]:
     """What each cache process answers for `context`."""
     return [await cache.Lookup(cache_pb2.LookupRequest(context=context), timeout=CALL_TIMEOUT) for cache in caches]
 
 
-async def in_every_memory(caches: list[cache_pb2_grpc.CacheServiceStub], context: cache_pb2.AnswerContext) -> bool:
-    """Whether every cache process holds the answer to `context` in its memory, within 100 tries 20 ms apart (dialogue
-    stores it after its caller has the reply; a process's first lookup fills its memory from Redis)."""
+async def similar_lookups(caches: Caches, context: cache_pb2.AnswerContext) -> list[cache_pb2.LookupResponse]:
+    """What each cache process answers by meaning (its semantic cache) for the first turn `context`."""
+    return [
+        await cache.LookupSimilar(cache_pb2.LookupSimilarRequest(context=context), timeout=CALL_TIMEOUT)
+        for cache in caches
+    ]
+
+
+Look = Callable[[Caches, cache_pb2.AnswerContext], Awaitable[list[cache_pb2.LookupResponse]]]
+
+
+async def in_every_memory(caches: Caches, context: cache_pb2.AnswerContext, look: Look = lookups) -> bool:
+    """Whether every cache process answers `context` from its memory, within 100 tries 20 ms apart (dialogue stores
+    it after its caller has the reply; a process's first lookup fills its memory from Redis, and its first lookup by
+    meaning in a scope loads the scope's questions from Redis)."""
     for _ in range(100):
-        await lookups(caches, context)
-        if all(found.tier == cache_pb2.CACHE_TIER_MEMORY for found in await lookups(caches, context)):
+        await look(caches, context)
+        if all(found.tier == cache_pb2.CACHE_TIER_MEMORY for found in await look(caches, context)):
             return True
         await asyncio.sleep(0.02)
     return False
 
 
-async def missed_everywhere(caches: list[cache_pb2_grpc.CacheServiceStub], context: cache_pb2.AnswerContext) -> bool:
+async def missed_everywhere(caches: Caches, context: cache_pb2.AnswerContext, look: Look = lookups) -> bool:
     """Whether every cache process misses `context`, within 100 tries 20 ms apart (the other process hears of an
     erasure through Redis, a moment after it returned)."""
     for _ in range(100):
-        if not any(found.hit for found in await lookups(caches, context)):
+        if not any(found.hit for found in await look(caches, context)):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def question_vectors(cluster: Cluster) -> list[float]:
+    """The questions' vectors that each cache process holds in its memory (its semantic cache)."""
+    return [
+        metric(cluster, name, "chatmesh_cache_semantic_vectors", {})
+        for name, process in cluster.processes.items()
+        if process.command == "cache"
+    ]
+
+
+async def fewer_vectors_everywhere(cluster: Cluster, before: list[float], erased: int) -> bool:
+    """Whether every cache process holds `erased` question vectors fewer than `before`, within 100 tries 20 ms
+    apart."""
+    for _ in range(100):
+        if question_vectors(cluster) == [count - erased for count in before]:
             return True
         await asyncio.sleep(0.02)
     return False
@@ -226,54 +317,75 @@ def bad_fields(error: grpc.aio.AioRpcError) -> set[str]:
 async def test_erasing_a_user_leaves_nothing_of_theirs_in_any_store_and_touches_no_one_else(
     sim: Cluster,
     gateway: grpc.aio.Channel,
-    caches: list[cache_pb2_grpc.CacheServiceStub],
+    caches: Caches,
     reviews: RedisReviewStore,
     module_redis: RedisServer,
 ) -> None:
     caller, elsewhere = await new_caller(gateway, "erasure"), await new_caller(gateway, "control")
     canary, kept_beside, kept_elsewhere = (f"{name}-{uuid.uuid4().hex}" for name in ("canary", "beside", "elsewhere"))
     # The user: a conversation of two turns (the second idempotent, so that its reply is also kept for replays),
-    # both stored in the cache, then the first question again until the cache answers it.
+    # both stored in the cache, then the first question again until the cache answers it; and a conversation long
+    # enough to be summarized.
     opening, follow_up = echoed(f"{canary} one"), echoed(f"{canary} two")
     first = await caller.chat("leaving", opening)
     await caller.chat("leaving", follow_up, first.conversation_id, idempotency_key="turn-2")
     from_the_cache = await answered_from_the_cache(caller, "leaving", opening)
+    summarized_turn = await summarized(caller, "leaving", canary)
     assert await reviews.open_case(review_case(caller, "leaving", first, f"... {canary} one ..."))
-    # Controls: another user of the same tenant, and the same user id in another tenant.
-    beside = await caller.chat("staying", echoed(kept_beside))
-    same_id_elsewhere = await elsewhere.chat("leaving", echoed(kept_elsewhere))
+    # Controls, each with a summarized conversation: another user of the same tenant, and the same user id in
+    # another tenant.
+    beside = await summarized(caller, "staying", kept_beside)
+    same_id_elsewhere = await summarized(elsewhere, "leaving", kept_elsewhere)
     assert await reviews.open_case(review_case(elsewhere, "leaving", same_id_elsewhere, f"... {kept_elsewhere} ..."))
-    contexts = [first_turn(caller, first, opening)]
-    contexts.append(next_turn(contexts[0], first.text, follow_up))
-    controls = [
-        first_turn(caller, beside, echoed(kept_beside)),
-        first_turn(elsewhere, same_id_elsewhere, echoed(kept_elsewhere)),
+    # The answers cached from the user's turns, of which the first turns' questions are also cached by meaning.
+    questions = [
+        first_turn(caller, first, opening),
+        first_turn(caller, summarized_turn, long_message(canary)),
     ]
-    for context in (*contexts, *controls):
+    answers = [*questions, next_turn(questions[0], first.text, follow_up)]
+    controls = [
+        first_turn(caller, beside, long_message(kept_beside)),
+        first_turn(elsewhere, same_id_elsewhere, long_message(kept_elsewhere)),
+    ]
+    for context in (*answers, *controls):
         assert await in_every_memory(caches, context)
+    for context in (*questions, *controls):
+        assert await in_every_memory(caches, context, look=similar_lookups)
+    vectors = question_vectors(sim)
     before = await keys_holding(module_redis.url, canary, kept_beside, kept_elsewhere)
-    assert all(before.values()), before
+    assert all(in_a_summary_and_a_question(keys) for keys in before.values()), before
 
     erased = await caller.erase_user("leaving")
 
-    conversations = [first.conversation_id, *from_the_cache]
+    conversations = [first.conversation_id, summarized_turn.conversation_id, *from_the_cache]
+    # Answers are counted, not the questions kept with them (see CacheService.Erase).
     assert erased == chat_pb2.EraseUserResponse(
         conversations=len(conversations),
-        messages=4 + 2 * len(from_the_cache),
-        cache_entries=2,
+        messages=4 + 4 + 2 * len(from_the_cache),
+        summaries=1,
+        cache_entries=len(answers),
         review_cases=1,
     )
     for conversation_id in conversations:
         assert await caller.is_gone("leaving", conversation_id)
-    for context in contexts:
+    for context in answers:
         assert await missed_everywhere(caches, context)
+    # Before any lookup by meaning, which would drop a vector whose question it cannot read.
+    assert await fewer_vectors_everywhere(sim, vectors, len(questions))
+    for context in questions:
+        assert await missed_everywhere(caches, context, look=similar_lookups)
     after = await keys_holding(module_redis.url, canary, kept_beside, kept_elsewhere)
     assert after[canary] == []
     assert after[kept_beside] == before[kept_beside] and after[kept_elsewhere] == before[kept_elsewhere]
     for context in controls:
         assert all(found.hit for found in await lookups(caches, context))
-    assert len((await caller.conversation("staying", beside.conversation_id)).messages) == 2
-    assert len((await elsewhere.conversation("leaving", same_id_elsewhere.conversation_id)).messages) == 2
+        assert all(found.hit for found in await similar_lookups(caches, context))
+    for control, user_id, response, text in (
+        (caller, "staying", beside, kept_beside),
+        (elsewhere, "leaving", same_id_elsewhere, kept_elsewhere),
+    ):
+        kept = await control.conversation(user_id, response.conversation_id)
+        assert len(kept.messages) == 4 and text in kept.summary.text
     # Again: nothing left to erase, and no error.
     assert await caller.erase_user("leaving") == chat_pb2.EraseUserResponse()
     log = "".join(process.log() for process in sim.processes.values() if process.command != "modelsim")
@@ -281,21 +393,25 @@ async def test_erasing_a_user_leaves_nothing_of_theirs_in_any_store_and_touches_
     assert canary not in log and '"leaving"' not in log
 
 
-async def test_deleting_a_conversation_erases_the_replies_cached_from_it_and_its_review_cases(
+async def test_deleting_a_conversation_erases_its_summary_the_replies_and_questions_cached_from_it_and_its_review_cases(
     sim: Cluster,
     gateway: grpc.aio.Channel,
-    caches: list[cache_pb2_grpc.CacheServiceStub],
+    caches: Caches,
     reviews: RedisReviewStore,
     module_redis: RedisServer,
 ) -> None:
     caller = await new_caller(gateway, "deleting")
     canary, kept = f"canary-{uuid.uuid4().hex}", f"kept-{uuid.uuid4().hex}"
-    doomed = await caller.chat("ana", echoed(canary))
+    doomed = await summarized(caller, "ana", canary)
     other = await caller.chat("ana", echoed(kept))
     case_id = await reviews.open_case(review_case(caller, "ana", doomed, f"... {canary} ..."))
-    doomed_context, other_context = first_turn(caller, doomed, echoed(canary)), first_turn(caller, other, echoed(kept))
+    doomed_context = first_turn(caller, doomed, long_message(canary))
+    other_context = first_turn(caller, other, echoed(kept))
     for context in (doomed_context, other_context):
         assert await in_every_memory(caches, context)
+        assert await in_every_memory(caches, context, look=similar_lookups)
+    vectors = question_vectors(sim)
+    assert in_a_summary_and_a_question((await keys_holding(module_redis.url, canary))[canary])
 
     # Only its owner may: another user's attempt erases nothing.
     with pytest.raises(grpc.aio.AioRpcError) as not_theirs:
@@ -308,9 +424,12 @@ async def test_deleting_a_conversation_erases_the_replies_cached_from_it_and_its
 
     assert await caller.is_gone("ana", doomed.conversation_id)
     assert await missed_everywhere(caches, doomed_context)
+    assert await fewer_vectors_everywhere(sim, vectors, 1)
+    assert await missed_everywhere(caches, doomed_context, look=similar_lookups)
     assert await reviews.get(case_id) is None
     assert (await keys_holding(module_redis.url, canary))[canary] == []
     assert all(found.hit for found in await lookups(caches, other_context))
+    assert all(found.hit for found in await similar_lookups(caches, other_context))
     assert len((await caller.conversation("ana", other.conversation_id)).messages) == 2
 
 
@@ -374,7 +493,7 @@ async def test_the_cli_erases_a_user_of_a_tenant_with_the_admin_token(sim: Clust
 async def test_with_the_cache_down_erasure_says_to_retry_and_a_retry_finishes_it(
     sim: Cluster,
     gateway: grpc.aio.Channel,
-    caches: list[cache_pb2_grpc.CacheServiceStub],
+    caches: Caches,
     module_redis: RedisServer,
 ) -> None:
     caller = await new_caller(gateway, "retry")
