@@ -30,6 +30,8 @@ QUESTION_PREFIX = "chatmesh:cache-question:"
 SCOPE_PREFIX = "chatmesh:cache-scope:"
 # The sets of the keys stored from one conversation or one user of a tenant, which erasure reads.
 INDEX_PREFIX = "chatmesh:cache-origin:"
+# An erased index's tombstone, which refuses the stores that list it for a while (chatmesh.cache.tiers).
+TOMBSTONE_PREFIX = "chatmesh:cache-erased:"
 
 # Part of what is hashed: bump it when the encoding or the normalization changes, so that old
 # entries are never read under the new rules (they expire with their TTL).
@@ -117,3 +119,10 @@ def user_index(tenant: str, user_id: str) -> str:
     """`chatmesh:cache-origin:{tenant}:user:{user_id}`, both percent-encoded: the keys of the replies stored
     from any conversation of that user."""
     return f"{INDEX_PREFIX}{quote(tenant, safe='')}:user:{quote(user_id, safe='')}"
+
+
+def tombstone(index: str) -> str:
+    """`chatmesh:cache-erased:{tenant}:…`: the tombstone of the conversation or user `index` (same tenant, same id)."""
+    if not index.startswith(INDEX_PREFIX):
+        raise ValueError("not an index of chatmesh.cache.keys")
+    return f"{TOMBSTONE_PREFIX}{index[len(INDEX_PREFIX) :]}"

@@ -10,7 +10,8 @@ entry and its answer are still in the cache's tiers when read.
 Where things are kept:
 - Each question is a `SemanticEntry` (the answer's key, the question, its vector) stored in the AnswerCache's
   tiers under `chatmesh.cache.keys.question_key`, with the answer's TTL and listed in the same origin indexes:
-  erasing a conversation or a user removes its questions with its answers, in every tier.
+  erasing a conversation or a user removes its questions with its answers, in every tier, and its tombstones
+  refuse a question stored after it as they refuse an answer.
 - With Redis, each scope lists its questions in a sorted set (`scope_members`, by expiry, trimmed to
   `max_entries`), so that a cache process that starts or restarts loads a scope's vectors from Redis the first
   time it is searched (in the background: that lookup misses). Stores are announced on ADDITIONS_CHANNEL, and
@@ -329,7 +330,8 @@ class SemanticCache:
         deadline: float,
     ) -> bool:
         """Keeps the question of an answer just stored under `answer_key`, listed in `indexes` like it, with
-        `embedding` (from the lookup before it) when it is of this process's model and dimensions."""
+        `embedding` (from the lookup before it) when it is of this process's model and dimensions. Raises
+        chatmesh.cache.tiers.IndexErased, keeping nothing, when one of `indexes` was erased meanwhile."""
         question = normalize_text(context.messages[-1].content)
         vector = await self._question_vector(question, embedding, deadline)
         if vector is None:

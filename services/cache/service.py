@@ -8,7 +8,7 @@ from google.protobuf.message import DecodeError
 
 from chatmesh.cache import metrics
 from chatmesh.cache.keys import answer_key, conversation_index, user_index
-from chatmesh.cache.tiers import AnswerCache, CacheHit, EraseFailed, TierKind
+from chatmesh.cache.tiers import AnswerCache, CacheHit, EraseFailed, IndexErased, TierKind
 from chatmesh.runtime.logs import annotate, get_logger
 from chatmesh.runtime.status import abort, abort_with, invalid_argument
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2
@@ -79,16 +79,25 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         if not may_be_cached(request.reply):
             log.debug(
                 "cache_store_refused",
-                extra={"finish_reason": chat_pb2.FinishReason.Name(request.reply.finish_reason)},
+                extra={
+                    "reason": "finish_reason",
+                    "finish_reason": chat_pb2.FinishReason.Name(request.reply.finish_reason),
+                },
             )
             return cache_pb2.StoreResponse(stored=False)
         tenant = request.context.tenant
         key = answer_key(request.context)
         indexes = [conversation_index(tenant, request.conversation_id), user_index(tenant, request.user_id)]
-        kept = await self._cache.store(key, request.reply.SerializeToString(), indexes)
-        if kept and self._semantic is not None and self._semantic.applies_to(request.context):
-            embedding = request.embedding if request.HasField("embedding") else None
-            await self._semantic.store(request.context, key, indexes, embedding, _deadline(context))
+        try:
+            kept = await self._cache.store(key, request.reply.SerializeToString(), indexes)
+            if kept and self._semantic is not None and self._semantic.applies_to(request.context):
+                embedding = request.embedding if request.HasField("embedding") else None
+                await self._semantic.store(request.context, key, indexes, embedding, _deadline(context))
+        except IndexErased:
+            # The conversation or the user was erased after this reply was made (dialogue stores it after its caller
+            # has it): nothing is written, or what the answer's store wrote before the erasure was erased with it.
+            log.info("cache_store_refused", extra={"reason": "erased", "tenant": tenant})
+            return cache_pb2.StoreResponse(stored=False)
         return cache_pb2.StoreResponse(stored=bool(kept), tiers=[_TIERS[tier] for tier in kept])
 
     async def Erase(

@@ -12,6 +12,11 @@ A process that was not subscribed when a notice went out cannot know what it mis
 empties its memory tier, and with Redis, memory entries live at most `memory_ttl_seconds` (one minute by
 default) whatever happens to the subscription. That bound, rather than asking Redis on every memory hit
 whether the entry still exists, keeps memory hits free of any network call.
+
+An erasure also leaves a tombstone of the index, in every tier, for TOMBSTONE_SECONDS: a store that lists a
+tombstoned index is refused (`IndexErased`) and writes nothing, checked in the same step as the write (one Lua
+script in Redis, one synchronous call in memory). Dialogue stores an answer after its caller has the reply, so an
+erasure asked for right after it can come first; without the tombstone, that store would put back what was erased.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from chatmesh.cache import metrics
-from chatmesh.cache.keys import KEY_PREFIX
+from chatmesh.cache.keys import KEY_PREFIX, tombstone
 from chatmesh.runtime import redis_connection
 from chatmesh.runtime.logs import get_logger
 from chatmesh.runtime.settings import CacheSettings
@@ -45,11 +50,24 @@ ERASURES_CHANNEL = "chatmesh:cache-erasures"
 ADDITIONS_CHANNEL = "chatmesh:cache-additions"
 # The wait before subscribing again after the subscription failed (Redis down or restarting).
 RESUBSCRIBE_SECONDS = 1.0
+# How long an erased index refuses the stores that list it. It must outlive any store in flight when the erasure
+# ran: dialogue gives a Store CHATMESH_CACHE_LOOKUP_TIMEOUT_SECONDS (0.5 s by default) as its deadline, and the
+# cache's handler stops there (the multiplexed server stops it at the call's deadline, gRPC cancels a unary one);
+# even without a deadline, each of its steps is bounded by the Redis and embedding timeouts, seconds in all. A
+# minute outlives them by far, and costs only that the erased user's or conversation's answers are not cached
+# for that minute.
+TOMBSTONE_SECONDS = 60.0
+# The most tombstones a memory tier keeps, the oldest going first: ten thousand erasures a minute per process.
+MAX_TOMBSTONES = 10_000
 
 
 class TierKind(enum.Enum):
     MEMORY = "memory"
     REDIS = "redis"
+
+
+class IndexErased(Exception):
+    """A store listed an index erased less than its tombstone's life ago (TOMBSTONE_SECONDS): nothing was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +88,13 @@ class Tier(abc.ABC):
     @abc.abstractmethod
     async def put(self, key: str, value: bytes, ttl_seconds: float, indexes: Sequence[str] = ()) -> bool:
         """Keeps `value` under `key` for `ttl_seconds`, replacing what was there, and lists `key` in each of
-        `indexes` (narrowest first: a conversation's, then its user's). False when not kept."""
+        `indexes` (narrowest first: a conversation's, then its user's). False when not kept. Raises IndexErased,
+        writing nothing, when one of `indexes` has a tombstone."""
 
     @abc.abstractmethod
     async def erase(self, index: str) -> int:
-        """Removes every entry listed in `index`, and the index; returns how many entries there were."""
+        """Removes every entry listed in `index`, and the index, and leaves a tombstone of it; returns how many
+        entries there were."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook; the memory tier has nothing to release
         """Releases connections."""
@@ -85,18 +105,27 @@ class MemoryTier(Tier):
 
     Storing evicts least recently used entries until the total is within `max_bytes`; an entry larger
     than the bound on its own is not stored (and replaces nothing). An entry leaves its indexes when it
-    leaves the tier, so they never outgrow it. Never awaits, so every method is atomic on the event loop.
-    `clock` is injectable for tests.
+    leaves the tier, so they never outgrow it. Tombstones live `tombstone_seconds`, at most MAX_TOMBSTONES of them.
+    Never awaits, so every method is atomic on the event loop. `clock` is injectable for tests.
     """
 
     kind = TierKind.MEMORY
 
-    def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        tombstone_seconds: float = TOMBSTONE_SECONDS,
+    ) -> None:
         self._max_bytes = max_bytes
         self._clock = clock
+        self._tombstone_seconds = tombstone_seconds
         # key -> (value, expires at, the indexes that list it)
         self._entries: OrderedDict[str, tuple[bytes, float, frozenset[str]]] = OrderedDict()
         self._indexes: dict[str, set[str]] = {}
+        # index -> when its tombstone expires, the soonest first (all live equally long)
+        self._tombstones: OrderedDict[str, float] = OrderedDict()
         self._bytes = 0
 
     @property
@@ -124,6 +153,9 @@ class MemoryTier(Tier):
         return CachedValue(value, remaining)
 
     async def put(self, key: str, value: bytes, ttl_seconds: float, indexes: Sequence[str] = ()) -> bool:
+        now = self._clock()
+        if any(self._tombstones.get(index, now) > now for index in indexes):
+            raise IndexErased
         size = self.entry_size(key, value)
         if ttl_seconds <= 0 or size > self._max_bytes:
             return False
@@ -131,7 +163,7 @@ class MemoryTier(Tier):
         previous = self._entries.get(key)
         listed = frozenset(indexes) | (previous[2] if previous is not None else frozenset())
         self._remove(key)
-        self._entries[key] = (value, self._clock() + ttl_seconds, listed)
+        self._entries[key] = (value, now + ttl_seconds, listed)
         for index in listed:
             self._indexes.setdefault(index, set()).add(key)
         self._bytes += size
@@ -140,11 +172,14 @@ class MemoryTier(Tier):
         return True
 
     async def erase(self, index: str) -> int:
-        return self.delete(self.listed(index))
+        removed, _ = self.erase_keys(index)
+        return removed
 
-    def listed(self, index: str) -> set[str]:
-        """The keys `index` lists now."""
-        return self._indexes.get(index, set()).copy()
+    def erase_keys(self, index: str) -> tuple[int, set[str]]:
+        """`erase`, and the keys the index listed."""
+        self._bury(index)
+        listed = self._indexes.get(index, set()).copy()
+        return self.delete(listed), listed
 
     def delete(self, keys: Iterable[str]) -> int:
         """Removes these entries; returns how many were answers (chatmesh.cache.keys.KEY_PREFIX) not expired."""
@@ -158,9 +193,20 @@ class MemoryTier(Tier):
         return removed
 
     def clear(self) -> None:
+        """Empties the tier of its entries; its tombstones stay (what was erased still is)."""
         self._entries.clear()
         self._indexes.clear()
         self._bytes = 0
+
+    def _bury(self, index: str) -> None:
+        """Leaves a tombstone of `index`, dropping the expired ones and, past MAX_TOMBSTONES, the oldest."""
+        now = self._clock()
+        self._tombstones.pop(index, None)
+        self._tombstones[index] = now + self._tombstone_seconds
+        while self._tombstones and (
+            len(self._tombstones) > MAX_TOMBSTONES or next(iter(self._tombstones.values())) <= now
+        ):
+            self._tombstones.popitem(last=False)
 
     def _remove(self, key: str) -> None:
         entry = self._entries.pop(key, None)
@@ -174,10 +220,10 @@ class MemoryTier(Tier):
                 del self._indexes[index]
 
 
-# KEYS: the index. ARGV: the erasures channel, the answers' prefix. Deletes what the index lists (answers, the
-# semantic cache's questions, and a user's conversation indexes) and the index, and announces it; returns
-# {answers that were there, {members}}. The members are not declared as KEYS: the cache's Redis is one server, not
-# a cluster.
+# KEYS: the index, its tombstone. ARGV: the erasures channel, the answers' prefix, the tombstone's life in ms.
+# Deletes what the index lists (answers, the semantic cache's questions, and a user's conversation indexes) and the
+# index, leaves the tombstone, and announces it; returns {answers that were there, {members}}. The members are not
+# declared as KEYS: the cache's Redis is one server, not a cluster.
 _ERASE_LUA = """
 local members = redis.call("SMEMBERS", KEYS[1])
 local removed = 0
@@ -186,8 +232,26 @@ for _, member in ipairs(members) do
   if string.sub(member, 1, #ARGV[2]) == ARGV[2] then removed = removed + deleted end
 end
 redis.call("DEL", KEYS[1])
+redis.call("SET", KEYS[2], "1", "PX", ARGV[3])
 redis.call("PUBLISH", ARGV[1], KEYS[1] .. "\\n" .. table.concat(members, "\\n"))
 return {removed, members}
+"""
+
+# KEYS: the entry's key, its n indexes (narrowest first), then their n tombstones. ARGV: the value, its TTL in ms.
+# Writes nothing and returns 0 if any tombstone exists; else sets the value and lists its key in each index (a
+# wider index also lists the narrower ones), each index living as long as its newest entry, and returns 1. One
+# script, so that an entry is never in Redis without its indexes, nor stored after an erasure of one of them.
+_PUT_LUA = """
+local count = (#KEYS - 1) / 2
+for position = 1, count do
+  if redis.call("EXISTS", KEYS[1 + count + position]) == 1 then return 0 end
+end
+redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
+for position = 1, count do
+  redis.call("SADD", KEYS[1 + position], KEYS[1], unpack(KEYS, 2, position))
+  redis.call("PEXPIRE", KEYS[1 + position], ARGV[2])
+end
+return 1
 """
 
 
@@ -222,19 +286,29 @@ class CacheWatcher(Protocol):
 class RedisTier(Tier):
     """Values in Redis under their keys, written with `SET key value PX ttl`. An index is a set of keys with
     the TTL of the newest entry it lists (each store sets it again); a wider index also lists the narrower
-    ones stored with the same entry (a user's index its conversations'), which erasing it deletes too."""
+    ones stored with the same entry (a user's index its conversations'), which erasing it deletes too. An erased
+    index's tombstone (chatmesh.cache.keys.tombstone) is a key that lives `tombstone_seconds`."""
 
     kind = TierKind.REDIS
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *, tombstone_seconds: float = TOMBSTONE_SECONDS) -> None:
         """Takes ownership of `client` (closed by `close`), which must return bytes; see `from_url`."""
         if client.get_encoder().decode_responses:
             raise ValueError("RedisTier needs a client created with decode_responses=False")
         self._client = client
+        self._tombstone_ms = math.ceil(tombstone_seconds * 1000)
+        self._put = client.register_script(_PUT_LUA)
         self._erase = client.register_script(_ERASE_LUA)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_seconds: float, options: Mapping[str, Any] | None = None) -> RedisTier:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_seconds: float,
+        options: Mapping[str, Any] | None = None,
+        tombstone_seconds: float = TOMBSTONE_SECONDS,
+    ) -> RedisTier:
         """A tier with its own connection pool to `url`.
 
         A cache must fail fast: connects and replies are bounded by `timeout_seconds`, and a failed
@@ -248,7 +322,8 @@ class RedisTier(Tier):
                 socket_connect_timeout=timeout_seconds,
                 retry=Retry(NoBackoff(), 1),
                 **(options or {}),
-            )
+            ),
+            tombstone_seconds=tombstone_seconds,
         )
 
     async def get(self, key: str) -> CachedValue | None:
@@ -266,13 +341,9 @@ class RedisTier(Tier):
         milliseconds = math.ceil(ttl_seconds * 1000)
         if milliseconds <= 0:
             return False
-        # One transaction: an entry is never in Redis without its indexes.
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.set(key, value, px=milliseconds)
-            for position, index in enumerate(indexes):
-                pipe.sadd(index, key, *indexes[:position])
-                pipe.pexpire(index, milliseconds)
-            await pipe.execute()
+        keys = [key, *indexes, *(tombstone(index) for index in indexes)]
+        if not await self._put(keys=keys, args=[value, milliseconds]):
+            raise IndexErased
         return True
 
     async def erase(self, index: str) -> int:
@@ -281,7 +352,9 @@ class RedisTier(Tier):
 
     async def erase_keys(self, index: str) -> tuple[int, list[str]]:
         """`erase`, and what the index listed (whether or not it was still there)."""
-        removed, keys = await self._erase(keys=[index], args=[ERASURES_CHANNEL, KEY_PREFIX])
+        removed, keys = await self._erase(
+            keys=[index, tombstone(index)], args=[ERASURES_CHANNEL, KEY_PREFIX, self._tombstone_ms]
+        )
         return int(removed), [key.decode() for key in keys]
 
     @property
@@ -381,16 +454,23 @@ class AnswerCache:
         return CacheHit(found.value, TierKind.REDIS)
 
     async def store(self, key: str, value: bytes, indexes: Sequence[str]) -> list[TierKind]:
-        """The tiers that kept the value, listed in each of `indexes` (narrowest first; see chatmesh.cache.keys)."""
+        """The tiers that kept the value, listed in each of `indexes` (narrowest first; see chatmesh.cache.keys).
+        Raises IndexErased when one of `indexes` was erased moments ago. Redis, whose tombstones every process
+        shares, is written first, so that its refusal leaves memory untouched; memory refuses too when this process
+        heard of the erasure before its own write (the erasure then deleted what Redis kept, if it reached Redis)."""
+        in_redis = False
+        if self._redis is not None:
+            try:
+                in_redis = await self._redis.put(key, value, self._ttl_seconds, indexes)
+            except IndexErased:
+                raise
+            except Exception as error:
+                _log_redis_failure("store", error)
         kept = []
         if await self._memory.put(key, value, self._memory_ttl_seconds, indexes):
             kept.append(TierKind.MEMORY)
-        if self._redis is not None:
-            try:
-                if await self._redis.put(key, value, self._ttl_seconds, indexes):
-                    kept.append(TierKind.REDIS)
-            except Exception as error:
-                _log_redis_failure("store", error)
+        if in_redis:
+            kept.append(TierKind.REDIS)
         return kept
 
     @property
@@ -407,10 +487,9 @@ class AnswerCache:
 
     async def erase(self, index: str) -> int:
         """Removes the entries listed in `index` from this process's memory and from Redis, which announces it
-        to every other cache process. Returns the answers removed from Redis (from memory, without Redis).
-        Raises EraseFailed when Redis cannot be reached."""
-        listed = self._memory.listed(index)
-        removed = self._memory.delete(listed)
+        to every other cache process; both leave a tombstone of `index` (see the module's doc). Returns the
+        answers removed from Redis (from memory, without Redis). Raises EraseFailed when Redis cannot be reached."""
+        removed, listed = self._memory.erase_keys(index)
         self._tell_erased(listed)
         if self._redis is None:
             return removed
@@ -444,8 +523,7 @@ class AnswerCache:
                         for watcher in self._watchers:
                             watcher.added(announcement.key)
                     else:
-                        listed = self._memory.listed(announcement.index)
-                        self._memory.delete(listed)
+                        _, listed = self._memory.erase_keys(announcement.index)
                         self._memory.delete(announcement.keys)
                         self._tell_erased((*listed, *announcement.keys))
             except Exception as error:

@@ -4,7 +4,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from chatmesh.cache.keys import KEY_PREFIX, answer_key, normalize_text
+from chatmesh.cache.keys import KEY_PREFIX, answer_key, conversation_index, normalize_text, tombstone, user_index
 from chatmesh.v1 import cache_pb2, chat_pb2
 
 USER = chat_pb2.ROLE_USER
@@ -163,3 +163,10 @@ def test_the_order_of_logit_bias_entries_does_not_change_the_key() -> None:
 def test_normalization_keeps_case_and_inner_text() -> None:
     assert normalize_text(" Hello \u3000 WORLD\n") == "Hello WORLD"
     assert normalize_text("") == ""
+
+
+def test_an_indexs_tombstone_sits_beside_it_with_the_same_tenant_and_id() -> None:
+    assert tombstone(user_index("acme corp", "u/1")) == "chatmesh:cache-erased:acme%20corp:user:u%2F1"
+    assert tombstone(conversation_index("acme", "c-1")) == "chatmesh:cache-erased:acme:conversation:c-1"
+    with pytest.raises(ValueError, match="not an index"):
+        tombstone(KEY_PREFIX + "acme:gpt-4o:abc")

@@ -10,18 +10,21 @@ from redis.asyncio import Redis
 from support.ports import free_port
 from support.redis_server import RedisServer
 
-from chatmesh.cache.keys import conversation_index, user_index
+from chatmesh.cache import tiers
+from chatmesh.cache.keys import conversation_index, tombstone, user_index
 from chatmesh.cache.tiers import (
     ERASURES_CHANNEL,
+    TOMBSTONE_SECONDS,
     AnswerCache,
     EraseFailed,
     Erasure,
+    IndexErased,
     MemoryTier,
     RedisTier,
     Tier,
     TierKind,
 )
-from chatmesh.runtime.settings import CacheSettings
+from chatmesh.runtime.settings import CacheSettings, DialogueSettings
 
 KEY = "chatmesh:cache:default:gpt-4o-mini:" + "ab" * 32
 VALUE = b"\x0a\x05Paris\x10\x01\x18\x02"
@@ -48,6 +51,8 @@ class TierUnderTest:
     elapse: Callable[[float], Awaitable[None]]
     # A TTL the test can wait out.
     short_ttl: float
+    # How long the tier's tombstones live.
+    tombstone_seconds: float
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -65,10 +70,11 @@ async def subject(tier_url: str | None) -> AsyncIterator[TierUnderTest]:
             clock.advance(seconds)
 
         tier: Tier = MemoryTier(1 << 20, clock=clock)
-        under_test = TierUnderTest(tier, advance, short_ttl=30.0)
+        under_test = TierUnderTest(tier, advance, short_ttl=30.0, tombstone_seconds=TOMBSTONE_SECONDS)
     else:
-        tier = RedisTier.from_url(tier_url, timeout_seconds=5)
-        under_test = TierUnderTest(tier, asyncio.sleep, short_ttl=0.05)
+        # Tombstones short enough to wait out, long enough that a store right after the erasure meets them.
+        tier = RedisTier.from_url(tier_url, timeout_seconds=5, tombstone_seconds=0.5)
+        under_test = TierUnderTest(tier, asyncio.sleep, short_ttl=0.05, tombstone_seconds=0.5)
     try:
         yield under_test
     finally:
@@ -171,6 +177,43 @@ async def test_erasing_does_not_count_entries_that_expired(subject: TierUnderTes
     assert await subject.tier.erase(USER) == 1
 
 
+async def test_a_store_listing_an_index_erased_moments_ago_is_refused_and_one_after_its_tombstone_is_written(
+    subject: TierUnderTest,
+) -> None:
+    await subject.tier.put(KEY, b"before", ttl_seconds=60, indexes=INDEXES)
+    assert await subject.tier.erase(USER) == 1
+
+    # A store racing the erasure (made before it, landing after it) writes nothing, nor does any other store of
+    # the user's, from this conversation or another.
+    with pytest.raises(IndexErased):
+        await subject.tier.put(KEY, b"racing", ttl_seconds=60, indexes=INDEXES)
+    with pytest.raises(IndexErased):
+        await subject.tier.put(
+            f"{KEY}:2", b"elsewhere", ttl_seconds=60, indexes=[conversation_index("default", "c-2"), USER]
+        )
+    assert await subject.tier.get(KEY) is None and await subject.tier.get(f"{KEY}:2") is None
+    # Another user of the tenant, and the same user id in another tenant, store as before.
+    assert await subject.tier.put(f"{KEY}:3", b"three", ttl_seconds=60, indexes=[user_index("default", "user-2")])
+    assert await subject.tier.put(f"{KEY}:4", b"four", ttl_seconds=60, indexes=[user_index("other", "user-1")])
+
+    await subject.elapse(subject.tombstone_seconds)
+
+    assert await subject.tier.put(KEY, b"after", ttl_seconds=60, indexes=INDEXES)
+    found = await subject.tier.get(KEY)
+    assert found is not None and found.value == b"after"
+    assert await subject.tier.erase(CONVERSATION) == 1  # listed again
+
+
+async def test_a_refused_store_lists_its_key_in_no_index(subject: TierUnderTest) -> None:
+    await subject.tier.erase(USER)
+
+    with pytest.raises(IndexErased):
+        await subject.tier.put(KEY, VALUE, ttl_seconds=60, indexes=INDEXES)
+
+    # Erasing the conversation (never erased itself) finds nothing: the refused store did not list its key there.
+    assert await subject.tier.erase(CONVERSATION) == 0
+
+
 # The memory tier: exact TTLs on a fake clock, and its bound in bytes.
 
 
@@ -257,6 +300,21 @@ async def test_memory_indexes_forget_evicted_entries() -> None:
     assert await memory.erase(USER) == 2
     assert len(memory) == 0 and memory.bytes_used == 0
     assert await memory.erase(USER) == 0
+
+
+async def test_memory_keeps_a_bounded_number_of_tombstones_dropping_the_oldest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tiers, "MAX_TOMBSTONES", 2)
+    memory = MemoryTier(1 << 20)
+    first, second, third = (user_index("default", f"user-{number}") for number in range(3))
+    for index in (first, second, third):
+        await memory.erase(index)
+
+    assert await memory.put(KEY, VALUE, ttl_seconds=60, indexes=[first])
+    for index in (second, third):
+        with pytest.raises(IndexErased):
+            await memory.put(KEY, VALUE, ttl_seconds=60, indexes=[index])
 
 
 async def test_memory_counts_key_bytes_in_utf8() -> None:
@@ -391,7 +449,9 @@ async def test_an_erasure_removes_the_entries_and_their_indexes_from_redis(
 
         assert await cache.erase(USER) == 1
 
-        assert await client.keys() == []
+        # What is left is the user's tombstone, for TOMBSTONE_SECONDS.
+        assert await client.keys() == [tombstone(USER).encode()]
+        assert TOMBSTONE_SECONDS * 1000 - 5_000 < await client.pttl(tombstone(USER)) <= TOMBSTONE_SECONDS * 1000
         assert await cache.lookup(KEY) is None
         assert await cache.erase(USER) == 0
     finally:
@@ -447,6 +507,40 @@ async def test_an_erasure_reaches_the_memory_of_every_cache_process(redis_url: s
     finally:
         for cache in processes:
             await cache.close()
+
+
+async def test_without_redis_a_store_after_an_erasure_is_refused() -> None:
+    cache = AnswerCache(MemoryTier(1 << 20), None, ttl_seconds=60)
+    await cache.erase(CONVERSATION)
+
+    with pytest.raises(IndexErased):
+        await cache.store(KEY, VALUE, INDEXES)
+    assert await cache.lookup(KEY) is None
+
+
+async def test_a_store_after_an_erasure_in_another_process_is_refused_by_redis_and_kept_in_no_tier(
+    redis_url: str,
+) -> None:
+    erasing, storing = (
+        AnswerCache(MemoryTier(1 << 20), RedisTier.from_url(redis_url, timeout_seconds=5), ttl_seconds=60)
+        for _ in range(2)
+    )
+    try:
+        await erasing.erase(USER)
+
+        # The storing process has not heard of the erasure (it follows no announcements): Redis's tombstone refuses.
+        with pytest.raises(IndexErased):
+            await storing.store(KEY, VALUE, INDEXES)
+        assert await storing.lookup(KEY) is None
+        assert await erasing.lookup(KEY) is None
+    finally:
+        await erasing.close()
+        await storing.close()
+
+
+def test_a_tombstone_outlives_the_longest_a_store_may_run() -> None:
+    # Dialogue gives a Store its lookup timeout as its deadline.
+    assert DialogueSettings().cache_lookup_timeout_seconds * 100 <= TOMBSTONE_SECONDS
 
 
 async def test_with_redis_memory_keeps_an_entry_at_most_the_memory_ttl(redis_tier: RedisTier) -> None:
