@@ -22,9 +22,10 @@ from support.cache_calls import (
     reply,
     store,
 )
-from support.cluster import ServiceProcess, logged_events
+from support.cluster import ServiceProcess, log_lines, logged_events
 from support.redis_server import RedisServer
 
+from chatmesh.cache.keys import conversation_index, tombstone, user_index
 from chatmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2
 
 
@@ -193,6 +194,29 @@ async def test_without_redis_erasure_removes_what_this_process_stored_from_the_c
     assert (await lookup(cache, kept)).hit
 
 
+async def test_without_redis_a_store_that_lands_after_its_conversations_erasure_is_refused(
+    cache: cache_pb2_grpc.CacheServiceStub, memory_cache: ServiceProcess
+) -> None:
+    racing = answer_context("made before the erasure, stored after it", tenant="racing")
+    assert await erase(cache, "racing", conversation_id="c-1") == 0
+
+    refused = await store(cache, racing, reply(), user_id="u-1", conversation_id="c-1")
+
+    assert refused == cache_pb2.StoreResponse(stored=False)
+    assert not (await lookup(cache, racing)).hit
+    # The user's other conversations are not erased.
+    assert (await store(cache, racing, reply(), user_id="u-1", conversation_id="c-2")).stored
+    assert refused_as_erased(memory_cache) == 1
+
+
+def refused_as_erased(process: ServiceProcess) -> int:
+    """The stores `process` logged as refused for an erasure."""
+    return sum(
+        line.get("event") == "cache_store_refused" and line.get("reason") == "erased"
+        for line in log_lines(process.log())
+    )
+
+
 @pytest.mark.parametrize(
     ("request_fields", "field"),
     [
@@ -246,7 +270,44 @@ async def test_with_redis_an_erasure_reaches_redis_and_the_memory_of_every_cache
         for stub in stubs:
             assert await until_missed(stub, other)
         assert await erase(stubs[0], user_id="u-1") == 0
-        assert [key async for key in client.scan_iter("chatmesh:cache*")] == []
+        # Nothing is left but the tombstones of what was erased.
+        tombstones = {tombstone(conversation_index("default", "c-1")), tombstone(user_index("default", "u-1"))}
+        assert {key.decode() async for key in client.scan_iter("chatmesh:cache*")} == tombstones
+        for channel in channels:
+            await channel.close()
+    finally:
+        await client.aclose()
+        for process in processes:
+            process.stop()
+
+
+async def test_with_redis_a_store_that_lands_after_an_erasure_is_refused_by_every_cache_process(
+    redis_url: str,
+) -> None:
+    processes = [cache_process(redis_url), cache_process(redis_url)]
+    racing = answer_context("made before the erasure, stored after it")
+    client = Redis.from_url(redis_url)
+    try:
+        for process in processes:
+            process.start()
+        channels, stubs = zip(*[await connect(process) for process in processes], strict=True)
+        await store(stubs[0], racing, reply(), user_id="u-1", conversation_id="c-1")
+
+        assert await erase(stubs[0], user_id="u-1") == 1
+        # Dialogue's store of the user's last reply, late: on the process that erased, and on one that may not have
+        # heard of the erasure yet, whose memory nothing may keep either.
+        for stub in stubs:
+            refused = await store(stub, racing, reply(), user_id="u-1", conversation_id="c-1")
+            assert refused == cache_pb2.StoreResponse(stored=False)
+        for stub in stubs:
+            assert not (await lookup(stub, racing)).hit
+        assert [key async for key in client.scan_iter("chatmesh:cache*")] == [
+            tombstone(user_index("default", "u-1")).encode()
+        ]
+        # Another user's store of the same answer is kept.
+        assert (await store(stubs[1], racing, reply(), user_id="u-2", conversation_id="c-2")).stored
+        assert (await lookup(stubs[0], racing)).hit
+        assert [refused_as_erased(process) for process in processes] == [1, 1]
         for channel in channels:
             await channel.close()
     finally:

@@ -433,6 +433,44 @@ async def test_deleting_a_conversation_erases_its_summary_the_replies_and_questi
     assert len((await caller.conversation("ana", other.conversation_id)).messages) == 2
 
 
+async def test_a_cache_store_that_lands_after_the_erasure_keeps_nothing(
+    sim: Cluster,
+    gateway: grpc.aio.Channel,
+    caches: Caches,
+    module_redis: RedisServer,
+) -> None:
+    caller = await new_caller(gateway, "racing")
+    canary = f"canary-{uuid.uuid4().hex}"
+    leaving = await caller.chat("fay", echoed(f"{canary} erased"))
+    deleted = await caller.chat("gus", echoed(f"{canary} deleted"))
+    kept = await caller.chat("gus", echoed("kept"))
+    await caller.erase_user("fay")
+    await caller.delete("gus", deleted.conversation_id)
+
+    # Dialogue stores a reply after its caller has it: made before the erasure, its store may land after it, on
+    # either cache process (the same call as dialogue's, for each conversation).
+    late = [
+        (first_turn(caller, leaving, echoed(f"{canary} late")), "fay", leaving.conversation_id),
+        (first_turn(caller, deleted, echoed(f"{canary} late too")), "gus", deleted.conversation_id),
+    ]
+    for cache in caches:
+        for context, user_id, conversation_id in late:
+            request = cache_pb2.StoreRequest(
+                context=context,
+                reply=cache_pb2.CachedReply(text=f"{canary} reply", finish_reason=chat_pb2.FINISH_REASON_STOP),
+                user_id=user_id,
+                conversation_id=conversation_id,
+            )
+            assert not (await cache.Store(request, timeout=CALL_TIMEOUT)).stored
+
+    for context, _, _ in late:
+        assert not any(found.hit for found in await lookups(caches, context))
+        assert not any(found.hit for found in await similar_lookups(caches, context))
+    assert (await keys_holding(module_redis.url, canary))[canary] == []
+    # The user's other conversation is not erased: its answer is cached as before.
+    assert await in_every_memory(caches, first_turn(caller, kept, echoed("kept")))
+
+
 @pytest.mark.parametrize(
     ("request_fields", "fields"),
     [

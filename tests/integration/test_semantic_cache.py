@@ -312,6 +312,14 @@ async def test_erasing_a_conversation_removes_its_questions_and_their_vectors_ev
     if url:
         remaining = await question_keys(url)
         assert len(remaining) == 1 and b"conv" not in remaining[0]
+    # Dialogue's store of the conversation's last answer, landing after the erasure: neither it nor its question
+    # is kept.
+    late = await store(second, answer_context(QUESTION), reply(ANSWER), conversation_id="conv-erased")
+    assert not late.stored
+    for replica in (first, second):
+        assert not (await find(replica, answer_context(PARAPHRASE))).hit
+    if url:
+        assert len(await question_keys(url)) == 1
 
 
 @pytest.mark.parametrize(
