@@ -131,11 +131,14 @@ _EMAILS = re.compile(
     rf"[A-Za-z0-9](?<![\w.%+-][A-Za-z0-9])[\w.%+-]{{0,63}}@(?:{_LABEL}\.)+[A-Za-z]{{2,24}}(?![\w-])", re.ASCII
 )
 # Hex digits and at least two colons, maybe ending in a dotted quad. Looked for only in a text with `::` or at
-# least 7 colons, as every IPv6 address has.
+# least 7 colons, as every IPv6 address has, and with two colons that only hex digits separate, as every match
+# has: a scan of the whole text costs more than the rest of the screen, and times (`18:30`) and labels (`note:`)
+# make many texts reach 7 colons.
 _IPV6 = re.compile(
     r"(?<![\w:.])(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f:]{2,39}(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?![\w:]|\.\d)",
     re.ASCII,
 )
+_IPV6_COLONS = re.compile(r":[0-9A-Fa-f]*:")
 # A run glued to a word is none of ours; nor is an amount (after a currency sign, before 元, 块 or %) or a number
 # marked with # (an order, a ticket).
 _NOT_AFTER = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_元块%")
@@ -259,7 +262,7 @@ def _matches(text: str, regions: Sequence[str]) -> Iterator[tuple[int, int, int]
                     yield EMAIL, email.start(), email.end()
                 break
         at = text.find("@", at + 1)
-    if "::" in text or text.count(":") >= 7:
+    if ("::" in text or text.count(":") >= 7) and _IPV6_COLONS.search(text):
         for address in _IPV6.finditer(text):
             if _ipv6(address.group()):
                 yield IP_ADDRESS, address.start(), address.end()

@@ -200,10 +200,20 @@ def test_what_is_no_payment_card(number: str):
 
 @pytest.mark.parametrize(
     "address",
-    ["192.168.1.10", "8.8.8.8", "2001:db8::1", "fe80::1ff:fe23:4567:890a", "::ffff:192.0.2.128", "::1", "1.2.3.4"],
+    [
+        "192.168.1.10",
+        "8.8.8.8",
+        "2001:db8::1",
+        "fe80::1ff:fe23:4567:890a",
+        "::ffff:192.0.2.128",
+        "::1",
+        "2001:0db8:85a3:0000:0000:8a2e:0370:7334",
+        "1.2.3.4",
+    ],
 )
 def test_ip_addresses(address: str):
     assert found(f"from {address}, port 22") == [("ip_address", address)]
+    assert found(f"at 18:30, 19:45, 20:00 and 21:15 from {address}") == [("ip_address", address)]
 
 
 def test_an_ip_address_ends_where_the_address_does():
