@@ -97,7 +97,9 @@ _REPLACEMENTS: dict[str, str] = {
     **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63", "-"),
     **dict.fromkeys("\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff", ""),
 }
-_SPECIAL_RUNS = re.compile("[" + "".join(map(re.escape, _REPLACEMENTS)) + "]+")
+_SPECIAL = "[" + "".join(map(re.escape, _REPLACEMENTS)) + "]"
+# One, then any more: re skips to a pattern's first character fast only when it is not repeated (`[...]+`).
+_SPECIAL_RUNS = re.compile(_SPECIAL + _SPECIAL + "*")
 _TRANSLATION = str.maketrans(_REPLACEMENTS)
 _DROPPED = frozenset(char for char, replacement in _REPLACEMENTS.items() if not replacement)
 
