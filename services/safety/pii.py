@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import phonenumbers
 from stdnum import luhn
 from stdnum.cn import ric
+from stdnum.exceptions import ValidationError
 
 from chatmesh.safety import metrics
 from chatmesh.v1 import safety_pb2
@@ -359,7 +360,25 @@ def _classify(number: str, international: bool, lengths: list[int], regions: Seq
 
 
 def _cn_id(number: str) -> bool:
-    return ric.is_valid(number) and ric.get_birth_date(number) <= datetime.date.today()
+    """python-stdnum's `cn.ric.is_valid`, its checks cheapest first, and a birth date not in the future."""
+    if len(number) != 18 or not number[:-1].isdigit() or ric.calc_check_digit(number) != number[-1]:
+        return False
+    try:
+        born = ric.get_birth_date(number)
+    except ValidationError:
+        return False
+    return _known_birth_place(number[:6], born.year) and born <= datetime.date.today()
+
+
+@functools.lru_cache(maxsize=4096)
+def _known_birth_place(area: str, year: int) -> bool:
+    """Whether the area code (an ID number's first 6 digits) was a place in `year`; cached, as the lookup costs
+    15 µs, most of a valid ID number's checks, and depends on nothing else."""
+    try:
+        ric.get_birth_place(f"{area}{year:04d}01010000")  # an ID number of the place, born on 1 January
+    except ValidationError:
+        return False
+    return True
 
 
 def _payment_card(number: str) -> bool:

@@ -4,6 +4,7 @@ text as written, what does not count, and how well it does over the labelled tex
 # Full-width forms are what many of these tests are about.
 # ruff: noqa: RUF001
 
+import datetime
 from collections import Counter
 from collections.abc import Iterable
 
@@ -11,6 +12,7 @@ import pydantic
 import pytest
 from pii_cases import CASES, Case
 from prometheus_client import REGISTRY
+from stdnum.cn import ric
 
 from chatmesh.runtime.settings import ServiceSettings
 from chatmesh.safety.pii import (
@@ -160,6 +162,31 @@ def test_chinese_id_numbers_with_checksum_birth_date_and_place(number: str):
 )
 def test_what_is_no_chinese_id_number(number: str):
     assert found(f"ID {number}") == []
+
+
+@pytest.mark.parametrize(
+    "first_17",
+    [
+        "11010319900307123",  # 崇文区, until 2010
+        "11010320100307123",
+        "11010320110307123",
+        "11011119850307123",  # 房山区, from 1986
+        "11011119860307123",
+        "12011019910101123",  # 东郊区 until 1991, then 东丽区
+        "12011019920101123",
+        "44030519931205789",
+        "44030519930230789",  # 30 February
+        "44030520991205789",  # born in 2099
+        "99010119900307123",  # no such place
+        "11010519491231002",  # X as its check digit
+    ],
+)
+def test_a_chinese_id_number_is_one_exactly_when_python_stdnum_says_so(first_17: str):
+    # The screen makes python-stdnum's checks in its own order and keeps the places it looked up.
+    for number in (first_17 + ric.calc_check_digit(first_17 + "?"), first_17 + "0"):
+        valid = ric.is_valid(number) and ric.get_birth_date(number) <= datetime.date.today()
+
+        assert found(f"ID {number}", {CN_ID}) == ([("cn_id", number)] if valid else [])
 
 
 def test_an_id_number_is_not_read_as_a_phone_number_inside_it():
