@@ -106,12 +106,14 @@ _DROPPED = frozenset(char for char, replacement in _REPLACEMENTS.items() if not 
 
 # Runs of digits, found by one scan that skips to each digit that does not continue a word: a dotted quad (for
 # IPv4), or at least 7 digits in groups with separators between them, maybe with an X at the end. The run is
-# taken whole (possessive), so that one that ends against a letter is dropped rather than read shorter.
+# taken whole (possessive), so that one that ends against a letter is dropped rather than read shorter. The
+# scan tries most digits that start a word (a date, a price), so its other repeats are possessive too, where
+# giving back could not make a match: they fail without backtracking.
 _DIGIT_RUNS = re.compile(
     r"""
     \d (?<!\w\d) (?:
-        (?<!\.\d) \d{0,2} (?:\.\d{1,3}){3} (?!\w|\.\d) (?P<ipv4>)
-        | (?<!\d[.-]\d) (?=(?:[\ .()-]*\d){6})
+        (?<!\.\d) \d{0,2}+ (?:\.\d{1,3}+){3} (?!\w|\.\d) (?P<ipv4>)
+        | (?<!\d[.-]\d) (?=(?:[\ .()-]*+\d){6})
             \d*+ (?: (?:[ ]{1,2} | [ ]?[-.][ ]? | [ ]?\([ ]? | \)[ ]?-?[ ]?) \d++ )*+ [Xx]?
     )
     """,
