@@ -173,6 +173,9 @@ _PAYMENT_CARD = re.compile(
 # What one group of digits, without + in front, may be: a Chinese mobile number, a Chinese fixed line or a number
 # after 00, an ID number, or a card number.
 _SINGLE_NUMBER = re.compile(rf"{_CN_MOBILE.pattern}|0\d{{9,17}}|\d{{18}}|(?x:{_PAYMENT_CARD.pattern})", re.ASCII)
+# What the digits of a number without + in front, of several groups, may begin with (besides a national number of
+# one of the regions): one of those, an ID number ending in X, or China's code before a mobile number.
+_NUMBER_START = re.compile(rf"{_SINGLE_NUMBER.pattern}|\d{{17}}X|86{_CN_MOBILE.pattern}", re.ASCII)
 
 
 def find_pii(
@@ -254,6 +257,8 @@ def _matches(text: str, regions: Sequence[str]) -> Iterator[tuple[int, int, int]
             kind = _classify(run, False, [len(run)], regions)
             if kind is not None:
                 yield kind, start, end
+        elif lead is None and " " not in run and not _may_begin_number(run, regions):
+            continue  # every piece would begin where the run does, and no number can: "10.0.19045.2006"
         else:
             run_start = start if lead is None else lead.start()
             yield from _numbers(text[run_start:end], run_start, regions)
@@ -271,6 +276,15 @@ def _matches(text: str, regions: Sequence[str]) -> Iterator[tuple[int, int, int]
         for address in _IPV6.finditer(text):
             if _ipv6(address.group()):
                 yield IP_ADDRESS, address.start(), address.end()
+
+
+def _may_begin_number(run: str, regions: Sequence[str]) -> bool:
+    """Whether a number without + in front could begin the digits of `run`: a quick test, as reading a run piece by
+    piece costs several times more."""
+    digits = "".join(_DIGIT_GROUPS.findall(run)) + ("X" if run[-1] in "Xx" else "")
+    return _NUMBER_START.match(digits) is not None or any(
+        _national_numbers(region).may_begin(digits) for region in regions
+    )
 
 
 def _marked(text: str, start: int) -> bool:
@@ -441,6 +455,15 @@ class _NationalNumbers:
     prefix_written: bool  # whether the region writes it in front of national numbers (the UK does)
     lengths: tuple[int, ...]  # of national significant numbers
     pattern: re.Pattern[str]  # of national significant numbers
+
+    def may_begin(self, digits: str) -> bool:
+        """Whether a national number of the region, with its prefix as `_written_as_in` takes it, could begin
+        `digits` (the pattern has no anchors or lookarounds, so what it matches whole it matches at the start)."""
+        if self.prefix and digits.startswith(self.prefix):
+            digits = digits[len(self.prefix) :]
+        elif self.prefix_written:
+            return False
+        return self.pattern.match(digits) is not None
 
 
 @functools.cache

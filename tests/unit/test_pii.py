@@ -5,9 +5,11 @@ text as written, what does not count, and how well it does over the labelled tex
 # ruff: noqa: RUF001
 
 import datetime
+import re
 from collections import Counter
 from collections.abc import Iterable
 
+import phonenumbers
 import pydantic
 import pytest
 from pii_cases import CASES, Case
@@ -298,7 +300,16 @@ def test_only_the_kinds_asked_for_and_none_at_all():
 def test_national_numbers_of_the_regions_asked_for():
     """A German number in German writing is found when Germany is one of the regions."""
     assert find_pii("Tel. 030 901820", ALL_KINDS, regions=("DE",))[0].value == "030 901820"
+    assert find_pii("Tel. 030-901820", ALL_KINDS, regions=("DE",))[0].value == "030-901820"
     assert find_pii("Tel. 030 901820", ALL_KINDS) == []
+
+
+def test_national_number_patterns_match_what_begins_with_one():
+    # The screen skips a run whose digits no number can begin, asking re to match a region's pattern at their
+    # start: that finds every number only while the patterns have no anchors, lookarounds or possessive repeats.
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        pattern = phonenumbers.PhoneMetadata.metadata_for_region(region).general_desc.national_number_pattern
+        assert not re.search(r"[$^]|\\[AbBZ]|\(\?[=!<>]|[*+?}]\+", pattern), (region, pattern)
 
 
 def test_the_screen_reports_the_kinds_the_policy_does_not_leave_and_counts_them():
