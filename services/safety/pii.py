@@ -1,12 +1,12 @@
 """Personal information in text: emails, phone numbers, Chinese resident ID numbers, payment card numbers and IP
 addresses, with their positions in code points of the text as given.
 
-One regular expression finds the candidate runs of digits (numbers and IPv4 addresses), and two more the e-mail
-and IPv6 candidates (only around an @, and in a text with `::`); only candidates are validated, so a text without
-any costs a scan. The scan reads a copy of the text in which full-width forms are half-width (NFKC: full-width
-digits, letters and @), Unicode spaces and dashes are ASCII ones, and zero-width and other format characters are
-gone; positions in the copy are mapped back to the original, so a span covers exactly what the caller wrote
-(separators and full-width digits included).
+One regular expression finds the candidate runs of digits (numbers and IPv4 addresses), and two more the e-mail and
+IPv6 candidates (only around an @, and in a text with two colons that only hex digits separate, as in `::` or
+`:db8:`); only candidates are validated, so a text without any costs a scan. The scan reads a copy of the text in
+which full-width forms are half-width (NFKC: full-width digits, letters and @), Unicode spaces and dashes are ASCII
+ones, and zero-width and other format characters are gone; positions in the copy are mapped back to the original, so
+a span covers exactly what the caller wrote (separators and full-width digits included).
 
 What counts, kind by kind:
 
