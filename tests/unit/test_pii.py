@@ -191,6 +191,16 @@ def test_a_chinese_id_number_is_one_exactly_when_python_stdnum_says_so(first_17:
         assert found(f"ID {number}", {CN_ID}) == ([("cn_id", number)] if valid else [])
 
 
+def test_a_valid_looking_id_number_of_a_known_province_but_no_known_county_is_none_and_fails_nothing():
+    # python-stdnum itself raises KeyError on these (its is_valid included); the screen must not fail the turn.
+    first_17 = "11999919900307123"
+    number = first_17 + ric.calc_check_digit(first_17 + "?")
+    with pytest.raises(KeyError):
+        ric.is_valid(number)
+
+    assert found(f"ID {number}", {CN_ID}) == []
+
+
 def test_an_id_number_is_not_read_as_a_phone_number_inside_it():
     assert found("440305199312057892") == [("cn_id", "440305199312057892")]
 
