@@ -46,6 +46,28 @@ async def cache(memory_cache: ServiceProcess) -> AsyncIterator[cache_pb2_grpc.Ca
         yield cache_pb2_grpc.CacheServiceStub(channel)
 
 
+# Two cache processes on one Redis, a stub of each, and a client of that Redis.
+TwoOnRedis = tuple[list[ServiceProcess], list[cache_pb2_grpc.CacheServiceStub], Redis]
+
+
+@pytest.fixture
+async def two_on_redis(redis_url: str) -> AsyncIterator[TwoOnRedis]:
+    processes = [cache_process(redis_url), cache_process(redis_url)]
+    client = Redis.from_url(redis_url)
+    channels: tuple[grpc.aio.Channel, ...] = ()
+    try:
+        for process in processes:
+            process.start()
+        channels, stubs = zip(*[await connect(process) for process in processes], strict=True)
+        yield processes, list(stubs), client
+    finally:
+        for channel in channels:
+            await channel.close()
+        await client.aclose()
+        for process in processes:
+            process.stop()
+
+
 async def test_a_miss_then_a_store_then_a_memory_hit(cache: cache_pb2_grpc.CacheServiceStub) -> None:
     context = answer_context("miss, store, hit")
 
@@ -246,74 +268,54 @@ async def until_missed(stub: cache_pb2_grpc.CacheServiceStub, context: cache_pb2
     return False
 
 
-async def test_with_redis_an_erasure_reaches_redis_and_the_memory_of_every_cache_process(redis_url: str) -> None:
-    processes = [cache_process(redis_url), cache_process(redis_url)]
+async def test_with_redis_an_erasure_reaches_redis_and_the_memory_of_every_cache_process(
+    two_on_redis: TwoOnRedis,
+) -> None:
+    _, stubs, client = two_on_redis
     asked, other = answer_context("asked in the erased conversation"), answer_context("asked elsewhere")
-    client = Redis.from_url(redis_url)
-    try:
-        for process in processes:
-            process.start()
-        channels, stubs = zip(*[await connect(process) for process in processes], strict=True)
-        await store(stubs[0], asked, reply(), user_id="u-1", conversation_id="c-1")
-        await store(stubs[1], other, reply(), user_id="u-1", conversation_id="c-2")
-        for stub in stubs:  # in both processes' memory
-            for context in (asked, other):
-                await lookup(stub, context)
-                assert (await lookup(stub, context)).tier == cache_pb2.CACHE_TIER_MEMORY
+    await store(stubs[0], asked, reply(), user_id="u-1", conversation_id="c-1")
+    await store(stubs[1], other, reply(), user_id="u-1", conversation_id="c-2")
+    for stub in stubs:  # in both processes' memory
+        for context in (asked, other):
+            await lookup(stub, context)
+            assert (await lookup(stub, context)).tier == cache_pb2.CACHE_TIER_MEMORY
 
-        assert await erase(stubs[1], conversation_id="c-1") == 1
-        for stub in stubs:
-            assert await until_missed(stub, asked)
-            assert (await lookup(stub, other)).hit
+    assert await erase(stubs[1], conversation_id="c-1") == 1
+    for stub in stubs:
+        assert await until_missed(stub, asked)
+        assert (await lookup(stub, other)).hit
 
-        assert await erase(stubs[0], user_id="u-1") == 1
-        for stub in stubs:
-            assert await until_missed(stub, other)
-        assert await erase(stubs[0], user_id="u-1") == 0
-        # Nothing is left but the tombstones of what was erased.
-        tombstones = {tombstone(conversation_index("default", "c-1")), tombstone(user_index("default", "u-1"))}
-        assert {key.decode() async for key in client.scan_iter("chatmesh:cache*")} == tombstones
-        for channel in channels:
-            await channel.close()
-    finally:
-        await client.aclose()
-        for process in processes:
-            process.stop()
+    assert await erase(stubs[0], user_id="u-1") == 1
+    for stub in stubs:
+        assert await until_missed(stub, other)
+    assert await erase(stubs[0], user_id="u-1") == 0
+    # Nothing is left but the tombstones of what was erased.
+    tombstones = {tombstone(conversation_index("default", "c-1")), tombstone(user_index("default", "u-1"))}
+    assert {key.decode() async for key in client.scan_iter("chatmesh:cache*")} == tombstones
 
 
 async def test_with_redis_a_store_that_lands_after_an_erasure_is_refused_by_every_cache_process(
-    redis_url: str,
+    two_on_redis: TwoOnRedis,
 ) -> None:
-    processes = [cache_process(redis_url), cache_process(redis_url)]
+    processes, stubs, client = two_on_redis
     racing = answer_context("made before the erasure, stored after it")
-    client = Redis.from_url(redis_url)
-    try:
-        for process in processes:
-            process.start()
-        channels, stubs = zip(*[await connect(process) for process in processes], strict=True)
-        await store(stubs[0], racing, reply(), user_id="u-1", conversation_id="c-1")
+    await store(stubs[0], racing, reply(), user_id="u-1", conversation_id="c-1")
 
-        assert await erase(stubs[0], user_id="u-1") == 1
-        # Dialogue's store of the user's last reply, late: on the process that erased, and on one that may not have
-        # heard of the erasure yet, whose memory nothing may keep either.
-        for stub in stubs:
-            refused = await store(stub, racing, reply(), user_id="u-1", conversation_id="c-1")
-            assert refused == cache_pb2.StoreResponse(stored=False)
-        for stub in stubs:
-            assert not (await lookup(stub, racing)).hit
-        assert [key async for key in client.scan_iter("chatmesh:cache*")] == [
-            tombstone(user_index("default", "u-1")).encode()
-        ]
-        # Another user's store of the same answer is kept.
-        assert (await store(stubs[1], racing, reply(), user_id="u-2", conversation_id="c-2")).stored
-        assert (await lookup(stubs[0], racing)).hit
-        assert [refused_as_erased(process) for process in processes] == [1, 1]
-        for channel in channels:
-            await channel.close()
-    finally:
-        await client.aclose()
-        for process in processes:
-            process.stop()
+    assert await erase(stubs[0], user_id="u-1") == 1
+    # Dialogue's store of the user's last reply, late: on the process that erased, and on one that may not have
+    # heard of the erasure yet, whose memory nothing may keep either.
+    for stub in stubs:
+        refused = await store(stub, racing, reply(), user_id="u-1", conversation_id="c-1")
+        assert refused == cache_pb2.StoreResponse(stored=False)
+    for stub in stubs:
+        assert not (await lookup(stub, racing)).hit
+    assert [key async for key in client.scan_iter("chatmesh:cache*")] == [
+        tombstone(user_index("default", "u-1")).encode()
+    ]
+    # Another user's store of the same answer is kept.
+    assert (await store(stubs[1], racing, reply(), user_id="u-2", conversation_id="c-2")).stored
+    assert (await lookup(stubs[0], racing)).hit
+    assert [refused_as_erased(process) for process in processes] == [1, 1]
 
 
 def assert_serving_and_reflected(process: ServiceProcess) -> None:
