@@ -415,6 +415,10 @@ class AnswerCache:
         self._memory_ttl_seconds = ttl_seconds if redis is None else min(ttl_seconds, memory_ttl_seconds)
         self._follower: asyncio.Task[None] | None = None
         self._watchers: list[CacheWatcher] = []
+        # Erasures this process has finished or heard of (and resubscriptions, after which it cannot know): a
+        # lookup fills memory with what it read from Redis only if none came meanwhile, since an erasure that
+        # deleted the entry right after the read would otherwise see it put back in memory after dropping it there.
+        self._erasures = 0
 
     @classmethod
     def from_settings(cls, settings: CacheSettings) -> AnswerCache:
@@ -443,6 +447,7 @@ class AnswerCache:
             return CacheHit(found.value, TierKind.MEMORY)
         if self._redis is None:
             return None
+        erasures = self._erasures
         try:
             found = await self._redis.get(key)
         except Exception as error:
@@ -450,7 +455,8 @@ class AnswerCache:
             return None
         if found is None:
             return None
-        await self._memory.put(key, found.value, min(found.ttl_seconds, self._memory_ttl_seconds))
+        if self._erasures == erasures:
+            await self._memory.put(key, found.value, min(found.ttl_seconds, self._memory_ttl_seconds))
         return CacheHit(found.value, TierKind.REDIS)
 
     async def store(self, key: str, value: bytes, indexes: Sequence[str]) -> list[TierKind]:
@@ -500,6 +506,7 @@ class AnswerCache:
             raise EraseFailed from error
         # Filled from Redis, they are in memory without this process's own indexes; the announcement would
         # drop them too, but only once it arrives.
+        self._erasures += 1
         self._memory.delete(keys)
         self._tell_erased(keys)
         return removed
@@ -516,6 +523,7 @@ class AnswerCache:
                 async for announcement in redis.announcements():
                     if announcement is None:
                         # (Re)subscribed: whatever was erased while this process was not listening is unknown.
+                        self._erasures += 1
                         self._memory.clear()
                         for watcher in self._watchers:
                             watcher.missed_announcements()
@@ -523,6 +531,7 @@ class AnswerCache:
                         for watcher in self._watchers:
                             watcher.added(announcement.key)
                     else:
+                        self._erasures += 1
                         _, listed = self._memory.erase_keys(announcement.index)
                         self._memory.delete(announcement.keys)
                         self._tell_erased((*listed, *announcement.keys))
