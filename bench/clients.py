@@ -13,8 +13,10 @@ Each call returns a Sample timed from just before the request is built to the la
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+import uuid
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -25,6 +27,8 @@ from bench.cases import Expect
 from chatmesh.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc
 
 CALL_TIMEOUT_SECONDS = 30.0
+# Tries of an unmeasured turn that preparation makes (see `ChatmeshClient.chat_for_id`).
+PREPARATION_ATTEMPTS = 4
 
 _DATA = b"data: "
 _DONE = b"[DONE]"
@@ -106,8 +110,23 @@ class ChatmeshClient:
         return (await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata)).model
 
     async def chat_for_id(self, conversation_id: str, user_id: str, message: str) -> str:
-        """One unmeasured turn; returns the conversation id."""
-        request = chat_pb2.ChatRequest(conversation_id=conversation_id, user_id=user_id, message=message)
+        """One unmeasured turn; returns the conversation id. As chatmesh asks of a caller that gets UNAVAILABLE,
+        it is retried with backoff, under an idempotency key so that it is taken once (a new conversation has no
+        id to key, and is simply asked again)."""
+        request = chat_pb2.ChatRequest(
+            conversation_id=conversation_id,
+            user_id=user_id,
+            message=message,
+            idempotency_key=uuid.uuid4().hex if conversation_id else "",
+        )
+        for attempt in range(PREPARATION_ATTEMPTS - 1):
+            try:
+                response = await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata)
+                return response.conversation_id
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                await asyncio.sleep(0.25 * 2**attempt)
         response = await self._stub.Chat(request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata)
         return response.conversation_id
 

@@ -1336,8 +1336,9 @@ async def _store_errors(
             grpc.StatusCode.ABORTED,
             f"another turn on conversation {conversation_id} is in progress; retry once it has ended",
         )
-    except StoreUnavailable:
-        log.error("store_unavailable", extra={"conversation_id": conversation_id})
+    except StoreUnavailable as error:
+        # The error is the Redis exception's type name (chatmesh.runtime.redis_errors), never a message.
+        log.error("store_unavailable", extra={"conversation_id": conversation_id, "error": str(error)})
         annotate(error=ErrorKind.STORE_UNAVAILABLE)
         await abort(context, grpc.StatusCode.UNAVAILABLE, "the conversation store is unavailable; retry with backoff")
 
