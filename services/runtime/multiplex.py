@@ -238,7 +238,6 @@ class _Stream:
     pending: dict[int, asyncio.Future[multiplex_pb2.MultiplexedResult]] = field(default_factory=dict)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reader: asyncio.Task[None] | None = None
-    ended: bool = False
     # Its server said it drains: calls it has not answered by the end were never read.
     drained: bool = False
     retiring: bool = False
@@ -345,7 +344,6 @@ class Multiplexer:
         current = self._slots[slot]
         if (
             current is not None
-            and not current.ended
             and not current.drained
             and not current.call.done()
             and loop.time() - current.opened_at < self._rotate_seconds
@@ -380,7 +378,6 @@ class Multiplexer:
         except asyncio.CancelledError:
             pass
         finally:
-            stream.ended = True
             # A drained stream may still end with an error: a write that failed on it as it ended sets one.
             if stream.drained or not isinstance(error, grpc.aio.AioRpcError):
                 why = StreamEnded("the server drained it", drained=True)
@@ -392,7 +389,7 @@ class Multiplexer:
 
     def _forget(self, stream: _Stream) -> None:
         """A stream that failed a call takes no more: its slot opens a new one on its next call."""
-        stream.ended = stream.retiring = True
+        stream.retiring = True
         self._slots = [None if current is stream else current for current in self._slots]
 
     @staticmethod
